@@ -1,0 +1,33 @@
+# The two commands a new user types (see README):  make demo   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+EXTRAS ?= workstation,cpu,serve,deploy,plots,test
+
+.PHONY: demo test install lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+comma := ,
+install: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+demo: install
+	$(BIN)/edge-tl build --out runs/demo --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check edge_tl tests benchmarks models
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,109 @@
+"""The ``edge-tl`` command: a thin Typer layer over the library, with one error boundary.
+
+Each stage's commands live in their own module (``edge_tl.cli.build`` …) exposing ``register(app)``.
+Those modules import nothing heavy at import time, so ``edge-tl --help`` is fast and works without torch.
+
+Errors: :class:`~edge_tl.errors.EdgeTLError` is the user's (one line, exit code 2/3, no traceback unless
+``--debug``); any other exception is an internal bug (exit 70, with a request to report it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from edge_tl import __version__
+from edge_tl.errors import EdgeTLError
+
+err_console = Console(stderr=True, highlight=False)
+
+# (module, what it adds). Modules are registered in this order.
+COMMAND_MODULES = (
+    "edge_tl.cli.build",
+    "edge_tl.cli.bench",
+    "edge_tl.cli.engine",
+    "edge_tl.cli.deploy",
+    "edge_tl.cli.field",
+)
+
+app = typer.Typer(
+    name="edge-tl",
+    help="Transfer learning for the edge: build a bundle on the workstation, then engine, bench, deploy, "
+    "infer and serve it on a Jetson.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edge-tl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.", envvar="EDGE_TL_DEBUG"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["EDGE_TL_DEBUG"] = "1"
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that stage isn't part of this install yet
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("EDGE_TL_DEBUG") == "1"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        rv = app(args=argv, prog_name="edge-tl", standalone_mode=False)
+    except EdgeTLError as exc:
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # an internal bug: say so, keep the traceback behind --debug
+        if debug:
+            err_console.print_exception()
+        err_console.print(
+            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {exc}",
+            soft_wrap=True,
+        )
+        if not debug:
+            err_console.print("re-run with --debug for the traceback, and please report it")
+        sys.exit(70)
+    sys.exit(rv if isinstance(rv, int) else 0)

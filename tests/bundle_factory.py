@@ -1,0 +1,136 @@
+"""A real, tiny bundle built without torch, for the device-side tests (bench, engine, deploy, serve).
+
+The model is a small conv net written with onnx.helper (Conv-ReLU-Conv-ReLU-GlobalAveragePool-Gemm), its
+INT8 twin comes from ONNX Runtime's quantize_static (QDQ, symmetric, per-channel), and the golden outputs
+are what ONNX Runtime computes. Everything goes through edge_tl.bundle.write_bundle, like a real build.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from edge_tl.bundle import (
+    FP32_MODEL,
+    GOLDEN_INDEX,
+    GOLDEN_INPUTS,
+    GOLDEN_OUTPUTS,
+    INT8_MODEL,
+    LABELS,
+    PREPROCESS,
+    DataSummary,
+    GoldenInfo,
+    Manifest,
+    StageMetrics,
+    TargetInfo,
+    TensorSpec,
+    utc_now,
+    write_bundle,
+)
+from edge_tl.preprocess import PreprocessConfig, Preprocessor
+
+CLASSES = ["circle", "square", "triangle", "cross"]
+
+
+def tiny_onnx(path: Path, size: int = 16, num_classes: int = 4, seed: int = 0, opset: int = 17) -> Path:
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
+    b1 = rng.normal(0, 0.1, (8,)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32)
+    b2 = rng.normal(0, 0.1, (16,)).astype(np.float32)
+    wf = rng.normal(0, 0.5, (num_classes, 16)).astype(np.float32)
+    bf = rng.normal(0, 0.1, (num_classes,)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (wf, "wf"), (bf, "bf")]]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def quantize_qdq(fp32: Path, int8: Path, calib: np.ndarray) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i:i + 1]} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    return int8
+
+
+def make_images(n: int, seed: int = 0, size: int = 24) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
+                     broken_int8: bool = False, tarball: bool = True) -> Path:
+    """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` swaps in an INT8 model
+    with other weights, so a parity gate on it must fail while every hash still matches."""
+    import onnxruntime as ort
+
+    pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    pre = Preprocessor(pre_cfg)
+    with tempfile.TemporaryDirectory() as td:
+        staging = Path(td) / "staging"
+        (staging / "golden" / "images").mkdir(parents=True)
+        tiny_onnx(staging / FP32_MODEL, size=size, num_classes=len(CLASSES), seed=seed)
+        calib = pre.batch(make_images(16, seed=seed + 100))
+        src = tiny_onnx(Path(td) / "other.onnx", size=size, seed=seed + 7) if broken_int8 else staging / FP32_MODEL
+        quantize_qdq(src, staging / INT8_MODEL, calib)
+        (staging / LABELS).write_text("\n".join(CLASSES) + "\n")
+        pre_cfg.save(staging / PREPROCESS)
+        images = make_images(golden, seed=seed)
+        index = []
+        for i, img in enumerate(images):
+            fname = f"golden/images/{i:03d}.png"
+            img.save(staging / fname)
+            index.append({"file": fname, "label": i % len(CLASSES), "label_name": CLASSES[i % len(CLASSES)]})
+        inputs = pre.batch(images)
+        sess = ort.InferenceSession(str(staging / FP32_MODEL), providers=["CPUExecutionProvider"])
+        outputs = sess.run(None, {"input": inputs})[0]
+        np.save(staging / GOLDEN_INPUTS, inputs)
+        np.save(staging / GOLDEN_OUTPUTS, outputs.astype(np.float32))
+        (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2))
+        manifest = Manifest(
+            created=utc_now(), name=name,
+            target=TargetInfo(name="jetpack6", jetpack="6.2", tensorrt="10.3", max_opset=20, opset=17),
+            backbone="tiny-cnn", weights="random", seed=seed,
+            input=TensorSpec(name="input", shape=["batch", 3, size, size]),
+            output=TensorSpec(name="logits", shape=["batch", len(CLASSES)]),
+            max_batch=8, classes=CLASSES,
+            data=DataSummary(source="synthetic", split_mode="stratified",
+                             counts={"test": {c: 1 for c in CLASSES}}, file_list_sha256="0" * 64),
+            stages={"finetune": StageMetrics(top1=0.25), "prune": StageMetrics(top1=0.25),
+                    "quantize": StageMetrics(top1=0.25)},
+            golden=GoldenInfo(count=golden),
+        )
+        return write_bundle(staging, manifest, Path(out_dir), tarball=tarball)

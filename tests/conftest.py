@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+FIXTURES = TESTS / "data"
+
+from bundle_factory import make_tiny_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_src(tmp_path_factory) -> Path:
+    """One tiny bundle (dir + .tar.gz) per session; copy it before modifying (see ``tiny_bundle``)."""
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture
+def tiny_bundle(tiny_bundle_src, tmp_path) -> Path:
+    """A private copy of the tiny bundle folder, safe to modify."""
+    dst = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle_src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
