@@ -1,0 +1,56 @@
+"""Where deployed models live on a device (shared by deploy, engine, infer and serve).
+
+    <root>/                      default /opt/edge-tl (deploy --root)
+      versions/<bundle_id>/
+        bundle/                  the unpacked bundle, verified against its manifest
+        engine/                  engines built on this device (+ their sidecar JSON)
+        parity.json              the parity gate's result on this device
+      active -> versions/<id>    symlink; switched by creating a new link and renaming it over this one
+      .deploy.lock               held (flock) by one deploy at a time
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ROOT = Path("/opt/edge-tl")
+
+
+@dataclass(frozen=True)
+class DeviceLayout:
+    root: Path = DEFAULT_ROOT
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def active_link(self) -> Path:
+        return self.root / "active"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".deploy.lock"
+
+    def version_dir(self, version: str) -> Path:
+        return self.versions_dir / version
+
+    def bundle_dir(self, version: str) -> Path:
+        return self.version_dir(version) / "bundle"
+
+    def engine_dir(self, version: str) -> Path:
+        return self.version_dir(version) / "engine"
+
+    def active_version(self) -> str | None:
+        """The active version id, or None when nothing is active (read the link once: it may switch)."""
+        try:
+            target = os.readlink(self.active_link)
+        except (FileNotFoundError, OSError):
+            return None
+        return Path(target).name
+
+    def active_bundle_dir(self) -> Path | None:
+        version = self.active_version()
+        return self.bundle_dir(version) if version else None
