@@ -70,7 +70,7 @@ class LazyModule:
         return self._module
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
+        if attr.startswith("_") and attr != "__version__":
             raise AttributeError(attr)
         return getattr(self._load(), attr)
 

@@ -36,3 +36,18 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     err = EdgeTLError("bundle /x does not exist.", "give the folder that edge-tl build wrote.")
     assert err.one_line() == "bundle /x does not exist; give the folder that edge-tl build wrote"
     assert err.exit_code == 2
+
+
+def test_missing_bundle_is_one_line_exit_2(tmp_path):
+    proc = run("engine", "check", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: bundle {tmp_path / 'nope'} does not exist; give the folder or .tar.gz that "
+                     "edge-tl build wrote"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = run("--debug", "engine", "check", str(tmp_path / "nope"))
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr

@@ -13,7 +13,6 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -21,6 +20,24 @@ from edge_tl import __version__
 from edge_tl.errors import EdgeTLError
 
 err_console = Console(stderr=True, highlight=False)
+
+
+def _exception_types(attr: str) -> tuple[type[BaseException], ...]:
+    """``attr`` from click and from the copy of click that newer Typer releases vendor (``typer._click``)."""
+    found: list[type[BaseException]] = []
+    for mod in ("typer", "typer.exceptions", "typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), attr, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_CLICK_ERRORS = _exception_types("ClickException")
+_ABORTS = _exception_types("Abort")
+_EXITS = _exception_types("Exit")
 
 # (module, what it adds). Modules are registered in this order.
 COMMAND_MODULES = (
@@ -85,17 +102,14 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print_exception()
         err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (KeyboardInterrupt, *_ABORTS):
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
-    except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except _EXITS as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
     except Exception as exc:  # an internal bug: say so, keep the traceback behind --debug
         if debug:
             err_console.print_exception()

@@ -1,0 +1,164 @@
+"""The parity gate on ONNX Runtime CPU against the tiny bundle's golden outputs, the CLI's exit codes and
+report file, and the INT8 fallback: the sensitivity ranking and keeping layers in float."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from bundle_factory import make_tiny_bundle
+
+from edge_tl.bundle import Bundle
+from edge_tl.cli import main
+from edge_tl.engine.fallback import keep_layers_in_float, keep_layers_model, node_id, quantized_nodes, sensitivity
+from edge_tl.engine.parity import DEFAULT_THRESHOLDS, ParityThresholds, check_parity, compare_outputs
+from edge_tl.errors import CheckFailed, EdgeTLError
+from edge_tl.runtime.factory import create_runner
+from edge_tl.runtime.onnxrt import OnnxRuntimeRunner
+
+
+@pytest.fixture(scope="module")
+def broken_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("broken") / "tiny", broken_int8=True, tarball=False)
+
+
+def test_compare_outputs_maths():
+    golden = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    actual = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 1.5]])
+    out = compare_outputs("logits", actual, golden)
+    assert out.count == 2 and out.top1_agreement == 0.5 and out.top1_mismatches == [1]
+    assert out.max_abs_diff == 1.5 and out.mean_abs_diff == pytest.approx(3.0 / 6)
+    assert out.max_rel_diff == pytest.approx(0.75)
+    assert out.cosine_min == pytest.approx(2.0 / (2.0 * np.sqrt(3.25)))  # [0,1,1.5].[0,2,0] / (|a||g|)
+    assert out.cosine_mean == pytest.approx((1 / np.sqrt(1.25) + 1 / np.sqrt(3.25)) / 2)
+    nan = compare_outputs("logits", np.array([[np.nan, 1.0]]), np.array([[0.0, 1.0]]))
+    assert nan.finite is False
+    with pytest.raises(EdgeTLError, match="shape"):
+        compare_outputs("logits", np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_thresholds_by_precision_and_overrides():
+    assert ParityThresholds.for_precision("fp32").max_top1_drop == 0.0
+    assert ParityThresholds.for_precision("int8") == DEFAULT_THRESHOLDS["best"]
+    th = ParityThresholds.for_precision("int8", min_cosine=0.5, max_top1_drop=None)
+    assert th.min_cosine == 0.5 and th.max_top1_drop == 0.10
+    with pytest.raises(EdgeTLError):
+        ParityThresholds.for_precision("int4")
+
+
+def test_fp32_and_int8_pass_on_onnxruntime(tiny_bundle_src):
+    bundle = Bundle.open(tiny_bundle_src)
+    fp32 = check_parity(bundle, create_runner(bundle, "ort-cpu", "fp32"), "fp32")
+    assert fp32.passed and fp32.failures == []
+    logits = fp32.outputs["logits"]
+    assert logits.count == 6 and logits.top1_agreement == 1.0 and logits.max_abs_diff < 1e-5
+    assert logits.cosine_min > 0.999999
+    int8 = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8"), "int8", batch_size=4)
+    o = int8.outputs["logits"]
+    assert int8.passed and o.top1_agreement == 1.0 and 0.999 < o.cosine_min < 1.0 and 0 < o.max_rel_diff < 0.1
+    # an already active runner stays active
+    runner = OnnxRuntimeRunner.from_path(bundle.model_path("fp32")).activate()
+    assert check_parity(bundle, runner, "fp32").passed and runner.is_active
+    runner.deactivate()
+
+
+def test_broken_int8_fails_and_tight_thresholds_fail(tiny_bundle_src, broken_bundle):
+    bundle = Bundle.open(broken_bundle)
+    report = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8"), "int8")
+    assert not report.passed and report.outputs["logits"].top1_agreement == 0.0
+    assert any("top-1 changed on 6/6" in f for f in report.failures)
+    with pytest.raises(CheckFailed) as exc:
+        report.raise_if_failed()
+    assert exc.value.exit_code == 3 and "keep-worst" in str(exc.value)
+    good = Bundle.open(tiny_bundle_src)
+    strict = check_parity(good, create_runner(good, "ort-cpu", "int8"), "int8",
+                          ParityThresholds(min_cosine=0.99999999))
+    assert not strict.passed and strict.failures[0].startswith("logits cosine similarity")
+
+
+def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_path, capsys):
+    ok = tmp_path / "ok.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "check", str(tiny_bundle_src), "--backend", "ort-cpu", "--precision", "fp32",
+              "--json", str(ok)])
+    assert exc.value.code == 0
+    data = json.loads(ok.read_text())
+    assert data["passed"] is True and data["outputs"]["logits"]["top1_agreement"] == 1.0
+    assert data["thresholds"] == {"max_top1_drop": 0.0, "min_cosine": 0.9999, "max_rel_diff": 0.01}
+    assert "passed" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "check", str(broken_bundle), "--backend", "ort-cpu", "--precision", "int8",
+              "--json", str(bad)])
+    assert exc.value.code == 3
+    data = json.loads(bad.read_text())
+    assert data["passed"] is False and data["outputs"]["logits"]["top1_mismatches"] == [0, 1, 2, 3, 4, 5]
+    assert "top-1 changed" in capsys.readouterr().err
+
+    # loosened from the command line, the same engine passes
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "check", str(broken_bundle), "--backend", "ort-cpu", "--precision", "int8",
+              "--max-top1-drop", "1", "--min-cosine", "-1", "--max-rel-diff", "10"])
+    assert exc.value.code == 0
+
+
+def test_cli_check_writes_report_on_errors(tmp_path):
+    out = tmp_path / "err.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "check", str(tmp_path / "missing"), "--backend", "ort-cpu", "--json", str(out)])
+    assert exc.value.code == 2
+    data = json.loads(out.read_text())
+    assert data["passed"] is False and "does not exist" in data["error"]
+
+
+def test_sensitivity_ranks_layers_worst_first(tiny_bundle_src):
+    bundle = Bundle.open(tiny_bundle_src)
+    report = sensitivity(bundle.model_path("int8"), bundle.golden_inputs(), bundle.golden_outputs(),
+                         fp32_path=bundle.model_path("fp32"))
+    names = [layer.name for layer in report.layers]
+    assert names == ["node_of_logits_QuantizeLinear_Input", "node_of_c2", "node_of_c1"]
+    assert [layer.op_type for layer in report.layers] == ["Gemm", "Conv", "Conv"]
+    gains = [layer.gain for layer in report.layers]
+    assert gains == sorted(gains, reverse=True) and gains[0] > 0
+    assert report.baseline_rel_error == pytest.approx(report.layers[0].rel_error + report.layers[0].gain)
+    assert report.worst(2) == names[:2]
+
+
+def test_keep_layers_in_float_rewires_and_helps(tiny_bundle_src, tmp_path):
+    import onnxruntime as ort
+
+    bundle = Bundle.open(tiny_bundle_src)
+    int8 = onnx.load(str(bundle.model_path("int8")))
+    every = [node_id(n) for n in quantized_nodes(int8, None)]
+    assert len(every) == 7  # Conv, Relu, Conv, Relu, GlobalAveragePool, Flatten, Gemm
+    path = keep_layers_model(bundle.model_path("int8"), every, tmp_path, bundle.model_path("fp32"))
+    assert keep_layers_model(bundle.model_path("int8"), every, tmp_path, bundle.model_path("fp32")) == path
+    model = onnx.load(str(path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 1  # only the output's Q/DQ pair is left
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert conv.input[0] == "input" and conv.input[1] == "w1_quantized__float"
+    golden = bundle.golden_outputs()
+    outputs = {}
+    for name, p in (("int8", bundle.model_path("int8")), ("kept", path)):
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        outputs[name] = sess.run(None, {"input": bundle.golden_inputs()})[0]
+    assert np.abs(outputs["kept"] - golden).mean() < np.abs(outputs["int8"] - golden).mean()
+    # without the FP32 model the weights are dequantized from INT8
+    alone = keep_layers_in_float(int8, ["node_of_c1"])
+    w = next(i for i in alone.graph.initializer if i.name == "w1_quantized__float")
+    assert w.data_type == onnx.TensorProto.FLOAT
+    with pytest.raises(EdgeTLError, match="not in the INT8 model"):
+        keep_layers_in_float(int8, ["no_such_layer"])
+
+
+def test_cli_sensitivity_and_keep_worst_without_tensorrt(tiny_bundle_src, tmp_path, capsys):
+    out = tmp_path / "sens.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "sensitivity", str(tiny_bundle_src), "--top", "2", "--json", str(out)])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip().endswith("--precision int8 --keep-worst 2")
+    assert json.loads(out.read_text())["layers"][0]["name"] == "node_of_logits_QuantizeLinear_Input"
