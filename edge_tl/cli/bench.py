@@ -1,0 +1,106 @@
+"""``edge-tl bench``: latency, throughput, power and energy (``bench run``, the default) and ``bench compare``.
+
+Thin layer over :mod:`edge_tl.bench`; nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edge_tl.cli._common import default_command_group
+from edge_tl.errors import EdgeTLError
+
+
+def _batches(text: str) -> list[int]:
+    fix = "pass e.g. --batch 1,8,32"
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise EdgeTLError(f"--batch '{text}' is not a comma-separated list of integers", fix) from exc
+    if not values or any(v < 1 for v in values):
+        raise EdgeTLError(f"--batch '{text}' needs positive batch sizes", fix)
+    return list(dict.fromkeys(values))
+
+
+def run_cmd(
+    model: Path = typer.Argument(..., help="Bundle folder or .tar.gz, an .onnx file, or a TensorRT .engine/.plan."),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-trt|ort-cuda|ort-cpu|torch"),
+    precision: str = typer.Option(None, help="fp32|fp16|int8|best (default: the bundle's default precision)."),
+    batch: str = typer.Option("1", "--batch", "-b", help="Batch sizes, comma-separated, e.g. 1,8,32."),
+    warmup: int = typer.Option(None, help="Warm-up iterations per batch size (default 50)."),
+    warmup_seconds: float = typer.Option(None, help="Warm up for this many seconds instead of --warmup."),
+    iterations: int = typer.Option(None, "--iterations", "-n", help="Measured iterations (default 200)."),
+    duration: float = typer.Option(None, help="Measure for this many seconds instead of --iterations."),
+    repeat: int = typer.Option(1, help="Repeat the whole measurement N times (interleaved); JSON records the spread."),
+    data: str = typer.Option(None, help="golden|random (default: golden for a bundle, random for a model file)."),
+    power: str = typer.Option("auto", help="auto|ina3221|jtop|tegrastats|nvml|none"),
+    power_root: Path = typer.Option(Path("/"), help="Root of the sysfs tree the INA3221 reader uses."),
+    rate: float = typer.Option(20.0, help="Power sampling rate in Hz."),
+    interval: int = typer.Option(None, help="tegrastats --interval in ms (default 1000/rate)."),
+    idle_seconds: float = typer.Option(2.0, help="Idle power baseline before the run, seconds (0: none)."),
+    lock_clocks: bool = typer.Option(False, "--lock-clocks", help="Run jetson_clocks for the run, restore after."),
+    threads: int = typer.Option(None, help="CPU threads for ONNX Runtime / torch."),
+    engine_dir: Path = typer.Option(None, help="TensorRT engine cache folder."),
+    no_build: bool = typer.Option(False, "--no-build", help="TensorRT: refuse to build an engine that isn't cached."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench/<model>-<backend>-<time>)."),
+    label: str = typer.Option(None, help="Short name for compare tables."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
+) -> None:
+    """Measure latency percentiles, throughput, power and energy per inference."""
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edge_tl.bench import BenchConfig, print_result, run_bench, write_outputs
+
+    console = Console()
+    err = Console(stderr=True)
+    cfg = BenchConfig(model=model, backend=backend, precision=precision, batches=_batches(batch),
+                      warmup=50 if warmup is None and warmup_seconds is None else warmup,
+                      warmup_seconds=warmup_seconds, iterations=iterations, duration_s=duration, repeat=repeat,
+                      data=data, power=power, power_root=power_root, rate_hz=rate, interval_ms=interval,
+                      idle_seconds=idle_seconds, lock_clocks=lock_clocks, threads=threads, engine_dir=engine_dir,
+                      build_engine=not no_build, label=label)
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+
+        def progress(task: str, done: int, total: int | None) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done)
+
+        result, record = run_bench(cfg, progress=progress,
+                                   warn=lambda m: err.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = result.model.name if result.model else model.stem
+        out = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
+    path = write_outputs(result, record, out, plots=plots)
+    print_result(result, console)
+    console.print(f"results: {path}")
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def compare_cmd(
+    results: list[Path] = typer.Argument(..., help="bench.json files (or folders holding one); the first is the base."),
+) -> None:
+    """Side-by-side table of bench results, with ratios against the first."""
+    from edge_tl.bench import compare
+
+    if len(results) < 2:
+        raise EdgeTLError("compare needs at least two results", "pass A.json B.json ...")
+    paths = [p / "bench.json" if p.is_dir() else p for p in results]
+    compare(paths)
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(cls=default_command_group("run"), no_args_is_help=True,
+                        help="Latency, throughput, power and energy per inference; `bench compare` for tables.")
+    group.command("run")(run_cmd)
+    group.command("compare")(compare_cmd)
+    app.add_typer(group, name="bench")
