@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 EXTRAS ?= workstation,cpu,serve,deploy,plots,test
+comma  := ,
+STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test install lint bench clean
 
@@ -10,12 +12,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-comma := ,
-install: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+install: $(STAMP)
 
 demo: install
 	$(BIN)/edge-tl build --out runs/demo --overwrite
