@@ -38,6 +38,10 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
         backend = best_backend()
     if backend not in BACKENDS:
         raise EdgeTLError(f"unknown backend '{backend}'", f"choose auto or one of: {', '.join(BACKENDS)}")
+    if backend == "torch" and not isinstance(model, Bundle) and Path(model).suffix == ".pt2":
+        from edge_tl.runtime.torch_runner import make_torch_runner
+
+        return make_torch_runner(model, threads=threads)  # a build run's PyTorch program, not a bundle
     onnx_precision = "int8" if precision == "int8" else ("fp32" if precision in ("fp16", "best") else precision)
     if backend == "tensorrt" and precision == "best":
         onnx_precision = None

@@ -1,0 +1,108 @@
+"""Structured pruning with Torch-Pruning on the four torchvision backbones (random weights, 32x32 inputs)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="pruning is part of the workstation stack (torch)")
+torchvision = pytest.importorskip("torchvision", reason="pruning is part of the workstation stack")
+pytest.importorskip("torch_pruning", reason="pruning needs torch-pruning")
+
+from torch import nn  # noqa: E402
+
+from edge_tl.errors import EdgeTLError  # noqa: E402
+from edge_tl.modelstats import count_macs_params  # noqa: E402
+from edge_tl.prune import channel_report, find_classifier, prune_to_macs  # noqa: E402
+
+BACKBONES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1"]
+SIZE = (32, 32)
+NUM_CLASSES = 5
+
+
+def make(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=NUM_CLASSES)
+
+
+def out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_prune_half_the_macs(name):
+    model = make(name)
+    macs0, params0 = count_macs_params(model, SIZE)
+    result = prune_to_macs(model, torch.zeros(1, 3, *SIZE), target_macs_ratio=0.5, round_to=8)
+    pruned = result.model
+
+    # the target is met, as counted independently of the pruner
+    macs1, params1 = count_macs_params(pruned, SIZE)
+    assert (result.macs_before, result.macs_after, result.params_after) == (macs0, macs1, params1)
+    assert macs1 <= 0.5 * macs0
+    assert macs1 >= 0.3 * macs0  # the search stops near the target, not at the maximum ratio
+    assert result.macs_removed >= 0.5 and params1 < params0
+    assert 0.0 < result.pruning_ratio < 0.9 and result.trials
+
+    # classifier kept, channel counts TensorRT-friendly, depthwise convs still depthwise
+    classifier = dict(pruned.named_modules())[find_classifier(pruned)]
+    assert out_features(classifier) == NUM_CLASSES
+    convs = channel_report(pruned)
+    for conv_name, c_in, c_out, groups in convs:
+        if conv_name == find_classifier(pruned):
+            continue
+        assert c_out % 8 == 0, (conv_name, c_out)
+        if groups > 1:
+            assert groups == c_in == c_out, (conv_name, c_in, c_out, groups)
+    assert sum(1 for *_, g in convs if g > 1) == (0 if name == "squeezenet1_1" else
+                                                   sum(1 for *_, g in channel_report(model) if g > 1))
+
+    # it still runs at another batch size; the original is untouched and keeps its training flag
+    pruned.eval()
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 3, *SIZE)).shape == (2, NUM_CLASSES)
+    assert count_macs_params(model, SIZE) == (macs0, params0)
+    assert pruned.training is False and model.training is True and result.model is pruned
+
+
+def test_ignored_layers_keep_their_channels_and_training_flag():
+    model = make("mobilenet_v3_small").eval()
+    stem = dict(model.named_modules())["features.0.0"]
+    result = prune_to_macs(model, torch.zeros(1, 3, *SIZE), 0.4, ignored_layers=["features.0.0"])
+    assert dict(result.model.named_modules())["features.0.0"].out_channels == stem.out_channels == 16
+    assert result.model.training is False
+    # the same by module object
+    result2 = prune_to_macs(model, torch.zeros(1, 3, *SIZE), 0.4, ignored_layers=[stem])
+    assert dict(result2.model.named_modules())["features.0.0"].out_channels == 16
+    assert result2.macs_after == result.macs_after
+
+
+def test_taylor_importance_uses_a_labelled_batch():
+    model = make("squeezenet1_1")
+    x, y = torch.randn(4, 3, *SIZE), torch.tensor([0, 1, 2, 3])
+    result = prune_to_macs(model, x[:1], 0.5, importance="taylor", taylor_batch=(x, y))
+    assert result.macs_removed >= 0.5 and result.importance == "taylor"
+    assert all(p.grad is None for p in result.model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"target_macs_ratio": 0.0}, "fraction of MACs"),
+    ({"target_macs_ratio": 1.5}, "fraction of MACs"),
+    ({"importance": "magic"}, "unknown pruning importance"),
+    ({"importance": "taylor"}, "labelled images"),
+    ({"ignored_layers": ["no.such.layer"]}, "not a module"),
+    ({"round_to": 0}, "round_to"),
+    ({"target_macs_ratio": 0.95, "max_channel_ratio": 0.2}, "cannot remove 95%"),
+])
+def test_bad_requests_are_user_errors(kwargs, words):
+    model = make("squeezenet1_1")
+    with pytest.raises(EdgeTLError, match=words):
+        prune_to_macs(model, torch.zeros(1, 3, *SIZE), **kwargs)
+
+
+def test_find_classifier():
+    assert find_classifier(make("squeezenet1_1")) == "classifier.1"  # a 1x1 Conv
+    assert find_classifier(make("mobilenet_v2")) == "classifier.1"
+    assert find_classifier(make("mobilenet_v3_large")) == "classifier.3"
+    with pytest.raises(EdgeTLError, match="no Linear or Conv2d"):
+        find_classifier(nn.Sequential(nn.ReLU()))
