@@ -1,0 +1,158 @@
+"""`edge-tl build [SPEC.toml]`: the workstation pipeline (thin: the work is in edge_tl.pipeline).
+
+Nothing heavy is imported here at import time; torch loads when the command runs.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+# CLI flag -> dotted spec key. Every flag overrides the spec (a dict merge, then one validation).
+FLAGS = {
+    "data": ("data.root", "--data"), "demo_shots": ("data.demo_shots", "--demo-shots"),
+    "strict": ("data.strict", "--strict"),
+    "backbone": ("model.backbone", "--backbone"), "weights": ("model.weights", "--weights"),
+    "input_size": ("model.input_size", "--input-size"), "resize": ("model.resize", "--resize"),
+    "mode": ("train.mode", "--mode"), "epochs": ("train.epochs", "--epochs"),
+    "warmup_epochs": ("train.warmup_epochs", "--warmup-epochs"), "lr_head": ("train.lr_head", "--lr-head"),
+    "lr_backbone": ("train.lr_backbone", "--lr-backbone"), "batch_size": ("train.batch_size", "--batch-size"),
+    "patience": ("train.patience", "--patience"), "device": ("train.device", "--device"),
+    "prune": ("prune.enabled", "--prune/--no-prune"), "prune_ratio": ("prune.ratio", "--prune-ratio"),
+    "recovery_epochs": ("prune.recovery_epochs", "--recovery-epochs"),
+    "calib_count": ("quantize.calib_count", "--calib-count"), "calib_method": ("quantize.method", "--calib-method"),
+    "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
+    "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
+    "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
+}
+
+
+class Mode(str, Enum):
+    finetune = "finetune"
+    feature_extract = "feature-extract"
+
+
+class Calib(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def build(
+    spec: Path | None = typer.Argument(None, help="Build spec (TOML; see models/recipes/). Without a spec and "
+                                          "without --data: the bundled digits demo.", show_default=False),
+    data: Path | None = typer.Option(None, help="ImageFolder root: one folder per class, or train/ val/ test/ "
+                                        "of them (else a stratified split with --seed).", show_default=False),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (bundle/, bundle.tar.gz, report.md, "
+                                       "stages/). Default: runs/<name>.", show_default=False),
+    overwrite: bool = typer.Option(False, help="Reuse a run folder holding a finished build: finished stages are "
+                                   "kept, the bundle and report are rewritten."),
+    force: list[str] = typer.Option([], "--force", help="Redo this stage and those after it (data, finetune, "
+                                    "scratch, prune, export, quantize, all). Repeatable.", show_default=False),
+    backbone: str | None = typer.Option(None, help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large or "
+                                           "squeezenet1_1.", show_default=False),
+    weights: str | None = typer.Option(None, help="imagenet (torchvision's weights), none (from scratch), demo, or "
+                                          "a state_dict file (loaded with weights_only).", show_default=False),
+    mode: Mode | None = typer.Option(None, help="finetune (head warm-up, then all layers with a lower backbone "
+                                        "lr) or feature-extract (frozen backbone).", show_default=False),
+    epochs: int | None = typer.Option(None, help="Most training epochs after the warm-up.", show_default=False),
+    warmup_epochs: int | None = typer.Option(None, help="Head-only epochs before unfreezing.", show_default=False),
+    lr_head: float | None = typer.Option(None, help="Learning rate of the new head.", show_default=False),
+    lr_backbone: float | None = typer.Option(None, help="Learning rate of the backbone (finetune).",
+                                                show_default=False),
+    batch_size: int | None = typer.Option(None, help="Training batch size.", show_default=False),
+    patience: int | None = typer.Option(None, help="Early stopping: epochs without a better val top-1.",
+                                           show_default=False),
+    input_size: int | None = typer.Option(None, help="Square network input in pixels.", show_default=False),
+    resize: int | None = typer.Option(None, help="Shorter side before the center crop.", show_default=False),
+    device: Device | None = typer.Option(None, help="Training device (auto: CUDA when present).",
+                                            show_default=False),
+    prune: bool | None = typer.Option(None, "--prune/--no-prune", help="Structured channel pruning.",
+                                         show_default=False),
+    prune_ratio: float | None = typer.Option(None, help="Share of the MACs to remove (0.5 = half).",
+                                                show_default=False),
+    recovery_epochs: int | None = typer.Option(None, help="Fine-tune epochs after pruning.", show_default=False),
+    calib_count: int | None = typer.Option(None, help="INT8 calibration images from the training split.",
+                                              show_default=False),
+    calib_method: Calib | None = typer.Option(None, help="INT8 calibration method.", show_default=False),
+    target: str | None = typer.Option(None, help="Device software: jetpack5, jetpack6.0, jetpack6 (bounds the "
+                                         "ONNX opset).", show_default=False),
+    opset: int | None = typer.Option(None, help="ONNX opset (default: the target's).", show_default=False),
+    golden_count: int | None = typer.Option(None, help="Test images stored with their FP32 outputs for parity "
+                                               "checks on the device.", show_default=False),
+    scratch: bool | None = typer.Option(None, "--scratch/--no-scratch", help="Also train from scratch and "
+                                           "report transfer against scratch (on in the demo).", show_default=False),
+    demo_shots: str | None = typer.Option(None, help="Demo only: training images per class (e.g. 5, 10, all).",
+                                             show_default=False),
+    threads: int | None = typer.Option(None, help="CPU threads for the latency measurements.", show_default=False),
+    strict: bool = typer.Option(False, "--strict", help="Fail on unreadable or non-image files instead of skipping."),
+    seed: int | None = typer.Option(None, help="Seed for splits, init and data order.", show_default=False),
+    name: str | None = typer.Option(None, help="Bundle name.", show_default=False),
+) -> None:
+    """Fine-tune, prune, INT8-quantize and export a classifier into a bundle for the Jetson (resumable).
+
+    Every option overrides the spec file. Stages whose inputs and settings did not change are reused from the
+    run folder; an interrupted build resumes where it stopped.
+    """
+    from rich.console import Console
+
+    from edge_tl.spec import load_spec
+
+    values = dict(locals())
+    overrides, flags = {}, {}
+    for key, (dotted, flag) in FLAGS.items():
+        value = values[key]
+        if isinstance(value, Enum):
+            value = value.value
+        if key == "strict" and not value:
+            continue
+        if key == "demo_shots" and value is not None and value != "all":
+            value = int(value) if value.isdigit() else value
+        if value is not None:
+            overrides[dotted] = str(value) if isinstance(value, Path) else value
+            flags[dotted] = flag
+    build_spec = load_spec(spec, overrides, flags)
+    run_dir = out or Path("runs") / build_spec.name
+    console = Console(stderr=True, highlight=False)
+    from edge_tl.pipeline import run_build
+
+    result = run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
+    _print_result(result)
+
+
+def _print_result(result) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge_tl.report import stage_rows
+
+    table = Table(title="edge-tl build", show_lines=False)
+    for col in ("stage", "top-1 (test)", "MACs", "params", "file", "CPU latency"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for row in stage_rows(result.stages, result.latency_ms):
+        table.add_row(*row)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(table)
+    if result.comparison:
+        c = result.comparison
+        out.print(f"transfer {100 * c['transfer_top1']:.1f}% vs scratch {100 * c['scratch_top1']:.1f}% "
+                  f"({c['train_images']} training images)")
+    speed = result.latency_ms["finetune"] / result.latency_ms["quantize"]
+    out.print(f"INT8 ONNX is {speed:.1f}x faster than PyTorch eager FP32 of the unpruned model (batch 1, CPU)")
+    out.print(f"stages run: {', '.join(result.ran) or 'none'}; reused: {', '.join(result.skipped) or 'none'}; "
+              f"{result.seconds:.0f} s")
+    out.print(f"report: {result.report}")
+    out.print(f"bundle: {result.bundle_dir}")
+    out.print(f"tarball: {result.tarball}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("build", no_args_is_help=False)(build)

@@ -1,0 +1,77 @@
+"""Pretrain the demo's backbone on the source task (digits 0-4) and write models/demo_source.pt + .json.
+
+    python models/pretrain_demo.py            # about 2-3 minutes on 2 CPU cores
+
+The checkpoint is a plain state_dict of torchvision's mobilenet_v2 with a 5-class head (float tensors stored
+as float16 to keep it small; loading casts them back), loadable with ``torch.load(..., weights_only=True)``.
+``edge-tl build`` (the demo) loads it with ``weights = "demo"`` and replaces the head for digits 5-9. The
+preprocessing and the seed are the demo spec's (edge_tl.spec.DEMO_SETTINGS), so source and target match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edge_tl import demo
+from edge_tl.data import scan
+from edge_tl.fsutil import atomic_write_text, sha256_file
+from edge_tl.spec import BuildSpec
+from edge_tl.train import build, evaluate, fit, scratch_phases
+from edge_tl.train.datasets import TrainDataset, eval_arrays
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--out", type=Path, default=HERE / demo.DEMO_CHECKPOINT)
+    args = ap.parse_args()
+
+    spec = BuildSpec.demo()
+    pre = spec.model.preprocess()
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        root = demo.source_task(td, seed=args.seed)
+        split = scan(root, seed=args.seed)
+        train = TrainDataset(split.paths("train"), split.labels("train"), pre, augment="light", hflip=False)
+        val = eval_arrays(split.paths("val"), split.labels("val"), pre)
+        test = eval_arrays(split.paths("test"), split.labels("test"), pre)
+        model = build(spec.model.backbone, len(split.classes), spec.model.dropout, seed=args.seed)
+        res = fit(model, spec.model.backbone, train, val, scratch_phases(args.epochs, args.lr), batch_size=32,
+                  patience=8, seed=args.seed, label="pretrain digits 0-4",
+                  label_smoothing=args.label_smoothing)
+        model.cpu()
+        test_top1, _, _ = evaluate(model, *test)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    tmp = args.out.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(args.out)
+    info = {
+        "what": "torchvision mobilenet_v2, 5-class head, trained from scratch on sklearn digits 0-4",
+        "command": "python models/pretrain_demo.py",
+        "classes": split.classes, "counts": split.summary.counts, "seed": args.seed, "epochs": args.epochs,
+        "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "lr": args.lr, "optimizer": "AdamW",
+        "label_smoothing": args.label_smoothing,
+        "preprocess": pre.model_dump(mode="json"), "val_top1": round(res.best_val_top1, 4),
+        "test_top1": round(test_top1, 4), "seconds": round(time.perf_counter() - start, 1),
+        "dtype": "float16 (float tensors)", "sha256": sha256_file(args.out), "bytes": args.out.stat().st_size,
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: info[k] for k in ("val_top1", "test_top1", "seconds", "bytes")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`edge-tl build` end to end: the real pipeline (torch, Torch-Pruning, ONNX export, ORT INT8) on a small demo
+run, through the real CLI in a subprocess, plus the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_tl.bundle import Bundle
+
+pytest.importorskip("torch", reason="the workstation extra (torch) is not installed")
+
+EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
+SMALL = ["--demo-shots", "10", "--epochs", "12", "--warmup-epochs", "1", "--recovery-epochs", "8", "--no-scratch",
+         "--golden-count", "6"]
+
+
+def edge_tl(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*EDGE_TL, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path_factory.mktemp("e2e") / "run"
+    proc = edge_tl("build", "--out", str(run), *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
+
+
+@pytest.mark.slow
+def test_build_writes_a_verified_bundle_with_real_numbers(built):
+    run, proc = built
+    assert "report:" in proc.stdout and "bundle:" in proc.stdout
+    for path in (run / "bundle", run / "bundle.tar.gz"):
+        b = Bundle.open(path)
+        b.verify()  # every manifest hash matches its file
+    m = b.manifest
+    assert m.classes == ["5", "6", "7", "8", "9"] and m.backbone == "mobilenet_v2"
+    assert m.input.shape == ["batch", 3, 32, 32] and m.target.opset <= m.target.max_opset
+    assert m.weights.startswith("demo:models/demo_source.pt@sha256:")
+    assert m.data.counts["train"] == {c: 10 for c in m.classes}
+    assert len(m.data.file_list_sha256) == 64
+    ft, pr, q = m.stages["finetune"], m.stages["prune"], m.stages["quantize"]
+    assert ft.top1 > 0.4 and pr.top1 > 0.4  # chance is 0.2
+    assert q.top1 is not None and q.top1 > 0.4
+    assert pr.macs <= 0.5 * ft.macs and pr.params < ft.params  # pruning removed at least half the MACs
+    assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch
+    assert all(s.cpu_latency_ms > 0 for s in m.stages.values())
+    assert {"torch", "onnxruntime", "torchvision"} <= set(m.software)
+    # golden outputs are model.onnx's outputs for the golden inputs, which are the golden PNGs preprocessed
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(b.model_path("fp32")), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": b.golden_inputs()})[0], b.golden_outputs(), atol=1e-5)
+    pngs = np.stack([b.preprocessor.open(b.root / g["file"]) for g in b.golden_index()])
+    np.testing.assert_array_equal(pngs, b.golden_inputs())
+    assert len(b.golden_index()) == 6 and {g["label_name"] for g in b.golden_index()} == set(m.classes)
+    report = (run / "report.md").read_text()
+    assert "| ONNX INT8 Q/DQ (ONNX Runtime) |" in report
+    for png in ("curves", "accuracy_vs_macs", "confusion_int8"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages_and_force_redoes_one(built):
+    run, _ = built
+    again = edge_tl("build", "--out", str(run), *SMALL)
+    assert again.returncode == 2 and "already holds a finished build" in again.stderr
+    proc = edge_tl("build", "--out", str(run), *SMALL, "--overwrite", "--force", "quantize")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["ran"] == ["quantize"] and state["skipped"] == ["data", "finetune", "prune", "export"]
+    Bundle.open(run / "bundle").verify()
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_at_the_lost_stage(built):
+    run, _ = built
+    import shutil
+
+    state = json.loads((run / "run.json").read_text())
+    for stage in ("export", "quantize"):  # killed during export: neither folder was ever renamed into place
+        shutil.rmtree(run / "stages" / f"{stage}-{state['stage_keys'][stage]}")
+    (run / "stages" / ".quantize-x.partial-abc").mkdir()  # what a killed stage leaves
+    state["status"] = "running"
+    (run / "run.json").write_text(json.dumps(state))
+    proc = edge_tl("build", "--out", str(run), *SMALL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stderr
+    after = json.loads((run / "run.json").read_text())
+    assert after["ran"] == ["export", "quantize"] and after["status"] == "done"
+    assert not list((run / "stages").glob(".*partial*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/images"], "data folder /nonexistent/images does not exist"),
+    (["--backbone", "resnet9"], "--backbone: model.backbone: unknown backbone 'resnet9'"),
+    (["--prune-ratio", "1.5"], "--prune-ratio: prune.ratio: Input should be less than 0.95"),
+    (["--force", "train"], "unknown stage 'train' for --force"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = edge_tl("build", "--out", str(tmp_path / "run"), *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "bundle").exists()
+
+
+def test_bad_spec_key_and_foreign_out_folder(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text("[train]\nepochz = 3\n")
+    proc = edge_tl("build", str(spec), timeout=120)
+    assert proc.returncode == 2 and "spec.toml: train.epochz: Extra inputs are not permitted" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    proc = edge_tl("build", "--out", str(out), timeout=120)
+    assert proc.returncode == 2 and "already exists and is not an edge-tl run folder" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.slow
+def test_missing_imagenet_weights_offline_names_the_file(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / c / f"{i}.png")
+    proc = edge_tl("build", "--data", str(tmp_path / "imgs"), "--backbone", "squeezenet1_1", "--out",
+                   str(tmp_path / "run"), timeout=300, env={"TORCH_HOME": str(tmp_path / "th")})
+    if proc.returncode == 0:
+        pytest.skip("this machine is online: the ImageNet weights downloaded")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert err and "squeezenet1_1-b8a52dc0.pth" in err[0] and str(tmp_path / "th" / "hub" / "checkpoints") in err[0]
+    assert not (tmp_path / "run" / "bundle").exists()

@@ -1,0 +1,105 @@
+"""The build spec: TOML + pydantic, one-line errors naming the key, CLI overrides, the demo recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_tl.errors import EdgeTLError
+from edge_tl.spec import DEMO_SETTINGS, BuildSpec, load_spec, read_toml, to_toml
+
+RECIPES = Path(__file__).resolve().parents[1] / "models" / "recipes"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_documented_values():
+    s = BuildSpec()
+    assert s.model.backbone == "mobilenet_v2" and s.model.weights == "imagenet"
+    assert s.train.lr_backbone < s.train.lr_head
+    assert s.prune.ratio == 0.5 and s.prune.round_to == 8
+    assert s.model.preprocess().resize == 256 and s.model.preprocess().input_size == (224, 224)
+    assert s.opset() == 17
+
+
+def test_demo_recipe_file_equals_builtin_demo():
+    from_file = load_spec(RECIPES / "demo.toml")
+    assert from_file == BuildSpec.demo()
+    assert from_file.is_demo and from_file.model.weights == "demo"
+    assert load_spec(None) == BuildSpec.demo()
+
+
+def test_imagenet_recipe_is_valid_and_resolves_paths_relative_to_the_file():
+    s = load_spec(RECIPES / "imagefolder_imagenet.toml")
+    assert s.model.backbone == "mobilenet_v3_large"
+    assert Path(s.data.root).is_absolute()
+    assert Path(s.data.root) == (RECIPES / "../../data/flowers").resolve()
+
+
+def test_unknown_key_names_the_key_and_file(tmp_path):
+    with pytest.raises(EdgeTLError) as exc:
+        load_spec(write(tmp_path, "[train]\nepochz = 3\n"))
+    msg = str(exc.value)
+    assert msg.startswith("spec.toml: train.epochz: Extra inputs are not permitted")
+    assert "\n" not in msg
+
+
+def test_bad_value_names_the_key(tmp_path):
+    with pytest.raises(EdgeTLError, match=r"^spec.toml: train.lr_head: Input should be greater than 0"):
+        load_spec(write(tmp_path, "[train]\nlr_head = -1\n"))
+    with pytest.raises(EdgeTLError, match=r"model.backbone: unknown backbone 'resnet9'"):
+        load_spec(write(tmp_path, "[model]\nbackbone = 'resnet9'\n"))
+
+
+def test_override_beats_file_and_error_names_the_flag(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 3\n[data]\nroot = 'imgs'\n")
+    s = load_spec(path, {"train.epochs": 7, "model.backbone": "squeezenet1_1"})
+    assert s.train.epochs == 7 and s.model.backbone == "squeezenet1_1"
+    assert s.data.root == str(tmp_path / "imgs")
+    with pytest.raises(EdgeTLError, match=r"^--epochs: train.epochs: Input should be greater than or equal to 1"):
+        load_spec(path, {"train.epochs": 0}, {"train.epochs": "--epochs"})
+
+
+def test_data_flag_without_spec_uses_defaults_not_demo(tmp_path):
+    s = load_spec(None, {"data.root": str(tmp_path)})
+    assert not s.is_demo and s.model.weights == "imagenet" and s.data.root == str(tmp_path.resolve())
+
+
+def test_opset_above_target_limit_is_refused(tmp_path):
+    with pytest.raises(EdgeTLError, match="exceeds jetpack5's TensorRT 8.5.2 limit of 17"):
+        load_spec(write(tmp_path, "target = 'jetpack5'\n[export]\nopset = 18\n"))
+    assert load_spec(write(tmp_path, "target = 'jetpack6'\n[export]\nopset = 18\n")).opset() == 18
+    with pytest.raises(EdgeTLError, match="target: unknown target 'jetpack9'"):
+        load_spec(write(tmp_path, "target = 'jetpack9'\n"))
+
+
+def test_finetune_backbone_lr_must_not_exceed_head_lr(tmp_path):
+    with pytest.raises(EdgeTLError, match="lr_backbone .* must not exceed lr_head"):
+        load_spec(write(tmp_path, "[train]\nlr_head = 0.001\nlr_backbone = 0.01\n"))
+    ok = load_spec(write(tmp_path, "[train]\nmode = 'feature-extract'\nlr_head = 0.001\nlr_backbone = 0.01\n"))
+    assert ok.train.mode == "feature-extract"
+
+
+def test_invalid_toml_and_missing_file_are_one_line(tmp_path):
+    with pytest.raises(EdgeTLError, match="not valid TOML"):
+        read_toml(write(tmp_path, "[train\n"))
+    with pytest.raises(EdgeTLError, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    spec = load_spec(None, {"train.epochs": 5, "quantize.method": "entropy"})
+    again = load_spec(write(tmp_path, to_toml(spec)))
+    assert again == spec
+
+
+def test_digest_tracks_settings():
+    a, b = BuildSpec.demo(), load_spec(None, {"train.epochs": 61})
+    assert a.digest("train") != b.digest("train")
+    assert a.digest("prune") == b.digest("prune")
+    assert DEMO_SETTINGS["model"]["input_size"] == 32
