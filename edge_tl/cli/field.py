@@ -1,0 +1,112 @@
+"""``edge-tl infer`` (classify files, videos, cameras, streams) and ``edge-tl serve`` (an Open Inference
+Protocol HTTP server). Thin layer over :mod:`edge_tl.infer` and :mod:`edge_tl.serve`; nothing heavy is imported
+until a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from edge_tl.errors import EdgeTLError
+
+
+class _LazyFile:
+    """--out: opened at the first record, so a run that fails before classifying anything leaves no file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = None
+
+    def write(self, text: str) -> None:
+        if self.file is None:
+            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.file.write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def infer_cmd(
+    source: str = typer.Argument(..., help="Image, folder (recursive), glob, video file, /dev/videoN or a camera "
+                                 "index, rtsp://... / http://... stream, or a GStreamer pipeline ending in appsink."),
+    bundle: Path = typer.Option(None, "--bundle", "-b", help="Bundle folder or .tar.gz."),
+    root: Path = typer.Option(None, help="Use the model deployed under this root (e.g. /opt/edge-tl)."),
+    backend: str = typer.Option("auto", help="auto (TensorRT, then ORT GPU, then CPU)|tensorrt|ort-trt|ort-cuda|"
+                                "ort-cpu"),
+    precision: str = typer.Option(None, help="fp32|int8 (TensorRT also fp16|best); default: the bundle's."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Labels per record."),
+    every: int = typer.Option(1, help="Process every N-th frame (or image)."),
+    max_fps: float = typer.Option(None, "--max-fps", help="At most this many pictures per second."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the JSON lines here instead of stdout."),
+    max_reconnects: int = typer.Option(10, "--max-reconnects", help="Reconnect attempts in a row for a lost stream."),
+    threads: int = typer.Option(None, help="CPU threads for ONNX Runtime."),
+) -> None:
+    """Classify pictures: one JSON line per image or frame (top-k labels, scores, latency, model version)."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+    from edge_tl.infer import run_infer
+    from edge_tl.sources import parse_source
+
+    spec = parse_source(source)
+    total = -(-len(spec.files) // every) if spec.kind == "images" and every >= 1 else None
+    err = Console(stderr=True)
+    if out is not None and out.parent and not out.parent.is_dir():
+        raise EdgeTLError(f"folder {out.parent} does not exist", "create it, or write --out elsewhere")
+    stream = _LazyFile(out) if out else sys.stdout
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    try:
+        with Progress(*columns, console=err, transient=True, disable=out is None and sys.stdout.isatty()) as bar:
+            task = bar.add_task(f"classifying {source}", total=total)
+            summary = run_infer(spec, bundle=bundle, root=root, backend=backend, precision=precision, k=top_k,
+                                every=every, max_fps=max_fps, out=stream, max_reconnects=max_reconnects,
+                                threads=threads, on_record=lambda rec: bar.advance(task))
+    finally:
+        if out is not None:
+            stream.close()
+    err.print(f"{summary.classified} classified, {summary.errors} error record(s)"
+              + (f", written to {out}" if out else ""))
+
+
+def serve_cmd(
+    bundle: Path = typer.Argument(None, help="Bundle folder or .tar.gz (or use --root)."),
+    root: Path = typer.Option(None, help="Serve the model deployed under this root and follow deploys/rollbacks."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 for all)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    name: str = typer.Option(None, help="Model name in the URLs (default: the bundle manifest's name)."),
+    token: str = typer.Option(None, help="Require 'Authorization: Bearer TOKEN' (or set EDGE_TL_TOKEN).",
+                              envvar="EDGE_TL_TOKEN", show_envvar=True),
+    max_batch: int = typer.Option(1, "--max-batch", help="Dynamic batching: up to N images per runner call (1: off)."),
+    max_delay_ms: float = typer.Option(2.0, "--max-delay-ms", help="Dynamic batching: wait at most this long."),
+    max_request_bytes: int = typer.Option(32 * 1024 * 1024, "--max-request-bytes", help="Largest request body."),
+    max_image_pixels: int = typer.Option(25_000_000, "--max-image-pixels", help="Largest image (width x height)."),
+    backend: str = typer.Option("auto", help="auto|tensorrt|ort-trt|ort-cuda|ort-cpu"),
+    precision: str = typer.Option(None, help="fp32|int8 (TensorRT also fp16|best); default: the bundle's."),
+    workers: int = typer.Option(1, help="Inference threads (concurrent runner calls; TensorRT needs 1)."),
+    threads: int = typer.Option(None, help="Intra-op CPU threads for ONNX Runtime."),
+    poll: float = typer.Option(1.0, help="With --root: seconds between checks of the active model."),
+    graceful_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds in-flight requests may take."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs latency)."),
+) -> None:
+    """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
+    from edge_tl.serve.config import ServeConfig
+    from edge_tl.serve.server import run_server
+
+    run_server(ServeConfig(bundle=bundle, root=root, host=host, port=port, name=name, token=token,
+                           max_batch=max_batch, max_delay_ms=max_delay_ms, max_request_bytes=max_request_bytes,
+                           max_image_pixels=max_image_pixels, backend=backend, precision=precision, workers=workers,
+                           threads=threads, poll_s=poll, graceful_timeout_s=graceful_timeout, access_log=access_log))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("infer")(infer_cmd)
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,238 @@
+"""The Open Inference Protocol (KServe v2 REST) as Triton speaks it, including Triton's extensions:
+
+* binary tensor data: the JSON header is followed by raw tensors; the header's length is in the HTTP header
+  ``Inference-Header-Content-Length``; an input carries ``parameters.binary_data_size`` instead of ``data``;
+  an output is sent binary when it asks (``parameters.binary_data``) or when the request says
+  ``parameters.binary_data_output`` (what ``tritonclient.http`` sends when no outputs are named);
+* classification: an output with ``parameters.classification = k`` comes back as BYTES ``"value:index:label"``.
+
+Pure functions over bytes and NumPy (no web framework), raising :class:`ProtocolError` (an HTTP status and a
+message that goes out as ``{"error": message}``).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+DATATYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+NUMPY_TO_DATATYPE = {np.dtype(v).name: k for k, v in DATATYPES.items()}
+
+
+class ProtocolError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for the batch axis
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Signature:
+    model: str
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+    max_batch: int
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput]
+    id: str | None = None
+    batch: int = 1
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise ProtocolError(400, f"'parameters' of {where} must be an object")
+    return params
+
+
+def _shape(value: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in value):
+        raise ProtocolError(400, f"shape of input '{name}' must be a list of non-negative integers")
+    return tuple(value)
+
+
+def _json_tensor(data: Any, dtype: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(400, f"'data' of input '{name}' is not a (nested) list of numbers: {exc}") from exc
+    kinds = "b" if dtype is np.bool_ else "biuf"
+    if arr.dtype.kind not in kinds:
+        raise ProtocolError(400, f"'data' of input '{name}' holds {arr.dtype.kind!r}-kind values, not numbers")
+    if arr.size != prod(shape):
+        raise ProtocolError(400, f"input '{name}' has {arr.size} values in 'data' but shape {list(shape)} "
+                                 f"needs {prod(shape)}")
+    return arr.astype(dtype, copy=False).reshape(shape)
+
+
+def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) -> InferRequest:
+    """Decode and validate an infer request against the model's signature (400 on anything wrong)."""
+    if header_length is not None:
+        try:
+            hlen = int(header_length)
+        except ValueError:
+            raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 < hlen <= len(body):
+            raise ProtocolError(400, f"{HEADER_LENGTH} {hlen} is outside the body's {len(body)} bytes")
+        head, binary = body[:hlen], memoryview(body)[hlen:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(400, f"the request is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise ProtocolError(400, "the request must be a JSON object with 'inputs'")
+    raw_inputs = req.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError(400, "the request needs a non-empty 'inputs' list")
+    expected = {t.name: t for t in sig.inputs}
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for raw in raw_inputs:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ProtocolError(400, "each input must be an object with a 'name'")
+        name = raw["name"]
+        if name not in expected:
+            raise ProtocolError(400, f"unexpected inference input '{name}' for model '{sig.model}' "
+                                     f"(it takes {sorted(expected)})")
+        if name in inputs:
+            raise ProtocolError(400, f"input '{name}' is given twice")
+        want = expected[name]
+        datatype = raw.get("datatype")
+        if datatype != want.datatype:
+            raise ProtocolError(400, f"inference input '{name}' data-type is '{datatype}', but model "
+                                     f"'{sig.model}' expects '{want.datatype}'")
+        shape = _shape(raw.get("shape"), name)
+        if len(shape) != len(want.shape) or any(w not in (-1, s) for w, s in zip(want.shape, shape, strict=True)):
+            raise ProtocolError(400, f"unexpected shape for input '{name}' for model '{sig.model}'. Expected "
+                                     f"{list(want.shape)}, got {list(shape)}")
+        dtype = DATATYPES[datatype]
+        size = _params(raw, f"input '{name}'").get("binary_data_size")
+        if size is not None:
+            nbytes = prod(shape) * np.dtype(dtype).itemsize
+            if not isinstance(size, int) or size != nbytes:
+                raise ProtocolError(400, f"input '{name}' has binary_data_size {size}, but shape {list(shape)} of "
+                                         f"{datatype} needs {nbytes} bytes")
+            if offset + size > len(binary):
+                raise ProtocolError(400, f"the binary data ends before input '{name}' ({len(binary)} bytes)")
+            inputs[name] = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        elif "data" in raw:
+            inputs[name] = _json_tensor(raw["data"], dtype, shape, name)
+        else:
+            raise ProtocolError(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+    if offset != len(binary):
+        raise ProtocolError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    missing = sorted(set(expected) - set(inputs))
+    if missing:
+        raise ProtocolError(400, f"expected {len(expected)} inputs but got {len(inputs)}; missing {missing}")
+    batches = {a.shape[0] for a in inputs.values()}
+    batch = batches.pop()
+    if batches or batch < 1:
+        raise ProtocolError(400, "every input needs the same batch size (>= 1) on its first axis")
+    if batch > sig.max_batch:
+        raise ProtocolError(400, f"inference request batch-size must be <= {sig.max_batch} for '{sig.model}'")
+    params = _params(req, "the request")
+    binary_default = bool(params.get("binary_data_output", False))
+    known = {t.name for t in sig.outputs}
+    outputs = []
+    raw_outputs = req.get("outputs")
+    if raw_outputs is None:
+        outputs = [RequestedOutput(n, binary_default) for n in sorted(known)]
+    elif not isinstance(raw_outputs, list):
+        raise ProtocolError(400, "'outputs' must be a list")
+    for raw in raw_outputs or []:
+        if not isinstance(raw, dict) or raw.get("name") not in known:
+            name = raw.get("name") if isinstance(raw, dict) else raw
+            raise ProtocolError(400, f"unexpected inference output '{name}' for model '{sig.model}'")
+        p = _params(raw, f"output '{raw['name']}'")
+        k = p.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ProtocolError(400, f"classification of output '{raw['name']}' must be a non-negative integer")
+        outputs.append(RequestedOutput(raw["name"], bool(p.get("binary_data", binary_default)), k))
+    req_id = req.get("id")
+    return InferRequest(inputs, outputs, str(req_id) if req_id is not None else None, batch, params)
+
+
+def classification_strings(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification extension: per batch row the top k as ``"value:index[:label]"`` (BYTES)."""
+    rows = values.reshape(values.shape[0], -1)
+    k = min(k, rows.shape[1])
+    out = np.empty((rows.shape[0], k), dtype=object)
+    for r, row in enumerate(rows):
+        for j, i in enumerate(np.argsort(-row, kind="stable")[:k]):
+            label = f":{labels[i]}" if i < len(labels) else ""
+            out[r, j] = f"{float(row[i]):f}:{int(i)}{label}".encode()
+    return out
+
+
+def _serialize_bytes(arr: np.ndarray) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in arr.ravel())
+
+
+def encode_infer_response(model: str, version: str, request: InferRequest, outputs: dict[str, np.ndarray],
+                          labels: list[str]) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is JSON only)."""
+    out_json = []
+    blobs: list[bytes] = []
+    for want in request.outputs:
+        arr = outputs[want.name]
+        if want.classification:
+            arr = classification_strings(arr, want.classification, labels)
+            datatype = "BYTES"
+        else:
+            datatype = NUMPY_TO_DATATYPE.get(arr.dtype.name)
+            if datatype is None:
+                raise ProtocolError(500, f"output '{want.name}' has dtype {arr.dtype}, which v2 cannot carry")
+        item: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(arr.shape)}
+        if want.binary:
+            blob = _serialize_bytes(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            flat = arr.ravel()
+            item["data"] = [b.decode() for b in flat] if datatype == "BYTES" else flat.tolist()
+        out_json.append(item)
+    head: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request.id is not None:
+        head["id"] = request.id
+    head["outputs"] = out_json
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if not blobs:
+        return text, None
+    return b"".join([text, *blobs]), len(text)
