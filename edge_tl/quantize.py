@@ -139,7 +139,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
         if unknown:
             raise EdgeTLError(f"nodes to keep in FP32 are not in the model: {', '.join(unknown)}",
                               "name nodes as they appear in model.onnx (e.g. with Netron)")
-        batches = [calib[i:i + max(1, calib_batch)] for i in range(0, len(calib), max(1, calib_batch))]
+        batches = _batches(calib, calib_batch, equal=method != "minmax")
         extra = {"WeightSymmetric": True, "CalibPercentile": percentile,
                  "ActivationSymmetric": for_tensorrt, "AddQDQPairToWeight": for_tensorrt,
                  "QuantizeBias": not for_tensorrt}
@@ -160,6 +160,16 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
             raise CheckFailed(f"nodes asked to stay FP32 were quantized: {', '.join(still_fp32)}", "report this bug")
         os.replace(tmp_out, int8_path)  # same folder: atomic
     return QuantizeResult(int8_path, method, len(calib), per_channel, quantized, exclude, for_tensorrt, ops)
+
+
+def _batches(calib: np.ndarray, size: int, equal: bool) -> list[np.ndarray]:
+    """Split ``calib`` into batches of at most ``size``. ORT's histogram calibrators (entropy, percentile) stack
+    the outputs of every batch into one array, so their batches must all have the same length: the largest
+    divisor of the image count that is at most ``size``."""
+    size = max(1, min(int(size), len(calib)))
+    if equal:
+        size = max(d for d in range(1, size + 1) if len(calib) % d == 0)
+    return [calib[i:i + size] for i in range(0, len(calib), size)]
 
 
 def _reader(qz, input_name: str, batches: list[np.ndarray]):

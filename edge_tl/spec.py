@@ -113,8 +113,17 @@ class PruneSpec(_Section):
     enabled: bool = True
     ratio: float = Field(0.5, ge=0, lt=0.95, description="share of the MACs to remove (0.5 = half)")
     round_to: int = Field(8, ge=1, description="channel counts rounded to multiples of this (TensorRT likes 8)")
-    recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (early stopping applies)")
+    recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (all of them run; the best "
+                                 "epoch on validation is kept)")
     recovery_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the recovery fine-tune")
+    importance: Literal["lamp", "taylor", "l1", "l2", "fpgm"] = Field(
+        "lamp", description="how channels are ranked: lamp (layer-adaptive magnitude), taylor (first-order loss "
+        "change on training images), l1/l2 (weight magnitude), fpgm")
+    global_pruning: bool = Field(True, description="rank channels across layers (each layer loses what it can "
+                                 "spare) instead of the same share in every layer")
+    distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
+                                  "from the unpruned model (0 = labels only)")
+    distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")
 
 
 class QuantizeSpec(_Section):

@@ -167,6 +167,15 @@ def test_exclude_nodes_stay_fp32_and_other_methods(exported, digits, tmp_path):
     assert res2.method == "percentile" and not res2.per_channel and res2.quantized_nodes
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_take_an_image_count_that_is_no_multiple_of_the_batch(exported, digits, tmp_path, method):
+    """ORT's histogram calibrators stack per-batch outputs; 20 images in batches of 16 crashed them."""
+    res = quantize_int8(exported.path, tmp_path / f"{method}.onnx", digits[0][:20], method=method, calib_batch=16)
+    assert res.calib_count == 20 and res.quantized_nodes
+    x = digits[0][:8]
+    assert (run(exported.path, x).argmax(1) == run(res.path, x).argmax(1)).mean() >= 0.75
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"method": "magic"}, "unknown calibration method"),
     ({"calib": np.zeros((4, 3, 16, 16), np.float32)}, "calibration data has shape"),

@@ -126,3 +126,37 @@ def test_feature_extraction_trains_only_the_head(tmp_path):
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("classifier.3.") for k in changed)
+
+
+def test_distillation_pulls_the_student_towards_the_teacher(tmp_path):
+    """With distill_weight=1 the labels are ignored: a student trained on a teacher that outputs the OPPOSITE
+    class learns the teacher's answers, not the labels. The teacher itself is left untouched."""
+    from torch import nn
+
+    from edge_tl.errors import EdgeTLError
+    from edge_tl.train import recovery_phases
+
+    paths, labels = _tiny_task(tmp_path)
+    pre = PreprocessConfig(input_size=(40, 40), resize=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds, val = TrainDataset(paths, labels, pre), eval_arrays(paths, labels, pre)
+
+    class Flipped(nn.Module):  # bright -> class 0, dark -> class 1: the labels reversed
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3), keepdim=False)[:, None]
+            return torch.cat([8 * m, -8 * m], dim=1)
+
+    teacher = Flipped()
+    flipped_val = (val[0], 1 - val[1])
+    def student():  # mean colour -> linear layer: learns either rule in a few steps
+        torch.manual_seed(0)
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+
+    taught, labelled = student(), student()
+    for model, weight, check in ((taught, 1.0, flipped_val), (labelled, 0.0, val)):
+        fit(model, "mobilenet_v2", ds, check, recovery_phases(10, 0.1, True), batch_size=4, device="cpu",
+            teacher=teacher, distill_weight=weight, distill_temperature=2.0, patience=20)
+    assert evaluate(taught, *flipped_val)[0] == 1.0  # agrees with the teacher, against the labels
+    assert evaluate(labelled, *val)[0] == 1.0  # weight 0: the teacher is ignored
+    with pytest.raises(EdgeTLError, match="distill weight"):
+        fit(student(), "mobilenet_v2", ds, val, recovery_phases(1, 1e-3, True), device="cpu", teacher=teacher,
+            distill_weight=1.5)

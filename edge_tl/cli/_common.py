@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 from typer.core import TyperGroup
+
+
+class Backend(str, Enum):
+    """Runtimes a device command can run a bundle on (edge_tl.runtime.factory's names)."""
+
+    auto = "auto"
+    tensorrt = "tensorrt"
+    ort_trt = "ort-trt"
+    ort_cuda = "ort-cuda"
+    ort_cpu = "ort-cpu"
+
+
+class Via(str, Enum):
+    """How a TensorRT engine is built: the Python API, or the trtexec binary (JetPack 5's Python 3.8)."""
+
+    api = "api"
+    trtexec = "trtexec"
 
 
 def default_command_group(default: str) -> type[TyperGroup]:

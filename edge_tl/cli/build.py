@@ -22,6 +22,8 @@ FLAGS = {
     "patience": ("train.patience", "--patience"), "device": ("train.device", "--device"),
     "prune": ("prune.enabled", "--prune/--no-prune"), "prune_ratio": ("prune.ratio", "--prune-ratio"),
     "recovery_epochs": ("prune.recovery_epochs", "--recovery-epochs"),
+    "prune_importance": ("prune.importance", "--prune-importance"),
+    "distill_weight": ("prune.distill_weight", "--distill-weight"),
     "calib_count": ("quantize.calib_count", "--calib-count"), "calib_method": ("quantize.method", "--calib-method"),
     "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
     "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
@@ -32,6 +34,14 @@ FLAGS = {
 class Mode(str, Enum):
     finetune = "finetune"
     feature_extract = "feature-extract"
+
+
+class Importance(str, Enum):
+    lamp = "lamp"
+    taylor = "taylor"
+    l1 = "l1"
+    l2 = "l2"
+    fpgm = "fpgm"
 
 
 class Calib(str, Enum):
@@ -80,6 +90,11 @@ def build(
     prune_ratio: float | None = typer.Option(None, help="Share of the MACs to remove (0.5 = half).",
                                                 show_default=False),
     recovery_epochs: int | None = typer.Option(None, help="Fine-tune epochs after pruning.", show_default=False),
+    prune_importance: Importance | None = typer.Option(None, help="How channels are ranked (lamp: layer-adaptive "
+                                                       "magnitude; taylor: first-order loss change; l1/l2: weight "
+                                                       "magnitude).", show_default=False),
+    distill_weight: float | None = typer.Option(None, help="Recovery: share of distillation from the unpruned "
+                                                "model (0 = labels only).", show_default=False),
     calib_count: int | None = typer.Option(None, help="INT8 calibration images from the training split.",
                                               show_default=False),
     calib_method: Calib | None = typer.Option(None, help="INT8 calibration method.", show_default=False),

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.cli._common import default_command_group
+from edge_tl.cli._common import Backend, Via, default_command_group
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -29,23 +29,10 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    ort_trt = "ort-trt"
-    ort_cuda = "ort-cuda"
-    ort_cpu = "ort-cpu"
-
-
 class Transfer(str, Enum):
     auto = "auto"
     rsync = "rsync"
     sftp = "sftp"
-
-
-class Via(str, Enum):
-    api = "api"
-    trtexec = "trtexec"
 
 
 # -- options shared by the workstation commands -----------------------------------------------------------------

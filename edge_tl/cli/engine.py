@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edge_tl.cli._common import Backend, Via
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -32,19 +34,6 @@ class Precision(str, Enum):
     fp16 = "fp16"
     int8 = "int8"
     best = "best"
-
-
-class Backend(str, Enum):
-    auto = "auto"
-    tensorrt = "tensorrt"
-    ort_trt = "ort-trt"
-    ort_cuda = "ort-cuda"
-    ort_cpu = "ort-cpu"
-
-
-class Via(str, Enum):
-    api = "api"
-    trtexec = "trtexec"
 
 
 class KeepPrecision(str, Enum):

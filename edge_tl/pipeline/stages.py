@@ -99,19 +99,27 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         return _finish(ctx, model, out, metrics)
     from edge_tl.prune import prune_to_macs
 
-    res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.ratio, round_to=p.round_to)
+    taylor = None
+    if p.importance == "taylor":  # one gradient pass on up to 64 training images (a seeded draw) ranks channels
+        x, y = ctx.arrays("train")
+        idx = np.sort(np.random.default_rng(s.seed).permutation(len(x))[:64])
+        taylor = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
+    res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.ratio, round_to=p.round_to,
+                        importance=p.importance, global_pruning=p.global_pruning, taylor_batch=taylor)
     pruned = res.model
     before, _, _ = evaluate(pruned, *ctx.arrays("test"))
     recalibrate_bn(pruned, ctx.train_dataset(), batch_size=s.train.batch_size, seed=s.seed, device=s.train.device)
     recal, _, _ = evaluate(pruned.cpu(), *ctx.arrays("test"))
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
-                               **res.summary()}
+                               "global_pruning": p.global_pruning, **res.summary()}
     if p.recovery_epochs:
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
-                      **_fit_kwargs(ctx, "recovery"))
+                      teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
+                      distill_temperature=p.distill_temperature, **_fit_kwargs(ctx, "recovery"))
         _write(out, "fit.json", fit_res.as_dict())
         metrics.update(val_top1=fit_res.best_val_top1, recovery_epochs_run=fit_res.epochs_run,
+                       distill_weight=p.distill_weight,
                        train_seconds=round(fit_res.seconds, 2))
     return _finish(ctx, pruned, out, metrics)
 

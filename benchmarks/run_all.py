@@ -1,0 +1,44 @@
+"""Run every benchmark in turn (`make bench`); each rewrites its own section of benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py            # full runs (about 25 minutes on 2 cores)
+    python benchmarks/run_all.py --quick    # smoke runs (a few minutes)
+
+They run one after another, never in parallel: on a 2-core machine a second job changes every latency.
+Run them on a quiet machine; each section records the machine, thread count and date of its own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke runs")
+    ap.add_argument("--only", nargs="+", choices=[s.removesuffix(".py") for s in SCRIPTS], help="run these only")
+    args = ap.parse_args()
+    failed = []
+    for script in SCRIPTS:
+        if args.only and script.removesuffix(".py") not in args.only:
+            continue
+        cmd = [sys.executable, str(HERE / script), *(["--quick"] if args.quick else [])]
+        print(f"== {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        rc = subprocess.call(cmd)
+        print(f"== {script}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
+        if rc:
+            failed.append(script)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
