@@ -35,6 +35,7 @@ from edge_tl.export import export_onnx  # noqa: E402
 from edge_tl.modelstats import count_macs_params, onnx_latency_ms, torch_latency_ms  # noqa: E402
 from edge_tl.prune import prune_to_macs  # noqa: E402
 from edge_tl.quantize import quantize_int8  # noqa: E402
+from edge_tl.spec import PruneSpec  # noqa: E402
 
 BACKBONES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1"]
 SIZE = (224, 224)
@@ -58,7 +59,9 @@ def make_model(name: str) -> torch.nn.Module:
 def measure(name: str, work: Path, iters: int, warmup: int, threads: int, calib: np.ndarray) -> list[dict]:
     rows = []
     dense = make_model(name)
-    pruned = prune_to_macs(dense, torch.zeros(1, 3, *SIZE), 0.5).model.eval()
+    spec = PruneSpec()  # what `edge-tl build` prunes with (its defaults)
+    pruned = prune_to_macs(dense, torch.zeros(1, 3, *SIZE), 0.5, round_to=spec.round_to, importance=spec.importance,
+                           global_pruning=spec.global_pruning).model.eval()
     for label, model in (("dense", dense), ("pruned", pruned)):
         macs, params = count_macs_params(model, SIZE)
         fp32 = export_onnx(model, work / f"{name}-{label}.onnx", SIZE).path
@@ -87,7 +90,9 @@ def render(rows: list[dict], threads: int, iters: int, warmup: int, quick: bool,
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. Input 1x3x{SIZE[0]}x{SIZE[1]}, batch 1, "
         f"median of {iters} runs after {warmup} warm-up runs; {threads} intra-op thread(s) for both PyTorch and "
         f"ONNX Runtime. Randomly initialised weights (10 classes; latency does not depend on the values). "
-        f"Pruned: 50% of MACs removed by `edge_tl.prune` (L1, channels multiple of 8). Total run {seconds:.0f} s; "
+        f"Pruned: 50% of MACs removed by `edge_tl.prune` with `edge-tl build`'s defaults ({PruneSpec().importance}, "
+        f"{'global' if PruneSpec().global_pruning else 'per-layer'} ranking, channels multiple of 8). "
+        f"Total run {seconds:.0f} s; "
         f"1-minute load average at the start {load:.2f} (PyTorch's OpenMP threads slow down badly, 10-100x, "
         "when other processes share the cores: compare only runs on a quiet machine).",
         "",
