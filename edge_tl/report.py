@@ -143,7 +143,9 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
         lines += [f"Pruning: {pr['macs_before'] / 1e6:.2f} M -> {pr['macs_after'] / 1e6:.2f} M MACs "
                   f"({100 * pr['macs_removed']:.1f}% removed), top-1 {_pct(pr['top1_before_recovery'])} right after "
                   f"pruning, {_pct(pr.get('top1_after_bn_recalibration'))} after re-estimating BatchNorm statistics, "
-                  f"{_pct(pr['top1'])} after the recovery fine-tune.", ""]
+                  f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
+                  f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
+                  f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in target_checks(st, lat, result.comparison)]
     if result.comparison:
