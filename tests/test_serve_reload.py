@@ -80,7 +80,11 @@ def test_model_switch_under_load_drops_nothing(tmp_path, max_batch):
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        # every client has been answered by A before the deploy (a wait on events, not on the clock: a slow or
+        # loaded machine must not turn this into a test of its speed)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and min(len(s) for s in seen) < 2:
+            time.sleep(0.02)
         activate(root, b)  # the deploy
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and sum(v == b for s in seen for _, v, _ in s[-3:]) < 8:
