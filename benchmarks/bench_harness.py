@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine_line, write_section  # noqa: E402
 
-from edge_tl.bench import BenchConfig, run_bench  # noqa: E402
-from edge_tl.runtime.onnxrt import SessionFromOnnx  # noqa: E402
+from edge_tl.device.bench import BenchConfig, run_bench  # noqa: E402
+from edge_tl.device.runtime.onnxrt import SessionFromOnnx  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_harness"
 

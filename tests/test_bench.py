@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_tl.bench import BenchConfig, BenchResult, compare_rows, make_feed, run_bench, write_outputs
-from edge_tl.bench.device import collect_device_state, locked_clocks, parse_clocks, parse_nvpmodel
-from edge_tl.bundle import Bundle
-from edge_tl.errors import EdgeTLError
-from edge_tl.runtime.onnxrt import OnnxRuntimeRunner
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.bench import BenchConfig, BenchResult, compare_rows, make_feed, run_bench, write_outputs
+from edge_tl.device.bench.device import collect_device_state, locked_clocks, parse_clocks, parse_nvpmodel
+from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
 EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
 DATA = Path(__file__).parent / "data"
@@ -153,9 +153,9 @@ def test_from_external_and_compare_ratios(tiny_bundle, tmp_path):
 
 
 def test_from_external_takes_parse_trtexec_output():
-    engine = pytest.importorskip("edge_tl.engine", reason="the engine package is not in this checkout")
+    engine = pytest.importorskip("edge_tl.device.engine", reason="the engine package is not in this checkout")
     if not hasattr(engine, "parse_trtexec"):
-        pytest.skip("edge_tl.engine.parse_trtexec is not there yet")
+        pytest.skip("edge_tl.device.engine.parse_trtexec is not there yet")
     p = engine.parse_trtexec((DATA / "trtexec" / "trt85_orin_dla.txt").read_text())
     r = BenchResult.from_external("trtexec", p["latency_ms"], p["throughput_qps"])
     assert r.results[0].latency_ms.p95 == 2241.41 and r.results[0].throughput_ips == pytest.approx(0.406047)
@@ -302,9 +302,9 @@ def test_cli_errors_are_one_line(tiny_bundle_src, tmp_path, args, message):
 
 
 def test_tensorrt_runner_errors_without_tensorrt(tmp_path):
-    from edge_tl.runtime.tensorrt import TensorRTRunner, make_tensorrt_runner
+    from edge_tl.device.runtime.tensorrt import TensorRTRunner, make_tensorrt_runner
 
-    if __import__("edge_tl._optional", fromlist=["has_module"]).has_module("tensorrt"):
+    if __import__("edge_tl.core.importer", fromlist=["has_module"]).has_module("tensorrt"):
         pytest.skip("TensorRT is installed here")
     with pytest.raises(EdgeTLError, match="model .* does not exist"):
         make_tensorrt_runner(tmp_path / "x.engine", "fp16")
@@ -318,7 +318,7 @@ def test_tensorrt_runner_errors_without_tensorrt(tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_runner_matches_golden_outputs(tiny_bundle):
     pytest.importorskip("tensorrt", reason="needs TensorRT's Python bindings and an NVIDIA GPU")
-    from edge_tl.runtime.factory import create_runner
+    from edge_tl.device.runners import create_runner
 
     bundle = Bundle.open(tiny_bundle)
     with create_runner(bundle, backend="tensorrt", precision="fp32", engine_dir=tiny_bundle / "engines") as r:

@@ -30,7 +30,7 @@ def test_unknown_command_is_a_usage_error():
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
     from edge_tl.cli import app
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.errors import EdgeTLError
 
     assert app.registered_commands or app.registered_groups  # stages registered their commands
     err = EdgeTLError("bundle /x does not exist.", "give the folder that edge-tl build wrote.")

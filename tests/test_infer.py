@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from edge_tl.bundle import Bundle
 from edge_tl.cli import main
-from edge_tl.errors import EdgeTLError
-from edge_tl.infer import Classifier, run_infer, softmax, top_k
-from edge_tl.layout import DeviceLayout
-from edge_tl.sources import VideoSource, open_source, parse_source
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.infer import Classifier, run_infer, softmax, top_k
+from edge_tl.device.sources import VideoSource, open_source, parse_source
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_tl.power import (
+from edge_tl.device.power import (
     Ina3221Sampler,
     NoPower,
     PowerSample,
@@ -307,7 +307,7 @@ def test_select_sampler_auto_order_and_reasons(tmp_path, monkeypatch, nano_line)
 
 
 def test_jtop_power_dict_to_rails():
-    from edge_tl.power import JtopSampler
+    from edge_tl.device.power import JtopSampler
 
     # jetson-stats 4.x `jtop().power` on an Orin Nano: the input rail sits under "tot" with its name
     power = {"rail": {"VDD_CPU_GPU_CV": {"online": True, "type": "I2C", "volt": 5000, "curr": 104, "power": 520,

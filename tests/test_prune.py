@@ -10,9 +10,9 @@ pytest.importorskip("torch_pruning", reason="pruning needs torch-pruning")
 
 from torch import nn  # noqa: E402
 
-from edge_tl.errors import EdgeTLError  # noqa: E402
-from edge_tl.modelstats import count_macs_params  # noqa: E402
-from edge_tl.prune import channel_report, find_classifier, prune_to_macs  # noqa: E402
+from edge_tl.core.errors import EdgeTLError  # noqa: E402
+from edge_tl.workstation.modelstats import count_macs_params  # noqa: E402
+from edge_tl.workstation.prune import channel_report, find_classifier, prune_to_macs  # noqa: E402
 
 BACKBONES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1"]
 SIZE = (32, 32)

@@ -15,9 +15,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from edge_tl.bundle import Bundle
-from edge_tl.serve.config import ServeConfig
-from edge_tl.serve.server import ThreadedServer
+from edge_tl.core.bundle import Bundle
+from edge_tl.device.serve.config import ServeConfig
+from edge_tl.device.serve.server import ThreadedServer
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.errors import EdgeTLError
-from edge_tl.spec import DEMO_SETTINGS, BuildSpec, load_spec, read_toml, to_toml
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation.spec import DEMO_SETTINGS, BuildSpec, load_spec, read_toml, to_toml
 
 RECIPES = Path(__file__).resolve().parents[1] / "models" / "recipes"
 

@@ -8,7 +8,7 @@ from typer.core import TyperGroup
 
 
 class Backend(str, Enum):
-    """Runtimes a device command can run a bundle on (edge_tl.runtime.factory's names)."""
+    """Runtimes a device command can run a bundle on (edge_tl.device.runners's names)."""
 
     auto = "auto"
     tensorrt = "tensorrt"

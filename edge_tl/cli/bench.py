@@ -1,6 +1,6 @@
 """``edge-tl bench``: latency, throughput, power and energy (``bench run``, the default) and ``bench compare``.
 
-Thin layer over :mod:`edge_tl.bench`; nothing heavy is imported until a command runs.
+Thin layer over :mod:`edge_tl.device.bench`; nothing heavy is imported until a command runs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from edge_tl.cli._common import default_command_group
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
 
 
 def _batches(text: str) -> list[int]:
@@ -54,7 +54,7 @@ def run_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_tl.bench import BenchConfig, print_result, run_bench, write_outputs
+    from edge_tl.device.bench import BenchConfig, print_result, run_bench, write_outputs
 
     console = Console()
     err = Console(stderr=True)
@@ -90,7 +90,7 @@ def compare_cmd(
     results: list[Path] = typer.Argument(..., help="bench.json files (or folders holding one); the first is the base."),
 ) -> None:
     """Side-by-side table of bench results, with ratios against the first."""
-    from edge_tl.bench import compare
+    from edge_tl.device.bench import compare
 
     if len(results) < 2:
         raise EdgeTLError("compare needs at least two results", "pass A.json B.json ...")

@@ -1,4 +1,4 @@
-"""`edge-tl build [SPEC.toml]`: the workstation pipeline (thin: the work is in edge_tl.pipeline).
+"""`edge-tl build [SPEC.toml]`: the workstation pipeline (thin: the work is in edge_tl.workstation.pipeline).
 
 Nothing heavy is imported here at import time; torch loads when the command runs.
 """
@@ -119,7 +119,7 @@ def build(
     """
     from rich.console import Console
 
-    from edge_tl.spec import load_spec
+    from edge_tl.workstation.spec import load_spec
 
     values = dict(locals())
     overrides, flags = {}, {}
@@ -137,7 +137,7 @@ def build(
     build_spec = load_spec(spec, overrides, flags)
     run_dir = out or Path("runs") / build_spec.name
     console = Console(stderr=True, highlight=False)
-    from edge_tl.pipeline import run_build
+    from edge_tl.workstation.pipeline.run import run_build
 
     result = run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
     _print_result(result)
@@ -147,7 +147,7 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.table import Table
 
-    from edge_tl.report import stage_rows
+    from edge_tl.workstation.pipeline.report import stage_rows
 
     table = Table(title="edge-tl build", show_lines=False)
     for col in ("stage", "top-1 (test)", "MACs", "params", "file", "CPU latency"):

@@ -1,5 +1,5 @@
 """`edge-tl deploy [push] BUNDLE --to user@host`, `deploy status`, `deploy rollback`, and the hidden device half
-(`deploy device ...`) that the workstation runs over SSH. Thin: the work is in edge_tl.deploy."""
+(`deploy device ...`) that the workstation runs over SSH. Thin: the work is in edge_tl.device.deploy."""
 
 from __future__ import annotations
 
@@ -52,15 +52,15 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def _svc(no_restart: bool, restart_cmd: str | None, health_url: str, health_timeout: float):
-    from edge_tl.deploy.service import ServiceOptions
+    from edge_tl.device.deploy.service import ServiceOptions
 
     return ServiceOptions(restart=not no_restart, restart_cmd=restart_cmd, health_url=health_url,
                           health_timeout=health_timeout)
 
 
 def _device(to: str, identity: Path | None, root: str, remote: str, known: Path | None, accept: bool):
-    from edge_tl.deploy.client import RemoteDevice
-    from edge_tl.deploy.transport import SSHSession, SSHTarget
+    from edge_tl.workstation.ship.client import RemoteDevice
+    from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
 
     session = SSHSession(SSHTarget.parse(to), identity=identity, known_hosts=known, accept_new_host_key=accept,
                          notify=lambda msg: err.print(f"[yellow]{msg}[/]"))
@@ -89,7 +89,7 @@ def push_cmd(
     """Upload, verify, build the engine, gate, then switch atomically; the running model stays on any failure."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from edge_tl.deploy.client import push
+    from edge_tl.workstation.ship.client import push
 
     device = _device(to, identity, root, remote_edge_tl, known_hosts, accept_new_host_key)
     with device.session, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -177,9 +177,9 @@ def device_prepare(root: Path = DROOT, need_bytes: int = typer.Option(0, "--need
     import shutil
 
     from edge_tl import __version__
-    from edge_tl.deploy.state import uploads_dir
-    from edge_tl.errors import EdgeTLError
-    from edge_tl.layout import DeviceLayout
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.core.layout import DeviceLayout
+    from edge_tl.device.deploy.state import uploads_dir
 
     layout = DeviceLayout(root)
     uploads = uploads_dir(layout)
@@ -200,10 +200,10 @@ def device_prepare(root: Path = DROOT, need_bytes: int = typer.Option(0, "--need
 @device_app.command("file-info")
 def device_file_info(root: Path = DROOT, path: Path = typer.Option(..., "--path")) -> None:
     """Size and sha256 of a file in the upload folder (to resume an upload)."""
-    from edge_tl.deploy.device import file_info
-    from edge_tl.deploy.state import uploads_dir
-    from edge_tl.errors import EdgeTLError
-    from edge_tl.layout import DeviceLayout
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.core.layout import DeviceLayout
+    from edge_tl.device.deploy.device import file_info
+    from edge_tl.device.deploy.state import uploads_dir
 
     if path.resolve().parent != uploads_dir(DeviceLayout(root)).resolve():
         raise EdgeTLError(f"{path} is not in the upload folder", "this command only reads uploads")
@@ -220,7 +220,7 @@ def device_install(
     health_url: str = HEALTH, health_timeout: float = HEALTH_T,
 ) -> None:
     """Verify, gate and activate an uploaded bundle (prints the result as JSON)."""
-    from edge_tl.deploy.device import install
+    from edge_tl.device.deploy.device import install
 
     _emit(install(root, upload, sha256=sha256, bundle_id=bundle_id, precision=_v(precision), backend=_v(backend),
                   build_via=_v(build_via), keep=keep, lock_timeout=lock_timeout, origin=origin,
@@ -230,7 +230,7 @@ def device_install(
 @device_app.command("status")
 def device_status(root: Path = DROOT) -> None:
     """Active, previous and kept versions (JSON)."""
-    from edge_tl.deploy.device import status
+    from edge_tl.device.deploy.device import status
 
     _emit(status(root))
 
@@ -240,7 +240,7 @@ def device_rollback(root: Path = DROOT, version: str = typer.Option(None, "--ver
                     no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
                     health_timeout: float = HEALTH_T) -> None:
     """Switch to the previous (or given) version (JSON)."""
-    from edge_tl.deploy.device import rollback
+    from edge_tl.device.deploy.device import rollback
 
     _emit(rollback(root, version=version, lock_timeout=lock_timeout,
                    svc=_svc(no_restart, restart_cmd, health_url, health_timeout)))

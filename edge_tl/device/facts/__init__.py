@@ -1,0 +1,1 @@
+"""Facts about the device, read under one ``root`` (tests point it at a recorded tree)."""
