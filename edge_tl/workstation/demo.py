@@ -122,7 +122,7 @@ def parse_shots(text: str | int | None) -> int | None:
 
 def repo_models_dir() -> Path:
     """``models/`` of the source checkout (where the demo checkpoint and recipes live)."""
-    return Path(__file__).resolve().parents[1] / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 DEMO_CHECKPOINT = "demo_source.pt"
