@@ -130,7 +130,7 @@ def main() -> None:
                     off.append(bench_median_ms(model, iters, warmup, args.threads)[0])
                 else:
                     med, res = bench_median_ms(model, iters, warmup, args.threads, power="ina3221",
-                                               power_root=str(tree), rate_hz=20.0)
+                                               root=str(tree), rate_hz=20.0)
                     on.append(med)
                     samples.append((res.power.sample_count, res.power.measured_rate_hz))
     shift = pct(statistics.median(on), statistics.median(off))

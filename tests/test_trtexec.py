@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.bench.trtexec import trtexec_to_bench
 from edge_tl.device.engine import parse_trtexec
 from edge_tl.device.engine.cache import load_or_build, read_sidecar
 from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo
-from edge_tl.device.engine.trtexec import trtexec_command, trtexec_to_bench, trtexec_version
+from edge_tl.device.engine.trtexec import trtexec_command, trtexec_version
 
 DATA = Path(__file__).parent / "data"
 LOGS = DATA / "trtexec"

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.cli._common import Backend, Via, default_command_group
+from edge_tl.cli._common import Backend, DeployPrecision, Via, _v, default_command_group
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -21,12 +21,6 @@ deploy_app = typer.Typer(cls=default_command_group("push"), no_args_is_help=True
                          help="Ship a bundle to a Jetson over SSH: verify, build the engine and gate it there, then "
                               "switch atomically (`edge-tl deploy BUNDLE --to user@host`); status; rollback.")
 device_app = typer.Typer(no_args_is_help=True, help="The device half (run over SSH by the workstation).")
-
-
-class Precision(str, Enum):
-    int8 = "int8"
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 class Transfer(str, Enum):
@@ -67,17 +61,13 @@ def _device(to: str, identity: Path | None, root: str, remote: str, known: Path 
     return RemoteDevice(session, root, remote, notify=lambda msg: err.print(f"[dim]{msg}[/]"))
 
 
-def _v(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
-
-
 @deploy_app.command("push")
 def push_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz (from edge-tl build)."),
     to: str = TO, identity: Path = IDENTITY, root: str = ROOT,
     keep: int = typer.Option(3, "--keep", min=1, help="Versions kept on the device (never the active or previous)."),
     remote_edge_tl: str = REMOTE, known_hosts: Path = KNOWN, accept_new_host_key: bool = ACCEPT,
-    precision: Precision = typer.Option(None, "--precision", help="Default: the bundle's default_precision."),
+    precision: DeployPrecision = typer.Option(None, "--precision", help="Default: the bundle's default_precision."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Where the parity gate runs (auto: TensorRT "
                                     "when installed on the device, else ONNX Runtime, recorded)."),
     build_via: Via = typer.Option(Via.api, "--build-via", help="Build the engine with TensorRT's Python API or "
@@ -213,7 +203,7 @@ def device_file_info(root: Path = DROOT, path: Path = typer.Option(..., "--path"
 @device_app.command("install")
 def device_install(
     root: Path = DROOT, upload: Path = typer.Option(..., "--upload"), sha256: str = typer.Option(None, "--sha256"),
-    bundle_id: str = typer.Option(None, "--bundle-id"), precision: Precision = typer.Option(None, "--precision"),
+    bundle_id: str = typer.Option(None, "--bundle-id"), precision: DeployPrecision = typer.Option(None, "--precision"),
     backend: Backend = typer.Option(Backend.auto, "--backend"), build_via: Via = typer.Option(Via.api, "--build-via"),
     keep: int = typer.Option(3, "--keep", min=1), lock_timeout: float = LOCK,
     origin: str = typer.Option(None, "--origin"), no_restart: bool = NO_RESTART, restart_cmd: str = RESTART,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -19,31 +18,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.cli._common import Backend, Via
+from edge_tl.cli._common import Backend, KeepPrecision, Precision, Via, _v
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 engine_app = typer.Typer(help="Build TensorRT engines on the device, check them against the golden outputs.",
                          no_args_is_help=True)
-
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    best = "best"
-
-
-class KeepPrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-def _v(value):
-    """An Enum option's plain value (None stays None)."""
-    return value.value if isinstance(value, Enum) else value
 
 
 def _resolve(model: Path, precision: str | None, max_batch: int | None):
@@ -139,7 +120,7 @@ def build_cmd(
     side = read_sidecar(engine) or {}
     perf = side.get("performance")
     if perf:
-        from edge_tl.device.engine.trtexec import trtexec_to_bench
+        from edge_tl.device.bench.trtexec import trtexec_to_bench
 
         opt = int(side.get("key", {}).get("batch_profile", "1-1-1").split("-")[1])
         result = trtexec_to_bench(perf, batch=opt, model=str(onnx), precision=precision)

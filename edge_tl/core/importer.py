@@ -56,6 +56,21 @@ def require(name: str, purpose: str | None = None) -> ModuleType:
         raise EdgeTLError(f"Python package '{top}' is not installed{why}: {exc}", hint) from exc
 
 
+def require_workstation(module: str, purpose: str) -> ModuleType:
+    """Import a module of :mod:`edge_tl.workstation` when a command needs it (the CLI's build command, the
+    torch backend), or raise a one-line EdgeTLError when the workstation extra (torch …) is not installed.
+
+    Code that also runs on the device names the workstation's modules here by string, so importing it never
+    pulls in the training stack (tests/test_no_torch.py; import-linter's contracts see no import edge)."""
+    if not module.startswith("edge_tl.workstation."):
+        raise ValueError(f"{module} is not a module of edge_tl.workstation")
+    for top in ("torch", "torchvision"):
+        if not has_module(top):
+            raise EdgeTLError(f"{purpose} needs the workstation's training stack, and '{top}' is not installed",
+                              INSTALL_HINTS[top])
+    return require(module, purpose)
+
+
 class LazyModule:
     """A module proxy: the import happens on first attribute access."""
 

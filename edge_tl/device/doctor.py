@@ -9,10 +9,8 @@ Nothing here imports torch: its presence is read from package metadata.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import platform
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,7 +22,8 @@ from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.importer import has_module
 from edge_tl.core.targets import max_opset_for_tensorrt
 from edge_tl.device.engine.spec import DeviceInfo
-from edge_tl.device.facts import board as devicefacts
+from edge_tl.device.facts import DeviceFacts
+from edge_tl.device.facts.versions import package_version as _version
 
 Status = Literal["ok", "info", "warn", "blocker"]
 
@@ -53,15 +52,6 @@ class Row(BaseModel):
     fix: str | None = None
 
 
-def _version(dist: str, module: str) -> str | None:
-    if not has_module(module):
-        return None
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return "installed"
-
-
 def _run(argv: list[str], timeout: float = 10) -> str | None:
     exe = shutil.which(argv[0])
     if exe is None:
@@ -71,31 +61,6 @@ def _run(argv: list[str], timeout: float = 10) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (proc.stdout + proc.stderr).strip()
-
-
-def parse_nvpmodel(text: str | None) -> str | None:
-    """``nvpmodel -q`` prints ``NV Power Mode: MAXN`` and the mode id on the next line -> 'MAXN (mode 0)'."""
-    if not text:
-        return None
-    m = re.search(r"NV Power Mode:\s*(\S+)", text)
-    if not m:
-        return None
-    after = text[m.end():].split()
-    mode = next((tok for tok in after if tok.isdigit()), None)
-    return f"{m.group(1)} (mode {mode})" if mode is not None else m.group(1)
-
-
-def _cuda_version(root: Path) -> str | None:
-    vj = root / "usr/local/cuda/version.json"
-    try:
-        return json.loads(vj.read_text())["cuda"]["version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        m = re.search(r"CUDA Version\s+([\d.]+)", (root / "usr/local/cuda/version.txt").read_text())
-        return m.group(1) if m else None
-    except OSError:
-        return None
 
 
 def _jtop_state(root: Path) -> str | None:
@@ -144,12 +109,14 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
         trtexec = str(find_trtexec())
     except EdgeTLError:
         trtexec = None
-    l4t = devicefacts.l4t_release(root)
+    facts = DeviceFacts(root)
+    l4t = facts.board.l4t()
+    mode = facts.nvpmodel.query()
     return Facts(python=platform.python_version(), machine=platform.machine(), packages=packages,
                  ort_providers=providers, device=device.to_dict() if device else None, device_error=device_error,
-                 cuda=(device.cuda_version if device and device.cuda_version else None) or _cuda_version(root),
-                 jetson_model=devicefacts.jetson_model(root), l4t=l4t, jetpack=devicefacts.jetpack_version(l4t),
-                 jtop_service=_jtop_state(root), nvpmodel=parse_nvpmodel(_run(["nvpmodel", "-q"])),
+                 cuda=(device.cuda_version if device and device.cuda_version else None) or facts.versions.cuda(),
+                 jetson_model=facts.board.model(), l4t=l4t, jetpack=facts.board.jetpack(l4t),
+                 jtop_service=_jtop_state(root), nvpmodel=mode.label if mode else None,
                  trtexec=trtexec, backends=available_backends())
 
 

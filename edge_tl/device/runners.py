@@ -1,13 +1,42 @@
-"""Make a runner for a bundle or a model file, by backend name (see edge_tl.device.runtime.BACKENDS)."""
+"""Make a runner for any model kind: a bundle (dir or .tar.gz), an .onnx file, a TensorRT engine
+(.engine/.plan/.trt) or a PyTorch program from a build run (.pt2), by backend name (see
+edge_tl.device.runtime.BACKENDS).
+
+This factory sits above :mod:`edge_tl.device.engine` (a TensorRT runner for an ONNX model gets its engine
+from the engine cache) and is the one place that tells model kinds apart: ``edge-tl bench``, ``engine check``,
+``infer`` and ``serve`` all come here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from edge_tl.core import importer
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.device.runtime import BACKENDS, best_backend
 from edge_tl.device.runtime.base import BaseRunner
+from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
+from edge_tl.device.runtime.tensorrt import ENGINE_SUFFIXES, make_tensorrt_runner
+
+__all__ = ["ENGINE_SUFFIXES", "PT2_SUFFIX", "create_runner", "model_kind", "resolve_model"]
+
+PT2_SUFFIX = ".pt2"  #: a torch.export program from a build run (the PyTorch baseline; needs the workstation extra)
+
+
+def model_kind(path: str | Path) -> str:
+    """``engine``, ``pt2``, ``onnx`` or ``bundle`` (a folder or .tar.gz), from the file name."""
+    suffix = Path(path).suffix
+    if suffix in ENGINE_SUFFIXES:
+        return "engine"
+    if suffix == PT2_SUFFIX:
+        return "pt2"
+    return "onnx" if suffix == ".onnx" else "bundle"
+
+
+def _only_backend(path: Path, backend: str, allowed: str, what: str) -> None:
+    if backend not in ("auto", allowed):
+        raise EdgeTLError(f"{path} is {what}; backend '{backend}' cannot run it", f"use --backend {allowed} (or auto)")
 
 
 def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Path, str, Bundle | None]:
@@ -34,27 +63,27 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
     bundle's ``default_precision``). For ``tensorrt`` it is also the engine's build precision
     (fp16/best are TensorRT-only). ``engine_dir`` is where TensorRT engines are cached.
     """
+    if not isinstance(model, Bundle):
+        kind = model_kind(model)
+        if kind == "engine":
+            _only_backend(Path(model), backend, "tensorrt", "a TensorRT engine")
+            return make_tensorrt_runner(model, precision)
+        if kind == "pt2":  # a build run's PyTorch program, not a bundle
+            _only_backend(Path(model), backend, "torch", "a PyTorch program")
+            torch_runner = importer.require_workstation("edge_tl.workstation.torch_runner", "running a .pt2 program")
+            return torch_runner.make_torch_runner(model, threads=threads)
     if backend == "auto":
         backend = best_backend()
     if backend not in BACKENDS:
         raise EdgeTLError(f"unknown backend '{backend}'", f"choose auto or one of: {', '.join(BACKENDS)}")
-    if backend == "torch" and not isinstance(model, Bundle) and Path(model).suffix == ".pt2":
-        from edge_tl.workstation.torch_runner import make_torch_runner
-
-        return make_torch_runner(model, threads=threads)  # a build run's PyTorch program, not a bundle
     onnx_precision = "int8" if precision == "int8" else ("fp32" if precision in ("fp16", "best") else precision)
     if backend == "tensorrt" and precision == "best":
         onnx_precision = None
     path, onnx_precision, bundle = resolve_model(model, onnx_precision)
     if backend.startswith("ort-"):
-        from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
-
         return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads)
     if backend == "tensorrt":
-        from edge_tl.device.runtime.tensorrt import make_tensorrt_runner
-
         return make_tensorrt_runner(path, precision or onnx_precision, engine_dir=engine_dir, build=build_engine,
                                     max_batch=bundle.manifest.max_batch if bundle else 32)
-    from edge_tl.workstation.torch_runner import make_torch_runner
-
-    return make_torch_runner(path, threads=threads)
+    torch_runner = importer.require_workstation("edge_tl.workstation.torch_runner", "the torch backend")
+    return torch_runner.make_torch_runner(path, threads=threads)

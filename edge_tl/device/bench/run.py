@@ -18,14 +18,14 @@ import numpy as np
 
 from edge_tl.core.bundle import Bundle, utc_now
 from edge_tl.core.errors import EdgeTLError
-from edge_tl.device.bench.device import collect_device_state, locked_clocks, read_temperatures
+from edge_tl.device.bench.device import collect_device_state
 from edge_tl.device.bench.energy import build_power
 from edge_tl.device.bench.loop import Timings, latency_stats, measure, validate_plan
 from edge_tl.device.bench.schema import BatchResult, BenchResult, ModelInfo
-from edge_tl.device.power import NoPower, select_sampler
+from edge_tl.device.facts import DeviceFacts
+from edge_tl.device.power import NoPower
+from edge_tl.device.runners import create_runner, model_kind
 from edge_tl.device.runtime.base import BaseRunner
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class BenchConfig:
     repeat: int = 1
     data: str | None = None  #: golden (default for bundles) | random (default for model files)
     power: str = "auto"
-    power_root: str | Path = "/"
+    root: str | Path = "/"  #: where the device's files are read (sysfs, /proc, /etc): facts and power
     rate_hz: float = 20.0
     interval_ms: int | None = None  #: tegrastats --interval (default 1000/rate_hz)
     idle_seconds: float = 2.0
@@ -49,7 +49,6 @@ class BenchConfig:
     threads: int | None = None
     engine_dir: str | Path | None = None
     build_engine: bool = True
-    device_root: str | Path = "/"
     seed: int = 0
     label: str | None = None
 
@@ -59,27 +58,11 @@ def make_runner(cfg: BenchConfig) -> tuple[BaseRunner, Bundle | None, str | None
     path = Path(cfg.model)
     if not path.exists():
         raise EdgeTLError(f"model {path} does not exist", "give a bundle folder or .tar.gz, an .onnx or an .engine")
-    if path.suffix in ENGINE_SUFFIXES:
-        if cfg.backend not in ("auto", "tensorrt"):
-            raise EdgeTLError(f"{path} is a TensorRT engine; backend '{cfg.backend}' cannot run it",
-                              "use --backend tensorrt (or auto)")
-        from edge_tl.device.runtime.tensorrt import make_tensorrt_runner
-
-        return make_tensorrt_runner(path, cfg.precision), None, cfg.precision
-    if path.suffix == ".pt2":  # a PyTorch program from a build run (the torch baseline)
-        if cfg.backend not in ("auto", "torch"):
-            raise EdgeTLError(f"{path} is a PyTorch program; backend '{cfg.backend}' cannot run it",
-                              "use --backend torch (or auto)")
-        from edge_tl.workstation.torch_runner import make_torch_runner
-
-        return make_torch_runner(path, threads=cfg.threads), None, cfg.precision or "fp32"
-    from edge_tl.device.runners import create_runner
-
-    bundle = None if path.suffix == ".onnx" else Bundle.open(path)
+    bundle = Bundle.open(path) if model_kind(path) == "bundle" else None
     runner = create_runner(bundle or path, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
                            engine_dir=cfg.engine_dir, build_engine=cfg.build_engine)
     precision = cfg.precision or (bundle.manifest.default_precision if bundle else None)
-    if precision is None:
+    if precision is None and model_kind(path) != "engine":  # an engine's precision is inside it
         precision = "int8" if path.name.endswith(".int8.onnx") else "fp32"
     return runner, bundle, precision
 
@@ -147,7 +130,8 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
     if bundle is not None and runner.backend == "tensorrt" and max(cfg.batches) > bundle.manifest.max_batch:
         raise EdgeTLError(f"batch {max(cfg.batches)} exceeds the bundle's max_batch {bundle.manifest.max_batch} "
                           "(the engine's profile)", f"use batch sizes <= {bundle.manifest.max_batch}")
-    state = collect_device_state(cfg.device_root)
+    facts = DeviceFacts(cfg.root)
+    state = collect_device_state(facts)
     result = BenchResult(created=utc_now(), label=cfg.label, backend=runner.backend, device=state,
                          model=ModelInfo(path=str(Path(cfg.model).resolve()), precision=precision,
                                          bundle_id=bundle.manifest.bundle_id if bundle else None,
@@ -167,12 +151,12 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
     try:
         with contextlib.ExitStack() as stack:
             if cfg.lock_clocks:
-                stack.enter_context(locked_clocks(state))
+                stack.enter_context(facts.clocks.locked(state))
             stack.enter_context(runner)  # load the model / engine first: a model that can't load fails early
             result.runner = runner.describe()
             feeds = {b: make_feed(runner, bundle, b, data, cfg.seed) for b in cfg.batches}
             result.model.input_shape = list(next(iter(feeds[cfg.batches[0]].values())).shape[1:])
-            sampler = select_sampler(cfg.power, root=cfg.power_root, rate_hz=cfg.rate_hz, interval_ms=cfg.interval_ms)
+            sampler = facts.power.sampler(cfg.power, rate_hz=cfg.rate_hz, interval_ms=cfg.interval_ms)
             stack.callback(sampler.stop)
             if not sampler.available:
                 say(f"power will not be measured: {sampler.reason}")
@@ -200,7 +184,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
         result.warnings.append("interrupted by Ctrl-C: results hold the measurements that finished")
         say(result.warnings[-1])
     finally:
-        state.temps_end_c = read_temperatures(cfg.device_root)
+        state.temps_end_c = facts.temperatures.read()
         record.samples = list(sampler.samples)
         finish(result, record, cfg, sampler)
     return result, record

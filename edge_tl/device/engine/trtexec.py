@@ -235,19 +235,3 @@ def build_with_trtexec(spec: BuildSpec, out: Path, final: Path | None = None, *,
         perf = None
     return {"via": "trtexec", "command": [str(a) for a in argv], "log": str(log_path), "performance": perf,
             "tensorrt_version": trtexec_version(text)}
-
-
-def trtexec_to_bench(parsed: dict[str, Any], *, batch: int, model: str | None = None, precision: str | None = None,
-                     label: str | None = None, extra: dict[str, Any] | None = None):
-    """``parse_trtexec``'s output as a bench result (``edge_tl.device.bench.schema.BenchResult``), so ``edge-tl bench
-    compare`` can set trtexec's numbers beside a runner's. Latency is trtexec's ``Latency`` (H2D + compute +
-    D2H per query of ``batch`` images); its other timing lines go to the row's ``extra``."""
-    from edge_tl.device.bench.schema import STAT_KEYS, BenchResult
-
-    latency = {k: v for k, v in (parsed.get("latency_ms") or parsed.get("gpu_compute_ms") or {}).items()
-               if k in STAT_KEYS}
-    timings = {k: v for k, v in parsed.items() if k.endswith(("_ms", "_s"))}
-    return BenchResult.from_external("trtexec", latency, parsed.get("throughput_qps"), batch=batch,
-                                     throughput_unit="qps", label=label or "trtexec", model=model,
-                                     precision=precision, backend="tensorrt",
-                                     extra={"trtexec": timings, **(extra or {})})

@@ -6,6 +6,8 @@ Jetson: ``/proc/device-tree/model`` (module name, NUL-terminated) and ``/etc/nv_
 
 from __future__ import annotations
 
+import contextlib
+import platform
 import re
 from pathlib import Path
 
@@ -47,3 +49,34 @@ def jetpack_version(l4t: str | None) -> str | None:
 
 def is_jetson(root: str | Path = "/") -> bool:
     return l4t_release(root) is not None or "jetson" in (jetson_model(root) or "").lower()
+
+
+def cpu_name(root: str | Path = "/") -> str | None:
+    """The CPU's model name from ``proc/cpuinfo`` (falls back to Python's platform module)."""
+    with contextlib.suppress(OSError):
+        for line in (Path(root) / "proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or None
+
+
+class Board:
+    """Which module this is, and its L4T / JetPack release."""
+
+    def __init__(self, root: str | Path = "/"):
+        self.root = Path(root)
+
+    def model(self) -> str | None:
+        return jetson_model(self.root)
+
+    def l4t(self) -> str | None:
+        return l4t_release(self.root)
+
+    def jetpack(self, l4t: str | None = None) -> str | None:
+        return jetpack_version(l4t or self.l4t())
+
+    def is_jetson(self) -> bool:
+        return is_jetson(self.root)
+
+    def cpu_name(self) -> str | None:
+        return cpu_name(self.root)
