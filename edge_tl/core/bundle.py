@@ -151,7 +151,8 @@ def _artifact_table(root: Path) -> dict[str, Artifact]:
     return table
 
 
-def _bundle_id(artifacts: dict[str, Artifact]) -> str:
+def bundle_id_of(artifacts: dict[str, Artifact]) -> str:
+    """The bundle id: the first 16 hex digits of a SHA-256 over the sorted (path, sha256) artifact table."""
     h = hashlib.sha256()
     for rel, art in sorted(artifacts.items()):
         h.update(f"{rel}\0{art.sha256}\n".encode())
@@ -171,7 +172,7 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
         for item in staging.iterdir():
             item.rename(tmp / item.name)
         artifacts = _artifact_table(tmp)
-        sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": _bundle_id(artifacts)})
+        sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": bundle_id_of(artifacts)})
         atomic_write_text(tmp / MANIFEST, sealed.model_dump_json(indent=2) + "\n")
     if tarball:
         make_tarball(out_dir, out_dir.with_name(out_dir.name + ".tar.gz"))

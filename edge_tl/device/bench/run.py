@@ -52,6 +52,18 @@ class BenchConfig:
     seed: int = 0
     label: str | None = None
 
+    def validate(self) -> None:
+        """Raise an EdgeTLError naming the first option that cannot work (before anything is loaded)."""
+        validate_plan(self.iterations, self.duration_s, self.warmup, self.warmup_seconds)
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise EdgeTLError(f"batch sizes must be positive integers, got {self.batches}", "pass e.g. --batch 1,8,32")
+        if self.repeat < 1:
+            raise EdgeTLError(f"--repeat must be at least 1, got {self.repeat}", "pass --repeat 3")
+        if self.idle_seconds < 0:
+            raise EdgeTLError("--idle-seconds must not be negative", "pass --idle-seconds 2 (0 skips the baseline)")
+        if self.data not in (None, "golden", "random"):
+            raise EdgeTLError(f"unknown --data '{self.data}'", "choose golden or random")
+
 
 def make_runner(cfg: BenchConfig) -> tuple[BaseRunner, Bundle | None, str | None]:
     """(runner, bundle or None, precision) for the config's model and backend (not yet activated)."""
@@ -110,15 +122,7 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
     Ctrl-C during the measurement does not propagate: the clocks are restored, the sampler stopped, and the
     result comes back with ``interrupted=True`` and the batches that finished (callers exit 130 after
     writing it)."""
-    validate_plan(cfg.iterations, cfg.duration_s, cfg.warmup, cfg.warmup_seconds)
-    if not cfg.batches or any(b < 1 for b in cfg.batches):
-        raise EdgeTLError(f"batch sizes must be positive integers, got {cfg.batches}", "pass e.g. --batch 1,8,32")
-    if cfg.repeat < 1:
-        raise EdgeTLError(f"--repeat must be at least 1, got {cfg.repeat}", "pass --repeat 3")
-    if cfg.idle_seconds < 0:
-        raise EdgeTLError("--idle-seconds must not be negative", "pass --idle-seconds 2 (0 skips the baseline)")
-    if cfg.data not in (None, "golden", "random"):
-        raise EdgeTLError(f"unknown --data '{cfg.data}'", "choose golden or random")
+    cfg.validate()
     iterations = cfg.iterations if cfg.iterations is not None or cfg.duration_s is not None else 200
     say = warn or (lambda _msg: None)
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_tl.core.bundle import Bundle, _bundle_id, utc_now
+from edge_tl.core.bundle import Bundle, bundle_id_of, utc_now
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import safe_extract, sha256_file
 from edge_tl.core.layout import DeviceLayout
@@ -52,7 +52,7 @@ def _unpack(layout: DeviceLayout, upload: Path, expected_id: str | None) -> tupl
         bundle = Bundle.open(top)
         bundle.verify()
         bid = bundle.manifest.bundle_id
-        if bid != _bundle_id(bundle.manifest.artifacts) or not state.VERSION_RE.match(bid):
+        if bid != bundle_id_of(bundle.manifest.artifacts) or not state.VERSION_RE.match(bid):
             raise CheckFailed(f"the manifest's bundle_id '{bid}' does not match its artifacts", "rebuild the bundle")
         if expected_id and bid != expected_id:
             raise CheckFailed(f"the upload holds bundle {bid}, not {expected_id}", "re-run edge-tl deploy")

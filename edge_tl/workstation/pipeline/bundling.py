@@ -76,8 +76,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
     import onnxruntime as ort
 
     s = ctx.spec
-    assert ctx.split is not None
-    split = ctx.split
+    split = ctx.data_split
     pre = ctx.pre
     tgt = get_target(s.target)
     export_metrics = ctx.read("export", "metrics.json")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError, InternalError
 from edge_tl.core.preprocess import PreprocessConfig
 from edge_tl.workstation.data import DataSplit, scan
 from edge_tl.workstation.pipeline.cache import StageCache, file_digest, stage_key
@@ -83,9 +83,15 @@ class Context:
         return self.pre.input_size
 
     @property
+    def data_split(self) -> DataSplit:
+        """The scanned data; an internal error when a stage asks before the data stage ran."""
+        if self.split is None:
+            raise InternalError("a stage used the data before the data stage ran")
+        return self.split
+
+    @property
     def classes(self) -> list[str]:
-        assert self.split is not None, "the data stage runs first"
-        return self.split.classes
+        return self.data_split.classes
 
     def folder(self, stage: str) -> Path:
         return self.cache.folder(stage, self.keys[stage])
@@ -121,17 +127,16 @@ class Context:
         if split not in self._arrays:
             from edge_tl.workstation.train.datasets import eval_arrays
 
-            assert self.split is not None
-            self._arrays[split] = eval_arrays(self.split.paths(split), self.split.labels(split), self.pre)
+            data = self.data_split
+            self._arrays[split] = eval_arrays(data.paths(split), data.labels(split), self.pre)
         return self._arrays[split]
 
     def train_dataset(self) -> Any:
         if self._train_ds is None:
             from edge_tl.workstation.train.datasets import TrainDataset
 
-            assert self.split is not None
-            t = self.spec.train
-            self._train_ds = TrainDataset(self.split.paths("train"), self.split.labels("train"), self.pre,
+            data, t = self.data_split, self.spec.train
+            self._train_ds = TrainDataset(data.paths("train"), data.labels("train"), self.pre,
                                           augment=t.augment, hflip=t.hflip)
         return self._train_ds
 

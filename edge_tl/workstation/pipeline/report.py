@@ -123,8 +123,7 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
 
 
 def write_report(ctx: Context, result: BuildResult) -> Path:
-    s, split = ctx.spec, ctx.split
-    assert split is not None
+    s, split = ctx.spec, ctx.data_split
     plots = _plots(ctx, result, result.run_dir / "plots")
     st, lat = result.stages, result.latency_ms
     q, ex, pr = st["quantize"], st["export"], st["prune"]

@@ -25,8 +25,6 @@ from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
 from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
 from edge_tl.workstation.spec import STAGES, BuildSpec, to_toml
 
-ORDER = ("data", "finetune", "scratch", "prune", "export", "quantize")
-
 
 @dataclass
 class BuildResult:
@@ -77,7 +75,7 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     from edge_tl.workstation.data import DataSplit
     from edge_tl.workstation.pipeline.stages import RUNNERS, measure_latency
 
-    stages = [s for s in ORDER if s != "scratch" or spec.report.compare_scratch]
+    stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
     metrics: dict[str, dict[str, Any]] = {}
     ran, skipped = [], []
     for stage in stages:
