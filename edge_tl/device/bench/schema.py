@@ -15,7 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_tl import __version__
+from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_write_text
 
 BENCH_SCHEMA_VERSION = 1
 STAT_KEYS = ("min", "mean", "median", "p90", "p95", "p99", "max", "std")
@@ -146,8 +148,6 @@ class BenchResult(_Model):
         counts queries (batch calls) per second when ``throughput_unit="qps"`` (trtexec's unit) and is
         converted to images/s with ``batch``; pass ``throughput_unit="ips"`` for images per second.
         """
-        from edge_tl.core.bundle import utc_now
-
         unknown = set(latency_ms_stats) - {*STAT_KEYS, "count"}
         if unknown:
             raise EdgeTLError(f"unknown latency statistic(s) {sorted(unknown)}", f"use {', '.join(STAT_KEYS)}")
@@ -162,8 +162,6 @@ class BenchResult(_Model):
                    power=PowerInfo(available=False, source="none", reason=f"not measured by {source}"))
 
     def save(self, path: str | Path) -> Path:
-        from edge_tl.core.fsutil import atomic_write_text
-
         atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
         return Path(path)
 

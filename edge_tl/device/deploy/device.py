@@ -25,6 +25,7 @@ from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import safe_extract, sha256_file
 from edge_tl.core.layout import DeviceLayout
 from edge_tl.device.deploy import gate, service, state
+from edge_tl.device.runtime import available_backends
 
 
 def say(msg: str) -> None:
@@ -118,8 +119,6 @@ def _install_upload(layout: DeviceLayout, upload: Path, sha256: str | None, bund
     if version == layout.active_version():
         shutil.rmtree(staging, ignore_errors=True)
         return {"status": "already-active", "bundle_id": version, "root": str(layout.root)}
-    from edge_tl.device.runtime import available_backends
-
     plan = gate.plan_gate(backend, precision or manifest.default_precision, build_via, available_backends())
     for note in plan.notes:
         say(f"note: {note}")

@@ -32,7 +32,9 @@ from edge_tl import __version__
 from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text, sha256_file
+from edge_tl.device.engine.build import build_engine_file, detect_device
 from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo, check_device_supports
+from edge_tl.device.engine.trtexec import build_with_trtexec
 
 log = logging.getLogger("edge_tl.device.engine")
 
@@ -177,13 +179,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 def default_build_fn(via: str, **kwargs: Any) -> BuildFn:
     if via == "api":
-        from edge_tl.device.engine.build import build_engine_file
-
         return build_engine_file
     if via == "trtexec":
         from functools import partial
-
-        from edge_tl.device.engine.trtexec import build_with_trtexec
 
         return partial(build_with_trtexec, **kwargs)
     raise EdgeTLError(f"unknown build path '{via}'", "choose --via api or --via trtexec")
@@ -209,8 +207,6 @@ def load_or_build(onnx_path: str | Path, precision: str, cache_dir: str | Path |
         raise EdgeTLError(f"model {onnx_path} does not exist", "give an existing .onnx file or a bundle")
     cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
     if device is None:
-        from edge_tl.device.engine.build import detect_device
-
         device = detect_device(via=via, trtexec=trtexec)
     timing = cache / f"timing-trt{device.tensorrt_version}-cc{device.compute_capability}.cache"
     spec = BuildSpec(onnx=onnx_path, precision=precision, profile=BatchProfile.for_max_batch(max_batch, opt_batch),

@@ -6,6 +6,8 @@ execution provider), ``torch`` (PyTorch, for baselines; workstation only).
 
 from __future__ import annotations
 
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.importer import has_module
 from edge_tl.device.runtime.base import BaseRunner, Loader, TensorMeta, resolve
 
 __all__ = ["BaseRunner", "Loader", "TensorMeta", "resolve", "BACKENDS", "available_backends", "best_backend"]
@@ -16,8 +18,6 @@ BACKENDS = ("tensorrt", "ort-trt", "ort-cuda", "ort-cpu", "torch")
 
 def available_backends() -> list[str]:
     """Backends usable on this machine, best first (cheap checks, no heavy imports beyond ORT's)."""
-    from edge_tl.core.importer import has_module
-
     found = []
     if has_module("tensorrt") and (has_module("pycuda") or has_module("cuda")):
         found.append("tensorrt")
@@ -36,8 +36,6 @@ def available_backends() -> list[str]:
 
 
 def best_backend(exclude: tuple[str, ...] = ("torch",)) -> str:
-    from edge_tl.core.errors import EdgeTLError
-
     for name in available_backends():
         if name not in exclude:
             return name

@@ -20,6 +20,7 @@ import numpy as np
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.serve.batching import Dispatcher, DynamicBatcher, Feed
 from edge_tl.device.serve.config import ServeConfig
@@ -111,8 +112,6 @@ class LoadedModel:
 
 def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_dir: Path | None = None) -> LoadedModel:
     """Open (and verify) a bundle, activate a runner for it and warm it up. Blocking; raises EdgeTLError."""
-    from edge_tl.device.runners import create_runner
-
     bundle = Bundle.open(bundle_path)
     if config.verify:
         bundle.verify()
