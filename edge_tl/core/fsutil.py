@@ -22,21 +22,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary file path beside ``path`` (created empty, name ending in ``suffix`` for writers that
+    look at it); rename it over ``path`` only if the block succeeds. On any exception (Ctrl-C included) the
+    temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -71,18 +80,10 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 def make_tarball(src_dir: str | Path, dest: str | Path) -> Path:
     """Write ``src_dir`` as a .tar.gz whose single top-level folder is ``src_dir``'s name; atomic."""
     src_dir, dest = Path(src_dir), Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    os.close(fd)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for path in sorted(src_dir.rglob("*")):
-                arc = PurePosixPath(dest.name.removesuffix(".tar.gz"), path.relative_to(src_dir).as_posix())
-                tar.add(path, arcname=str(arc), recursive=False)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for path in sorted(src_dir.rglob("*")):
+            arc = PurePosixPath(dest.name.removesuffix(".tar.gz"), path.relative_to(src_dir).as_posix())
+            tar.add(path, arcname=str(arc), recursive=False)
     return dest
 
 

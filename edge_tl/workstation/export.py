@@ -12,8 +12,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from edge_tl.core.errors import CheckFailed, EdgeTLError, InternalError
+from edge_tl.core.fsutil import atomic_file
 from edge_tl.core.targets import DEFAULT_TARGET, get_target
 
 log = logging.getLogger(__name__)
@@ -93,9 +92,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int] = 
     path.parent.mkdir(parents=True, exist_ok=True)
     cpu_model = copy.deepcopy(model).cpu().eval()
     example = torch.zeros(1, 3, h, w)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".onnx") as tmp_path:
+        tmp = str(tmp_path)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(cpu_model, (example,), tmp, dynamo=False, opset_version=opset,
@@ -112,11 +110,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int] = 
         diff = None
         if check_against_torch:
             diff = _compare(cpu_model, tmp, input_name, (h, w), check_batches, atol, rtol, seed)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_file
 from edge_tl.device.runtime.base import BaseRunner, TensorMeta
 
 META_FILE = "edge_tl.json"  # extra file inside the .pt2: input size and tensor names
@@ -104,16 +103,8 @@ def save_exported(model: nn.Module, path: str | Path, input_size: Sequence[int] 
     with torch.no_grad():
         program = torch.export.export(module, (torch.zeros(2, 3, h, w),), dynamic_shapes=({0: batch},))
     meta = json.dumps({"input_size": [h, w], "input_name": input_name, "output_name": output_name})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={META_FILE: meta})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, suffix=".pt2") as tmp:
+        torch.export.save(program, str(tmp), extra_files={META_FILE: meta})
     return path
 
 

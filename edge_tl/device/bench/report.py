@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.core.fsutil import atomic_write_text
+from edge_tl.core.fsutil import atomic_file, atomic_write_text
 from edge_tl.core.importer import has_module
 from edge_tl.device.bench.schema import BenchResult
 
@@ -54,15 +51,8 @@ def _power_csv(record) -> str:
 
 
 def _save_fig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_plots(result: BenchResult, record, out: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_file
 from edge_tl.workstation.spec import BACKBONES
 
 # Where each backbone's classifier sits: (attribute path of the new head, attribute path of its dropout).
@@ -167,18 +168,8 @@ def reshape_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def save_state(model: nn.Module, path: str | Path) -> None:
     """A plain state_dict on CPU (loadable with ``weights_only=True``), written atomically."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state(backbone: str, num_classes: int, path: str | Path, dropout: float = 0.2) -> nn.Module:
