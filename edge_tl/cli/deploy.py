@@ -164,40 +164,17 @@ def _emit(result: dict[str, Any]) -> None:
 @device_app.command("prepare")
 def device_prepare(root: Path = DROOT, need_bytes: int = typer.Option(0, "--need-bytes")) -> None:
     """Create the upload folder; check free space; report this edge-tl's version."""
-    import shutil
+    from edge_tl.device.deploy.device import prepare
 
-    from edge_tl import __version__
-    from edge_tl.core.errors import EdgeTLError
-    from edge_tl.core.layout import DeviceLayout
-    from edge_tl.device.deploy.state import uploads_dir
-
-    layout = DeviceLayout(root)
-    uploads = uploads_dir(layout)
-    try:
-        uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise EdgeTLError(f"cannot create {uploads} ({exc.strerror})",
-                          f"create {root} for the deploy user: sudo install -d -o $USER {root}") from exc
-    free = shutil.disk_usage(uploads).free
-    if need_bytes and free < 3 * need_bytes:
-        raise EdgeTLError(f"{root} has {free >> 20} MiB free, a {need_bytes >> 20} MiB bundle needs about "
-                          f"{3 * need_bytes >> 20} MiB (upload, unpacked, engine)",
-                          "free space on the device or lower --keep")
-    _emit({"uploads": str(uploads), "edge_tl_version": __version__, "free_bytes": free,
-           "active": layout.active_version()})
+    _emit(prepare(root, need_bytes))
 
 
 @device_app.command("file-info")
 def device_file_info(root: Path = DROOT, path: Path = typer.Option(..., "--path")) -> None:
     """Size and sha256 of a file in the upload folder (to resume an upload)."""
-    from edge_tl.core.errors import EdgeTLError
-    from edge_tl.core.layout import DeviceLayout
-    from edge_tl.device.deploy.device import file_info
-    from edge_tl.device.deploy.state import uploads_dir
+    from edge_tl.device.deploy.device import upload_file_info
 
-    if path.resolve().parent != uploads_dir(DeviceLayout(root)).resolve():
-        raise EdgeTLError(f"{path} is not in the upload folder", "this command only reads uploads")
-    _emit(file_info(path))
+    _emit(upload_file_info(root, path))
 
 
 @device_app.command("install")

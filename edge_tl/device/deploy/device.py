@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_tl import __version__
 from edge_tl.core.bundle import Bundle, bundle_id_of, utc_now
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import safe_extract, sha256_file
@@ -35,6 +36,32 @@ def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
     except OSError:
         pass
+
+
+def prepare(root: str | Path, need_bytes: int = 0) -> dict[str, Any]:
+    """Create the upload folder and check there is room for a bundle of ``need_bytes`` (about 3x: upload,
+    unpacked, engine); report this edge-tl's version, the free space and the active version."""
+    layout = DeviceLayout(root)
+    uploads = state.uploads_dir(layout)
+    try:
+        uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise EdgeTLError(f"cannot create {uploads} ({exc.strerror})",
+                          f"create {root} for the deploy user: sudo install -d -o $USER {root}") from exc
+    free = shutil.disk_usage(uploads).free
+    if need_bytes and free < 3 * need_bytes:
+        raise EdgeTLError(f"{root} has {free >> 20} MiB free, a {need_bytes >> 20} MiB bundle needs about "
+                          f"{3 * need_bytes >> 20} MiB (upload, unpacked, engine)",
+                          "free space on the device or lower --keep")
+    return {"uploads": str(uploads), "edge_tl_version": __version__, "free_bytes": free,
+            "active": layout.active_version()}
+
+
+def upload_file_info(root: str | Path, path: Path) -> dict[str, Any]:
+    """:func:`file_info` of a file in the upload folder (and nowhere else)."""
+    if Path(path).resolve().parent != state.uploads_dir(DeviceLayout(root)).resolve():
+        raise EdgeTLError(f"{path} is not in the upload folder", "this command only reads uploads")
+    return file_info(Path(path))
 
 
 def file_info(path: Path) -> dict[str, Any]:

@@ -38,7 +38,9 @@ SOFTWARE = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onn
 MANIFEST_STAGES = ("finetune", "prune", "export", "quantize")
 
 
-def software_versions() -> dict[str, str]:
+def build_software() -> dict[str, str]:
+    """Versions of the workstation's build stack, recorded in the manifest (the device records its own with
+    ``edge_tl.device.facts.Versions``)."""
     out = {"python": platform.python_version(), "edge-tl": metadata.version("edge-tl")}
     for dist in SOFTWARE:
         try:
@@ -103,7 +105,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                           "source": Path(split.items["test"][i][0]).as_posix()})
         inputs = Preprocessor(pre).batch(images)
         sess = ort.InferenceSession(str(staging / FP32_MODEL), providers=["CPUExecutionProvider"])
-        outputs = sess.run(["logits"], {"input": inputs})[0].astype(np.float32)
+        input_name, output_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name  # as exported
+        outputs = sess.run([output_name], {input_name: inputs})[0].astype(np.float32)
         np.save(staging / GOLDEN_INPUTS, inputs)
         np.save(staging / GOLDEN_OUTPUTS, outputs)
         (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -114,9 +117,9 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
             target=TargetInfo(name=tgt.name, jetpack=tgt.jetpack, tensorrt=tgt.tensorrt, max_opset=tgt.max_opset,
                               opset=int(export_metrics["opset"])),
             backbone=s.model.backbone, weights=ctx.weights_label,
-            input=TensorSpec(name="input", shape=["batch", 3, h, w]),
-            output=TensorSpec(name="logits", shape=["batch", len(split.classes)]),
-            max_batch=s.export.max_batch, classes=split.classes, software=software_versions(), seed=s.seed,
+            input=TensorSpec(name=input_name, shape=["batch", 3, h, w]),
+            output=TensorSpec(name=output_name, shape=["batch", len(split.classes)]),
+            max_batch=s.export.max_batch, classes=split.classes, software=build_software(), seed=s.seed,
             data=split.summary, stages=stage_metrics(ctx, latency),
             export={"opset": export_metrics["opset"], "max_abs_diff": export_metrics["max_abs_diff"],
                     "slimmed": export_metrics["slimmed"], "checked_batches": export_metrics["checked_batches"],
