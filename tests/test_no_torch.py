@@ -97,3 +97,27 @@ def test_cli_help_and_device_commands_run_without_torch(tiny_bundle_src):
     assert "EXIT 0" in proc.stdout
     assert "SHAPE (6, 4)" in proc.stdout
     assert "Usage" in proc.stdout
+
+
+def test_workstation_commands_say_the_extra_is_missing(tmp_path, tiny_bundle_src):
+    """Without torch, `edge-tl build` and the torch backend stop with one line naming the workstation extra."""
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"not read")
+    proc = run_blocked(f"""
+        import sys
+        from edge_tl.cli import main
+        from edge_tl.core.errors import EdgeTLError
+        from edge_tl.device.runners import create_runner
+        try:
+            create_runner({str(pt2)!r}, backend="auto")
+        except EdgeTLError as exc:
+            print("RUNNER", exc.one_line())
+        main(["build", "--out", {str(tmp_path / "run")!r}])
+    """)
+    assert proc.returncode == 2, proc.stderr
+    runner_line = next(line for line in proc.stdout.splitlines() if line.startswith("RUNNER"))
+    assert "needs the workstation's training stack, and 'torch' is not installed" in runner_line
+    assert "edge-tl[workstation" in runner_line
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: edge-tl build needs the workstation's training stack")
+    assert not (tmp_path / "run").exists()
