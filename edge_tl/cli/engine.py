@@ -208,23 +208,18 @@ def _safe_thresholds(precision: str):
 def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cache_dir, no_build: bool, threads):
     from edge_tl.device.runners import create_runner
 
-    if engine_file is None:
-        return create_runner(bundle, backend=backend, precision=precision, threads=threads,
-                             engine_dir=cache_dir, build_engine=not no_build)
-    from edge_tl.core.errors import EdgeTLError
+    runner = create_runner(engine_file or bundle, backend=backend, precision=precision, threads=threads,
+                           engine_dir=cache_dir, build_engine=not no_build)
+    if engine_file is not None:  # an engine file from elsewhere: refuse one built for another device
+        from edge_tl.core.errors import EdgeTLError
+        from edge_tl.device.engine.build import detect_device
+        from edge_tl.device.engine.cache import device_mismatch
 
-    if backend not in ("auto", "tensorrt"):
-        raise EdgeTLError(f"--engine is a TensorRT engine, but --backend is {backend}",
-                          "drop --backend or use tensorrt")
-    from edge_tl.device.engine.build import detect_device
-    from edge_tl.device.engine.cache import device_mismatch
-    from edge_tl.device.runtime.tensorrt import make_tensorrt_runner
-
-    problem = device_mismatch(engine_file, detect_device())
-    if problem:
-        raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
-                                   f"--out {engine_file}")
-    return make_tensorrt_runner(engine_file, precision)
+        problem = device_mismatch(engine_file, detect_device())
+        if problem:
+            raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
+                                       f"--out {engine_file}")
+    return runner
 
 
 @engine_app.command("sensitivity")
