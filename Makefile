@@ -21,11 +21,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/edge-tl build --out runs/demo --overwrite
 
-test: install
+test: lint
 	$(BIN)/python -m pytest -q -ra
 
+# Style (ruff) and architecture (import-linter's contracts in pyproject.toml; see docs/architecture.md).
 lint: install
 	$(BIN)/ruff check edge_tl tests benchmarks models
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

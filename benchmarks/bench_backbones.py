@@ -8,7 +8,7 @@ with the same thread count; ratios are against PyTorch eager FP32 of the dense m
 Variants: PyTorch eager FP32, ONNX Runtime FP32, ONNX Runtime INT8 in the TensorRT Q/DQ form that bundles
 ship (symmetric INT8 activations), and, for the analysis, ONNX Runtime INT8 in ORT's CPU-friendly form
 (asymmetric UINT8 activations; TensorRT refuses it, bundles never hold it). Pruned = half the MACs removed
-with edge_tl.prune (no recovery fine-tune: latency only).
+with edge_tl.workstation.prune (no recovery fine-tune: latency only).
 
     .venv/bin/python benchmarks/bench_backbones.py            # full (the lead's run)
     .venv/bin/python benchmarks/bench_backbones.py --quick    # one backbone, few iterations
@@ -31,11 +31,11 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
 
-from edge_tl.export import export_onnx  # noqa: E402
-from edge_tl.modelstats import count_macs_params, onnx_latency_ms, torch_latency_ms  # noqa: E402
-from edge_tl.prune import prune_to_macs  # noqa: E402
-from edge_tl.quantize import quantize_int8  # noqa: E402
-from edge_tl.spec import PruneSpec  # noqa: E402
+from edge_tl.workstation.export import export_onnx  # noqa: E402
+from edge_tl.workstation.modelstats import count_macs_params, onnx_latency_ms, torch_latency_ms  # noqa: E402
+from edge_tl.workstation.prune import prune_to_macs  # noqa: E402
+from edge_tl.workstation.quantize import quantize_int8  # noqa: E402
+from edge_tl.workstation.spec import PruneSpec  # noqa: E402
 
 BACKBONES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1"]
 SIZE = (224, 224)
@@ -90,7 +90,8 @@ def render(rows: list[dict], threads: int, iters: int, warmup: int, quick: bool,
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}. Input 1x3x{SIZE[0]}x{SIZE[1]}, batch 1, "
         f"median of {iters} runs after {warmup} warm-up runs; {threads} intra-op thread(s) for both PyTorch and "
         f"ONNX Runtime. Randomly initialised weights (10 classes; latency does not depend on the values). "
-        f"Pruned: 50% of MACs removed by `edge_tl.prune` with `edge-tl build`'s defaults ({PruneSpec().importance}, "
+        f"Pruned: 50% of MACs removed by `edge_tl.workstation.prune` with `edge-tl build`'s defaults "
+        f"({PruneSpec().importance}, "
         f"{'global' if PruneSpec().global_pruning else 'per-layer'} ranking, channels multiple of 8). "
         f"Total run {seconds:.0f} s; "
         f"1-minute load average at the start {load:.2f} (PyTorch's OpenMP threads slow down badly, 10-100x, "

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_line, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from edge_tl.pipeline import run_build  # noqa: E402
-from edge_tl.report import stage_table, target_checks  # noqa: E402
-from edge_tl.spec import load_spec  # noqa: E402
+from edge_tl.workstation.pipeline.report import stage_table, target_checks  # noqa: E402
+from edge_tl.workstation.pipeline.run import run_build  # noqa: E402
+from edge_tl.workstation.spec import load_spec  # noqa: E402
 
 QUICK = {"train.epochs": 12, "prune.recovery_epochs": 8, "report.latency_iters": 20}
 

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _results import machine_line, write_section  # noqa: E402
 
-from edge_tl.bench import BenchConfig, run_bench  # noqa: E402
-from edge_tl.runtime.onnxrt import SessionFromOnnx  # noqa: E402
+from edge_tl.device.bench import BenchConfig, run_bench  # noqa: E402
+from edge_tl.device.runtime.onnxrt import SessionFromOnnx  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_harness"
 
@@ -130,7 +130,7 @@ def main() -> None:
                     off.append(bench_median_ms(model, iters, warmup, args.threads)[0])
                 else:
                     med, res = bench_median_ms(model, iters, warmup, args.threads, power="ina3221",
-                                               power_root=str(tree), rate_hz=20.0)
+                                               root=str(tree), rate_hz=20.0)
                     on.append(med)
                     samples.append((res.power.sample_count, res.power.measured_rate_hz))
     shift = pct(statistics.median(on), statistics.median(off))

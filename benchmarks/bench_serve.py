@@ -53,7 +53,7 @@ def mobilenet_bundle(out: Path) -> Path:
     import torch
     import torchvision
 
-    from edge_tl.bundle import (
+    from edge_tl.core.bundle import (
         DataSummary,
         GoldenInfo,
         Manifest,
@@ -63,7 +63,7 @@ def mobilenet_bundle(out: Path) -> Path:
         utc_now,
         write_bundle,
     )
-    from edge_tl.preprocess import PreprocessConfig
+    from edge_tl.core.preprocess import PreprocessConfig
 
     classes = [f"class{i}" for i in range(10)]
     with tempfile.TemporaryDirectory() as td:
@@ -94,7 +94,7 @@ class BareRunner:
     """runner.infer in this process: the reference the server's latency is compared with."""
 
     def __init__(self, bundle: Path, x: np.ndarray):
-        from edge_tl.runtime.factory import create_runner
+        from edge_tl.device.runners import create_runner
 
         self.x = x
         self.runner = create_runner(bundle, backend="ort-cpu").activate()
@@ -271,7 +271,7 @@ def main() -> None:
     warmup = 2.0 if args.quick else 10.0
     rounds = 3 if args.quick else 12
 
-    from edge_tl.bundle import Bundle
+    from edge_tl.core.bundle import Bundle
 
     bundle_dir = args.bundle or (DEMO if (DEMO / "manifest.json").is_file() else mobilenet_bundle(WORK / "bundle"))
     bundle = Bundle.open(bundle_dir)

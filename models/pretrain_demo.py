@@ -5,7 +5,7 @@
 The checkpoint is a plain state_dict of torchvision's mobilenet_v2 with a 5-class head (float tensors stored
 as float16 to keep it small; loading casts them back), loadable with ``torch.load(..., weights_only=True)``.
 ``edge-tl build`` (the demo) loads it with ``weights = "demo"`` and replaces the head for digits 5-9. The
-preprocessing and the seed are the demo spec's (edge_tl.spec.DEMO_SETTINGS), so source and target match.
+preprocessing and the seed are the demo spec's (edge_tl.workstation.spec.DEMO_SETTINGS), so source and target match.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from edge_tl import demo
-from edge_tl.data import scan
-from edge_tl.fsutil import atomic_write_text, sha256_file
-from edge_tl.spec import BuildSpec
-from edge_tl.train import build, evaluate, fit, scratch_phases
-from edge_tl.train.datasets import TrainDataset, eval_arrays
+from edge_tl.core.fsutil import atomic_write_text, sha256_file
+from edge_tl.workstation import demo
+from edge_tl.workstation.data import scan
+from edge_tl.workstation.spec import BuildSpec
+from edge_tl.workstation.train import build, evaluate, fit, scratch_phases
+from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays
 
 HERE = Path(__file__).resolve().parent
 

@@ -2,7 +2,7 @@
 
 The model is a small conv net written with onnx.helper (Conv-ReLU-Conv-ReLU-GlobalAveragePool-Gemm), its
 INT8 twin comes from ONNX Runtime's quantize_static (QDQ, symmetric, per-channel), and the golden outputs
-are what ONNX Runtime computes. Everything goes through edge_tl.bundle.write_bundle, like a real build.
+are what ONNX Runtime computes. Everything goes through edge_tl.core.bundle.write_bundle, like a real build.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from edge_tl.bundle import (
+from edge_tl.core.bundle import (
     FP32_MODEL,
     GOLDEN_INDEX,
     GOLDEN_INPUTS,
@@ -33,7 +33,7 @@ from edge_tl.bundle import (
     utc_now,
     write_bundle,
 )
-from edge_tl.preprocess import PreprocessConfig, Preprocessor
+from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 

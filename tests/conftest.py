@@ -30,3 +30,20 @@ def tiny_bundle(tiny_bundle_src, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_bundle_src):
+    """The tiny bundle, opened (read-only: use ``tiny_bundle`` to modify one)."""
+    from edge_tl.core.bundle import Bundle
+
+    return Bundle.open(tiny_bundle_src)
+
+
+@pytest.fixture(scope="session")
+def reference(bundle):
+    """What ONNX Runtime computes directly with the bundle's default (INT8) model: logits for an input batch."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle.model_path("int8")), providers=["CPUExecutionProvider"])
+    return lambda x: sess.run(["logits"], {"input": x})[0]

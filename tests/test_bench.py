@@ -16,12 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_device import fake_tegrastats, orin_nano
 
-from edge_tl.bench import BenchConfig, BenchResult, compare_rows, make_feed, run_bench, write_outputs
-from edge_tl.bench.device import collect_device_state, locked_clocks, parse_clocks, parse_nvpmodel
-from edge_tl.bundle import Bundle
-from edge_tl.errors import EdgeTLError
-from edge_tl.runtime.onnxrt import OnnxRuntimeRunner
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.bench import BenchConfig, BenchResult, compare_rows, make_feed, run_bench, write_outputs
+from edge_tl.device.bench.device import collect_device_state
+from edge_tl.device.engine.trtexec import parse_trtexec
+from edge_tl.device.facts import DeviceFacts, parse_nvpmodel
+from edge_tl.device.facts.clocks import locked_clocks, parse_clocks
+from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
 EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
 DATA = Path(__file__).parent / "data"
@@ -91,7 +95,7 @@ def tools(tmp_path, monkeypatch):
 
 def test_run_bench_ort_cpu_stats_csv_and_schema(tiny_bundle, tmp_path):
     cfg = BenchConfig(tiny_bundle, backend="ort-cpu", batches=[1, 3], iterations=40, warmup=5, repeat=2,
-                      power="none", device_root=tmp_path / "no-root", threads=1)
+                      power="none", root=tmp_path / "no-root", threads=1)
     result, record = run_bench(cfg)
     assert [r.batch for r in result.results] == [1, 3]
     for r in result.results:
@@ -153,16 +157,13 @@ def test_from_external_and_compare_ratios(tiny_bundle, tmp_path):
 
 
 def test_from_external_takes_parse_trtexec_output():
-    engine = pytest.importorskip("edge_tl.engine", reason="the engine package is not in this checkout")
-    if not hasattr(engine, "parse_trtexec"):
-        pytest.skip("edge_tl.engine.parse_trtexec is not there yet")
-    p = engine.parse_trtexec((DATA / "trtexec" / "trt85_orin_dla.txt").read_text())
+    p = parse_trtexec((DATA / "trtexec" / "trt85_orin_dla.txt").read_text())
     r = BenchResult.from_external("trtexec", p["latency_ms"], p["throughput_qps"])
     assert r.results[0].latency_ms.p95 == 2241.41 and r.results[0].throughput_ips == pytest.approx(0.406047)
 
 
 def test_device_state_from_fake_root_and_tools(tmp_path, tools):
-    state = collect_device_state(fake_root(tmp_path / "root"))
+    state = collect_device_state(DeviceFacts(fake_root(tmp_path / "root")))
     assert state.jetson_model == "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit"
     assert (state.l4t, state.jetpack) == ("R36.4.0", "6.1/6.2")
     assert (state.nvpmodel, state.nvpmodel_id) == ("15W", 0)
@@ -176,7 +177,7 @@ def test_device_state_from_fake_root_and_tools(tmp_path, tools):
 
 def test_unlocked_clocks_warn_and_lock_clocks_restores(tiny_bundle, tmp_path, tools):
     root = fake_root(tmp_path / "root")
-    cfg = BenchConfig(tiny_bundle, backend="ort-cpu", iterations=5, warmup=1, power="none", device_root=root)
+    cfg = BenchConfig(tiny_bundle, backend="ort-cpu", iterations=5, warmup=1, power="none", root=root)
     result, _ = run_bench(cfg)
     assert any("clocks are not locked" in w for w in result.warnings)
     cfg.lock_clocks = True
@@ -217,11 +218,9 @@ def test_cli_ctrl_c_mid_run_restores_clocks_and_writes_results(tiny_bundle, tmp_
 
 
 def test_ina3221_power_idle_baseline_and_energy_per_inference(tiny_bundle, tmp_path):
-    from test_power_samplers import orin_nano
-
     root = orin_nano(tmp_path / "sys-root")  # a constant 4825 mW on VDD_IN
     cfg = BenchConfig(tiny_bundle, backend="ort-cpu", batches=[2], duration_s=0.5, warmup=2, power="ina3221",
-                      power_root=root, rate_hz=50, idle_seconds=0.3, device_root=tmp_path)
+                      root=root, rate_hz=50, idle_seconds=0.3)
     result, record = run_bench(cfg)
     pw, row = result.power, result.results[0]
     assert pw.available and pw.source == "ina3221" and pw.total_is == "VDD_IN"
@@ -244,13 +243,11 @@ def test_ina3221_power_idle_baseline_and_energy_per_inference(tiny_bundle, tmp_p
 
 
 def test_tegrastats_dying_mid_run_still_writes_latency(tiny_bundle, tmp_path, monkeypatch, fixtures_dir):
-    from test_power_samplers import fake_tegrastats
-
     line = (fixtures_dir / "tegrastats" / "orin_nano_jp6.txt").read_text().strip()
     fake_tegrastats(tmp_path / "bin", [line], die_after=4)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     cfg = BenchConfig(tiny_bundle, backend="ort-cpu", duration_s=0.5, warmup=2, power="tegrastats", interval_ms=20,
-                      idle_seconds=0.05, device_root=tmp_path)
+                      idle_seconds=0.05, root=tmp_path)
     result, record = run_bench(cfg)
     assert result.power.available is False and result.power.lost_mid_run is True
     assert result.power.reason.startswith("tegrastats exited with code 1 mid-run")
@@ -302,9 +299,9 @@ def test_cli_errors_are_one_line(tiny_bundle_src, tmp_path, args, message):
 
 
 def test_tensorrt_runner_errors_without_tensorrt(tmp_path):
-    from edge_tl.runtime.tensorrt import TensorRTRunner, make_tensorrt_runner
+    from edge_tl.device.runtime.tensorrt import TensorRTRunner, make_tensorrt_runner
 
-    if __import__("edge_tl._optional", fromlist=["has_module"]).has_module("tensorrt"):
+    if __import__("edge_tl.core.importer", fromlist=["has_module"]).has_module("tensorrt"):
         pytest.skip("TensorRT is installed here")
     with pytest.raises(EdgeTLError, match="model .* does not exist"):
         make_tensorrt_runner(tmp_path / "x.engine", "fp16")
@@ -318,7 +315,7 @@ def test_tensorrt_runner_errors_without_tensorrt(tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_runner_matches_golden_outputs(tiny_bundle):
     pytest.importorskip("tensorrt", reason="needs TensorRT's Python bindings and an NVIDIA GPU")
-    from edge_tl.runtime.factory import create_runner
+    from edge_tl.device.runners import create_runner
 
     bundle = Bundle.open(tiny_bundle)
     with create_runner(bundle, backend="tensorrt", precision="fp32", engine_dir=tiny_bundle / "engines") as r:

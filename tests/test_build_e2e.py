@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_tl.bundle import Bundle
+from edge_tl.core.bundle import Bundle
 
 pytest.importorskip("torch", reason="the workstation extra (torch) is not installed")
 

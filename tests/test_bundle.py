@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_tl.bundle import FP32_MODEL, INT8_MODEL, MANIFEST, Bundle
-from edge_tl.errors import CheckFailed, EdgeTLError
-from edge_tl.fsutil import atomic_dir, safe_extract, sha256_file
-from edge_tl.preprocess import PreprocessConfig, Preprocessor
+from edge_tl.core.bundle import FP32_MODEL, INT8_MODEL, MANIFEST, Bundle
+from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.fsutil import atomic_dir, safe_extract, sha256_file
+from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
 
 def test_bundle_opens_and_verifies(tiny_bundle_src):

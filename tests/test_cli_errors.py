@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
 
 
@@ -28,14 +30,39 @@ def test_unknown_command_is_a_usage_error():
     assert "No such command" in proc.stderr
 
 
-def test_user_error_is_one_line_without_traceback(tmp_path):
-    from edge_tl.cli import app
-    from edge_tl.errors import EdgeTLError
+def test_user_error_is_one_line_without_traceback(tmp_path, capsys):
+    """The CLI's error boundary (edge_tl.cli.main), run in-process: an EdgeTLError is one line, exit 2."""
+    from edge_tl.cli import main
 
-    assert app.registered_commands or app.registered_groups  # stages registered their commands
-    err = EdgeTLError("bundle /x does not exist.", "give the folder that edge-tl build wrote.")
-    assert err.one_line() == "bundle /x does not exist; give the folder that edge-tl build wrote"
-    assert err.exit_code == 2
+    model = tmp_path / "nope.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(model)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"error: model {model} does not exist; give a bundle folder or .tar.gz, an .onnx or an .engine"]
+
+
+def test_internal_bug_exits_70_without_traceback_unless_debug(tmp_path, capsys, monkeypatch):
+    """Any other exception is an internal bug: exit 70, a request to report it, the traceback only with --debug."""
+    import edge_tl.device.bench as bench
+    from edge_tl.cli import main
+
+    def broken_run_bench(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bench, "run_bench", broken_run_bench)
+    monkeypatch.setenv("EDGE_TL_DEBUG", "0")  # --debug below sets it to 1; monkeypatch restores it after
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 70
+    err = capsys.readouterr().err
+    assert "internal error" in err and "RuntimeError: a bug" in err and "please report it" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--debug", "bench", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 70
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_missing_bundle_is_one_line_exit_2(tmp_path):

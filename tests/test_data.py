@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_tl import demo
-from edge_tl.data import DataSplit, DataWarning, scan
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation import demo
+from edge_tl.workstation.data import DataSplit, DataWarning, scan
 
 
 def make_folder(root: Path, counts: dict[str, int], seed: int = 0, ext: str = "png") -> Path:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.bundle import Bundle
-from edge_tl.deploy import device, gate, service, state
-from edge_tl.deploy.transport import SSHTarget
-from edge_tl.errors import CheckFailed, EdgeTLError
-from edge_tl.layout import DeviceLayout
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.deploy import device, gate, service, state
+from edge_tl.workstation.ship.transport import SSHTarget
 
 IDS = [f"{i:016x}" for i in range(1, 6)]
 
@@ -161,7 +161,7 @@ def test_tensorrt_path_builds_the_engine_then_gates_on_it(tmp_path, tiny_bundle_
     fake.write_text(FAKE_EDGE_TL.format(python=sys.executable, log=str(log)))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(gate, "edge_tl_command", lambda: [str(fake)])
-    monkeypatch.setattr("edge_tl.runtime.available_backends", lambda: ["tensorrt", "ort-cpu"])
+    monkeypatch.setattr(device, "available_backends", lambda: ["tensorrt", "ort-cpu"])
     upload = tmp_path / "up.tar.gz"
     shutil.copy(tiny_bundle_src.with_name("tiny.tar.gz"), upload)
     root = tmp_path / "root"

@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 from bundle_factory import make_tiny_bundle
 
-from edge_tl.bundle import MANIFEST, Bundle, write_bundle
-from edge_tl.deploy import state
-from edge_tl.deploy.client import RemoteDevice, prepare, push
-from edge_tl.deploy.service import ServiceOptions
-from edge_tl.deploy.transport import SSHSession, SSHTarget
-from edge_tl.errors import CheckFailed, EdgeTLError
-from edge_tl.layout import DeviceLayout
+from edge_tl.core.bundle import MANIFEST, Bundle, write_bundle
+from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.deploy import state
+from edge_tl.device.deploy.service import ServiceOptions
+from edge_tl.workstation.ship.client import RemoteDevice, prepare, push
+from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(120)]
 

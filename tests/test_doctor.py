@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.bundle import Bundle
 from edge_tl.cli import main
-from edge_tl.doctor import evaluate, gather_facts, load_facts, parse_nvpmodel, raise_on_blockers, report_json
-from edge_tl.engine.spec import DeviceInfo
-from edge_tl.errors import CheckFailed
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import CheckFailed
+from edge_tl.device.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
+from edge_tl.device.engine.spec import DeviceInfo
+from edge_tl.device.facts import parse_nvpmodel
 
 FAKE_BIN = Path(__file__).parent / "data" / "fake_bin"
 NANO_RELEASE = "# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 04:36:44 UTC 2024\n"  # noqa: E501
@@ -45,9 +46,9 @@ def fake_path(tmp_path, monkeypatch):
 
 
 def test_parse_nvpmodel():
-    assert parse_nvpmodel("NV Power Mode: MAXN\n0\n") == "MAXN (mode 0)"
-    assert parse_nvpmodel("NVPM WARN: fan mode is not set!\nNV Power Mode: 15W\n0") == "15W (mode 0)"
-    assert parse_nvpmodel("NV Power Mode: MODE_30W_ALL") == "MODE_30W_ALL"
+    assert parse_nvpmodel("NV Power Mode: MAXN\n0\n").label == "MAXN (mode 0)"
+    assert parse_nvpmodel("NVPM WARN: fan mode is not set!\nNV Power Mode: 15W\n0").label == "15W (mode 0)"
+    assert parse_nvpmodel("NV Power Mode: MODE_30W_ALL").label == "MODE_30W_ALL"
     assert parse_nvpmodel("") is None and parse_nvpmodel("no such thing") is None
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.engine.cache import (
+from edge_tl.core import importer
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.engine.cache import (
     EngineKey,
     device_mismatch,
     engine_filename,
@@ -17,8 +19,7 @@ from edge_tl.engine.cache import (
     read_sidecar,
     sidecar_path,
 )
-from edge_tl.engine.spec import BatchProfile, BuildSpec, DeviceInfo
-from edge_tl.errors import EdgeTLError
+from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo
 
 NANO_JP6 = DeviceInfo(tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", dla_cores=0,
                       fast_fp16=True, fast_int8=True)
@@ -158,7 +159,7 @@ def test_failed_build_leaves_no_engine(tiny_bundle_src, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
-@pytest.mark.skipif(__import__("edge_tl._optional")._optional.has_module("tensorrt"), reason="TensorRT is installed")
+@pytest.mark.skipif(importer.has_module("tensorrt"), reason="TensorRT is installed")
 def test_cli_build_without_tensorrt_is_one_line_exit_2(tiny_bundle_src, tmp_path, capsys):
     from edge_tl.cli import main
 

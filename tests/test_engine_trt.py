@@ -14,10 +14,10 @@ import shutil
 import pytest
 import trt_standin
 
-from edge_tl.engine import build
-from edge_tl.engine.cache import load_or_build, read_sidecar
-from edge_tl.engine.spec import BatchProfile, BuildSpec
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.engine import build
+from edge_tl.device.engine.cache import load_or_build, read_sidecar
+from edge_tl.device.engine.spec import BatchProfile, BuildSpec
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch", reason="export is part of the workstation s
 torchvision = pytest.importorskip("torchvision", reason="export is part of the workstation stack")
 ort = pytest.importorskip("onnxruntime", reason="the checks run the models with ONNX Runtime")
 
-from edge_tl.errors import CheckFailed, EdgeTLError  # noqa: E402
-from edge_tl.export import export_onnx  # noqa: E402
-from edge_tl.modelstats import count_macs_params, onnx_latency_ms, onnx_top1, torch_latency_ms  # noqa: E402
-from edge_tl.quantize import FORBIDDEN_OPS, check_tensorrt_qdq, quantize_int8  # noqa: E402
+from edge_tl.core.errors import CheckFailed, EdgeTLError  # noqa: E402
+from edge_tl.workstation.export import export_onnx  # noqa: E402
+from edge_tl.workstation.modelstats import count_macs_params, onnx_latency_ms, onnx_top1, torch_latency_ms  # noqa: E402
+from edge_tl.workstation.quantize import FORBIDDEN_OPS, check_tensorrt_qdq, quantize_int8  # noqa: E402
 
 SIZE = (32, 32)
 

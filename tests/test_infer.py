@@ -9,27 +9,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from edge_tl.bundle import Bundle
 from edge_tl.cli import main
-from edge_tl.errors import EdgeTLError
-from edge_tl.infer import Classifier, run_infer, softmax, top_k
-from edge_tl.layout import DeviceLayout
-from edge_tl.sources import VideoSource, open_source, parse_source
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle_src) -> Bundle:
-    return Bundle.open(tiny_bundle_src)
-
-
-@pytest.fixture(scope="module")
-def ref(bundle):
-    sess = ort.InferenceSession(str(bundle.model_path("int8")), providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(["logits"], {"input": x})[0]
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.infer import Classifier, run_infer, softmax, top_k
+from edge_tl.device.sources import VideoSource, open_source, parse_source
 
 
 def run_cli(args: list[str]) -> int:
@@ -42,7 +29,7 @@ def rand_image(seed: int, size=(30, 24)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
 
 
-def test_folder_with_corrupt_image(tmp_path, tiny_bundle_src, bundle, ref):
+def test_folder_with_corrupt_image(tmp_path, tiny_bundle_src, bundle, reference):
     folder = tmp_path / "pics"
     (folder / "sub").mkdir(parents=True)
     images = {folder / "a.png": rand_image(1), folder / "sub" / "b.jpg": rand_image(2),
@@ -63,7 +50,7 @@ def test_folder_with_corrupt_image(tmp_path, tiny_bundle_src, bundle, ref):
     for path, _ in images.items():
         rec = recs[path.name]
         with Image.open(path) as img:  # what was written to disk (JPEG is lossy)
-            logits = ref(bundle.preprocessor(img.convert("RGB"))[None])[0]
+            logits = reference(bundle.preprocessor(img.convert("RGB"))[None])[0]
         probs = softmax(logits[None])[0]
         assert [p["index"] for p in rec["top_k"]] == list(np.argsort(-probs)[:2])
         assert rec["top_k"][0]["label"] == bundle.labels[int(np.argmax(probs))]
@@ -94,7 +81,7 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def test_video_every_n(tmp_path, bundle, ref):
+def test_video_every_n(tmp_path, bundle, reference):
     video = write_video(tmp_path / "clip.avi")
     frames = decoded_frames(video)
     assert len(frames) == 10
@@ -104,7 +91,7 @@ def test_video_every_n(tmp_path, bundle, ref):
     assert (summary.classified, summary.errors) == (4, 0)
     assert [r["frame"] for r in recs] == [0, 3, 6, 9]
     for rec in recs:
-        logits = ref(bundle.preprocessor.from_bgr(frames[rec["frame"]])[None])[0]
+        logits = reference(bundle.preprocessor.from_bgr(frames[rec["frame"]])[None])[0]
         assert rec["top_k"][0]["index"] == int(np.argmax(logits)) and rec["source"] == str(video)
 
 
@@ -179,7 +166,7 @@ def test_infer_from_deployed_root_and_cli_errors(tmp_path, tiny_bundle_src, bund
     assert "exactly one of --bundle and --root" in capsys.readouterr().err
 
 
-def test_topk_and_classifier_batch(bundle, ref):
+def test_topk_and_classifier_batch(bundle, reference):
     probs = softmax(np.array([[1.0, 3.0, 2.0, -1.0]]))[0]
     assert probs.sum() == pytest.approx(1.0) and [p["index"] for p in top_k(probs, bundle.labels, 3)] == [1, 2, 0]
     assert len(top_k(probs, bundle.labels, 99)) == 4
@@ -187,7 +174,7 @@ def test_topk_and_classifier_batch(bundle, ref):
     try:
         imgs = [rand_image(s) for s in range(3)]
         got = clf.classify(imgs, k=1)
-        want = ref(bundle.preprocessor.batch(imgs)).argmax(axis=1)
+        want = reference(bundle.preprocessor.batch(imgs)).argmax(axis=1)
         assert [g[0]["index"] for g in got] == list(want)
     finally:
         clf.close()

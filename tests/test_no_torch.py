@@ -3,7 +3,7 @@
 Each check runs in a fresh interpreter where torch, torchvision, torch_pruning, onnxslim and sklearn (and
 the device extras TensorRT, pycuda, cuda-python, jtop, pynvml) cannot be imported: a meta-path finder
 raises ImportError for them, as on a Jetson without those wheels. Every module outside the workstation
-set must import there, and importing them must not pull any blocked package in.
+package must import there, and importing them must not pull any blocked package in.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import edge_tl
 BLOCKED = ["torch", "torchvision", "torch_pruning", "onnxslim", "sklearn",
            "tensorrt", "pycuda", "cuda", "jtop", "pynvml"]
 
-# Modules that are the training stack by design (they need torch); the device never imports them.
-WORKSTATION_PREFIXES = (
-    "edge_tl.train", "edge_tl.prune", "edge_tl.export", "edge_tl.modelstats", "edge_tl.pipeline",
-    "edge_tl.demo", "edge_tl.runtime.torch_runner", "edge_tl.data", "edge_tl.report",
-)
+# The workstation's package (the training stack and the deploy client); the device never imports it. Every
+# other module (core, device, cli) must import without the blocked packages.
+WORKSTATION = "edge_tl.workstation"
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys
@@ -42,7 +40,7 @@ def all_modules() -> list[str]:
 
 
 def device_modules() -> list[str]:
-    return [m for m in all_modules() if not m.startswith(WORKSTATION_PREFIXES)]
+    return [m for m in all_modules() if m != WORKSTATION and not m.startswith(WORKSTATION + ".")]
 
 
 def run_blocked(code: str) -> subprocess.CompletedProcess:
@@ -59,7 +57,7 @@ def test_blocker_really_blocks():
 def test_every_device_module_imports_without_torch():
     mods = device_modules()
     # the stages of the device side must all be covered by this walk
-    for stage in ("edge_tl.bundle", "edge_tl.runtime.onnxrt", "edge_tl.cli"):
+    for stage in ("edge_tl.core.bundle", "edge_tl.device.runtime.onnxrt", "edge_tl.cli"):
         assert stage in mods
     proc = run_blocked(f"""
         import importlib, json, sys
@@ -87,8 +85,8 @@ def test_cli_help_and_device_commands_run_without_torch(tiny_bundle_src):
             main()
         except SystemExit as e:
             print("EXIT", e.code)
-        from edge_tl.runtime.factory import create_runner
-        from edge_tl.bundle import Bundle
+        from edge_tl.device.runners import create_runner
+        from edge_tl.core.bundle import Bundle
         b = Bundle.open({str(tiny_bundle_src)!r})
         b.verify()
         with create_runner(b, backend="ort-cpu", precision="int8") as r:
@@ -99,3 +97,27 @@ def test_cli_help_and_device_commands_run_without_torch(tiny_bundle_src):
     assert "EXIT 0" in proc.stdout
     assert "SHAPE (6, 4)" in proc.stdout
     assert "Usage" in proc.stdout
+
+
+def test_workstation_commands_say_the_extra_is_missing(tmp_path, tiny_bundle_src):
+    """Without torch, `edge-tl build` and the torch backend stop with one line naming the workstation extra."""
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"not read")
+    proc = run_blocked(f"""
+        import sys
+        from edge_tl.cli import main
+        from edge_tl.core.errors import EdgeTLError
+        from edge_tl.device.runners import create_runner
+        try:
+            create_runner({str(pt2)!r}, backend="auto")
+        except EdgeTLError as exc:
+            print("RUNNER", exc.one_line())
+        main(["build", "--out", {str(tmp_path / "run")!r}])
+    """)
+    assert proc.returncode == 2, proc.stderr
+    runner_line = next(line for line in proc.stdout.splitlines() if line.startswith("RUNNER"))
+    assert "needs the workstation's training stack, and 'torch' is not installed" in runner_line
+    assert "edge-tl[workstation" in runner_line
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: edge-tl build needs the workstation's training stack")
+    assert not (tmp_path / "run").exists()

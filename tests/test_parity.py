@@ -10,13 +10,19 @@ import onnx
 import pytest
 from bundle_factory import make_tiny_bundle
 
-from edge_tl.bundle import Bundle
 from edge_tl.cli import main
-from edge_tl.engine.fallback import keep_layers_in_float, keep_layers_model, node_id, quantized_nodes, sensitivity
-from edge_tl.engine.parity import DEFAULT_THRESHOLDS, ParityThresholds, check_parity, compare_outputs
-from edge_tl.errors import CheckFailed, EdgeTLError
-from edge_tl.runtime.factory import create_runner
-from edge_tl.runtime.onnxrt import OnnxRuntimeRunner
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.device.engine.fallback import (
+    keep_layers_in_float,
+    keep_layers_model,
+    node_id,
+    quantized_nodes,
+    sensitivity,
+)
+from edge_tl.device.engine.parity import DEFAULT_THRESHOLDS, ParityThresholds, check_parity, compare_outputs
+from edge_tl.device.runners import create_runner
+from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
 
 @pytest.fixture(scope="module")

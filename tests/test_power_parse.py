@@ -1,4 +1,4 @@
-"""edge_tl.power.parse_tegrastats on every recorded tegrastats line (tests/data/tegrastats, sources there)."""
+"""edge_tl.device.power.parse_tegrastats on every recorded tegrastats line (tests/data/tegrastats, sources there)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from edge_tl.power import parse_tegrastats, total_power
+from edge_tl.device.power import parse_tegrastats, total_power
 
 DATA = "tegrastats"
 
@@ -77,9 +77,9 @@ def test_line_without_rails_gives_empty_rails_not_an_error(fixtures_dir):
 
 
 def test_dict_style_access_and_public_export(fixtures_dir):
-    import edge_tl.power
+    import edge_tl.device.power
 
-    assert edge_tl.power.parse_tegrastats is parse_tegrastats
+    assert edge_tl.device.power.parse_tegrastats is parse_tegrastats
     s = parse_tegrastats(line(fixtures_dir, "orin_nano_jp6.txt"))
     assert s["rails_mw"]["VDD_SOC"] == 1475
     assert s["total_mw"] == 4824.0

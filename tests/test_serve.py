@@ -11,27 +11,13 @@ import zlib
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from edge_tl.bundle import Bundle
-from edge_tl.serve.config import ServeConfig
-from edge_tl.serve.server import ThreadedServer
+from edge_tl.device.serve.config import ServeConfig
+from edge_tl.device.serve.server import ThreadedServer
 
 TOKEN = "s3cret-token-for-tests"
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle_src) -> Bundle:
-    return Bundle.open(tiny_bundle_src)
-
-
-@pytest.fixture(scope="module")
-def reference(bundle):
-    """What ONNX Runtime computes directly with the model the server serves (the bundle's default, INT8)."""
-    sess = ort.InferenceSession(str(bundle.model_path("int8")), providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(["logits"], {"input": x})[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 from bundle_factory import make_tiny_bundle
 
-from edge_tl.bundle import Bundle
-from edge_tl.layout import DeviceLayout
-from edge_tl.serve.config import ServeConfig
-from edge_tl.serve.server import ThreadedServer
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.serve.config import ServeConfig
+from edge_tl.device.serve.server import ThreadedServer
 
 
 def deploy(root: Path, seed: int) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.errors import EdgeTLError
-from edge_tl.spec import DEMO_SETTINGS, BuildSpec, load_spec, read_toml, to_toml
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation.spec import DEMO_SETTINGS, BuildSpec, load_spec, read_toml, to_toml
 
 RECIPES = Path(__file__).resolve().parents[1] / "models" / "recipes"
 
@@ -103,3 +103,15 @@ def test_digest_tracks_settings():
     assert a.digest("train") != b.digest("train")
     assert a.digest("prune") == b.digest("prune")
     assert DEMO_SETTINGS["model"]["input_size"] == 32
+
+
+def test_the_stage_list_is_written_once():
+    """spec.STAGES is the list; the pipeline's per-stage tables (runners, cache versions, dependencies) cover
+    exactly it, in its order, and every dependency comes earlier."""
+    from edge_tl.workstation.pipeline.cache import DEPENDS, STAGE_VERSIONS
+    from edge_tl.workstation.pipeline.stages import RUNNERS
+    from edge_tl.workstation.spec import STAGES
+
+    assert tuple(RUNNERS) == tuple(STAGE_VERSIONS) == tuple(DEPENDS) == STAGES
+    for stage, deps in DEPENDS.items():
+        assert all(STAGES.index(d) < STAGES.index(stage) for d in deps)

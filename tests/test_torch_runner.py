@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch backend needs PyTorch (workstation stack)")
 torchvision = pytest.importorskip("torchvision", reason="the test model comes from torchvision")
 
-from edge_tl.errors import EdgeTLError, InternalError  # noqa: E402
-from edge_tl.runtime.factory import create_runner  # noqa: E402
-from edge_tl.runtime.torch_runner import TorchRunner, make_torch_runner, save_exported  # noqa: E402
+from edge_tl.core.errors import EdgeTLError, InternalError  # noqa: E402
+from edge_tl.device.runners import create_runner  # noqa: E402
+from edge_tl.workstation.torch_runner import TorchRunner, make_torch_runner, save_exported  # noqa: E402
 
 SIZE = (32, 32)
 
@@ -115,7 +115,7 @@ def test_cuda_runner_matches_cpu(model):
 
 
 def test_importing_the_runtime_does_not_import_torch_runner():
-    code = ("import sys, edge_tl.runtime, edge_tl.runtime.factory, edge_tl.runtime.onnxrt; "
+    code = ("import sys, edge_tl.device.runtime, edge_tl.device.runners, edge_tl.device.runtime.onnxrt; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.endswith('torch_runner')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

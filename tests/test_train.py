@@ -7,12 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the workstation extra (torch) is not installed")
 
-from edge_tl.errors import EdgeTLError  # noqa: E402
-from edge_tl.preprocess import PreprocessConfig  # noqa: E402
-from edge_tl.spec import BACKBONES  # noqa: E402
-from edge_tl.train import build, create_model, evaluate, finetune_phases, fit, load_state, save_state  # noqa: E402
-from edge_tl.train.backbones import checkpoint_state_dict, head_name, imagenet_state_dict  # noqa: E402
-from edge_tl.train.datasets import TrainDataset, eval_arrays  # noqa: E402
+from edge_tl.core.errors import EdgeTLError  # noqa: E402
+from edge_tl.core.preprocess import PreprocessConfig  # noqa: E402
+from edge_tl.workstation.spec import BACKBONES  # noqa: E402
+from edge_tl.workstation.train import build, create_model, evaluate, finetune_phases, fit, load_state, save_state  # noqa: E402
+from edge_tl.workstation.train.backbones import checkpoint_state_dict, head_name, imagenet_state_dict  # noqa: E402
+from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays  # noqa: E402
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -65,7 +65,7 @@ def test_imagenet_weights_offline_error_names_file_and_cache(tmp_path, monkeypat
 
 
 def test_pruned_checkpoint_round_trips(tmp_path):
-    from edge_tl.prune import prune_to_macs
+    from edge_tl.workstation.prune import prune_to_macs
 
     model = build("mobilenet_v3_small", 4).eval()
     pruned = prune_to_macs(model, torch.zeros(1, 3, 32, 32), target_macs_ratio=0.5, round_to=8).model.eval()
@@ -133,8 +133,8 @@ def test_distillation_pulls_the_student_towards_the_teacher(tmp_path):
     class learns the teacher's answers, not the labels. The teacher itself is left untouched."""
     from torch import nn
 
-    from edge_tl.errors import EdgeTLError
-    from edge_tl.train import recovery_phases
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.workstation.train import recovery_phases
 
     paths, labels = _tiny_task(tmp_path)
     pre = PreprocessConfig(input_size=(40, 40), resize=40, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_tl.engine import parse_trtexec
-from edge_tl.engine.cache import load_or_build, read_sidecar
-from edge_tl.engine.spec import BatchProfile, BuildSpec, DeviceInfo
-from edge_tl.engine.trtexec import trtexec_command, trtexec_to_bench, trtexec_version
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.bench.trtexec import trtexec_to_bench
+from edge_tl.device.engine import parse_trtexec
+from edge_tl.device.engine.cache import load_or_build, read_sidecar
+from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo
+from edge_tl.device.engine.trtexec import trtexec_command, trtexec_version
 
 DATA = Path(__file__).parent / "data"
 LOGS = DATA / "trtexec"
@@ -135,7 +136,7 @@ def test_build_via_trtexec_logs_command_and_parses(tiny_bundle_src, fake_trtexec
     shown = []
     from functools import partial
 
-    from edge_tl.engine.trtexec import build_with_trtexec
+    from edge_tl.device.engine.trtexec import build_with_trtexec
 
     build_fn = partial(build_with_trtexec, trtexec=fake_trtexec, echo=shown.append)
     engine = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path / "cache", max_batch=8,
@@ -160,7 +161,7 @@ def test_build_via_trtexec_logs_command_and_parses(tiny_bundle_src, fake_trtexec
 def test_trtexec_failure_is_one_line_and_leaves_nothing(tiny_bundle_src, fake_trtexec, tmp_path, monkeypatch):
     from functools import partial
 
-    from edge_tl.engine.trtexec import build_with_trtexec
+    from edge_tl.device.engine.trtexec import build_with_trtexec
 
     monkeypatch.setenv("FAKE_TRTEXEC_FAIL", "1")
     cache = tmp_path / "cache"

@@ -1,4 +1,4 @@
-"""A stand-in for the slice of TensorRT's Python API that edge_tl.engine.build calls (tests only).
+"""A stand-in for the slice of TensorRT's Python API that edge_tl.device.engine.build calls (tests only).
 
 TensorRT can't run without an NVIDIA GPU, so on such machines build.py's logic (flags per precision and
 version, profile, DLA, layer constraints, timing cache) is exercised against this recorder instead: the

@@ -3,7 +3,7 @@
 Each stage's commands live in their own module (``edge_tl.cli.build`` …) exposing ``register(app)``.
 Those modules import nothing heavy at import time, so ``edge-tl --help`` is fast and works without torch.
 
-Errors: :class:`~edge_tl.errors.EdgeTLError` is the user's (one line, exit code 2/3, no traceback unless
+Errors: :class:`~edge_tl.core.errors.EdgeTLError` is the user's (one line, exit code 2/3, no traceback unless
 ``--debug``); any other exception is an internal bug (exit 70, with a request to report it).
 """
 
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from edge_tl import __version__
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -76,13 +76,7 @@ def _root(
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that stage isn't part of this install yet
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register_all()

@@ -1,6 +1,6 @@
 """``edge-tl bench``: latency, throughput, power and energy (``bench run``, the default) and ``bench compare``.
 
-Thin layer over :mod:`edge_tl.bench`; nothing heavy is imported until a command runs.
+Thin layer over :mod:`edge_tl.device.bench`; nothing heavy is imported until a command runs.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from edge_tl.cli._common import default_command_group
-from edge_tl.errors import EdgeTLError
+from edge_tl.cli._common import BenchBackend, Data, Power, Precision, _v, default_command_group
+from edge_tl.core.errors import EdgeTLError
 
 
 def _batches(text: str) -> list[int]:
@@ -26,17 +26,18 @@ def _batches(text: str) -> list[int]:
 
 def run_cmd(
     model: Path = typer.Argument(..., help="Bundle folder or .tar.gz, an .onnx file, or a TensorRT .engine/.plan."),
-    backend: str = typer.Option("auto", help="auto|tensorrt|ort-trt|ort-cuda|ort-cpu|torch"),
-    precision: str = typer.Option(None, help="fp32|fp16|int8|best (default: the bundle's default precision)."),
+    backend: BenchBackend = typer.Option(BenchBackend.auto, help="Runtime (torch: a build run's .pt2)."),
+    precision: Precision = typer.Option(None, help="Default: the bundle's default precision."),
     batch: str = typer.Option("1", "--batch", "-b", help="Batch sizes, comma-separated, e.g. 1,8,32."),
     warmup: int = typer.Option(None, help="Warm-up iterations per batch size (default 50)."),
     warmup_seconds: float = typer.Option(None, help="Warm up for this many seconds instead of --warmup."),
     iterations: int = typer.Option(None, "--iterations", "-n", help="Measured iterations (default 200)."),
     duration: float = typer.Option(None, help="Measure for this many seconds instead of --iterations."),
     repeat: int = typer.Option(1, help="Repeat the whole measurement N times (interleaved); JSON records the spread."),
-    data: str = typer.Option(None, help="golden|random (default: golden for a bundle, random for a model file)."),
-    power: str = typer.Option("auto", help="auto|ina3221|jtop|tegrastats|nvml|none"),
-    power_root: Path = typer.Option(Path("/"), help="Root of the sysfs tree the INA3221 reader uses."),
+    data: Data = typer.Option(None, help="Default: golden for a bundle, random for a model file."),
+    power: Power = typer.Option(Power.auto, help="Power source."),
+    root: Path = typer.Option(Path("/"), "--root", "--power-root",
+                              help="Root of the device's files (sysfs, /proc, /etc): facts and INA3221 power."),
     rate: float = typer.Option(20.0, help="Power sampling rate in Hz."),
     interval: int = typer.Option(None, help="tegrastats --interval in ms (default 1000/rate)."),
     idle_seconds: float = typer.Option(2.0, help="Idle power baseline before the run, seconds (0: none)."),
@@ -54,14 +55,14 @@ def run_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edge_tl.bench import BenchConfig, print_result, run_bench, write_outputs
+    from edge_tl.device.bench import BenchConfig, print_result, run_bench, write_outputs
 
     console = Console()
     err = Console(stderr=True)
-    cfg = BenchConfig(model=model, backend=backend, precision=precision, batches=_batches(batch),
+    cfg = BenchConfig(model=model, backend=_v(backend), precision=_v(precision), batches=_batches(batch),
                       warmup=50 if warmup is None and warmup_seconds is None else warmup,
                       warmup_seconds=warmup_seconds, iterations=iterations, duration_s=duration, repeat=repeat,
-                      data=data, power=power, power_root=power_root, rate_hz=rate, interval_ms=interval,
+                      data=_v(data), power=_v(power), root=root, rate_hz=rate, interval_ms=interval,
                       idle_seconds=idle_seconds, lock_clocks=lock_clocks, threads=threads, engine_dir=engine_dir,
                       build_engine=not no_build, label=label)
     tasks: dict[str, int] = {}
@@ -90,7 +91,7 @@ def compare_cmd(
     results: list[Path] = typer.Argument(..., help="bench.json files (or folders holding one); the first is the base."),
 ) -> None:
     """Side-by-side table of bench results, with ratios against the first."""
-    from edge_tl.bench import compare
+    from edge_tl.device.bench import compare
 
     if len(results) < 2:
         raise EdgeTLError("compare needs at least two results", "pass A.json B.json ...")

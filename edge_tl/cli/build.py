@@ -1,4 +1,4 @@
-"""`edge-tl build [SPEC.toml]`: the workstation pipeline (thin: the work is in edge_tl.pipeline).
+"""`edge-tl build [SPEC.toml]`: the workstation pipeline (thin: the work is in edge_tl.workstation.pipeline).
 
 Nothing heavy is imported here at import time; torch loads when the command runs.
 """
@@ -9,6 +9,8 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+
+from edge_tl.core import importer
 
 # CLI flag -> dotted spec key. Every flag overrides the spec (a dict merge, then one validation).
 FLAGS = {
@@ -119,7 +121,7 @@ def build(
     """
     from rich.console import Console
 
-    from edge_tl.spec import load_spec
+    from edge_tl.workstation.spec import load_spec
 
     values = dict(locals())
     overrides, flags = {}, {}
@@ -137,9 +139,8 @@ def build(
     build_spec = load_spec(spec, overrides, flags)
     run_dir = out or Path("runs") / build_spec.name
     console = Console(stderr=True, highlight=False)
-    from edge_tl.pipeline import run_build
-
-    result = run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
+    pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
+    result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
     _print_result(result)
 
 
@@ -147,8 +148,7 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.table import Table
 
-    from edge_tl.report import stage_rows
-
+    stage_rows = importer.require_workstation("edge_tl.workstation.pipeline.report", "edge-tl build").stage_rows
     table = Table(title="edge-tl build", show_lines=False)
     for col in ("stage", "top-1 (test)", "MACs", "params", "file", "CPU latency"):
         table.add_column(col, justify="left" if col == "stage" else "right")

@@ -1,5 +1,5 @@
 """`edge-tl deploy [push] BUNDLE --to user@host`, `deploy status`, `deploy rollback`, and the hidden device half
-(`deploy device ...`) that the workstation runs over SSH. Thin: the work is in edge_tl.deploy."""
+(`deploy device ...`) that the workstation runs over SSH. Thin: the work is in edge_tl.device.deploy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.cli._common import Backend, Via, default_command_group
+from edge_tl.cli._common import Backend, DeployPrecision, Via, _v, default_command_group
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -21,12 +21,6 @@ deploy_app = typer.Typer(cls=default_command_group("push"), no_args_is_help=True
                          help="Ship a bundle to a Jetson over SSH: verify, build the engine and gate it there, then "
                               "switch atomically (`edge-tl deploy BUNDLE --to user@host`); status; rollback.")
 device_app = typer.Typer(no_args_is_help=True, help="The device half (run over SSH by the workstation).")
-
-
-class Precision(str, Enum):
-    int8 = "int8"
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 class Transfer(str, Enum):
@@ -52,23 +46,19 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
 def _svc(no_restart: bool, restart_cmd: str | None, health_url: str, health_timeout: float):
-    from edge_tl.deploy.service import ServiceOptions
+    from edge_tl.device.deploy.service import ServiceOptions
 
     return ServiceOptions(restart=not no_restart, restart_cmd=restart_cmd, health_url=health_url,
                           health_timeout=health_timeout)
 
 
 def _device(to: str, identity: Path | None, root: str, remote: str, known: Path | None, accept: bool):
-    from edge_tl.deploy.client import RemoteDevice
-    from edge_tl.deploy.transport import SSHSession, SSHTarget
+    from edge_tl.workstation.ship.client import RemoteDevice
+    from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
 
     session = SSHSession(SSHTarget.parse(to), identity=identity, known_hosts=known, accept_new_host_key=accept,
                          notify=lambda msg: err.print(f"[yellow]{msg}[/]"))
     return RemoteDevice(session, root, remote, notify=lambda msg: err.print(f"[dim]{msg}[/]"))
-
-
-def _v(value: Any) -> Any:
-    return value.value if isinstance(value, Enum) else value
 
 
 @deploy_app.command("push")
@@ -77,7 +67,7 @@ def push_cmd(
     to: str = TO, identity: Path = IDENTITY, root: str = ROOT,
     keep: int = typer.Option(3, "--keep", min=1, help="Versions kept on the device (never the active or previous)."),
     remote_edge_tl: str = REMOTE, known_hosts: Path = KNOWN, accept_new_host_key: bool = ACCEPT,
-    precision: Precision = typer.Option(None, "--precision", help="Default: the bundle's default_precision."),
+    precision: DeployPrecision = typer.Option(None, "--precision", help="Default: the bundle's default_precision."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Where the parity gate runs (auto: TensorRT "
                                     "when installed on the device, else ONNX Runtime, recorded)."),
     build_via: Via = typer.Option(Via.api, "--build-via", help="Build the engine with TensorRT's Python API or "
@@ -89,7 +79,7 @@ def push_cmd(
     """Upload, verify, build the engine, gate, then switch atomically; the running model stays on any failure."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from edge_tl.deploy.client import push
+    from edge_tl.workstation.ship.client import push
 
     device = _device(to, identity, root, remote_edge_tl, known_hosts, accept_new_host_key)
     with device.session, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
@@ -174,53 +164,30 @@ def _emit(result: dict[str, Any]) -> None:
 @device_app.command("prepare")
 def device_prepare(root: Path = DROOT, need_bytes: int = typer.Option(0, "--need-bytes")) -> None:
     """Create the upload folder; check free space; report this edge-tl's version."""
-    import shutil
+    from edge_tl.device.deploy.device import prepare
 
-    from edge_tl import __version__
-    from edge_tl.deploy.state import uploads_dir
-    from edge_tl.errors import EdgeTLError
-    from edge_tl.layout import DeviceLayout
-
-    layout = DeviceLayout(root)
-    uploads = uploads_dir(layout)
-    try:
-        uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise EdgeTLError(f"cannot create {uploads} ({exc.strerror})",
-                          f"create {root} for the deploy user: sudo install -d -o $USER {root}") from exc
-    free = shutil.disk_usage(uploads).free
-    if need_bytes and free < 3 * need_bytes:
-        raise EdgeTLError(f"{root} has {free >> 20} MiB free, a {need_bytes >> 20} MiB bundle needs about "
-                          f"{3 * need_bytes >> 20} MiB (upload, unpacked, engine)",
-                          "free space on the device or lower --keep")
-    _emit({"uploads": str(uploads), "edge_tl_version": __version__, "free_bytes": free,
-           "active": layout.active_version()})
+    _emit(prepare(root, need_bytes))
 
 
 @device_app.command("file-info")
 def device_file_info(root: Path = DROOT, path: Path = typer.Option(..., "--path")) -> None:
     """Size and sha256 of a file in the upload folder (to resume an upload)."""
-    from edge_tl.deploy.device import file_info
-    from edge_tl.deploy.state import uploads_dir
-    from edge_tl.errors import EdgeTLError
-    from edge_tl.layout import DeviceLayout
+    from edge_tl.device.deploy.device import upload_file_info
 
-    if path.resolve().parent != uploads_dir(DeviceLayout(root)).resolve():
-        raise EdgeTLError(f"{path} is not in the upload folder", "this command only reads uploads")
-    _emit(file_info(path))
+    _emit(upload_file_info(root, path))
 
 
 @device_app.command("install")
 def device_install(
     root: Path = DROOT, upload: Path = typer.Option(..., "--upload"), sha256: str = typer.Option(None, "--sha256"),
-    bundle_id: str = typer.Option(None, "--bundle-id"), precision: Precision = typer.Option(None, "--precision"),
+    bundle_id: str = typer.Option(None, "--bundle-id"), precision: DeployPrecision = typer.Option(None, "--precision"),
     backend: Backend = typer.Option(Backend.auto, "--backend"), build_via: Via = typer.Option(Via.api, "--build-via"),
     keep: int = typer.Option(3, "--keep", min=1), lock_timeout: float = LOCK,
     origin: str = typer.Option(None, "--origin"), no_restart: bool = NO_RESTART, restart_cmd: str = RESTART,
     health_url: str = HEALTH, health_timeout: float = HEALTH_T,
 ) -> None:
     """Verify, gate and activate an uploaded bundle (prints the result as JSON)."""
-    from edge_tl.deploy.device import install
+    from edge_tl.device.deploy.device import install
 
     _emit(install(root, upload, sha256=sha256, bundle_id=bundle_id, precision=_v(precision), backend=_v(backend),
                   build_via=_v(build_via), keep=keep, lock_timeout=lock_timeout, origin=origin,
@@ -230,7 +197,7 @@ def device_install(
 @device_app.command("status")
 def device_status(root: Path = DROOT) -> None:
     """Active, previous and kept versions (JSON)."""
-    from edge_tl.deploy.device import status
+    from edge_tl.device.deploy.device import status
 
     _emit(status(root))
 
@@ -240,7 +207,7 @@ def device_rollback(root: Path = DROOT, version: str = typer.Option(None, "--ver
                     no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
                     health_timeout: float = HEALTH_T) -> None:
     """Switch to the previous (or given) version (JSON)."""
-    from edge_tl.deploy.device import rollback
+    from edge_tl.device.deploy.device import rollback
 
     _emit(rollback(root, version=version, lock_timeout=lock_timeout,
                    svc=_svc(no_restart, restart_cmd, health_url, health_timeout)))

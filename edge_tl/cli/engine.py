@@ -1,4 +1,4 @@
-"""`edge-tl engine build | check | sensitivity` and `edge-tl doctor` (thin: the work is in edge_tl.engine).
+"""`edge-tl engine build | check | sensitivity` and `edge-tl doctor` (thin: the work is in edge_tl.device.engine).
 
 Contract used by deploy on the device:
 ``edge-tl engine check BUNDLE_DIR --backend B --precision P --json OUT`` exits 0 when parity passes, 3 when it
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from enum import Enum
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edge_tl.cli._common import Backend, Via
+from edge_tl.cli._common import Backend, KeepPrecision, Precision, Via, _v
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
@@ -28,28 +27,10 @@ engine_app = typer.Typer(help="Build TensorRT engines on the device, check them 
                          no_args_is_help=True)
 
 
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    int8 = "int8"
-    best = "best"
-
-
-class KeepPrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-def _v(value):
-    """An Enum option's plain value (None stays None)."""
-    return value.value if isinstance(value, Enum) else value
-
-
 def _resolve(model: Path, precision: str | None, max_batch: int | None):
     """(onnx, precision, max_batch, bundle or None) for a bundle or an .onnx file."""
-    from edge_tl.bundle import Bundle
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.core.errors import EdgeTLError
 
     if model.suffix == ".onnx":
         if not model.is_file():
@@ -63,7 +44,7 @@ def _resolve(model: Path, precision: str | None, max_batch: int | None):
 
 
 def _keep_names(keep_layers: str | None, keep_worst: int | None, bundle, threads: int | None) -> list[str]:
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.errors import EdgeTLError
 
     names = [n.strip() for n in (keep_layers or "").split(",") if n.strip()]
     if keep_worst:
@@ -79,7 +60,7 @@ def _sensitivity(bundle, *, threads: int | None = None, all_ops: bool = False):
     import onnx
     from rich.progress import Progress
 
-    from edge_tl.engine.fallback import WEIGHTED_OPS, quantized_nodes, sensitivity
+    from edge_tl.device.engine.fallback import WEIGHTED_OPS, quantized_nodes, sensitivity
 
     int8 = bundle.model_path("int8")
     ops = None if all_ops else WEIGHTED_OPS
@@ -112,9 +93,9 @@ def build_cmd(
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime threads for --keep-worst's ranking."),
 ) -> None:
     """Build (or find in the cache) the TensorRT engine for this device; prints its path last."""
-    from edge_tl.engine.cache import DEFAULT_CACHE_DIR, load_or_build, read_sidecar
-    from edge_tl.engine.fallback import keep_layers_model
-    from edge_tl.fsutil import atomic_write_bytes
+    from edge_tl.core.fsutil import atomic_write_bytes
+    from edge_tl.device.engine.cache import DEFAULT_CACHE_DIR, load_or_build, read_sidecar
+    from edge_tl.device.engine.fallback import keep_layers_model
 
     precision, via, keep_precision = _v(precision), _v(via), _v(keep_precision)
     onnx, precision, max_batch, bundle = _resolve(model, precision, max_batch)
@@ -128,7 +109,7 @@ def build_cmd(
         fallback = ()
     build_fn = None
     if via == "trtexec":
-        from edge_tl.engine.trtexec import build_with_trtexec
+        from edge_tl.device.engine.trtexec import build_with_trtexec
 
         build_fn = partial(build_with_trtexec, trtexec=trtexec, echo=lambda cmd: err.print(f"[bold]$[/] {cmd}"))
     with err.status(f"engine for {onnx.name} ({precision}); a first build takes minutes on a Jetson"):
@@ -139,7 +120,7 @@ def build_cmd(
     side = read_sidecar(engine) or {}
     perf = side.get("performance")
     if perf:
-        from edge_tl.engine.trtexec import trtexec_to_bench
+        from edge_tl.device.bench.trtexec import trtexec_to_bench
 
         opt = int(side.get("key", {}).get("batch_profile", "1-1-1").split("-")[1])
         result = trtexec_to_bench(perf, batch=opt, model=str(onnx), precision=precision)
@@ -154,7 +135,7 @@ def build_cmd(
 
 
 def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
-    from edge_tl.engine.parity import ParityThresholds
+    from edge_tl.device.engine.parity import ParityThresholds
 
     return ParityThresholds.for_precision(precision, max_top1_drop=max_top1_drop, min_cosine=min_cosine,
                                           max_rel_diff=max_rel_diff)
@@ -186,9 +167,9 @@ def check_cmd(
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
 ) -> None:
     """The parity gate: the bundle's golden inputs through the engine (or any backend) vs the golden FP32 outputs."""
-    from edge_tl.bundle import Bundle
-    from edge_tl.engine.parity import ParityReport, check_parity
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.device.engine.parity import ParityReport, check_parity
 
     backend, precision = _v(backend), _v(precision)
     bundle = None
@@ -216,7 +197,7 @@ def check_cmd(
 
 
 def _safe_thresholds(precision: str):
-    from edge_tl.engine.parity import ParityThresholds
+    from edge_tl.device.engine.parity import ParityThresholds
 
     try:
         return ParityThresholds.for_precision(precision)
@@ -225,25 +206,20 @@ def _safe_thresholds(precision: str):
 
 
 def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cache_dir, no_build: bool, threads):
-    from edge_tl.runtime.factory import create_runner
+    from edge_tl.device.runners import create_runner
 
-    if engine_file is None:
-        return create_runner(bundle, backend=backend, precision=precision, threads=threads,
-                             engine_dir=cache_dir, build_engine=not no_build)
-    from edge_tl.errors import EdgeTLError
+    runner = create_runner(engine_file or bundle, backend=backend, precision=precision, threads=threads,
+                           engine_dir=cache_dir, build_engine=not no_build)
+    if engine_file is not None:  # an engine file from elsewhere: refuse one built for another device
+        from edge_tl.core.errors import EdgeTLError
+        from edge_tl.device.engine.build import detect_device
+        from edge_tl.device.engine.cache import device_mismatch
 
-    if backend not in ("auto", "tensorrt"):
-        raise EdgeTLError(f"--engine is a TensorRT engine, but --backend is {backend}",
-                          "drop --backend or use tensorrt")
-    from edge_tl.engine.build import detect_device
-    from edge_tl.engine.cache import device_mismatch
-    from edge_tl.runtime.tensorrt import make_tensorrt_runner
-
-    problem = device_mismatch(engine_file, detect_device())
-    if problem:
-        raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
-                                   f"--out {engine_file}")
-    return make_tensorrt_runner(engine_file, precision)
+        problem = device_mismatch(engine_file, detect_device())
+        if problem:
+            raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
+                                       f"--out {engine_file}")
+    return runner
 
 
 @engine_app.command("sensitivity")
@@ -255,8 +231,8 @@ def sensitivity_cmd(
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
 ) -> None:
     """Rank the INT8 layers worst first (each run alone in float on ONNX Runtime CPU vs the golden outputs)."""
-    from edge_tl.bundle import Bundle
-    from edge_tl.fsutil import atomic_write_text
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.core.fsutil import atomic_write_text
 
     bundle = Bundle.open(bundle_path)
     report = _sensitivity(bundle, threads=threads, all_ops=all_ops)
@@ -281,8 +257,8 @@ def doctor_cmd(
     facts_file: Path = typer.Option(None, "--facts", help="Use facts recorded by `edge-tl doctor --json` elsewhere."),
 ) -> None:
     """What this machine has, and whether BUNDLE can run here; blockers exit 3 with the fix."""
-    from edge_tl.bundle import Bundle
-    from edge_tl.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.device.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
 
     facts = load_facts(facts_file) if facts_file else gather_facts(root)
     bundle = Bundle.open(bundle_path) if bundle_path else None

@@ -1,6 +1,6 @@
 """``edge-tl infer`` (classify files, videos, cameras, streams) and ``edge-tl serve`` (an Open Inference
-Protocol HTTP server). Thin layer over :mod:`edge_tl.infer` and :mod:`edge_tl.serve`; nothing heavy is imported
-until a command runs.
+Protocol HTTP server). Thin layer over :mod:`edge_tl.device.infer` and :mod:`edge_tl.device.serve`; nothing
+heavy is imported until a command runs.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
 
 
 class _LazyFile:
@@ -54,8 +54,8 @@ def infer_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-    from edge_tl.infer import run_infer
-    from edge_tl.sources import parse_source
+    from edge_tl.device.infer import run_infer
+    from edge_tl.device.sources import parse_source
 
     spec = parse_source(source)
     total = -(-len(spec.files) // every) if spec.kind == "images" and every >= 1 else None
@@ -98,8 +98,8 @@ def serve_cmd(
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs latency)."),
 ) -> None:
     """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
-    from edge_tl.serve.config import ServeConfig
-    from edge_tl.serve.server import run_server
+    from edge_tl.device.serve.config import ServeConfig
+    from edge_tl.device.serve.server import run_server
 
     run_server(ServeConfig(bundle=bundle, root=root, host=host, port=port, name=name, token=token,
                            max_batch=max_batch, max_delay_ms=max_delay_ms, max_request_bytes=max_request_bytes,

@@ -1,0 +1,221 @@
+"""`edge-tl doctor`: what this machine has, and whether a bundle can run here.
+
+:func:`gather_facts` reads the machine (files under ``root``, ``nvpmodel -q`` and ``systemctl`` from PATH,
+package metadata, and TensorRT's builder when installed); tests and ``--facts FILE`` substitute recorded facts
+(``edge-tl doctor --json`` on a device writes them). :func:`evaluate` turns facts (and a bundle) into rows with
+a status: ``ok``, ``info``, ``warn`` or ``blocker``. Blockers make the command exit 3 with the fix in words.
+Nothing here imports torch: its presence is read from package metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.importer import has_module
+from edge_tl.core.targets import max_opset_for_tensorrt
+from edge_tl.device.engine.spec import DeviceInfo
+from edge_tl.device.facts import DeviceFacts
+from edge_tl.device.facts.versions import package_version as _version
+
+Status = Literal["ok", "info", "warn", "blocker"]
+
+
+class Facts(BaseModel):
+    python: str
+    machine: str
+    packages: dict[str, str | None] = Field(default_factory=dict, description="name -> version, None: absent")
+    ort_providers: list[str] = Field(default_factory=list)
+    device: dict[str, Any] | None = Field(None, description="DeviceInfo (TensorRT, GPU, CC, DLA cores)")
+    device_error: str | None = None
+    cuda: str | None = None
+    jetson_model: str | None = None
+    l4t: str | None = None
+    jetpack: str | None = None
+    jtop_service: str | None = None
+    nvpmodel: str | None = None
+    trtexec: str | None = None
+    backends: list[str] = Field(default_factory=list)
+
+
+class Row(BaseModel):
+    item: str
+    value: str
+    status: Status = "ok"
+    fix: str | None = None
+
+
+def _run(argv: list[str], timeout: float = 10) -> str | None:
+    exe = shutil.which(argv[0])
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (proc.stdout + proc.stderr).strip()
+
+
+def _jtop_state(root: Path) -> str | None:
+    state = (_run(["systemctl", "is-active", "jtop"]) or "").splitlines()
+    if state and state[-1].strip() in ("active", "inactive", "failed", "activating", "deactivating"):
+        return state[-1].strip()
+    return "socket present" if (root / "run/jtop.sock").exists() else None
+
+
+def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, probe_device: bool = True) -> Facts:
+    """This machine's facts; ``device`` replaces what TensorRT's builder would say (recorded facts)."""
+    from edge_tl.device.runtime import available_backends
+
+    root = Path(root)
+    packages = {
+        "torch": _version("torch", "torch"), "onnx": _version("onnx", "onnx"),
+        "onnxruntime": _version("onnxruntime", "onnxruntime") or _version("onnxruntime-gpu", "onnxruntime"),
+        "tensorrt": None, "pycuda": _version("pycuda", "pycuda"), "cuda-python": _version("cuda-python", "cuda"),
+        "jetson-stats": _version("jetson-stats", "jtop"),
+    }
+    providers: list[str] = []
+    if packages["onnxruntime"]:
+        import onnxruntime
+
+        providers = list(onnxruntime.get_available_providers())
+    device_error = None
+    if has_module("tensorrt"):
+        try:
+            import tensorrt
+
+            packages["tensorrt"] = str(tensorrt.__version__)
+        except Exception as exc:  # a broken install is a fact worth showing
+            device_error = f"tensorrt does not import: {exc}"
+    if device is None and probe_device and packages["tensorrt"]:
+        from edge_tl.device.engine.build import detect_device
+
+        try:
+            device = detect_device(root=root)
+        except Exception as exc:  # no GPU, driver problems: report, don't crash the doctor
+            device_error = f"{type(exc).__name__}: {exc}"
+    if device is not None and not packages["tensorrt"]:
+        packages["tensorrt"] = device.tensorrt_version
+    try:
+        from edge_tl.device.engine.trtexec import find_trtexec
+
+        trtexec = str(find_trtexec())
+    except EdgeTLError:
+        trtexec = None
+    facts = DeviceFacts(root)
+    l4t = facts.board.l4t()
+    mode = facts.nvpmodel.query()
+    return Facts(python=platform.python_version(), machine=platform.machine(), packages=packages,
+                 ort_providers=providers, device=device.to_dict() if device else None, device_error=device_error,
+                 cuda=(device.cuda_version if device and device.cuda_version else None) or facts.versions.cuda(),
+                 jetson_model=facts.board.model(), l4t=l4t, jetpack=facts.board.jetpack(l4t),
+                 jtop_service=_jtop_state(root), nvpmodel=mode.label if mode else None,
+                 trtexec=trtexec, backends=available_backends())
+
+
+def machine_rows(f: Facts) -> list[Row]:
+    jetson = bool(f.l4t or f.jetson_model)
+    dev = DeviceInfo.from_dict(f.device) if f.device else None
+    pk = f.packages
+    py_ok = tuple(int(x) for x in f.python.split(".")[:2]) >= (3, 10)
+    rows = [
+        Row(item="Python", value=f"{f.python} ({f.machine})", status="ok" if py_ok else "blocker",
+            fix=None if py_ok else "edge-tl needs Python >= 3.10"),
+        Row(item="torch", value=pk.get("torch") or "absent", status="info",
+            fix=None if pk.get("torch") else "not needed on the device"),
+        Row(item="ONNX", value=pk.get("onnx") or "absent", status="ok" if pk.get("onnx") else "blocker",
+            fix=None if pk.get("onnx") else "pip install onnx"),
+        Row(item="ONNX Runtime", value=f"{pk['onnxruntime']} [{', '.join(f.ort_providers)}]"
+            if pk.get("onnxruntime") else "absent", status="ok" if pk.get("onnxruntime") else "warn",
+            fix=None if pk.get("onnxruntime") else "pip install 'edge-tl[cpu]' (or the Jetson onnxruntime-gpu wheel)"),
+        Row(item="TensorRT", value=pk.get("tensorrt") or "absent",
+            status="ok" if pk.get("tensorrt") else ("warn" if jetson else "info"),
+            fix=None if pk.get("tensorrt") else "sudo apt install python3-libnvinfer (venv: --system-site-packages)"),
+        Row(item="trtexec", value=f.trtexec or "absent", status="ok" if f.trtexec else "info"),
+        Row(item="CUDA", value=f.cuda or "not found", status="ok" if f.cuda else "info"),
+        Row(item="GPU", value=f"{dev.gpu_name} (compute capability {dev.compute_capability})" if dev
+            else (f.device_error or "not detected"), status="ok" if dev else ("warn" if jetson else "info")),
+        Row(item="JetPack / L4T", value=f"JetPack {f.jetpack or '?'} (L4T {f.l4t})" if f.l4t
+            else (f.jetson_model or "not a Jetson"), status="ok" if f.l4t else "info"),
+        Row(item="DLA cores", value=str(dev.dla_cores) if dev and dev.dla_cores is not None else "unknown",
+            status="info"),
+        Row(item="jetson-stats (jtop)", value=f.jtop_service or "not found",
+            status="ok" if f.jtop_service in ("active", "socket present") else ("warn" if jetson else "info"),
+            fix=None if f.jtop_service in ("active", "socket present") or not jetson
+            else "sudo pip3 install jetson-stats && sudo systemctl restart jtop (without it bench reads sysfs)"),
+        Row(item="nvpmodel", value=f.nvpmodel or "not found", status="info"),
+        Row(item="backends", value=", ".join(f.backends) or "none", status="ok" if f.backends else "blocker",
+            fix=None if f.backends else "pip install 'edge-tl[cpu]' (ONNX Runtime) or install TensorRT"),
+    ]
+    return rows
+
+
+def bundle_rows(f: Facts, bundle) -> list[Row]:
+    rows = []
+    try:
+        bundle.verify()
+        rows.append(Row(item="bundle", value=f"{bundle.manifest.name} ({bundle.manifest.bundle_id}) verified"))
+    except CheckFailed as exc:
+        rows.append(Row(item="bundle", value=exc.problem, status="blocker", fix=exc.fix))
+    target = bundle.manifest.target
+    dev = DeviceInfo.from_dict(f.device) if f.device else None
+    trt_version = dev.tensorrt_version if dev else f.packages.get("tensorrt")
+    if trt_version:
+        max_opset = max_opset_for_tensorrt(trt_version)
+        if max_opset is None:
+            rows.append(Row(item="opset", value=f"{target.opset} (TensorRT {trt_version}: max unknown)", status="warn"))
+        elif target.opset > max_opset:
+            rows.append(Row(item="opset", value=f"{target.opset} > {max_opset} (TensorRT {trt_version})",
+                            status="blocker", fix=f"rebuild the bundle for this device: edge-tl build --target "
+                                                  f"{'jetpack5' if max_opset <= 17 else 'jetpack6'}"))
+        else:
+            rows.append(Row(item="opset", value=f"{target.opset} <= {max_opset} (TensorRT {trt_version})"))
+        if trt_version.split(".")[0] != str(target.tensorrt).split(".")[0]:
+            rows.append(Row(item="target", value=f"bundle built for {target.name} (TensorRT {target.tensorrt}), "
+                            f"this device has TensorRT {trt_version}", status="warn"))
+    else:
+        rows.append(Row(item="opset", value=f"{target.opset} (no TensorRT here: ONNX Runtime runs any opset)",
+                        status="info"))
+    precision = bundle.manifest.default_precision
+    if dev is not None and precision == "int8" and dev.fast_int8 is False:
+        rows.append(Row(item="precision", value=f"{precision}: {dev.gpu_name} has no fast INT8", status="blocker",
+                        fix="build the engine with --precision fp16 (or fp32)"))
+    else:
+        support = "" if dev is None else f" (fast FP16: {dev.fast_fp16}, fast INT8: {dev.fast_int8})"
+        rows.append(Row(item="precision", value=f"{precision}{support}"))
+    backend = f.backends[0] if f.backends else None
+    rows.append(Row(item="backend", value=f"auto -> {backend}" if backend else "none available",
+                    status="ok" if backend else "blocker", fix=None if backend else "install ONNX Runtime or TensorRT"))
+    return rows
+
+
+def evaluate(facts: Facts, bundle=None) -> list[Row]:
+    return machine_rows(facts) + (bundle_rows(facts, bundle) if bundle is not None else [])
+
+
+def report_json(facts: Facts, rows: list[Row]) -> dict[str, Any]:
+    return {"facts": facts.model_dump(mode="json"), "device": facts.device,
+            "checks": [r.model_dump() for r in rows], "blockers": sum(r.status == "blocker" for r in rows)}
+
+
+def load_facts(path: str | Path) -> Facts:
+    try:
+        data = json.loads(Path(path).read_text())
+        return Facts.model_validate(data.get("facts", data))
+    except (OSError, ValueError) as exc:
+        raise EdgeTLError(f"could not read recorded facts {path} ({exc})",
+                          "give a file written by `edge-tl doctor --json`") from exc
+
+
+def raise_on_blockers(rows: list[Row]) -> None:
+    blockers = [r for r in rows if r.status == "blocker"]
+    if blockers:
+        raise CheckFailed("; ".join(f"{r.item}: {r.value}" + (f" (fix: {r.fix})" if r.fix else "") for r in blockers),
+                          "fix the blockers above")

@@ -1,0 +1,268 @@
+"""Build TensorRT engines with the Python API: one code path for TensorRT 8.5 (JetPack 5) and 10.x (JetPack 6).
+
+Close to NVIDIA's samples (``samples/python/common``, Polygraphy's ``backend/trt/loader.py``): parse the ONNX
+file, make a builder config (memory pool limit, precision flags, DLA, one optimisation profile, timing cache,
+layer precision constraints), ``build_serialized_network``. Polygraphy-style loaders build only when called::
+
+    engine_bytes = BuildEngine(NetworkFromOnnx("model.int8.onnx"), spec)()
+    engine = EngineFromPath("model.engine")()
+
+What differs between versions: TensorRT 8.x needs the EXPLICIT_BATCH network flag (10.x has only explicit
+batch and deprecates the flag); ``platform_has_fast_fp16/int8`` are asked where the builder still has them
+(from the compute capability otherwise). TensorRT is imported lazily through :mod:`edge_tl.core.importer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_write_bytes
+from edge_tl.core.importer import lazy_import
+from edge_tl.device.engine.spec import BuildSpec, DeviceInfo, check_device_supports
+from edge_tl.device.facts.board import jetson_model
+from edge_tl.device.runtime.base import Loader, resolve
+
+trt = lazy_import("tensorrt", "building and running TensorRT engines")
+
+_LOGGER = None
+
+
+def get_logger():
+    """One TensorRT logger per process (TensorRT wants a single one)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.VERBOSE if os.environ.get("EDGE_TL_TRT_VERBOSE") else trt.Logger.WARNING)
+    return _LOGGER
+
+
+def trt_major() -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+class NetworkFromOnnx(Loader):
+    """Parse an ONNX file into ``(builder, network, parser)`` when called."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __call__(self) -> tuple[Any, Any, Any]:
+        if not self.path.is_file():
+            raise EdgeTLError(f"model {self.path} does not exist", "give an existing .onnx file or a bundle")
+        builder = trt.Builder(get_logger())
+        flags = 0 if trt_major() >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, get_logger())
+        if not parser.parse_from_file(str(self.path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise EdgeTLError(f"TensorRT {trt.__version__} could not parse {self.path.name}: "
+                              f"{errors[0] if errors else 'no error reported'}",
+                              "check the bundle's opset against this TensorRT (edge-tl doctor BUNDLE)")
+        return builder, network, parser
+
+
+def _layers_by_name(network) -> dict[str, Any]:
+    return {network.get_layer(i).name: network.get_layer(i) for i in range(network.num_layers)}
+
+
+def apply_layer_precisions(network, names: tuple[str, ...], precision: str) -> None:
+    """Keep the named layers (ONNX node names) in ``precision`` (fp32|fp16), outputs included."""
+    dtype = trt.float32 if precision == "fp32" else trt.float16
+    layers = _layers_by_name(network)
+    missing = [n for n in names if n not in layers]
+    if missing:
+        sample = ", ".join(list(layers)[:8])
+        raise EdgeTLError(f"layer(s) {', '.join(missing)} are not in the network (it has e.g. {sample})",
+                          "give names from `edge-tl engine sensitivity BUNDLE`")
+    for name in names:
+        layer = layers[name]
+        layer.precision = dtype
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, dtype)
+
+
+def create_config(builder, network, spec: BuildSpec):
+    """A builder config for ``spec``: flags, DLA, memory pool, profile, constraints (no timing cache)."""
+    flags = spec.flags()
+    config = builder.create_builder_config()
+    if spec.workspace_mb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_mb) << 20)
+    if "no_tf32" in flags:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if "fp16" in flags:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if "int8" in flags:  # explicit quantization: the Q/DQ scales are in the model, so no calibrator
+        config.set_flag(trt.BuilderFlag.INT8)
+    if spec.keep_layers:
+        apply_layer_precisions(network, spec.keep_layers, spec.keep_precision)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    if spec.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(spec.dla_core)
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise EdgeTLError(f"input '{tensor.name}' has shape {list(shape)}; only the batch axis may be dynamic",
+                              "export with fixed C, H, W")
+        if shape and shape[0] < 0:
+            lo, opt, hi = spec.profile.shapes(shape[1:])
+            profile.set_shape(tensor.name, lo, opt, hi)
+            dynamic = True
+    if dynamic:
+        config.add_optimization_profile(profile)
+    return config
+
+
+def _load_timing_cache(config, path: Path | None):
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+class BuildEngine(Loader):
+    """Build a serialized engine (bytes) from a network loader and a :class:`BuildSpec`, when called.
+
+    The timing cache at ``spec.timing_cache`` is read before and written back (atomically) after the build.
+    """
+
+    def __init__(self, network_loader, spec: BuildSpec, device: DeviceInfo | None = None):
+        self.network_loader = network_loader
+        self.spec = spec
+        self.device = device
+
+    def __call__(self) -> bytes:
+        builder, network, _parser = resolve(self.network_loader)
+        if self.device is not None:
+            check_device_supports(self.spec, self.device)
+        check_device_supports(self.spec, builder_facts(builder))
+        config = create_config(builder, network, self.spec)
+        _load_timing_cache(config, self.spec.timing_cache)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EdgeTLError(f"TensorRT could not build an engine from {self.spec.onnx.name} "
+                              f"({self.spec.precision}, profile {self.spec.profile.label()})",
+                              "re-run with EDGE_TL_TRT_VERBOSE=1 to see TensorRT's log, or try --via trtexec")
+        if self.spec.timing_cache is not None:
+            atomic_write_bytes(self.spec.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        return bytes(memoryview(serialized))
+
+
+class EngineFromBytes(Loader):
+    """Deserialize engine bytes into an ``ICudaEngine``; a version/GPU mismatch becomes a clear error."""
+
+    def __init__(self, data: bytes | Loader, source: str = "engine"):
+        self.data = data
+        self.source = source
+
+    def __call__(self):
+        runtime = trt.Runtime(get_logger())
+        engine = runtime.deserialize_cuda_engine(resolve(self.data))
+        if engine is None:
+            raise EdgeTLError(f"TensorRT {trt.__version__} could not load {self.source} (built by another "
+                              "TensorRT version or for another GPU?)", "rebuild it here: edge-tl engine build")
+        return engine
+
+
+class EngineFromPath(EngineFromBytes):
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        super().__init__(lambda: path.read_bytes(), source=str(path))
+
+
+def build_engine_file(spec: BuildSpec, out: Path, final: Path | None = None) -> dict[str, Any]:
+    """The cache's default build function: build with the API and write ``out`` (atomically)."""
+    data = BuildEngine(NetworkFromOnnx(spec.onnx), spec)()
+    atomic_write_bytes(out, data)
+    return {"via": "api", "tensorrt_version": str(trt.__version__)}
+
+
+# -- device facts ---------------------------------------------------------------------------------------
+def _fast_from_cc(cc: str) -> tuple[bool | None, bool | None]:
+    """Fast FP16 / INT8 by compute capability (CUDA's tables) where the builder no longer says."""
+    try:
+        major, minor = (int(x) for x in cc.split(".")[:2])
+    except ValueError:
+        return None, None
+    fp16 = (major, minor) in ((5, 3), (6, 0), (6, 2)) or major >= 7
+    int8 = (major, minor) >= (6, 1)
+    return fp16, int8
+
+
+def builder_facts(builder) -> DeviceInfo:
+    name, cc = gpu_name_and_cc()
+    fp16 = getattr(builder, "platform_has_fast_fp16", None)
+    int8 = getattr(builder, "platform_has_fast_int8", None)
+    if fp16 is None or int8 is None:
+        fp16, int8 = _fast_from_cc(cc)
+    return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc,
+                      dla_cores=int(builder.num_DLA_cores), fast_fp16=bool(fp16) if fp16 is not None else None,
+                      fast_int8=bool(int8) if int8 is not None else None, source="tensorrt")
+
+
+def gpu_name_and_cc(root: str | Path = "/") -> tuple[str, str]:
+    """GPU name and compute capability: cuda-python, pycuda, nvidia-smi, else the Jetson model (cc unknown)."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+        except ImportError:
+            from cuda import cudart  # older cuda-python
+        err, props = cudart.cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+            return name.strip("\x00 "), f"{props.major}.{props.minor}"
+    except Exception:  # noqa: BLE001 - any failure here just means: ask the next source
+        pass
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        dev = cuda.Device(0)
+        major, minor = dev.compute_capability()
+        return dev.name(), f"{major}.{minor}"
+    except Exception:  # noqa: BLE001
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.splitlines()[0]
+            name, cc = (x.strip() for x in out.split(",", 1))
+            return name, cc
+        except (subprocess.SubprocessError, OSError, IndexError, ValueError):
+            pass
+    return jetson_model(root) or "unknown GPU", "unknown"
+
+
+def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: str | Path = "/") -> DeviceInfo:
+    """This machine's facts for the engine key, asked of TensorRT's builder (``via='api'``), or, for trtexec
+    without the Python bindings (JetPack 5 with another Python), the version from trtexec's banner."""
+    from edge_tl.core.importer import has_module
+
+    if via == "api" or has_module("tensorrt"):
+        builder = trt.Builder(get_logger())
+        return builder_facts(builder)
+    from edge_tl.device.engine.trtexec import find_trtexec, trtexec_version
+
+    exe = find_trtexec(trtexec)
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    version = trtexec_version(proc.stdout + proc.stderr)
+    if version is None:
+        raise EdgeTLError(f"could not tell the TensorRT version of {exe}", "install TensorRT's Python bindings")
+    name, cc = gpu_name_and_cc(root)
+    return DeviceInfo(tensorrt_version=version, gpu_name=name, compute_capability=cc, source="trtexec")
+
+
+def load_device_facts(path: str | Path) -> DeviceInfo:
+    """Recorded facts (``edge-tl doctor --json`` writes them under ``device``), for another machine's key."""
+    data = json.loads(Path(path).read_text())
+    return DeviceInfo.from_dict(data.get("device", data))

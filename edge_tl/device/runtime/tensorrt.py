@@ -1,0 +1,270 @@
+"""Native TensorRT runner: one code path for TensorRT 8.5 (JetPack 5) and 10.x (JetPack 6).
+
+Close to NVIDIA's Python samples (``samples/python/common_runtime.py``): deserialize with ``trt.Runtime``,
+name-based I/O (``num_io_tensors`` / ``get_tensor_name`` / ``set_input_shape`` / ``set_tensor_address``),
+``execute_async_v3`` on a CUDA stream, and page-locked host buffers. Device memory comes from pycuda or
+cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), whichever is installed. ``infer``
+synchronises the stream before it returns, so timing around it covers H2D + compute + D2H.
+Everything TensorRT/CUDA is imported lazily: this module imports without them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.importer import has_module, lazy_import, require
+from edge_tl.device.runtime.base import BaseRunner, TensorMeta
+
+trt = lazy_import("tensorrt", "the native TensorRT backend")
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+class _CudaPython:
+    """Device memory and streams through cuda-python's runtime API."""
+
+    name = "cuda-python"
+
+    def __init__(self) -> None:
+        self.rt = require("cuda.bindings.runtime") if has_module("cuda.bindings") else require("cuda.cudart")
+        self._host: list[int] = []
+
+    def _call(self, result: Any) -> Any:
+        err, *rest = result if isinstance(result, tuple) else (result,)
+        if err != self.rt.cudaError_t.cudaSuccess:
+            text = self.rt.cudaGetErrorString(err)[1]
+            text = text.decode() if isinstance(text, bytes) else str(text)
+            raise EdgeTLError(f"CUDA call failed: {text}", "check the GPU and its driver (nvidia-smi / tegrastats)")
+        return rest[0] if len(rest) == 1 else rest
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._call(self.rt.cudaMalloc(max(nbytes, 1))))
+
+    def free(self, ptr: int) -> None:
+        self._call(self.rt.cudaFree(ptr))
+
+    def host_empty(self, nbytes: int) -> np.ndarray:
+        ptr = int(self._call(self.rt.cudaMallocHost(max(nbytes, 1))))
+        self._host.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr))
+
+    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, stream))
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, stream))
+
+    def stream(self) -> Any:
+        return self._call(self.rt.cudaStreamCreate())
+
+    def handle(self, stream: Any) -> int:
+        return int(stream)
+
+    def sync(self, stream: Any) -> None:
+        self._call(self.rt.cudaStreamSynchronize(stream))
+
+    def close(self, stream: Any | None) -> None:
+        if stream is not None:
+            self.rt.cudaStreamDestroy(stream)
+        for ptr in self._host:
+            self.rt.cudaFreeHost(ptr)
+        self._host = []
+
+
+class _PyCuda:
+    """Device memory and streams through pycuda, on the device's primary context (shared with TensorRT)."""
+
+    name = "pycuda"
+
+    def __init__(self, device: int = 0) -> None:
+        self.drv = require("pycuda.driver", "device memory for the TensorRT backend")
+        self.drv.init()
+        self.ctx = self.drv.Device(device).retain_primary_context()
+        self.ctx.push()
+        self._allocs: dict[int, Any] = {}
+        self._host: list[np.ndarray] = []
+
+    def malloc(self, nbytes: int) -> int:
+        alloc = self.drv.mem_alloc(max(nbytes, 1))
+        self._allocs[int(alloc)] = alloc
+        return int(alloc)
+
+    def free(self, ptr: int) -> None:
+        self._allocs.pop(ptr).free()
+
+    def host_empty(self, nbytes: int) -> np.ndarray:
+        arr = self.drv.pagelocked_empty(max(nbytes, 1), np.uint8)
+        self._host.append(arr)
+        return arr
+
+    def htod(self, dst: int, src: np.ndarray, stream: Any) -> None:
+        self.drv.memcpy_htod_async(dst, src, stream)
+
+    def dtoh(self, dst: np.ndarray, src: int, stream: Any) -> None:
+        self.drv.memcpy_dtoh_async(dst, src, stream)
+
+    def stream(self) -> Any:
+        return self.drv.Stream()
+
+    def handle(self, stream: Any) -> int:
+        return int(stream.handle)
+
+    def sync(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def close(self, stream: Any | None) -> None:
+        for arr in self._host:  # free page-locked memory while the context is still current
+            arr.base.free()
+        self._host = []
+        self.ctx.pop()
+
+
+def cuda_api(prefer: str | None = None) -> _PyCuda | _CudaPython:
+    """pycuda or cuda-python, whichever is installed (``prefer`` = "pycuda" / "cuda-python" to choose)."""
+    if prefer not in (None, "pycuda", "cuda-python"):
+        raise EdgeTLError(f"unknown CUDA API '{prefer}'", "choose pycuda or cuda-python")
+    if prefer != "cuda-python" and has_module("pycuda"):
+        return _PyCuda()
+    if prefer != "pycuda" and has_module("cuda"):
+        return _CudaPython()
+    raise EdgeTLError("neither pycuda nor cuda-python is installed (the TensorRT backend needs one for device memory)",
+                      "pip install 'edge-tl[jetson]' (pycuda) or pip install cuda-python")
+
+
+class TensorRTRunner(BaseRunner):
+    """Runs a serialized TensorRT engine. ``engine``: bytes, a path, or a callable returning either."""
+
+    backend = "tensorrt"
+
+    def __init__(self, engine: bytes | str | Path | Callable[[], Any], name: str | None = None,
+                 cuda: str | None = None):
+        super().__init__(name)
+        self._engine_src = engine
+        self._cuda_pref = cuda
+        self.engine_path: Path | None = None
+        self.cuda = None
+        self._stream = None
+
+    def _engine_bytes(self) -> bytes:
+        src = self._engine_src
+        if callable(src):
+            src = src()
+        if isinstance(src, (str, Path)):
+            self.engine_path = Path(src)
+            if not self.engine_path.is_file():
+                raise EdgeTLError(f"TensorRT engine {src} does not exist", "build it with edge-tl engine build")
+            return self.engine_path.read_bytes()
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            return bytes(src)
+        raise EdgeTLError(f"cannot load a TensorRT engine from {type(src).__name__}", "pass bytes or a path")
+
+    def activate_impl(self) -> None:
+        data = self._engine_bytes()
+        require("tensorrt", "the native TensorRT backend")
+        self.cuda = cuda_api(self._cuda_pref)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise EdgeTLError(f"TensorRT {trt.__version__} could not deserialize the engine "
+                              f"{self.engine_path or '(bytes)'}", "engines are tied to the GPU and TensorRT version "
+                              "that built them: rebuild it here with edge-tl engine build")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._outputs = [n for n in names if n not in self._inputs]
+        self._dtype = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        for n in self._inputs:  # size every buffer for the profile's largest shapes
+            shape = tuple(self.engine.get_tensor_shape(n))
+            if -1 in shape:
+                shape = tuple(self.engine.get_tensor_profile_shape(n, 0)[2])
+            self.context.set_input_shape(n, shape)
+        self._shape = {n: tuple(self.context.get_tensor_shape(n)) for n in names}
+        self._stream = self.cuda.stream()
+        self._dev: dict[str, int] = {}
+        self._host: dict[str, np.ndarray] = {}
+        for n in names:
+            nbytes = int(np.prod(self._shape[n])) * self._dtype[n].itemsize
+            self._dev[n] = self.cuda.malloc(nbytes)
+            self._host[n] = self.cuda.host_empty(nbytes)
+            self.context.set_tensor_address(n, self._dev[n])
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if set(feed) != set(self._inputs):
+            raise EdgeTLError(f"the engine takes inputs {self._inputs}, got {sorted(feed)}",
+                              "name the inputs as the engine does")
+        cuda, stream = self.cuda, self._stream
+        for n in self._inputs:
+            arr = np.ascontiguousarray(feed[n], dtype=self._dtype[n])
+            if arr.shape != self._shape[n]:
+                if not self.context.set_input_shape(n, arr.shape):
+                    lo, _opt, hi = self.engine.get_tensor_profile_shape(n, 0)
+                    raise EdgeTLError(f"input {n} shape {arr.shape} is outside the engine's profile "
+                                      f"{tuple(lo)}..{tuple(hi)}", "use a batch size within the profile")
+                self._shape[n] = arr.shape
+            host = self._host[n][:arr.nbytes].view(self._dtype[n]).reshape(arr.shape)
+            np.copyto(host, arr)
+            cuda.htod(self._dev[n], host, stream)
+        outs = {}
+        for n in self._outputs:
+            shape = tuple(self.context.get_tensor_shape(n))
+            nbytes = int(np.prod(shape)) * self._dtype[n].itemsize
+            outs[n] = self._host[n][:nbytes].view(self._dtype[n]).reshape(shape)
+        if not self.context.execute_async_v3(cuda.handle(stream)):
+            raise EdgeTLError("TensorRT execute_async_v3 failed", "re-run with --debug; check the engine and inputs")
+        for n in self._outputs:
+            cuda.dtoh(outs[n], self._dev[n], stream)
+        cuda.sync(stream)
+        return {n: a.copy() for n, a in outs.items()}
+
+    def get_input_metadata_impl(self) -> list[TensorMeta]:
+        return [TensorMeta(n, tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)),
+                           self._dtype[n].name) for n in self._inputs]
+
+    def deactivate_impl(self) -> None:
+        self.context = None  # release TensorRT's objects before the memory they point into
+        if self.cuda is not None:
+            for ptr in getattr(self, "_dev", {}).values():
+                self.cuda.free(ptr)
+            self._host = {}
+            self.cuda.close(self._stream)
+        self._dev, self._host, self._stream = {}, {}, None
+        self.context = self.engine = self._runtime = None
+
+    def describe_impl(self) -> dict[str, Any]:
+        return {"tensorrt": trt.__version__, "cuda_api": getattr(self.cuda, "name", None),
+                "engine": str(self.engine_path) if self.engine_path else None}
+
+
+def make_tensorrt_runner(onnx_or_engine_path: str | Path, precision: str | None, engine_dir: str | Path | None = None,
+                         build: bool = True, max_batch: int = 32) -> TensorRTRunner:
+    """A TensorRT runner (not yet activated) for an engine file, or for an ONNX model whose engine comes from
+    ``edge_tl.device.engine.cache.load_or_build`` (built for this device and cached, unless ``build=False``)."""
+    path = Path(onnx_or_engine_path)
+    if not path.is_file():
+        raise EdgeTLError(f"model {path} does not exist", "give an .onnx, an .engine/.plan, or a bundle")
+    require("tensorrt", "the native TensorRT backend")
+    if not (has_module("pycuda") or has_module("cuda")):
+        cuda_api()  # raises the install hint
+    if path.suffix in ENGINE_SUFFIXES:
+        return TensorRTRunner(path)
+    if path.suffix != ".onnx":
+        raise EdgeTLError(f"{path} is neither an .onnx model nor a TensorRT engine", "give an .onnx or .engine file")
+
+    def load() -> Path:
+        try:
+            from edge_tl.device.engine.cache import load_or_build
+        except ImportError as exc:
+            raise EdgeTLError("the engine cache (edge_tl.device.engine) is not part of this install",
+                              "build the engine with trtexec and pass the .engine file") from exc
+        return load_or_build(path, precision or "fp32", cache_dir=engine_dir, no_build=not build, max_batch=max_batch)
+
+    return TensorRTRunner(load, name=f"tensorrt-{precision or 'fp32'}")

@@ -1,0 +1,278 @@
+"""The FastAPI app: Open Inference Protocol routes, image classification, metrics, auth and limits.
+
+Every error leaves as ``{"error": "..."}`` with a 4xx status (5xx only when the runner itself fails), so a
+bad request never kills a worker. Routes exist with and without ``/versions/{version}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import zlib
+from contextlib import asynccontextmanager
+from typing import Any
+
+from edge_tl import __version__
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.importer import require
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.infer import softmax, top_k
+from edge_tl.device.serve.config import ServeConfig
+from edge_tl.device.serve.images import decode_image
+from edge_tl.device.serve.metrics import Metrics
+from edge_tl.device.serve.models import LoadedModel, ModelManager, load_model
+from edge_tl.device.serve.protocol import HEADER_LENGTH, ProtocolError, encode_infer_response, parse_infer_request
+
+log = logging.getLogger("edge_tl.device.serve")
+
+PUBLIC_PATHS = {"/v2/health/live", "/v2/health/ready"}
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "edge_tl_classify_image"]
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None):
+    from starlette.responses import Response
+
+    return Response(json.dumps(obj, separators=(",", ":")).encode(), status, headers, media_type="application/json")
+
+
+def _endpoint(path: str) -> str:
+    """A low-cardinality label for the metrics."""
+    for suffix in ("/infer", "/classify", "/ready", "/config", "/live"):
+        if path.endswith(suffix):
+            return suffix[1:]
+    if path == "/metrics":
+        return "metrics"
+    return "metadata" if path.startswith("/v2") else "other"
+
+
+class GuardMiddleware:
+    """Pure ASGI (cheap): bearer token, the Content-Length limit, request metrics, and a JSON 500 for any
+    exception that escaped the handlers (the process keeps serving)."""
+
+    def __init__(self, app, *, token: str | None, max_bytes: int, metrics: Metrics):
+        self.app = app
+        self.token = f"Bearer {token}".encode() if token else None
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        start = time.perf_counter()
+        state = {"status": 500, "started": False}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                timing = f"app;dur={(time.perf_counter() - start) * 1e3:.3f}".encode()  # W3C Server-Timing
+                message = {**message, "headers": [*message.get("headers", ()), (b"server-timing", timing)]}
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            refusal = self._refusal(scope, path)
+            if refusal is not None:
+                await refusal(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            log.exception("unhandled error on %s", path)
+            if not state["started"]:
+                await _json({"error": f"internal error: {type(exc).__name__}"}, 500)(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint, code = _endpoint(path), str(state["status"])
+            self.metrics.requests.labels(endpoint, code).inc()
+            if state["status"] >= 400:
+                self.metrics.errors.labels(endpoint, code).inc()
+            self.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _refusal(self, scope, path: str):
+        headers = dict(scope["headers"])
+        if self.token is not None and path not in PUBLIC_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.token):
+                return _json({"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"}, 401,
+                             {"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                return _json({"error": "Content-Length is not an integer"}, 400)
+            if size > self.max_bytes:
+                return _json({"error": f"request body of {size} bytes is over the limit of {self.max_bytes} "
+                                       "(--max-request-bytes)"}, 413)
+        return None
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The body, at most ``limit`` bytes (413 beyond), inflated when sent with gzip/deflate Content-Encoding."""
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"request body is over the limit of {limit} bytes (--max-request-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ProtocolError(400, "the client disconnected before sending the whole body") from None
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(400, f"unsupported Content-Encoding '{encoding}' (use gzip, deflate or none)")
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(400, f"the {encoding} body is corrupt: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise ProtocolError(413, f"decompressed request body is over the limit of {limit} bytes")
+    return data
+
+
+def create_app(config: ServeConfig, metrics: Metrics | None = None):
+    """Load the model (raises EdgeTLError before anything listens) and build the app."""
+    fastapi = require("fastapi", "edge-tl serve")
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import Response
+
+    metrics = metrics or Metrics()
+    initial, link = None, None
+    if config.bundle is not None:
+        initial = load_model(config.bundle, config, metrics)
+    else:
+        layout = DeviceLayout(config.root)
+        link = layout.active_version()
+        if link is not None:
+            initial = load_model(layout.bundle_dir(link), config, metrics, layout.engine_dir(link))
+        else:
+            log.warning("nothing is active under %s yet; waiting for a deploy", config.root)
+    manager = ModelManager(config, metrics, initial, link)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        watcher = asyncio.get_running_loop().create_task(manager.watch()) if config.root else None
+        yield
+        if watcher is not None:
+            watcher.cancel()
+        await manager.aclose()
+        log.info("server stopped")
+
+    app = fastapi.FastAPI(title="edge-tl serve", version=__version__, lifespan=lifespan, docs_url=None,
+                          redoc_url=None, openapi_url=None)
+    app.state.manager = manager
+    app.state.metrics = metrics
+    app.state.config = config
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request, exc: ProtocolError):
+        return _json({"error": exc.message}, exc.status)
+
+    @app.exception_handler(EdgeTLError)
+    async def _user_error(request, exc: EdgeTLError):
+        return _json({"error": exc.one_line()}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _json({"error": str(exc.detail)}, exc.status_code)
+
+    @app.exception_handler(fastapi.exceptions.RequestValidationError)
+    async def _validation_error(request, exc):
+        return _json({"error": f"malformed request: {exc.errors()[0].get('msg', 'invalid')}"}, 400)
+
+    def ready_response(ok: bool) -> Response:
+        return Response(status_code=200 if ok else 400)  # as Triton: an empty body, 200 or 400
+
+    async def live(request):
+        return ready_response(True)
+
+    async def ready(request):
+        return ready_response(manager.current is not None)
+
+    async def server_metadata(request):
+        return _json({"name": "edge-tl", "version": __version__, "extensions": EXTENSIONS})
+
+    def with_model(name: str | None, version: str | None, fn) -> Response:
+        model = manager.acquire(name, version)
+        try:
+            return _json(fn(model), headers={"X-Model-Version": model.version})
+        finally:
+            manager.release(model)
+
+    def name_version(request) -> tuple[str | None, str | None]:
+        params = request.path_params
+        return params.get("name"), params.get("version")
+
+    async def model_metadata(request):
+        return with_model(*name_version(request), lambda m: m.metadata(manager.name_of(m)))
+
+    async def model_config(request):
+        return with_model(*name_version(request), lambda m: m.model_config(manager.name_of(m)))
+
+    async def model_ready(request):
+        try:
+            with_model(*name_version(request), lambda m: {})
+        except ProtocolError:
+            return ready_response(False)
+        return ready_response(True)
+
+    async def infer(request):
+        name, version = name_version(request)
+        body = await read_body(request, config.max_request_bytes)
+        model = manager.acquire(name, version)
+        try:
+            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model.signature(name))
+            outputs = await model.infer(req.inputs)
+            content, header_length = encode_infer_response(name, model.version, req, outputs, model.labels)
+        finally:
+            manager.release(model)
+        headers = {"X-Model-Version": model.version}
+        if header_length is None:
+            return Response(content, headers=headers, media_type="application/json")
+        headers[HEADER_LENGTH] = str(header_length)
+        return Response(content, headers=headers, media_type="application/octet-stream")
+
+    def prepare(model: LoadedModel, body: bytes):
+        return model.bundle.preprocessor(decode_image(body, config.max_image_pixels))[None]
+
+    async def classify(request):
+        name, version = name_version(request)
+        raw_k = request.query_params.get("top_k", "5")
+        if not raw_k.isdigit() or int(raw_k) < 1:
+            raise ProtocolError(400, f"top_k must be a positive integer, got {raw_k!r}")
+        body = await read_body(request, config.max_request_bytes)
+        model = manager.acquire(name, version)
+        try:
+            start = time.perf_counter()
+            x = await asyncio.get_running_loop().run_in_executor(None, prepare, model, body)
+            logits = (await model.infer({model.input_name: x}))[model.output_name]
+            preds = top_k(softmax(logits)[0], model.labels, int(raw_k))
+            result = {"model_name": manager.name_of(model), "model_version": model.version, "predictions": preds,
+                      "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
+        finally:
+            manager.release(model)
+        return _json(result, headers={"X-Model-Version": model.version})
+
+    async def prometheus(request):
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    routes = [("GET", "/v2/health/live", live), ("GET", "/v2/health/ready", ready), ("GET", "/v2", server_metadata),
+              ("GET", "/metrics", prometheus), ("POST", "/classify", classify)]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [("GET", prefix, model_metadata), ("GET", prefix + "/ready", model_ready),
+                   ("GET", prefix + "/config", model_config), ("POST", prefix + "/infer", infer),
+                   ("POST", prefix + "/classify", classify)]
+    for method, path, fn in routes:
+        app.add_route(path, fn, methods=[method], include_in_schema=False)  # plain Starlette routes: cheap
+    app.add_middleware(GuardMiddleware, token=config.token, max_bytes=config.max_request_bytes, metrics=metrics)
+    return app

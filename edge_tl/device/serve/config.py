@@ -1,0 +1,60 @@
+"""What `edge-tl serve` was asked to do (one object the app, the CLI and the tests share)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_tl.core.errors import EdgeTLError
+
+TOKEN_ENV = "EDGE_TL_TOKEN"
+
+
+@dataclass
+class ServeConfig:
+    bundle: Path | None = None  # serve this bundle (dir or .tar.gz) ...
+    root: Path | None = None  # ... or the active deployed model under this root, hot-reloaded
+    host: str = "127.0.0.1"
+    port: int = 8000
+    name: str | None = None  # model name in the URLs; default: the manifest's name
+    token: str | None = None  # bearer token; None = no authentication
+    max_batch: int = 1  # > 1 turns dynamic batching on
+    max_delay_ms: float = 2.0
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    backend: str = "auto"
+    precision: str | None = None
+    workers: int = 1  # inference threads (concurrent runner calls)
+    threads: int | None = None  # intra-op threads of the ONNX Runtime session
+    poll_s: float = 1.0  # how often --root's `active` link is checked
+    graceful_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    verify: bool = True  # check the bundle's hashes before serving it
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        if self.token is None:
+            self.token = os.environ.get(TOKEN_ENV) or None
+        if (self.bundle is None) == (self.root is None):
+            raise EdgeTLError("give a BUNDLE or --root (not both)", "edge-tl serve BUNDLE, or edge-tl serve --root "
+                              "/opt/edge-tl to serve the deployed model")
+        if self.bundle is not None:
+            self.bundle = Path(self.bundle)
+        if self.root is not None:
+            self.root = Path(self.root)
+            if not self.root.is_dir():
+                raise EdgeTLError(f"--root {self.root} is not a folder", "give the root that edge-tl deploy uses")
+        for field, value, low in (("--max-batch", self.max_batch, 1), ("--workers", self.workers, 1),
+                                  ("--max-request-bytes", self.max_request_bytes, 1024),
+                                  ("--max-image-pixels", self.max_image_pixels, 1), ("--port", self.port, 0)):
+            if value < low:
+                raise EdgeTLError(f"{field} must be >= {low} (got {value})", f"pass a {field} of at least {low}")
+        if self.max_delay_ms < 0:
+            raise EdgeTLError(f"--max-delay-ms must be >= 0 (got {self.max_delay_ms})", "use e.g. 2")
+        if self.token is not None and len(self.token) < 8:
+            raise EdgeTLError("the bearer token is shorter than 8 characters", "use a long random token "
+                              "(e.g. `openssl rand -hex 24`)")
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch > 1

@@ -1,0 +1,229 @@
+"""Where `edge-tl infer` gets its pictures: image files, folders, globs, video files, cameras and streams.
+
+``open_source(spec)`` turns the SOURCE argument into an iterator of :class:`Item` (one per image or frame):
+
+* an image file, a folder (recursive) or a glob (``'photos/**/*.jpg'``): decoded with Pillow;
+* a video file (``.mp4``, ``.avi`` ...): OpenCV, read to the end;
+* a V4L2 camera (``/dev/video0`` or an index such as ``0``), an RTSP/RTMP/HTTP stream, or a GStreamer
+  pipeline ending in ``appsink`` (CSI cameras on Jetson: ``nvarguscamerasrc ! ... ! appsink``): OpenCV, read
+  until stopped; a lost stream is reopened with exponential back-off (``max_reconnects`` attempts in a row).
+
+A file that cannot be decoded, or an empty frame, becomes an Item with ``error`` set; the caller records it
+and goes on. OpenCV (``cv2``) is imported only when a video source is opened.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.importer import lazy_import
+
+cv2 = lazy_import("cv2", "video files, cameras and streams")
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mjpeg", ".mjpg", ".h264",
+              ".h265", ".wmv", ".flv"}
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+
+
+@dataclass
+class Item:
+    """One image or frame. ``image`` is a PIL image (files) or a BGR uint8 array (OpenCV), None on error."""
+
+    source: str
+    frame: int | None
+    timestamp: float
+    image: Any = None
+    error: str | None = None
+
+    @property
+    def is_bgr(self) -> bool:
+        return isinstance(self.image, np.ndarray)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str  # "images" | "video" | "camera" | "stream" | "gstreamer"
+    target: str | int
+    files: tuple[Path, ...] = ()
+
+    @property
+    def live(self) -> bool:
+        return self.kind in ("camera", "stream", "gstreamer")
+
+
+def parse_source(spec: str) -> SourceSpec:
+    """Decide what SOURCE names (see the module docstring). Raises EdgeTLError when it names nothing."""
+    text = spec.strip()
+    if not text:
+        raise EdgeTLError("SOURCE is empty", "give an image, folder, glob, video file, camera or stream URL")
+    if "!" in text:
+        return SourceSpec("gstreamer", text)
+    if text.lower().startswith(STREAM_SCHEMES):
+        return SourceSpec("stream", text)
+    if text.isdigit():
+        return SourceSpec("camera", int(text))
+    if text.startswith("/dev/video"):
+        if not Path(text).exists():
+            raise EdgeTLError(f"camera {text} does not exist", "list cameras with `ls /dev/video*` (v4l2-ctl)")
+        return SourceSpec("camera", text)
+    path = Path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise EdgeTLError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})",
+                              "point at a folder of images")
+        return SourceSpec("images", text, tuple(files))
+    if path.is_file():
+        return SourceSpec("video" if path.suffix.lower() in VIDEO_EXTS else "images", text, (path,))
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise EdgeTLError(f"the pattern {text!r} matches no files", "check the pattern (quote it in the shell)")
+        return SourceSpec("images", text, tuple(files))
+    raise EdgeTLError(f"SOURCE {text!r} is no file, folder, glob, camera or stream URL",
+                      "give an image, folder, glob, video file, /dev/videoN, a camera index, rtsp://... "
+                      "or a GStreamer pipeline ending in appsink")
+
+
+def iter_images(files: tuple[Path, ...]) -> Iterator[Item]:
+    """Decode each file with Pillow; an undecodable one gives an error Item."""
+    from PIL import Image
+
+    for path in files:
+        if path.suffix.lower() in VIDEO_EXTS:  # a glob may match videos too
+            yield from VideoSource(str(path), live=False).frames()
+            continue
+        try:
+            with Image.open(path) as img:
+                img.load()
+                rgb = img.convert("RGB")
+            yield Item(str(path), None, time.time(), rgb)
+        except Exception as exc:  # PIL raises many types for bad files; the record carries the reason
+            yield Item(str(path), None, time.time(), error=f"cannot decode image: {type(exc).__name__}: {exc}")
+
+
+class VideoSource:
+    """Frames from OpenCV's VideoCapture. ``live`` sources reconnect with exponential back-off.
+
+    ``backoff`` is the first delay (doubling, capped at ``max_backoff``); ``max_reconnects`` bounds the
+    attempts in a row (a frame read successfully resets the count). ``sleep`` is injectable for tests.
+    """
+
+    def __init__(self, target: str | int, *, live: bool, api: int | None = None, max_reconnects: int = 10,
+                 backoff: float = 0.5, max_backoff: float = 30.0, sleep: Callable[[float], None] = time.sleep):
+        self.target = target
+        self.live = live
+        self.api = api
+        self.max_reconnects = max_reconnects
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep = sleep
+        self.reconnects = 0
+
+    def _open(self):
+        cap = cv2.VideoCapture(self.target, self.api) if self.api is not None else cv2.VideoCapture(self.target)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        return cap
+
+    def frames(self, keep: Callable[[int], bool] = lambda i: True) -> Iterator[Item]:
+        """Yield Items; frames where ``keep(index)`` is False are grabbed but not decoded (cheap skipping)."""
+        name = str(self.target)
+        index = 0
+        failures = 0
+        while True:
+            cap = self._open()
+            if cap is None and not self.live:
+                raise EdgeTLError(f"OpenCV cannot open video {name}", "check the file plays (ffprobe) and its codec")
+            try:
+                while cap is not None:
+                    if not cap.grab():
+                        break
+                    failures = 0
+                    i = index
+                    index += 1
+                    if not keep(i):
+                        continue
+                    ok, frame = cap.retrieve()
+                    if not ok or frame is None or frame.size == 0:
+                        yield Item(name, i, time.time(), error="empty or undecodable frame")
+                        continue
+                    yield Item(name, i, time.time(), frame)
+            finally:
+                if cap is not None:
+                    cap.release()
+            if not self.live:
+                return
+            failures += 1
+            if failures > self.max_reconnects:
+                raise EdgeTLError(f"stream {name} lost; {self.max_reconnects} reconnect attempt(s) failed",
+                                  "check the camera or network, or raise --max-reconnects")
+            delay = min(self.backoff * 2 ** (failures - 1), self.max_backoff)
+            self.reconnects += 1
+            yield Item(name, None, time.time(),
+                       error=f"stream lost; reconnecting in {delay:.1f}s (attempt {failures}/{self.max_reconnects})")
+            self.sleep(delay)
+
+
+def _gstreamer_api() -> int:
+    info = cv2.getBuildInformation()
+    line = next((ln for ln in info.splitlines() if "GStreamer:" in ln), "")
+    if "YES" not in line:
+        raise EdgeTLError("this OpenCV was built without GStreamer, so it cannot open a GStreamer pipeline",
+                          "on Jetson use JetPack's OpenCV (python3-opencv), not the opencv-python wheel")
+    return cv2.CAP_GSTREAMER
+
+
+def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None = None,
+                max_reconnects: int = 10, backoff: float = 0.5) -> Iterator[Item]:
+    """Items from SOURCE: every ``every``-th frame, at most ``max_fps`` per second (live sources drop the
+    frames in between; files are paced by sleeping)."""
+    if every < 1:
+        raise EdgeTLError(f"--every must be >= 1 (got {every})", "use 1 to process every frame")
+    if max_fps is not None and max_fps <= 0:
+        raise EdgeTLError(f"--max-fps must be > 0 (got {max_fps})", "leave it out for no limit")
+    src = spec if isinstance(spec, SourceSpec) else parse_source(spec)
+    interval = 1.0 / max_fps if max_fps else 0.0
+    last = [float("-inf")]
+
+    def keep(i: int) -> bool:
+        if i % every:
+            return False
+        if src.live and interval:
+            now = time.monotonic()
+            if now - last[0] < interval:
+                return False
+            last[0] = now
+        return True
+
+    if src.kind == "images":
+        items: Iterator[Item] = (it for n, it in enumerate(iter_images(src.files)) if n % every == 0)
+    else:
+        api = None
+        if src.kind == "gstreamer":
+            api = _gstreamer_api()
+        elif src.kind == "camera":
+            api = cv2.CAP_V4L2 if isinstance(src.target, str) else cv2.CAP_ANY
+        elif src.kind == "stream":
+            api = cv2.CAP_FFMPEG
+        items = VideoSource(src.target, live=src.live, api=api, max_reconnects=max_reconnects,
+                            backoff=backoff).frames(keep)
+    for item in items:
+        if interval and not src.live:
+            wait = last[0] + interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            last[0] = time.monotonic()
+        yield item

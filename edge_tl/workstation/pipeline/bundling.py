@@ -1,0 +1,135 @@
+"""The last step: stage the bundle's files, fill the manifest, seal it with edge_tl.core.bundle.write_bundle."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from edge_tl.core.bundle import (
+    FP32_MODEL,
+    GOLDEN_INDEX,
+    GOLDEN_INPUTS,
+    GOLDEN_OUTPUTS,
+    INT8_MODEL,
+    LABELS,
+    PREPROCESS,
+    GoldenInfo,
+    Manifest,
+    StageMetrics,
+    TargetInfo,
+    TensorSpec,
+    utc_now,
+    write_bundle,
+)
+from edge_tl.core.preprocess import Preprocessor
+from edge_tl.core.targets import get_target
+from edge_tl.workstation.pipeline.context import Context
+
+SOFTWARE = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "numpy",
+            "pillow", "scikit-learn", "pydantic")
+MANIFEST_STAGES = ("finetune", "prune", "export", "quantize")
+
+
+def build_software() -> dict[str, str]:
+    """Versions of the workstation's build stack, recorded in the manifest (the device records its own with
+    ``edge_tl.device.facts.Versions``)."""
+    out = {"python": platform.python_version(), "edge-tl": metadata.version("edge-tl")}
+    for dist in SOFTWARE:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def golden_picks(labels: np.ndarray, count: int) -> list[int]:
+    """Indices of ``count`` test images, round-robin over the classes (so every class is represented)."""
+    by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    picks: list[int] = []
+    while len(picks) < min(count, len(labels)):
+        for idxs in by_class:
+            if idxs and len(picks) < count:
+                picks.append(int(idxs.pop(0)))
+    return sorted(picks)
+
+
+def stage_metrics(ctx: Context, latency: dict[str, float]) -> dict[str, StageMetrics]:
+    out = {}
+    for stage in MANIFEST_STAGES:
+        m = dict(ctx.read(stage, "metrics.json"))
+        m.pop("confusion", None)
+        m.pop("op_types", None)
+        m["cpu_latency_ms"] = round(latency[stage], 4)
+        m["latency_runtime"] = "torch-eager" if stage in ("finetune", "prune") else "onnxruntime-cpu"
+        out[stage] = StageMetrics.model_validate(m)
+    return out
+
+
+def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, Any] | None) -> Path:
+    """Write ``<run>/bundle/`` and ``<run>/bundle.tar.gz`` (atomically: a failed run leaves no half bundle)."""
+    import onnxruntime as ort
+
+    s = ctx.spec
+    split = ctx.data_split
+    pre = ctx.pre
+    tgt = get_target(s.target)
+    export_metrics = ctx.read("export", "metrics.json")
+    quant = ctx.read("quantize", "metrics.json")
+    with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=ctx.run_dir) as td:
+        staging = Path(td)
+        shutil.copy2(ctx.folder("export") / "model.onnx", staging / FP32_MODEL)
+        shutil.copy2(ctx.folder("quantize") / "model.int8.onnx", staging / INT8_MODEL)
+        (staging / LABELS).write_text("\n".join(split.classes) + "\n")
+        pre.save(staging / PREPROCESS)
+        (staging / "golden" / "images").mkdir(parents=True)
+        labels = split.labels("test")
+        paths = split.paths("test")
+        index, images = [], []
+        for n, i in enumerate(golden_picks(labels, s.export.golden_count)):
+            rel = f"golden/images/{n:03d}.png"
+            with Image.open(paths[i]) as img:
+                img.load()
+                img.save(staging / rel)
+            with Image.open(staging / rel) as img:
+                img.load()
+                images.append(img.copy())
+            index.append({"file": rel, "label": int(labels[i]), "label_name": split.classes[int(labels[i])],
+                          "source": Path(split.items["test"][i][0]).as_posix()})
+        inputs = Preprocessor(pre).batch(images)
+        sess = ort.InferenceSession(str(staging / FP32_MODEL), providers=["CPUExecutionProvider"])
+        input_name, output_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name  # as exported
+        outputs = sess.run([output_name], {input_name: inputs})[0].astype(np.float32)
+        np.save(staging / GOLDEN_INPUTS, inputs)
+        np.save(staging / GOLDEN_OUTPUTS, outputs)
+        (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        h, w = pre.input_size
+        speedup = latency["finetune"] / latency["quantize"] if latency.get("quantize") else None
+        manifest = Manifest(
+            created=utc_now(), name=s.name,
+            target=TargetInfo(name=tgt.name, jetpack=tgt.jetpack, tensorrt=tgt.tensorrt, max_opset=tgt.max_opset,
+                              opset=int(export_metrics["opset"])),
+            backbone=s.model.backbone, weights=ctx.weights_label,
+            input=TensorSpec(name=input_name, shape=["batch", 3, h, w]),
+            output=TensorSpec(name=output_name, shape=["batch", len(split.classes)]),
+            max_batch=s.export.max_batch, classes=split.classes, software=build_software(), seed=s.seed,
+            data=split.summary, stages=stage_metrics(ctx, latency),
+            export={"opset": export_metrics["opset"], "max_abs_diff": export_metrics["max_abs_diff"],
+                    "slimmed": export_metrics["slimmed"], "checked_batches": export_metrics["checked_batches"],
+                    "op_types": export_metrics["op_types"], "int8": {k: quant[k] for k in
+                                                                     ("method", "calib_count", "per_channel",
+                                                                      "quantized_nodes")}},
+            golden=GoldenInfo(count=len(index)),
+            build={"stage_keys": ctx.keys, "latency_threads": s.report.latency_threads,
+                   "latency_iters": s.report.latency_iters,
+                   "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
+                   "comparison": comparison, "mode": s.train.mode, "preprocess": pre.model_dump(mode="json")},
+        )
+        return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)

@@ -1,0 +1,129 @@
+"""Stage folders keyed by a hash of their inputs and settings, and the run folder's state.
+
+``<run>/stages/<stage>-<key>/`` is written in a temporary folder and renamed when the stage completes, with
+``done.json`` inside; so a folder that exists is finished. A re-run computes every key first: a stage whose
+folder exists is skipped, the first one missing is where an interrupted run resumes. ``--force STAGE``
+redoes that stage and every stage that depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edge_tl import __version__
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_dir, atomic_write_text
+
+# Bump a stage's number when its code changes what it produces: old cache entries then stop matching.
+STAGE_VERSIONS = {"data": 1, "finetune": 1, "scratch": 1, "prune": 4, "export": 1, "quantize": 1}
+DEPENDS = {"data": (), "finetune": ("data",), "scratch": ("data",), "prune": ("finetune",), "export": ("prune",),
+           "quantize": ("export",)}
+RUN_FILE = "run.json"
+DONE = "done.json"
+
+
+def stage_key(stage: str, settings: dict[str, Any], upstream: list[str]) -> str:
+    payload = {"stage": stage, "version": STAGE_VERSIONS[stage], "edge_tl": __version__, "settings": settings,
+               "upstream": upstream}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def dependents(stage: str) -> set[str]:
+    """``stage`` and everything downstream of it."""
+    out = {stage}
+    changed = True
+    while changed:
+        changed = False
+        for s, deps in DEPENDS.items():
+            if s not in out and any(d in out for d in deps):
+                out.add(s)
+                changed = True
+    return out
+
+
+def file_digest(path: str | Path) -> str:
+    from edge_tl.core.fsutil import sha256_file
+
+    return sha256_file(path)
+
+
+class StageCache:
+    def __init__(self, run_dir: Path, force: set[str] | None = None):
+        self.root = run_dir / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.forced = set()
+        for s in force or ():
+            self.forced |= dependents(s)
+        self._redone: set[str] = set()
+        for partial in self.root.glob(".*.partial-*"):  # left by a run that was killed mid-stage
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def folder(self, stage: str, key: str) -> Path:
+        return self.root / f"{stage}-{key}"
+
+    def is_done(self, stage: str, key: str) -> bool:
+        if stage in self.forced and stage not in self._redone:
+            return False
+        return (self.folder(stage, key) / DONE).is_file()
+
+    @contextmanager
+    def writing(self, stage: str, key: str, info: dict[str, Any]) -> Iterator[Path]:
+        """A temporary folder for the stage's files; renamed to the stage folder (with done.json) on success."""
+        start = time.perf_counter()
+        with atomic_dir(self.folder(stage, key), overwrite=True) as tmp:
+            yield tmp
+            done = {"stage": stage, "key": key, "seconds": round(time.perf_counter() - start, 2), **info}
+            atomic_write_text(tmp / DONE, json.dumps(done, indent=2) + "\n")
+        self._redone.add(stage)
+
+    def read_json(self, stage: str, key: str, name: str) -> Any:
+        return json.loads((self.folder(stage, key) / name).read_text())
+
+
+class RunFolder:
+    """``<out>/`` with run.json: refuses a finished run (unless overwrite) and resumes an interrupted one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().resolve()
+
+    @property
+    def state(self) -> dict[str, Any] | None:
+        f = self.path / RUN_FILE
+        try:
+            return json.loads(f.read_text()) if f.is_file() else None
+        except json.JSONDecodeError:
+            return None
+
+    def claim(self, overwrite: bool) -> str:
+        """Check the folder may be used; return 'new', 'resume' or 'overwrite'."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise EdgeTLError(f"--out {p} is a file", "choose a folder for the run")
+        state = self.state
+        if not p.exists() or not any(p.iterdir()):
+            how = "new"
+        elif state is None:
+            if not overwrite:
+                raise EdgeTLError(f"output folder {p} already exists and is not an edge-tl run folder",
+                                  "choose another --out, or pass --overwrite to write into it")
+            how = "overwrite"
+        elif state.get("status") == "done":
+            if not overwrite:
+                raise EdgeTLError(f"output folder {p} already holds a finished build",
+                                  "choose another --out, or pass --overwrite to rebuild (finished stages are reused)")
+            how = "overwrite"
+        else:
+            how = "resume"
+        p.mkdir(parents=True, exist_ok=True)
+        return how
+
+    def mark(self, status: str, **info: Any) -> None:
+        data = {**(self.state or {}), "status": status, "edge_tl": __version__, **info}
+        atomic_write_text(self.path / RUN_FILE, json.dumps(data, indent=2, default=str) + "\n")

@@ -1,0 +1,151 @@
+"""What every stage needs: the spec, the run folder, the data (scanned once, preprocessed once), the stage keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from edge_tl.core.errors import EdgeTLError, InternalError
+from edge_tl.core.preprocess import PreprocessConfig
+from edge_tl.workstation.data import DataSplit, scan
+from edge_tl.workstation.pipeline.cache import StageCache, file_digest, stage_key
+from edge_tl.workstation.spec import BuildSpec
+
+
+def quick_fingerprint(root: Path) -> str:
+    """Paths, sizes and mtimes of every file under ``root`` (no decoding): what the data stage's key hashes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resolve_data(spec: BuildSpec, run_dir: Path) -> tuple[Path, str]:
+    """(ImageFolder root, how to describe it). The demo's digits are written under ``<run>/demo-data/``."""
+    if spec.is_demo:
+        from edge_tl.workstation import demo
+
+        shots = demo.parse_shots(spec.data.demo_shots)
+        root = demo.target_task(run_dir / "demo-data", shots=shots, seed=spec.seed)
+        return root, f"edge-tl demo: sklearn digits 5-9, {spec.data.demo_shots} training images per class"
+    root = Path(spec.data.root).expanduser()
+    if not root.is_dir():
+        raise EdgeTLError(f"data folder {root} does not exist" if not root.exists() else f"{root} is not a folder",
+                          "pass --data with an ImageFolder root (one sub-folder per class)")
+    return root.resolve(), str(root.resolve())
+
+
+def resolve_weights(spec: BuildSpec) -> tuple[str, str]:
+    """(what create_model takes, what the manifest and the cache key record)."""
+    w = spec.model.weights
+    if w in ("imagenet", "none"):
+        return w, w
+    if w == "demo":
+        from edge_tl.workstation.demo import demo_checkpoint
+
+        path = demo_checkpoint()
+        return str(path), f"demo:models/{path.name}@sha256:{file_digest(path)[:16]}"
+    path = Path(w)
+    if not path.is_file():
+        raise EdgeTLError(f"weights file {path} does not exist", "pass --weights imagenet, none, or an existing file")
+    return str(path), f"{path.name}@sha256:{file_digest(path)[:16]}"
+
+
+@dataclass
+class Context:
+    spec: BuildSpec
+    run_dir: Path
+    cache: StageCache
+    console: Console
+    data_root: Path
+    data_label: str
+    weights: str
+    weights_label: str
+    keys: dict[str, str] = field(default_factory=dict)
+    split: DataSplit | None = None
+    _arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _train_ds: Any = None
+
+    @property
+    def pre(self) -> PreprocessConfig:
+        return self.spec.model.preprocess()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pre.input_size
+
+    @property
+    def data_split(self) -> DataSplit:
+        """The scanned data; an internal error when a stage asks before the data stage ran."""
+        if self.split is None:
+            raise InternalError("a stage used the data before the data stage ran")
+        return self.split
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data_split.classes
+
+    def folder(self, stage: str) -> Path:
+        return self.cache.folder(stage, self.keys[stage])
+
+    def read(self, stage: str, name: str) -> Any:
+        return json.loads((self.folder(stage) / name).read_text())
+
+    def compute_keys(self) -> dict[str, str]:
+        s = self.spec
+        d = s.model_dump(mode="json")
+        train = {k: v for k, v in d["train"].items() if k not in ("device", "workers")}
+        k = {"data": stage_key("data", {"data": {**d["data"], "root": str(self.data_root)}, "seed": s.seed,
+                                        "files": quick_fingerprint(self.data_root)}, [])}
+        common = {"model": d["model"], "train": train, "seed": s.seed}
+        k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label}, [k["data"]])
+        k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr}, [k["data"]])
+        k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed}, [k["finetune"]])
+        k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target}, [k["prune"]])
+        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed}, [k["export"], k["data"]])
+        self.keys = k
+        return k
+
+    # -- data, loaded lazily and once ------------------------------------------------------------------------
+    def scan(self) -> DataSplit:
+        d = self.spec.data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return scan(self.data_root, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=self.spec.seed,
+                        strict=d.strict, imbalance_ratio=d.imbalance_ratio, source=self.data_label)
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(preprocessed images, labels) of a split, through the device's Preprocessor."""
+        if split not in self._arrays:
+            from edge_tl.workstation.train.datasets import eval_arrays
+
+            data = self.data_split
+            self._arrays[split] = eval_arrays(data.paths(split), data.labels(split), self.pre)
+        return self._arrays[split]
+
+    def train_dataset(self) -> Any:
+        if self._train_ds is None:
+            from edge_tl.workstation.train.datasets import TrainDataset
+
+            data, t = self.data_split, self.spec.train
+            self._train_ds = TrainDataset(data.paths("train"), data.labels("train"), self.pre,
+                                          augment=t.augment, hflip=t.hflip)
+        return self._train_ds
+
+    def calibration(self) -> np.ndarray:
+        """Up to ``quantize.calib_count`` training images (un-augmented, preprocessed), a seeded draw."""
+        x, _ = self.arrays("train")
+        n = min(self.spec.quantize.calib_count, len(x))
+        if n < self.spec.quantize.calib_count:
+            self.console.print(f"[yellow]note:[/] calibrating on all {n} training images "
+                               f"(quantize.calib_count asks for {self.spec.quantize.calib_count})")
+        idx = np.sort(np.random.default_rng(self.spec.seed).permutation(len(x))[:n])
+        return x[idx]

@@ -1,0 +1,170 @@
+"""``report.md`` in the run folder: the stage table, transfer against scratch, data notes, and PNG plots
+(training curves, accuracy against MACs per stage, the INT8 model's confusion matrix) drawn with matplotlib."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_tl.core.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from edge_tl.workstation.pipeline.context import Context
+    from edge_tl.workstation.pipeline.run import BuildResult
+
+ROWS = (("finetune", "fine-tuned (PyTorch FP32)"), ("prune", "pruned + recovered (PyTorch FP32)"),
+        ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (ONNX Runtime)"))
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} MB"
+
+
+def _m(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} M"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def stage_rows(stages: dict[str, dict[str, Any]], latency: dict[str, float]) -> list[list[str]]:
+    rows = []
+    for key, label in ROWS:
+        m = stages.get(key, {})
+        rows.append([label, _pct(m.get("top1")), _m(m.get("macs")), _m(m.get("params")), _mb(m.get("file_bytes")),
+                     f"{latency[key]:.3f} ms" if key in latency else "-"])
+    return rows
+
+
+def stage_table(stages: dict[str, dict[str, Any]], latency: dict[str, float]) -> str:
+    head = ["stage", "top-1 (test)", "MACs", "params", "file", "CPU latency (batch 1)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in stage_rows(stages, latency)]
+    return "\n".join(lines)
+
+
+def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
+                  comparison: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
+    """(what, measured, met) for the issue's targets."""
+    ft, pr, ex, q = (stages[k] for k in ("finetune", "prune", "export", "quantize"))
+    out = []
+    if pr.get("enabled", True) and ft.get("macs"):
+        removed = 1 - pr["macs"] / ft["macs"]
+        out.append(("pruning removes >= 50% of the MACs", f"{100 * removed:.1f}% removed", removed >= 0.5))
+        cost = 100 * (ft["top1"] - pr["top1"])
+        out.append(("pruning costs <= 1 point after recovery", f"{cost:+.2f} points (fine-tuned - pruned)", cost <= 1))
+    d = 100 * (ex["top1"] - q["top1"])
+    out.append(("INT8 within 1.0 point of FP32 (ONNX, same model)", f"{d:+.2f} points (FP32 - INT8)", d <= 1.0))
+    d2 = 100 * (ft["top1"] - q["top1"])
+    out.append(("INT8 within 1.0 point of the FP32 fine-tuned model", f"{d2:+.2f} points", d2 <= 1.0))
+    speed = latency["finetune"] / latency["quantize"]
+    out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x", speed >= 5))
+    if comparison:
+        gap = 100 * (comparison["transfer_top1"] - comparison["scratch_top1"])
+        out.append(("transfer beats scratch by >= 20 points", f"{gap:+.1f} points", gap >= 20))
+    return out
+
+
+def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
+    from edge_tl.core.importer import require
+
+    mpl = require("matplotlib", "the build report's plots")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(exist_ok=True)
+    made = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for stage, color in (("finetune", "tab:blue"), ("prune", "tab:green"), ("scratch", "tab:red")):
+        f = ctx.folder(stage) / "fit.json" if stage in ctx.keys and stage in result.stages else None
+        if f is None or not f.is_file():
+            continue
+        hist = json.loads(f.read_text())["history"]
+        ep = [h["epoch"] for h in hist]
+        name = {"prune": "recovery"}.get(stage, stage)
+        ax.plot(ep, [h["val_top1"] for h in hist], color=color, label=f"{name} val")
+        ax.plot(ep, [h["train_top1"] for h in hist], color=color, ls="--", alpha=0.6, label=f"{name} train")
+    ax.set(xlabel="epoch", ylabel="top-1", title="Training curves", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "curves.png", dpi=100)
+    plt.close(fig)
+    made["curves"] = "plots/curves.png"
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in ROWS:
+        m = result.stages[key]
+        ax.scatter(m["macs"] / 1e6, 100 * m["top1"], s=50)
+        ax.annotate(label.split(" (")[0], (m["macs"] / 1e6, 100 * m["top1"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set(xlabel="MACs (millions)", ylabel="top-1 on test (%)", title="Accuracy against MACs per stage")
+    fig.tight_layout()
+    fig.savefig(plots / "accuracy_vs_macs.png", dpi=100)
+    plt.close(fig)
+    made["accuracy_vs_macs"] = "plots/accuracy_vs_macs.png"
+
+    cm = result.stages["quantize"]["confusion"]
+    classes = ctx.classes
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
+    ax.imshow(cm, cmap="Blues")
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="INT8 model, test split")
+    fig.tight_layout()
+    fig.savefig(plots / "confusion_int8.png", dpi=100)
+    plt.close(fig)
+    made["confusion"] = "plots/confusion_int8.png"
+    return made
+
+
+def write_report(ctx: Context, result: BuildResult) -> Path:
+    s, split = ctx.spec, ctx.data_split
+    plots = _plots(ctx, result, result.run_dir / "plots")
+    st, lat = result.stages, result.latency_ms
+    q, ex, pr = st["quantize"], st["export"], st["prune"]
+    lines = [f"# Build report: {s.name}", "",
+             f"Backbone **{s.model.backbone}** ({s.train.mode}, weights `{ctx.weights_label}`), input "
+             f"{ctx.size[0]}x{ctx.size[1]}, target {s.target}, seed {s.seed}. Data: {ctx.data_label}.", "",
+             f"Bundle: `{result.bundle_dir}` (and `{result.tarball.name}`). Build time {result.seconds:.0f} s; "
+             f"stages run: {', '.join(result.ran) or 'none'}; reused: {', '.join(result.skipped) or 'none'}.", "",
+             "## Stages", "", stage_table(st, lat), "",
+             f"CPU latency: median of {s.report.latency_iters} batch-1 runs, {s.report.latency_threads} thread(s), "
+             "all measured in this run (PyTorch eager for the torch stages, ONNX Runtime CPU for the ONNX ones).", "",
+             f"Export: opset {ex['opset']}, max |ONNX - PyTorch| = {ex['max_abs_diff']:.2e}. INT8: {q['method']} "
+             f"calibration on {q['calib_count']} training images, per-channel={q['per_channel']}, "
+             f"{q['quantized_nodes']} quantized nodes.", ""]
+    if pr.get("enabled", True):
+        lines += [f"Pruning: {pr['macs_before'] / 1e6:.2f} M -> {pr['macs_after'] / 1e6:.2f} M MACs "
+                  f"({100 * pr['macs_removed']:.1f}% removed), top-1 {_pct(pr['top1_before_recovery'])} right after "
+                  f"pruning, {_pct(pr.get('top1_after_bn_recalibration'))} after re-estimating BatchNorm statistics, "
+                  f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
+                  f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
+                  f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in target_checks(st, lat, result.comparison)]
+    if result.comparison:
+        c = result.comparison
+        lines += ["", "## Transfer against scratch", "",
+                  f"Same backbone, same {c['train_images']} training images, same split and epochs budget:", "",
+                  "| | top-1 (test) |", "|---|---|",
+                  f"| transfer (weights `{c['weights']}`) | {_pct(c['transfer_top1'])} |",
+                  f"| from scratch | {_pct(c['scratch_top1'])} |"]
+    lines += ["", "## Data", "", "| split | " + " | ".join(split.classes) + " |",
+              "|---|" + "---|" * len(split.classes)]
+    for name, counts in split.summary.counts.items():
+        lines.append(f"| {name} | " + " | ".join(str(counts[c]) for c in split.classes) + " |")
+    lines += ["", f"Split: {split.summary.split_mode}; file list sha256 `{split.summary.file_list_sha256[:16]}…`."]
+    for note in split.warnings:
+        lines.append(f"\n**Warning:** {note}")
+    if split.summary.skipped:
+        lines += ["", "Skipped files:", ""] + [f"- `{x['file']}`: {x['reason']}" for x in split.summary.skipped]
+    lines += ["", "## Plots", "", f"![training curves]({plots['curves']})", "",
+              f"![accuracy against MACs]({plots['accuracy_vs_macs']})", "",
+              f"![confusion matrix]({plots['confusion']})", ""]
+    atomic_write_text(result.report, "\n".join(lines))
+    return result.report

@@ -1,0 +1,118 @@
+"""`edge-tl build`: data -> finetune -> prune (+recovery) -> export -> quantize -> bundle, resumable.
+
+The run folder (``--out``)::
+
+    run.json                 status (running/done), stage keys, timings
+    spec.resolved.toml       the spec after CLI overrides (rebuild with: edge-tl build spec.resolved.toml)
+    stages/<stage>-<key>/    each stage's output, keyed by a hash of its inputs and settings (see cache.py)
+    bundle/  bundle.tar.gz   what the device consumes (edge_tl.core.bundle)
+    report.md  plots/        the report (edge_tl.workstation.pipeline.report)
+    demo-data/               the demo's digits as PNG folders (demo only)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
+from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
+from edge_tl.workstation.spec import STAGES, BuildSpec, to_toml
+
+
+@dataclass
+class BuildResult:
+    run_dir: Path
+    bundle_dir: Path
+    tarball: Path
+    report: Path
+    stages: dict[str, dict[str, Any]]
+    latency_ms: dict[str, float]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    comparison: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+def _check_force(force: list[str] | None) -> set[str]:
+    out = set()
+    for name in force or []:
+        if name == "all":
+            out |= {"data"}
+        elif name not in STAGES:
+            raise EdgeTLError(f"unknown stage '{name}' for --force", f"choose one of: {', '.join(STAGES)}, all")
+        else:
+            out.add(name)
+    return out
+
+
+def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, force: list[str] | None = None,
+              console: Console | None = None) -> BuildResult:
+    """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers."""
+    start = time.perf_counter()
+    console = console or Console(stderr=True)
+    forced = _check_force(force)
+    folder = RunFolder(out)
+    weights, weights_label = resolve_weights(spec)
+    if not spec.is_demo:
+        resolve_data(spec, folder.path)  # a missing data folder fails before the run folder is touched
+    how = folder.claim(overwrite)
+    run_dir = folder.path
+    if how == "resume":
+        console.print(f"[cyan]resuming[/] the interrupted build in {run_dir}")
+    data_root, data_label = resolve_data(spec, run_dir)
+    ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
+    keys = ctx.compute_keys()
+    (run_dir / "spec.resolved.toml").write_text(to_toml(spec))
+    folder.mark("running", stage_keys=keys, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    # deferred: torch and the stage code load only after the cheap checks above passed
+    from edge_tl.workstation.data import DataSplit
+    from edge_tl.workstation.pipeline.stages import RUNNERS, measure_latency
+
+    stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
+    metrics: dict[str, dict[str, Any]] = {}
+    ran, skipped = [], []
+    for stage in stages:
+        key = keys[stage]
+        if ctx.cache.is_done(stage, key):
+            skipped.append(stage)
+            console.print(f"[green]✓[/] {stage:<9} cached  ({ctx.folder(stage).relative_to(run_dir)})")
+        else:
+            console.print(f"[bold]→[/] {stage:<9} running")
+            with ctx.cache.writing(stage, key, {"spec_name": spec.name}) as tmp:
+                metrics[stage] = RUNNERS[stage](ctx, tmp)
+                if stage == "data":
+                    ctx.split = DataSplit.from_json((tmp / "split.json").read_text())
+            ran.append(stage)
+        if stage == "data" and ctx.split is None:
+            ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
+        if stage == "data":
+            for note in ctx.split.warnings:
+                console.print(f"[yellow]warning:[/] {note}")
+        metrics[stage] = ctx.read(stage, "metrics.json")
+    console.print("[bold]→[/] measuring CPU latency (batch 1, "
+                  f"{spec.report.latency_threads} thread(s), same run for every stage)")
+    latency = measure_latency(ctx)
+    comparison = None
+    if spec.report.compare_scratch:
+        comparison = {"transfer_top1": metrics["finetune"]["top1"], "scratch_top1": metrics["scratch"]["top1"],
+                      "train_images": metrics["data"]["train_images"], "weights": weights_label}
+    from edge_tl.workstation.pipeline.bundling import make_bundle
+
+    bundle_dir = make_bundle(ctx, latency, comparison)
+    result = BuildResult(run_dir, bundle_dir, bundle_dir.with_name("bundle.tar.gz"), run_dir / "report.md", metrics,
+                         latency, ran, skipped, comparison, time.perf_counter() - start)
+    from edge_tl.workstation.pipeline.report import write_report
+
+    write_report(ctx, result)
+    folder.mark("done", stage_keys=keys, ran=ran, skipped=skipped, seconds=round(result.seconds, 1),
+                bundle=str(bundle_dir), latency_ms=latency)
+    (run_dir / "metrics.json").write_text(json.dumps({"stages": metrics, "latency_ms": latency,
+                                                      "comparison": comparison}, indent=2, default=float) + "\n")
+    return result

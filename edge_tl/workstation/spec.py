@@ -1,0 +1,292 @@
+"""The build spec: one TOML file (or none: the bundled demo), validated by pydantic, overridden by CLI flags.
+
+Every section and key is documented in the field descriptions below (``edge-tl build --help`` points here;
+``models/recipes/*.toml`` are worked examples). Unknown keys are refused. A bad key or value gives one line
+naming it, e.g. ``spec.toml: train.lr_head: Input should be greater than 0``. Relative paths in a spec file
+are relative to that file; on the command line, to the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from edge_tl.core.targets import DEFAULT_TARGET, TARGETS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (the Jetson's system Python)
+    import tomli as tomllib
+
+BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1")
+STAGES = ("data", "finetune", "scratch", "prune", "export", "quantize")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Section):
+    root: str | None = Field(None, description="ImageFolder root (class folders, or train/ val/ test/ of them); "
+                             "unset = the bundled digits demo")
+    demo_shots: int | Literal["all"] = Field(10, description="demo only: training images per target class")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="stratified split: share of each class for val")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="stratified split: share of each class for test")
+    strict: bool = Field(False, description="fail on unreadable or non-image files instead of skipping them")
+    imbalance_ratio: float = Field(3.0, gt=1, description="warn when the largest class has this many times "
+                                   "the smallest one's training images")
+
+    @field_validator("demo_shots")
+    @classmethod
+    def _shots(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'all'")
+        return v
+
+
+class ModelSpec(_Section):
+    backbone: str = Field("mobilenet_v2", description=f"one of {', '.join(BACKBONES)}")
+    weights: str = Field("imagenet", description="'imagenet' (torchvision's DEFAULT weights), 'none' (from "
+                         "scratch), 'demo' (models/demo_source.pt) or a path to a state_dict checkpoint")
+    input_size: int = Field(224, ge=16, le=1024, description="square network input, pixels")
+    resize: int | None = Field(None, ge=16, description="shorter side before the center crop "
+                               "(default: input_size * 8/7, e.g. 256 for 224)")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the new classifier")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone '{v}', choose one of {', '.join(BACKBONES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _resize_fits(self) -> ModelSpec:
+        if self.resize is not None and self.resize < self.input_size:
+            raise ValueError(f"resize ({self.resize}) must be >= input_size ({self.input_size})")
+        return self
+
+    def preprocess(self) -> PreprocessConfig:
+        resize = self.resize or int(round(self.input_size * 8 / 7))
+        return PreprocessConfig(input_size=(self.input_size, self.input_size), resize=resize,
+                                interpolation=self.interpolation, mean=self.mean, std=self.std)
+
+
+class TrainSpec(_Section):
+    mode: Literal["finetune", "feature-extract"] = Field(
+        "finetune", description="finetune: head warm-up, then the whole net with a lower backbone lr; "
+        "feature-extract: frozen backbone, only the new head trains")
+    epochs: int = Field(30, ge=1, le=10_000, description="most epochs after the warm-up "
+                        "(early stopping may end sooner)")
+    warmup_epochs: int = Field(5, ge=0, description="finetune: head-only epochs before the backbone unfreezes")
+    lr_head: float = Field(1e-2, gt=0, description="AdamW learning rate of the new head")
+    lr_backbone: float = Field(1e-4, gt=0, description="AdamW learning rate of the backbone (finetune)")
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    patience: int = Field(8, ge=1, description="early stopping: epochs without a better val accuracy")
+    freeze_bn: bool = Field(True, description="keep BatchNorm statistics frozen (right for small datasets)")
+    augment: Literal["none", "light"] = Field("light", description="light: small random affine (rotation "
+                                              "<= 10 deg, shift <= 8%, scale 0.9-1.1), optional flips")
+    hflip: bool = Field(True, description="random horizontal flips (turn off for digits and text)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+    @model_validator(mode="after")
+    def _backbone_lr_lower(self) -> TrainSpec:
+        if self.mode == "finetune" and self.lr_backbone > self.lr_head:
+            raise ValueError(f"lr_backbone ({self.lr_backbone}) must not exceed lr_head ({self.lr_head})")
+        return self
+
+
+class PruneSpec(_Section):
+    enabled: bool = True
+    ratio: float = Field(0.5, ge=0, lt=0.95, description="share of the MACs to remove (0.5 = half)")
+    round_to: int = Field(8, ge=1, description="channel counts rounded to multiples of this (TensorRT likes 8)")
+    recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (all of them run; the best "
+                                 "epoch on validation is kept)")
+    recovery_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the recovery fine-tune")
+    importance: Literal["lamp", "taylor", "l1", "l2", "fpgm"] = Field(
+        "lamp", description="how channels are ranked: lamp (layer-adaptive magnitude), taylor (first-order loss "
+        "change on training images), l1/l2 (weight magnitude), fpgm")
+    global_pruning: bool = Field(True, description="rank channels across layers (each layer loses what it can "
+                                 "spare) instead of the same share in every layer")
+    distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
+                                  "from the unpruned model (0 = labels only)")
+    distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")
+
+
+class QuantizeSpec(_Section):
+    calib_count: int = Field(256, ge=1, description="calibration images drawn from the training split "
+                             "(all of them if it has fewer)")
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = Field(True, description="per-channel symmetric weight scales")
+
+
+class ExportSpec(_Section):
+    opset: int | None = Field(None, ge=11, description="ONNX opset (default: the target's export opset; never above "
+                              "what the target's TensorRT accepts)")
+    golden_count: int = Field(8, ge=1, le=256, description="test images stored with FP32 outputs for device parity")
+    max_batch: int = Field(32, ge=1, description="largest batch the device engine profile must accept")
+
+
+class ReportSpec(_Section):
+    compare_scratch: bool = Field(False, description="also train the same backbone from scratch on the same data "
+                                  "and show transfer against scratch")
+    scratch_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the from-scratch comparison")
+    latency_threads: int = Field(1, ge=1, description="CPU threads for the latency measurements (torch and ORT)")
+    latency_iters: int = Field(50, ge=5, description="timed batch-1 runs per latency measurement (median reported)")
+
+
+class BuildSpec(BaseModel):
+    """A whole build. ``edge-tl build`` with no spec and no ``--data`` uses :meth:`demo`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="bundle name")
+    seed: int = Field(0, ge=0, description="seeds splits, init, data order; same seed, same result")
+    target: str = Field(DEFAULT_TARGET, description=f"device software: {', '.join(TARGETS)}")
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    prune: PruneSpec = PruneSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
+    export: ExportSpec = ExportSpec()
+    report: ReportSpec = ReportSpec()
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, v: str) -> str:
+        if v not in TARGETS:
+            raise ValueError(f"unknown target '{v}', choose one of {', '.join(TARGETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _opset_fits(self) -> BuildSpec:
+        t = TARGETS[self.target]
+        if self.export.opset is not None and self.export.opset > t.max_opset:
+            raise ValueError(f"export.opset {self.export.opset} exceeds {t.name}'s TensorRT {t.tensorrt} "
+                             f"limit of {t.max_opset}")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data.root is None
+
+    def opset(self) -> int:
+        return self.export.opset or TARGETS[self.target].export_opset
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the named sections' settings (the stage cache keys use it)."""
+        dump = self.model_dump(mode="json")
+        picked = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def demo(cls) -> BuildSpec:
+        """The bundled digits demo; ``models/recipes/demo.toml`` is the same spec written out."""
+        return cls.model_validate(DEMO_SETTINGS)
+
+
+# The demo's settings (models/recipes/demo.toml says the same; a test keeps them equal). 8x8 digits are
+# upscaled to 32x32: MobileNetV2 reaches a 1x1 map, the build stays well under 5 minutes on 2 CPU cores.
+DEMO_SETTINGS: dict[str, Any] = {
+    "name": "digits-demo",
+    "seed": 0,
+    "data": {"root": None, "demo_shots": 10},
+    "model": {"backbone": "mobilenet_v2", "weights": "demo", "input_size": 32, "resize": 32,
+              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    "train": {"mode": "finetune", "epochs": 60, "warmup_epochs": 2, "lr_head": 2e-3, "lr_backbone": 1e-3,
+              "batch_size": 16, "patience": 15, "hflip": False},
+    "prune": {"ratio": 0.5, "recovery_epochs": 60, "recovery_lr": 1e-3},
+    "quantize": {"calib_count": 256, "method": "minmax"},
+    "report": {"compare_scratch": True},
+}
+
+
+def _one_line(exc: ValidationError, source: str, overridden: dict[str, str]) -> EdgeTLError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    where = overridden.get(loc, source)
+    msg = err["msg"].removeprefix("Value error, ")
+    return EdgeTLError(f"{where}: {loc or '(top level)'}: {msg}", "fix that value (see edge-tl build --help and "
+                       "models/recipes/)")
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise EdgeTLError(f"cannot set {dotted}: {key} is not a section", "check the spec's layout")
+    node[leaf] = value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise EdgeTLError(f"spec file {path} does not exist", "give an existing .toml file (see models/recipes/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise EdgeTLError(f"{path.name}: not valid TOML ({exc})", "fix the syntax (see models/recipes/)") from exc
+
+
+def load_spec(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+              flags: dict[str, str] | None = None) -> BuildSpec:
+    """Read ``path`` (or start from the demo when neither a spec nor ``data.root`` is given, else from the
+    defaults), merge the ``overrides`` (dotted keys, from CLI flags), validate once.
+
+    ``flags`` maps dotted keys to the flag that set them, so an error names ``--epochs`` rather than the file.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    flags = flags or {}
+    if path is not None:
+        path = Path(path)
+        data = read_toml(path)
+        source = path.name
+        base = path.resolve().parent
+        for section, key in (("data", "root"), ("model", "weights")):
+            value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute() and _is_path(key, value):
+                data[section][key] = str((base / value).resolve())
+    elif "data.root" in overrides:
+        data, source = {}, "defaults"
+    else:
+        data, source = json.loads(json.dumps(DEMO_SETTINGS)), "demo spec"
+    for dotted, value in overrides.items():
+        if dotted in ("data.root", "model.weights") and isinstance(value, str) and _is_path(dotted, value):
+            value = str(Path(value).expanduser().resolve())
+        set_dotted(data, dotted, value)
+    try:
+        return BuildSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc, source, {k: flags.get(k, f"--{k}") for k in overrides}) from None
+
+
+def _is_path(key: str, value: str) -> bool:
+    return not (key.endswith("weights") and value in ("imagenet", "none", "demo"))
+
+
+def to_toml(spec: BuildSpec) -> str:
+    """The spec as TOML (written to the run folder as spec.resolved.toml); None values are left out."""
+    lines: list[str] = []
+    dump = spec.model_dump(mode="json")
+    for key, value in dump.items():
+        if not isinstance(value, dict) and value is not None:
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in dump.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in value.items() if v is not None]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,67 @@
+"""Training and evaluation data for the training loop.
+
+Evaluation uses :class:`edge_tl.core.preprocess.Preprocessor`, the very code the device runs, so the accuracy
+measured here is the accuracy of the shipped preprocessing. Training adds light augmentation on top of the
+same resize: a small random affine (and optional flips), then the same scale / mean / std.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
+
+
+def eval_arrays(paths: list[Path], labels: np.ndarray, pre: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(N x C x H x W float32 through the device's Preprocessor, N int64 labels)."""
+    return Preprocessor(pre).batch([_open(p) for p in paths]), np.asarray(labels, dtype=np.int64)
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Decoded, resized images kept in memory; each ``__getitem__`` draws a new augmentation."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, pre: PreprocessConfig, augment: str = "light",
+                 hflip: bool = True):
+        from torchvision.transforms import v2
+
+        self.pre = Preprocessor(pre)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.images = [torch.from_numpy(np.asarray(self.pre.resize_crop(_open(p))).copy()).permute(2, 0, 1)
+                       for p in paths]
+        steps: list = []
+        if augment == "light":
+            steps.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1),
+                                         interpolation=v2.InterpolationMode.BILINEAR))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.augment = v2.Compose(steps) if steps else None
+        cfg = pre
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = float(cfg.scale)
+        self.bgr = cfg.channel_order == "BGR"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.images[i]
+        if self.augment is not None:
+            img = self.augment(img)
+        x = (img.float() * self.scale - self.mean) / self.std
+        if self.bgr:
+            x = x.flip(0)
+        return x, self.labels[i]
+
+    def as_arrays(self) -> np.ndarray:
+        """The un-augmented images, preprocessed exactly like the device does (for calibration)."""
+        return np.stack([self.pre.normalize(img.permute(1, 2, 0).numpy()) for img in self.images])

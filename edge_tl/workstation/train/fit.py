@@ -1,0 +1,229 @@
+"""The training loop: phases (head warm-up, fine-tune, recovery, scratch), early stopping on validation
+accuracy, the best checkpoint kept, per-epoch history, seeded and repeatable, CUDA when present."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation.train.backbones import is_head_param
+
+
+@dataclass
+class Phase:
+    """One stretch of training. ``lr_backbone=None`` freezes the backbone (only the head trains)."""
+
+    name: str
+    epochs: int
+    lr_head: float
+    lr_backbone: float | None
+    train_bn: bool = False
+    early_stop: bool = True
+
+
+@dataclass
+class FitResult:
+    best_val_top1: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    seconds: float
+    device: str
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgeTLError("train.device is 'cuda' but no CUDA GPU is visible to torch", "use --device auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | str = "cpu",
+             batch: int = 256) -> tuple[float, float, np.ndarray]:
+    """(top-1, mean cross-entropy, predictions) of ``model`` on preprocessed arrays."""
+    model.eval()
+    preds, loss = [], 0.0
+    for i in range(0, len(x), batch):
+        xb = torch.from_numpy(x[i:i + batch]).to(device)
+        yb = torch.from_numpy(y[i:i + batch]).to(device)
+        logits = model(xb)
+        loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        preds.append(logits.argmax(1).cpu().numpy())
+    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    n = max(len(y), 1)
+    return float((pred == y).mean()) if len(y) else 0.0, loss / n, pred
+
+
+def _optimizer(model: nn.Module, backbone: str, phase: Phase, weight_decay: float) -> torch.optim.Optimizer:
+    head, body = [], []
+    for name, p in model.named_parameters():
+        (head if is_head_param(backbone, name) else body).append(p)
+        p.requires_grad = is_head_param(backbone, name) or phase.lr_backbone is not None
+    groups = [{"params": head, "lr": phase.lr_head}]
+    if phase.lr_backbone is not None:
+        groups.append({"params": body, "lr": phase.lr_backbone})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def _set_train_mode(model: nn.Module, phase: Phase) -> None:
+    model.train()
+    frozen_body = phase.lr_backbone is None
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (frozen_body or not phase.train_bn):
+            mod.eval()
+
+
+def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val: tuple[np.ndarray, np.ndarray],
+        phases: list[Phase], *, batch_size: int = 32, weight_decay: float = 1e-4, patience: int = 8,
+        label_smoothing: float = 0.0, seed: int = 0, device: str = "auto", workers: int = 0,
+        label: str = "train", teacher: nn.Module | None = None, distill_weight: float = 0.0,
+        distill_temperature: float = 4.0) -> FitResult:
+    """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights.
+
+    With a ``teacher`` (the unpruned model, for the recovery after pruning) the loss blends the labels'
+    cross-entropy with knowledge distillation (Hinton et al. 2015): ``distill_weight`` x T^2 x
+    KL(teacher || student) at temperature T. The teacher's soft outputs on the augmented images carry far
+    more signal than a few labels, so the pruned net recovers closer to the accuracy it had.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    model.to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen,
+                                         num_workers=workers, drop_last=len(train_ds) > batch_size)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    if not 0.0 <= distill_weight <= 1.0:
+        raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
+    kd = teacher is not None and distill_weight > 0
+    if kd:
+        teacher = teacher.to(dev).eval()  # its forward runs under no_grad (_distill_loss)
+    best = (-1.0, float("inf"))
+    best_state, best_epoch, epoch, stale, stopped = None, 0, 0, 0, False
+    history: list[dict] = []
+    start = time.perf_counter()
+    total = sum(p.epochs for p in phases)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[status]}"), transient=False) as bar:
+        task = bar.add_task(label, total=total, status="")
+        for phase in phases:
+            if phase.epochs <= 0:
+                continue
+            opt = _optimizer(model, backbone, phase, weight_decay)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs)
+            stale = 0
+            for _ in range(phase.epochs):
+                t0 = time.perf_counter()
+                _set_train_mode(model, phase)
+                seen, correct, loss_sum = 0, 0, 0.0
+                for xb, yb in loader:
+                    xb, yb = xb.to(dev), yb.to(dev)
+                    logits = model(xb)
+                    loss = loss_fn(logits, yb)
+                    if kd:
+                        loss = (1 - distill_weight) * loss + distill_weight * _distill_loss(
+                            logits, teacher, xb, distill_temperature)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    seen += len(yb)
+                    correct += int((logits.argmax(1) == yb).sum())
+                    loss_sum += float(loss.detach()) * len(yb)
+                sched.step()
+                epoch += 1
+                val_top1, val_loss, _ = evaluate(model, *val, device=dev)
+                history.append({"epoch": epoch, "phase": phase.name, "train_loss": loss_sum / max(seen, 1),
+                                "train_top1": correct / max(seen, 1), "val_loss": val_loss, "val_top1": val_top1,
+                                "seconds": time.perf_counter() - t0})
+                if (val_top1, -val_loss) > (best[0], -best[1]):
+                    best, best_epoch, stale = (val_top1, val_loss), epoch, 0
+                    best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+                else:
+                    stale += 1
+                status = f"{phase.name} val {val_top1:.3f} (best {best[0]:.3f} @{best_epoch})"
+                bar.update(task, advance=1, status=status)
+                if phase.early_stop and stale >= patience:
+                    stopped = True
+                    bar.update(task, completed=total)
+                    break
+            if stopped:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad = True
+    model.eval()
+    return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
+                     seconds=time.perf_counter() - start, device=str(dev), history=history)
+
+
+def _distill_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        soft = nn.functional.log_softmax(teacher(xb) / temperature, dim=1)
+    student = nn.functional.log_softmax(logits / temperature, dim=1)
+    kl = nn.functional.kl_div(student, soft, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, dataset: torch.utils.data.Dataset, passes: int = 4, batch_size: int = 32,
+                   seed: int = 0, device: str = "auto") -> int:
+    """Re-estimate every BatchNorm's running mean/var on ``dataset`` (cumulative average over ``passes``
+    augmented passes). After channel pruning the layers after a pruned one see other inputs, so their stored
+    statistics are stale; this restores them before the recovery fine-tune. Returns the images seen."""
+    dev = pick_device(device)
+    model.to(dev)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    seen = 0
+    for _ in range(passes):
+        for xb, _ in loader:
+            model(xb.to(dev))
+            seen += len(xb)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+    return seen
+
+
+def finetune_phases(mode: str, epochs: int, warmup_epochs: int, lr_head: float, lr_backbone: float,
+                    freeze_bn: bool) -> list[Phase]:
+    """The phases of the two transfer-learning modes."""
+    if mode == "feature-extract":
+        return [Phase("head", epochs, lr_head, None)]
+    phases = [Phase("warmup", warmup_epochs, lr_head, None, early_stop=False)] if warmup_epochs else []
+    return phases + [Phase("finetune", epochs, lr_head, lr_backbone, train_bn=not freeze_bn)]
+
+
+def scratch_phases(epochs: int, lr: float) -> list[Phase]:
+    """From random weights every layer learns at one rate and BatchNorm statistics must train. No early
+    stopping: a net from scratch idles at chance for a while, and the baseline gets its whole budget (the best
+    val checkpoint is still kept)."""
+    return [Phase("scratch", epochs, lr, lr, train_bn=True, early_stop=False)]
+
+
+def recovery_phases(epochs: int, lr: float, freeze_bn: bool) -> list[Phase]:
+    """The recovery after pruning runs its whole budget (the best val epoch is kept): on small validation
+    sets early stopping fired on noise and kept an under-recovered net (benchmarks/RESULTS.md, demo seeds)."""
+    return [Phase("recovery", epochs, lr, lr, train_bn=not freeze_bn, early_stop=False)]
