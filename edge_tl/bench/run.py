@@ -63,9 +63,10 @@ def make_runner(cfg: BenchConfig) -> tuple[BaseRunner, Bundle | None, str | None
         if cfg.backend not in ("auto", "tensorrt"):
             raise EdgeTLError(f"{path} is a TensorRT engine; backend '{cfg.backend}' cannot run it",
                               "use --backend tensorrt (or auto)")
+        from edge_tl.engine.cache import engine_dla_core
         from edge_tl.runtime.tensorrt import make_tensorrt_runner
 
-        return make_tensorrt_runner(path, cfg.precision), None, cfg.precision
+        return make_tensorrt_runner(path, cfg.precision, dla_core=engine_dla_core(path)), None, cfg.precision
     if path.suffix == ".pt2":  # a PyTorch program from a build run (the torch baseline)
         if cfg.backend not in ("auto", "torch"):
             raise EdgeTLError(f"{path} is a PyTorch program; backend '{cfg.backend}' cannot run it",
@@ -76,8 +77,10 @@ def make_runner(cfg: BenchConfig) -> tuple[BaseRunner, Bundle | None, str | None
     from edge_tl.runtime.factory import create_runner
 
     bundle = None if path.suffix == ".onnx" else Bundle.open(path)
+    from edge_tl.engine.cache import EngineCache
+
     runner = create_runner(bundle or path, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
-                           engine_dir=cfg.engine_dir, build_engine=cfg.build_engine)
+                           engines=EngineCache(cfg.engine_dir, build=cfg.build_engine))
     precision = cfg.precision or (bundle.manifest.default_precision if bundle else None)
     if precision is None:
         precision = "int8" if path.name.endswith(".int8.onnx") else "fp32"
@@ -170,6 +173,10 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
                 stack.enter_context(locked_clocks(state))
             stack.enter_context(runner)  # load the model / engine first: a model that can't load fails early
             result.runner = runner.describe()
+            static = runner.static_batch()
+            if static is not None and set(cfg.batches) != {static}:
+                raise EdgeTLError(f"this model takes batch {static} only (a static-shape engine, as DLA engines "
+                                  f"are), not {', '.join(map(str, cfg.batches))}", f"pass --batch {static}")
             feeds = {b: make_feed(runner, bundle, b, data, cfg.seed) for b in cfg.batches}
             result.model.input_shape = list(next(iter(feeds[cfg.batches[0]].values())).shape[1:])
             sampler = select_sampler(cfg.power, root=cfg.power_root, rate_hz=cfg.rate_hz, interval_ms=cfg.interval_ms)

@@ -228,22 +228,24 @@ def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cach
     from edge_tl.runtime.factory import create_runner
 
     if engine_file is None:
+        from edge_tl.engine.cache import EngineCache
+
         return create_runner(bundle, backend=backend, precision=precision, threads=threads,
-                             engine_dir=cache_dir, build_engine=not no_build)
+                             engines=EngineCache(cache_dir, build=not no_build))
     from edge_tl.errors import EdgeTLError
 
     if backend not in ("auto", "tensorrt"):
         raise EdgeTLError(f"--engine is a TensorRT engine, but --backend is {backend}",
                           "drop --backend or use tensorrt")
     from edge_tl.engine.build import detect_device
-    from edge_tl.engine.cache import device_mismatch
+    from edge_tl.engine.cache import device_mismatch, engine_dla_core
     from edge_tl.runtime.tensorrt import make_tensorrt_runner
 
-    problem = device_mismatch(engine_file, detect_device())
+    problem = device_mismatch(engine_file, detect_device(builder=False))
     if problem:
         raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
                                    f"--out {engine_file}")
-    return make_tensorrt_runner(engine_file, precision)
+    return make_tensorrt_runner(engine_file, precision, dla_core=engine_dla_core(engine_file))
 
 
 @engine_app.command("sensitivity")

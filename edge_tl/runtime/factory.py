@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_tl.bundle import Bundle
 from edge_tl.errors import EdgeTLError
 from edge_tl.runtime import BACKENDS, best_backend
 from edge_tl.runtime.base import BaseRunner
+
+if TYPE_CHECKING:
+    from edge_tl.runtime.tensorrt import EngineSource
 
 
 def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Path, str, Bundle | None]:
@@ -26,13 +30,13 @@ def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Pa
 
 
 def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: str | None = None, *,
-                  threads: int | None = None, engine_dir: str | Path | None = None,
-                  build_engine: bool = True) -> BaseRunner:
+                  threads: int | None = None, engines: EngineSource | None = None) -> BaseRunner:
     """A runner (not yet activated) for ``model``.
 
     ``precision`` picks the bundle's model (fp32 -> model.onnx, int8 -> model.int8.onnx; default: the
     bundle's ``default_precision``). For ``tensorrt`` it is also the engine's build precision
-    (fp16/best are TensorRT-only). ``engine_dir`` is where TensorRT engines are cached.
+    (fp16/best are TensorRT-only). ``engines`` gives the TensorRT engine for an ONNX model (e.g.
+    ``edge_tl.engine.cache.EngineCache(engine_dir)``: built for this device and cached); only ``tensorrt`` uses it.
     """
     if backend == "auto":
         backend = best_backend()
@@ -53,7 +57,7 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
     if backend == "tensorrt":
         from edge_tl.runtime.tensorrt import make_tensorrt_runner
 
-        return make_tensorrt_runner(path, precision or onnx_precision, engine_dir=engine_dir, build=build_engine,
+        return make_tensorrt_runner(path, precision or onnx_precision, engines=engines,
                                     max_batch=bundle.manifest.max_batch if bundle else 32)
     from edge_tl.runtime.torch_runner import make_torch_runner
 
