@@ -1,0 +1,174 @@
+"""Connection limits for `edge-tl serve`: idle and slow clients can't exhaust the file descriptors or the log.
+
+uvicorn (0.2x-0.5x) closes a keep-alive connection only after a response, and any byte a client sends cancels that
+timer; a connection that never completes its request headers is never closed, and once the process runs out of
+descriptors ``accept()`` fails in a loop that logs a traceback each time. So the HTTP protocol here is uvicorn's
+own h11 protocol plus three rules:
+
+* **idle timeout**: a connection that has no request in progress (none yet, partial headers, or between
+  keep-alive requests) is closed ``idle_timeout_s`` after it opened or after its last response, whatever bytes
+  trickle in meanwhile (slowloris);
+* **connection cap**: at most ``max_connections`` connections (kept below the descriptor limit); when a new one
+  would exceed it, the connection idle for longest is closed to make room, and if none is idle the new one is
+  closed at once;
+* **quiet logs**: repeats of the same log message (accept errors, invalid requests, these limits) are rate-limited
+  to a few per interval, with a count of what was suppressed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("edge_tl.serve")
+
+#: descriptors kept free for the process itself (model files, ORT/TensorRT, log, pipes) beyond those open at start
+FD_RESERVE = 64
+
+
+@dataclass
+class ConnectionLimits:
+    idle_timeout_s: float = 5.0
+    max_connections: int = 1024
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's LimitNOFILE=); returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def effective_max_connections(asked: int) -> int:
+    """``asked``, lowered to fit under the descriptor limit (with the files open now and a reserve)."""
+    soft = raise_fd_limit()
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    room = soft - open_now - FD_RESERVE
+    if room < asked:
+        log.warning("--max-connections %d lowered to %d: the file descriptor limit is %d (raise LimitNOFILE)",
+                    asked, max(room, 1), soft)
+    return max(1, min(asked, room))
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets the first ``burst`` records of each message template through per ``interval_s``; then one summary."""
+
+    def __init__(self, burst: int = 3, interval_s: float = 10.0):
+        super().__init__()
+        self.burst, self.interval_s = burst, interval_s
+        self._seen: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        with self._lock:
+            window = self._seen.setdefault(key, [now, 0, 0])  # start, passed, suppressed
+            if now - window[0] > self.interval_s:
+                suppressed = window[2]
+                window[:] = [now, 0, 0]
+                if suppressed:
+                    record.msg = f"{record.msg} (and {suppressed} more like it in the last {self.interval_s:.0f} s)"
+            if window[1] < self.burst:
+                window[1] += 1
+                return True
+            window[2] += 1
+            return False
+
+
+_FILTER = RateLimitFilter()
+NOISY_LOGGERS = ("asyncio", "uvicorn.error", "edge_tl.serve")
+
+
+def install_log_rate_limit() -> None:
+    """Rate-limit repeated messages of asyncio (accept errors), uvicorn and the server (idempotent)."""
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
+def guarded_h11_protocol(limits: ConnectionLimits) -> type:
+    """uvicorn's H11Protocol with the idle timeout and the connection cap (pass as ``uvicorn.Config(http=...)``)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _limits = limits
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._idle_timer = None
+            self._arm_idle()
+            if len(self.connections) > self._limits.max_connections:
+                self._make_room()
+
+        def _busy(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm_idle(self) -> None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_since = time.monotonic()
+            self._idle_timer = self.loop.call_later(self._limits.idle_timeout_s, self._idle_expired)
+
+        def _idle_expired(self) -> None:
+            self._idle_timer = None
+            if not self._busy():
+                self._close()
+
+        def _close(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _make_room(self) -> None:
+            idle = [c for c in self.connections
+                    if c is not self and isinstance(c, GuardedH11Protocol) and not c._busy()
+                    and not c.transport.is_closing()]
+            if idle:
+                oldest = min(idle, key=lambda c: c._idle_since)
+                log.warning("connection limit %d reached: closing the connection idle for longest",
+                            self._limits.max_connections)
+                oldest._close()
+            else:
+                log.warning("connection limit %d reached and every connection is busy: refusing a new one",
+                            self._limits.max_connections)
+                self._close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._busy() and self._idle_timer is not None:  # a request's headers arrived: not idle any more
+                self._idle_timer.cancel()
+                self._idle_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_idle()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_limits(limits: ConnectionLimits) -> dict[str, Any]:
+    """uvicorn.Config keyword arguments for these limits."""
+    return {"http": guarded_h11_protocol(limits), "timeout_keep_alive": max(1, int(limits.idle_timeout_s)),
+            "h11_max_incomplete_event_size": 64 * 1024}  # request line + headers at most 64 KiB
