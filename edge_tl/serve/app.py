@@ -151,15 +151,23 @@ async def read_body(request, limit: int, timeout_s: float | None = None) -> byte
     A body that takes longer than ``timeout_s`` to arrive is a 408 (slow senders can't hold a request forever)."""
     from starlette.requests import ClientDisconnect
 
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
+    declared = request.headers.get("content-length", "")
+    # with a Content-Length, fill one buffer (no list of chunks joined into a second copy)
+    buf = bytearray(int(declared)) if declared.isdecimal() and int(declared) <= limit else None
 
     async def receive_all() -> None:
         nonlocal size
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            end = size + len(chunk)
+            if end > limit:
                 raise ProtocolError(413, f"request body is over the limit of {limit} bytes (--max-request-bytes)")
-            chunks.append(chunk)
+            if buf is not None and end <= len(buf):
+                buf[size:end] = chunk
+            else:
+                chunks.append(chunk)
+            size = end
 
     try:
         await asyncio.wait_for(receive_all(), timeout_s)
@@ -167,7 +175,10 @@ async def read_body(request, limit: int, timeout_s: float | None = None) -> byte
         raise ProtocolError(400, "the client disconnected before sending the whole body") from None
     except asyncio.TimeoutError:
         raise ProtocolError(408, f"the request body did not arrive within {timeout_s:g} s") from None
-    body = b"".join(chunks)
+    if buf is not None and not chunks:
+        body = buf if size == len(buf) else buf[:size]
+    else:
+        body = b"".join([bytes(buf[:size]) if buf is not None else b"", *chunks])
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("", "identity"):
         return body

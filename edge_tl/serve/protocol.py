@@ -99,18 +99,18 @@ _PLACEHOLDER = "\u0000edge-tl-data-{}"
 
 
 class _Numbers:
-    """A numeric array cut out of the JSON text, parsed on demand (float64, flattened)."""
+    """A numeric array in the JSON text (``body[start:stop]``, not copied), parsed on demand (float64, flat)."""
 
-    def __init__(self, text: bytes):
-        self.text = text
+    def __init__(self, body: bytes | bytearray, start: int, stop: int):
+        self.body, self.start, self.stop = body, start, stop
 
     def parse(self) -> np.ndarray | None:
-        text, parts, pos, commas = self.text, [], 0, 0
-        while pos < len(text):
-            end = len(text) if len(text) - pos <= FAST_CHUNK else text.rfind(b",", pos, pos + FAST_CHUNK) + 1
+        text, stop, parts, pos, commas = self.body, self.stop, [], self.start, 0
+        while pos < stop:
+            end = stop if stop - pos <= FAST_CHUNK else text.rfind(b",", pos, pos + FAST_CHUNK) + 1
             if end <= pos:
                 return None
-            piece = text[pos:end].translate(None, b"[]").strip().strip(b",")
+            piece = bytes(text[pos:end]).translate(None, b"[]").strip().strip(b",")
             commas += piece.count(b",")
             if piece:
                 try:
@@ -123,13 +123,12 @@ class _Numbers:
         return arr if arr.size == commas else None  # a malformed number stops numpy early: let json.loads say why
 
 
-def _cut_numbers(body: bytes) -> tuple[bytes, list[_Numbers]] | None:
+def _cut_numbers(body: bytes | bytearray) -> tuple[bytes, list[_Numbers]] | None:
     """(the JSON with each large "data" array replaced by a placeholder string, the arrays), or None."""
-    out, found, pos = [], [], 0
-    for m in _DATA_KEY.finditer(body):
+    out, found, pos, look = [], [], 0, 0
+    while (m := _DATA_KEY.search(body, look)) is not None:
         start = m.end() - 1  # at "["
-        if start < pos:
-            continue
+        look = m.end()
         end, scan = None, start
         while end is None:  # the numeric run ends at the first character no number, bracket or comma has
             hit = _NOT_NUMERIC.search(body, scan, min(len(body), scan + FAST_CHUNK))
@@ -139,21 +138,22 @@ def _cut_numbers(body: bytes) -> tuple[bytes, list[_Numbers]] | None:
                 return None
             else:
                 scan += FAST_CHUNK
-        run = body[start:end].rstrip(b" \t\r\n,")
+        while end > start and body[end - 1] in b" \t\r\n,":
+            end -= 1
         if end - start < FAST_MIN // 4:
             continue
-        if not run.endswith(b"]") or run.count(b"[") != run.count(b"]"):
+        if body[end - 1] != ord("]") or body.count(b"[", start, end) != body.count(b"]", start, end):
             return None
-        out += [body[pos:start], json.dumps(_PLACEHOLDER.format(len(found))).encode()]
-        found.append(_Numbers(run))
-        pos = start + len(run)
+        out += [bytes(body[pos:start]), json.dumps(_PLACEHOLDER.format(len(found))).encode()]
+        found.append(_Numbers(body, start, end))
+        pos = look = end  # the next search starts after this array, not inside it
     if not found:
         return None
-    out.append(body[pos:])
+    out.append(bytes(body[pos:]))
     return b"".join(out), found
 
 
-def loads_request(body: bytes) -> Any:
+def loads_request(body: bytes | bytearray) -> Any:
     """``json.loads`` for a request body, with large numeric arrays parsed in GIL-friendly slices (see above).
 
     Nesting too deep for the parser is a 400, as is anything that isn't JSON."""
@@ -228,7 +228,7 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
         head, binary = body[:hlen], memoryview(body)[hlen:]
     else:
         head, binary = body, memoryview(b"")
-    req = loads_request(bytes(head))
+    req = loads_request(head)
     if not isinstance(req, dict):
         raise ProtocolError(400, "the request must be a JSON object with 'inputs'")
     raw_inputs = req.get("inputs")
