@@ -1,8 +1,9 @@
 """`edge-tl serve` against idle, slow and huge clients, written to RESULTS.md (section bench_serve_limits).
 
 The server is `edge-tl serve` in its own process on loopback, with its documented default limits
-(--idle-timeout 5 s, --max-connections 1024, --max-inflight-bytes 64 MiB) and the file-descriptor limit set to
-1024 (soft and hard, the common default outside systemd) so that the cap must adapt to it. Targets (issue 10):
+(--idle-timeout 5 s, --max-connections 1024, --max-inflight-bytes = --max-request-bytes = 32 MiB) and the
+file-descriptor limit set to 1024 (soft and hard, the common default outside systemd) so that the cap must adapt
+to it. Targets (issue 10):
 
 1. 1,100 idle sockets (plus 15 that send partial headers one byte a second): /v2/health/live still answers
    within 1 s, the server logs fewer than 100 lines, and every idle socket is closed within the idle timeout.
@@ -288,7 +289,7 @@ def main() -> None:
 
 {machine_line()}
 Server: `edge-tl serve` (model {name}, 224x224, ONNX Runtime CPU, fp32) in its own process on loopback with its
-default limits (`--idle-timeout {IDLE_TIMEOUT:g}`, `--max-connections 1024`, `--max-inflight-bytes 64 MiB`) and
+default limits (`--idle-timeout {IDLE_TIMEOUT:g}`, `--max-connections 1024`, `--max-inflight-bytes` 32 MiB) and
 RLIMIT_NOFILE 1024 (soft = hard), so the connection cap had to fit under it. Clients: this script (threads, raw
 sockets / http.client). One run; numbers are from that run.
 

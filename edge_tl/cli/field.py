@@ -103,8 +103,9 @@ def serve_cmd(
     max_connections: int = typer.Option(1024, "--max-connections",
                                         help="Open connections at most (lowered to fit the fd limit); the one idle "
                                              "longest is closed to make room."),
-    max_inflight_bytes: int = typer.Option(64 * 1024 * 1024, "--max-inflight-bytes",
-                                           help="Request bytes held at once across requests; others wait."),
+    max_inflight_bytes: int = typer.Option(None, "--max-inflight-bytes",
+                                           help="Request bytes held at once across requests; others wait "
+                                                "(default: --max-request-bytes)."),
 ) -> None:
     """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
     from edge_tl.serve.config import ServeConfig

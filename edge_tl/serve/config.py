@@ -34,7 +34,7 @@ class ServeConfig:
     idle_timeout_s: float = 5.0  # a connection with no request in progress (headers incomplete, keep-alive) closes
     body_timeout_s: float = 60.0  # a request body must arrive within this (else 408)
     max_connections: int = 1024  # open connections at most (kept below the fd limit); the longest idle makes room
-    max_inflight_bytes: int = 64 * 1024 * 1024  # request bytes held at once across requests (the rest wait)
+    max_inflight_bytes: int | None = None  # request bytes held at once across requests (default: max_request_bytes)
 
     def __post_init__(self) -> None:
         if self.token is None:
@@ -48,6 +48,8 @@ class ServeConfig:
             self.root = Path(self.root)
             if not self.root.is_dir():
                 raise EdgeTLError(f"--root {self.root} is not a folder", "give the root that edge-tl deploy uses")
+        if self.max_inflight_bytes is None:
+            self.max_inflight_bytes = self.max_request_bytes
         for field, value, low in (("--max-batch", self.max_batch, 1), ("--workers", self.workers, 1),
                                   ("--max-request-bytes", self.max_request_bytes, 1024),
                                   ("--max-image-pixels", self.max_image_pixels, 1), ("--port", self.port, 0),

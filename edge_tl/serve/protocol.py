@@ -104,7 +104,9 @@ class _Numbers:
     def __init__(self, body: bytes | bytearray, start: int, stop: int):
         self.body, self.start, self.stop = body, start, stop
 
-    def parse(self) -> np.ndarray | None:
+    def parse(self, dtype: Any = np.float64) -> np.ndarray | None:
+        """Parsed as float64 slice by slice, each slice cast to ``dtype`` at once (values beyond its range become
+        Inf, which the caller refuses), so only ``dtype``-sized arrays are kept."""
         text, stop, parts, pos, commas = self.body, self.stop, [], self.start, 0
         while pos < stop:
             end = stop if stop - pos <= FAST_CHUNK else text.rfind(b",", pos, pos + FAST_CHUNK) + 1
@@ -114,9 +116,11 @@ class _Numbers:
             commas += piece.count(b",")
             if piece:
                 try:
-                    parts.append(np.fromstring(piece.decode("ascii"), dtype=np.float64, sep=","))
+                    values = np.fromstring(piece.decode("ascii"), dtype=np.float64, sep=",")
                 except (ValueError, DeprecationWarning):  # numpy stops at what it can't read
                     return None
+                with np.errstate(over="ignore", invalid="ignore"):
+                    parts.append(values.astype(dtype, copy=False))
                 commas += 1  # the separator between this slice and the next
             pos = end
         arr = np.concatenate(parts) if parts else np.zeros(0)
@@ -174,7 +178,8 @@ def loads_request(body: bytes | bytearray) -> Any:
             idx = data[len(_PLACEHOLDER) - 2:]
             if not idx.isdecimal() or int(idx) >= len(arrays):
                 return loads_request_slow(body)
-            parsed = arrays[int(idx)].parse()
+            kind = DATATYPES.get(raw.get("datatype"), np.float64)
+            parsed = arrays[int(idx)].parse(kind if np.dtype(kind).kind == "f" else np.float64)
             if parsed is None:
                 return loads_request_slow(body)
             raw["data"] = parsed
