@@ -22,8 +22,9 @@ import os
 import resource
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger("edge_tl.serve")
 
@@ -108,6 +109,8 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
 
     class GuardedH11Protocol(H11Protocol):
         _limits = limits
+        #: this server's idle connections, longest idle first (O(1) to find the one to close at the cap)
+        _idle: ClassVar[OrderedDict] = OrderedDict()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -122,8 +125,15 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
         def _arm_idle(self) -> None:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
-            self._idle_since = time.monotonic()
+            self._idle[self] = None
+            self._idle.move_to_end(self)
             self._idle_timer = self.loop.call_later(self._limits.idle_timeout_s, self._idle_expired)
+
+        def _not_idle(self) -> None:
+            self._idle.pop(self, None)
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
 
         def _idle_expired(self) -> None:
             self._idle_timer = None
@@ -131,38 +141,33 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
                 self._close()
 
         def _close(self) -> None:
+            self._idle.pop(self, None)
             if not self.transport.is_closing():
                 self.transport.close()
 
         def _make_room(self) -> None:
-            idle = [c for c in self.connections
-                    if c is not self and isinstance(c, GuardedH11Protocol) and not c._busy()
-                    and not c.transport.is_closing()]
-            if idle:
-                oldest = min(idle, key=lambda c: c._idle_since)
-                log.warning("connection limit %d reached: closing the connection idle for longest",
-                            self._limits.max_connections)
-                oldest._close()
-            else:
-                log.warning("connection limit %d reached and every connection is busy: refusing a new one",
-                            self._limits.max_connections)
-                self._close()
+            for oldest in self._idle:
+                if oldest is not self:
+                    log.warning("connection limit %d reached: closing the connection idle for longest",
+                                self._limits.max_connections)
+                    oldest._close()
+                    return
+            log.warning("connection limit %d reached and every connection is busy: refusing a new one",
+                        self._limits.max_connections)
+            self._close()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self._busy() and self._idle_timer is not None:  # a request's headers arrived: not idle any more
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            if self._busy():  # a request's headers arrived: not idle any more
+                self._not_idle()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and not self._busy():
                 self._arm_idle()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            self._not_idle()
             super().connection_lost(exc)
 
     return GuardedH11Protocol
