@@ -88,6 +88,12 @@ def test_repeated_log_lines_are_rate_limited():
     assert sum(flt.filter(r) for r in rec) == 3
     other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "something else", None, None)
     assert flt.filter(other)
+    numbered = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "closed connection %d", (i,), None)
+                for i in range(50)]
+    assert sum(flt.filter(r) for r in numbered) == 3  # the same event with another number is a repeat
+    versions = [logging.LogRecord("edge_tl.serve", logging.INFO, __file__, 1, "now serving version %s", (v,), None)
+                for v in ("abcdef", "bcdefa", "cdefab", "defabc")]
+    assert all(flt.filter(r) for r in versions)  # distinct events all pass
 
 
 def test_byte_budget_bounds_bytes_in_flight():

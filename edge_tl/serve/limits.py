@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import threading
 import time
@@ -66,7 +67,8 @@ def effective_max_connections(asked: int) -> int:
 
 
 class RateLimitFilter(logging.Filter):
-    """Lets the first ``burst`` records of each message template through per ``interval_s``; then one summary."""
+    """Lets the first ``burst`` records of each message through per ``interval_s`` (numbers in it ignored, so
+    "closed connection 7" and "... 8" count as one); the first one after the interval says how many were dropped."""
 
     def __init__(self, burst: int = 3, interval_s: float = 10.0):
         super().__init__()
@@ -75,7 +77,11 @@ class RateLimitFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg)[:200])
+        try:  # the message as logged, numbers blanked: repeats of one event share a key, other events don't
+            text = record.getMessage()
+        except Exception:  # a malformed record: let logging report it
+            return True
+        key = (record.name, _DIGITS.sub("#", text)[:200])
         now = time.monotonic()
         with self._lock:
             window = self._seen.setdefault(key, [now, 0, 0])  # start, passed, suppressed
@@ -91,6 +97,7 @@ class RateLimitFilter(logging.Filter):
             return False
 
 
+_DIGITS = re.compile(r"\d+")
 _FILTER = RateLimitFilter()
 NOISY_LOGGERS = ("asyncio", "uvicorn.error", "edge_tl.serve")
 
