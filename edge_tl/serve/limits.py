@@ -52,18 +52,29 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def effective_max_connections(asked: int) -> int:
-    """``asked``, lowered to fit under the descriptor limit (with the files open now and a reserve)."""
+def connection_budget(asked: int) -> tuple[int, int]:
+    """(max connections, listen backlog) that fit under the descriptor limit.
+
+    asyncio accepts up to ``backlog`` sockets per wake-up before any protocol code runs, and the sockets closed to
+    make room are released one loop iteration later, so up to two bursts can be open beyond the cap: the cap is
+    kept ``2 x backlog`` below what is free (after the files open now and a reserve)."""
     soft = raise_fd_limit()
     try:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:
         open_now = 64
-    room = soft - open_now - FD_RESERVE
-    if room < asked:
-        log.warning("--max-connections %d lowered to %d: the file descriptor limit is %d (raise LimitNOFILE)",
-                    asked, max(room, 1), soft)
-    return max(1, min(asked, room))
+    room = max(soft - open_now - FD_RESERVE, 8)
+    backlog = max(4, min(2048, room // 8))
+    cap = max(1, min(asked, room - 2 * backlog))
+    if cap < asked:
+        log.warning("--max-connections %d lowered to %d (listen backlog %d): the file descriptor limit is %d "
+                    "(raise LimitNOFILE)", asked, cap, backlog, soft)
+    return cap, backlog
+
+
+def effective_max_connections(asked: int) -> int:
+    """``asked``, lowered to fit under the descriptor limit (see :func:`connection_budget`)."""
+    return connection_budget(asked)[0]
 
 
 class RateLimitFilter(logging.Filter):
@@ -180,7 +191,8 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:
     return GuardedH11Protocol
 
 
-def uvicorn_limits(limits: ConnectionLimits) -> dict[str, Any]:
+def uvicorn_limits(limits: ConnectionLimits, backlog: int = 2048) -> dict[str, Any]:
     """uvicorn.Config keyword arguments for these limits."""
     return {"http": guarded_h11_protocol(limits), "timeout_keep_alive": max(1, int(limits.idle_timeout_s)),
-            "h11_max_incomplete_event_size": 64 * 1024}  # request line + headers at most 64 KiB
+            "h11_max_incomplete_event_size": 64 * 1024,  # request line + headers at most 64 KiB
+            "backlog": backlog}

@@ -24,11 +24,11 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def _limits(config: ServeConfig) -> dict:
     """uvicorn options for the idle timeout and the connection cap; repeated log lines rate-limited."""
-    from edge_tl.serve.limits import ConnectionLimits, effective_max_connections, install_log_rate_limit, uvicorn_limits
+    from edge_tl.serve.limits import ConnectionLimits, connection_budget, install_log_rate_limit, uvicorn_limits
 
     install_log_rate_limit()
-    return uvicorn_limits(ConnectionLimits(idle_timeout_s=config.idle_timeout_s,
-                                           max_connections=effective_max_connections(config.max_connections)))
+    cap, backlog = connection_budget(config.max_connections)
+    return uvicorn_limits(ConnectionLimits(idle_timeout_s=config.idle_timeout_s, max_connections=cap), backlog)
 
 
 def run_server(config: ServeConfig) -> None:
