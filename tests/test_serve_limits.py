@@ -174,3 +174,16 @@ def test_large_json_parsed_in_slices_equals_json_loads(monkeypatch):
             protocol.loads_request(body)
         assert exc.value.status == 400
 
+
+
+def test_connection_cap_and_backlog_fit_under_the_fd_limit(monkeypatch):
+    from edge_tl.serve import limits
+
+    for soft, asked in ((1024, 1024), (65536, 1024), (256, 1024)):
+        monkeypatch.setattr(limits.resource, "getrlimit", lambda _r, s=soft: (s, s))
+        monkeypatch.setattr(limits.resource, "setrlimit", lambda *_a: None)
+        monkeypatch.setattr(limits.os, "listdir", lambda _p: ["fd"] * 30)
+        cap, backlog = limits.connection_budget(asked)
+        # a burst of `backlog` accepts can land twice before the sockets closed to make room are released
+        assert 30 + limits.FD_RESERVE + cap + 2 * backlog <= soft
+        assert cap == asked if soft == 65536 else cap < asked
