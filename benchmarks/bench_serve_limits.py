@@ -293,7 +293,8 @@ def main() -> None:
         (f"{rss['clients']} concurrent {rss['body_mb']:.1f} MB (31 MiB) JSON bodies (batch {batch}): "
          "peak RSS < 2x idle",
          f"at start {rss['rss_start_mb']:.0f} MB, idle after one such body {rss['rss_idle_mb']:.0f} MB, "
-         f"peak {rss['rss_peak_mb']:.0f} MB ({rss['ratio']:.2f}x idle); "
+         f"peak {rss['rss_peak_mb']:.0f} MB ({rss['ratio']:.2f}x idle, "
+         f"{rss['rss_peak_mb'] / rss['rss_start_mb']:.2f}x start); "
          f"statuses {rss['statuses']}, {rss['wall_s']:.1f} s", ok(rss["ratio"] < 2)),
         (f"four concurrent {lat['body_mb']:.1f} MB JSON bodies (batch {batch31}): health p95 < 50 ms",
          f"p50 {lat['health_p50_ms']:.1f} ms, p95 {lat['health_p95_ms']:.1f} ms, max {lat['health_max_ms']:.1f} ms "
@@ -326,7 +327,7 @@ close, so it includes the time the socket waited in the listen queue before the 
 With `--max-inflight-bytes` = one 31 MiB body, the 32 bodies are taken one at a time (about 2-3 s each here); a
 request still waiting for the byte budget after `--body-timeout` (60 s) gets 503 (retry later) instead of memory.
 "Idle" RSS is taken after one body of the same size went through (ONNX Runtime's arena grows once to that batch:
-model working memory, not request memory); RSS at start is given beside it.
+model working memory, not request memory); RSS at start and peak / start are given beside it.
 """
     write_section("bench_serve_limits", text)
     print(text)
