@@ -30,6 +30,7 @@ PREFIX="/opt/edge-tl"
 WITH_SERVICE=0
 ORT_INDEX=""
 PYTHON=""
+PKGS_PY=()
 DRY_RUN=0
 RELEASE_FILE="/etc/nv_tegra_release"
 DEPLOY_USER="${SUDO_USER:-$(id -un)}"
@@ -82,16 +83,19 @@ if [ "$DRY_RUN" -eq 0 ] && ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info
 fi
 
 if [ -z "$ORT_INDEX" ] && [ "$JETPACK" -eq 6 ]; then
+  # R36.2 = JetPack 6.0 DP and R36.3 = JetPack 6.0 both ship CUDA 12.2; R36.4 (JetPack 6.1 / 6.2) ships 12.6.
   case "$L4T_REV" in
-    3.*) ORT_INDEX="https://pypi.jetson-ai-lab.io/jp6/cu122" ;;  # JetPack 6.0, CUDA 12.2
-    *)   ORT_INDEX="https://pypi.jetson-ai-lab.io/jp6/cu126" ;;  # JetPack 6.1 / 6.2, CUDA 12.6
+    0.*|1.*|2.*|3.*) ORT_INDEX="https://pypi.jetson-ai-lab.io/jp6/cu122" ;;  # JetPack 6.0 (DP), CUDA 12.2
+    *)               ORT_INDEX="https://pypi.jetson-ai-lab.io/jp6/cu126" ;;  # JetPack 6.1 / 6.2, CUDA 12.6
   esac
 fi
 
 # -- system packages (JetPack's apt repository) ----------------------------------------------------------------
-say "system packages: TensorRT (Python bindings, trtexec), Python venv, rsync"
+say "system packages: TensorRT (Python bindings, trtexec), Python venv and headers, C++ compiler, rsync"
 run $SUDO apt-get update
-PKGS=(python3-pip python3-venv rsync libnvinfer-bin)
+# pycuda (the [jetson] extra) compiles from source: it needs a C++ compiler and the headers of the venv's Python.
+PY_DEV="$(basename "$PYTHON")-dev"; [ "$PY_DEV" = "python3-dev" ] || PKGS_PY=("$PY_DEV")
+PKGS=(python3-pip python3-venv rsync libnvinfer-bin build-essential python3-dev "${PKGS_PY[@]}")
 if [ "$JETPACK" -eq 6 ]; then PKGS+=(python3-libnvinfer python3-libnvinfer-dev); fi
 run $SUDO apt-get install -y "${PKGS[@]}"
 

@@ -318,7 +318,10 @@ def test_tensorrt_runner_matches_golden_outputs(tiny_bundle):
     from edge_tl.device.runners import create_runner
 
     bundle = Bundle.open(tiny_bundle)
-    with create_runner(bundle, backend="tensorrt", precision="fp32", engine_dir=tiny_bundle / "engines") as r:
+    from edge_tl.device.engine.cache import EngineCache
+
+    engines = EngineCache(tiny_bundle / "engines")
+    with create_runner(bundle, backend="tensorrt", precision="fp32", engines=engines) as r:
         out = r.infer(bundle.golden_inputs())["logits"]
         assert r.describe()["cuda_api"] in ("pycuda", "cuda-python")
     np.testing.assert_allclose(out, bundle.golden_outputs(), rtol=1e-2, atol=1e-3)

@@ -250,9 +250,12 @@ BOOTSTRAP = Path(__file__).resolve().parents[1] / "deploy" / "bootstrap.sh"
     ("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64",
      ["JetPack 6", "jp6/cu126", "venv --system-site-packages", "python3-libnvinfer", "[jetson,serve]"], []),
     ("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64",
-     ["jp6/cu122"], []),
+     ["jp6/cu122", "build-essential python3-dev"], ["cu126"]),
+    ("# R36 (release), REVISION: 2.0, GCID: 35084178, BOARD: generic, EABI: aarch64",  # JetPack 6.0 DP, CUDA 12.2
+     ["jp6/cu122"], ["cu126"]),
     ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64",
-     ["JetPack 5", "python3.10 -m venv /opt/edge-tl/venv", "Jetson_Zoo", "install onnxruntime"],
+     ["JetPack 5", "python3.10 -m venv /opt/edge-tl/venv", "Jetson_Zoo", "install onnxruntime",
+      "build-essential python3-dev python3.10-dev"],
      ["--system-site-packages", "python3-libnvinfer "]),
 ])
 def test_bootstrap_dry_run_by_jetpack(tmp_path, release, expect, refuse):

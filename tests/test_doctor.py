@@ -126,3 +126,35 @@ def test_cli_doctor_on_this_machine(tmp_path, fake_path, capsys):
     assert exc.value.code == (3 if data["blockers"] else 0)
     assert data["facts"]["jetson_model"] is None and data["facts"]["nvpmodel"] == "15W (mode 0)"
     assert "ort-cpu" in data["facts"]["backends"]
+
+
+# Recorded on an AGX Orin with JetPack 5.1.2 (L4T R35.4.1): edge-tl in a Python 3.10 venv, TensorRT 8.5.2 known
+# from trtexec's banner only (the bindings are for the system Python 3.8), trtexec at JetPack's path.
+AGX_JP5_FACTS = {
+    "python": "3.10.14", "machine": "aarch64", "l4t": "R35.4.1", "jetpack": "5.1.2", "jetson_model": "Jetson AGX Orin",
+    "packages": {"torch": None, "onnx": "1.16.1", "onnxruntime": "1.16.3", "tensorrt": "8.5.2", "pycuda": None,
+                 "cuda-python": None, "jetson-stats": "4.2.12"},
+    "ort_providers": ["CPUExecutionProvider"], "trtexec": "/usr/src/tensorrt/bin/trtexec", "cuda": "11.4.315",
+    "device": {"tensorrt_version": "8.5.2", "gpu_name": "Orin", "compute_capability": "8.7", "source": "trtexec"},
+    "backends": ["ort-cpu"], "nvpmodel": "MAXN (mode 0)", "jtop_service": "active",
+}
+
+
+def test_jetpack5_says_which_commands_work(tmp_path, capsys):
+    recorded = tmp_path / "agx-jp5.json"
+    recorded.write_text(json.dumps({"facts": AGX_JP5_FACTS}))
+    facts = load_facts(recorded)
+    rows = {r.item: r for r in evaluate(facts)}
+    jp5 = rows["JetPack 5"]
+    assert jp5.status == "warn" and "/usr/src/tensorrt/bin/trtexec" in jp5.value
+    assert "not importable from Python 3.10.14" in jp5.value and "system Python 3.8" in jp5.value
+    assert "engine build --via trtexec" in jp5.value and "--backend tensorrt" in jp5.value.split("Does not work")[1]
+    with pytest.raises(SystemExit) as exc:
+        main(["doctor", "--facts", str(recorded)])
+    assert exc.value.code == 0  # a warning, not a blocker: the trtexec/ORT path works
+    assert "JetPack 5" in capsys.readouterr().out
+
+
+def test_jetpack6_has_no_jetpack5_row(tmp_path, fake_path):
+    root = fake_root(tmp_path, NANO_RELEASE, "NVIDIA Jetson Orin Nano Developer Kit", "12.6.68")
+    assert "JetPack 5" not in {r.item for r in evaluate(gather_facts(root, device=NANO_TRT))}

@@ -23,16 +23,13 @@ from edge_tl.device.engine.spec import BatchProfile, BuildSpec
 @pytest.fixture
 def standin(monkeypatch):
     def install(**kw):
-        mod = trt_standin.make(**kw)
-        monkeypatch.setattr(build, "trt", mod)
-        monkeypatch.setattr(build, "_LOGGER", None)
-        return mod
+        return trt_standin.install(monkeypatch, **kw)
     return install
 
 
-def _build(bundle, precision, **kw) -> dict:
+def _build(bundle, precision, profile=None, **kw) -> dict:
     model = bundle / ("model.int8.onnx" if precision in ("int8", "best") else "model.onnx")
-    spec = BuildSpec(onnx=model, precision=precision, profile=BatchProfile.for_max_batch(8), **kw)
+    spec = BuildSpec(onnx=model, precision=precision, profile=profile or BatchProfile.for_max_batch(8), **kw)
     return json.loads(build.BuildEngine(build.NetworkFromOnnx(model), spec)())
 
 
@@ -46,15 +43,24 @@ def test_config_per_precision_on_tensorrt_10(standin, tiny_bundle_src):
     assert _build(tiny_bundle_src, "best")["flags"] == ["FP16", "INT8", "TF32"]
 
 
-def test_tensorrt_85_explicit_batch_workspace_dla_and_constraints(standin, tiny_bundle_src, tmp_path):
+def test_tensorrt_85_explicit_batch_workspace_dla_and_constraints(standin, tiny_bundle_src, tmp_path, monkeypatch):
     standin(version="8.5.2.2", dla=2)
     cache = tmp_path / "timing.cache"
-    got = _build(tiny_bundle_src, "int8", dla_core=1, workspace_mb=256, timing_cache=cache)
+    static = BatchProfile(4, 4, 4)  # DLA: static shapes only
+    got = _build(tiny_bundle_src, "int8", static, dla_core=1, workspace_mb=256, timing_cache=cache)
     assert got["network_flags"] == 1  # 1 << EXPLICIT_BATCH
     assert got["pool"] == 256 << 20 and got["device"] == "DLA" and got["dla_core"] == 1
     assert "GPU_FALLBACK" in got["flags"] and got["timing_cache"] == "fresh"
+    assert got["dla_layers"] and got["profiles"] == [{"input": [[4, 3, 16, 16]] * 3}]
     assert cache.read_bytes() == b"fresh+1"
-    again = _build(tiny_bundle_src, "int8", dla_core=1, workspace_mb=256, timing_cache=cache)
+    with pytest.raises(EdgeTLError, match="DLA runs static shapes only"):
+        _build(tiny_bundle_src, "int8", dla_core=1)  # the dynamic 1-2-8 profile
+    lacks_all = {"Conv", "Relu", "GlobalAveragePool", "Gemm", "Flatten"}
+    monkeypatch.setattr(trt_standin.Config, "unsupported", frozenset(lacks_all))
+    with pytest.raises(EdgeTLError, match="no layer of model.onnx can run on the DLA"):
+        _build(tiny_bundle_src, "fp16", static, dla_core=0)
+    monkeypatch.setattr(trt_standin.Config, "unsupported", frozenset())
+    again = _build(tiny_bundle_src, "int8", static, dla_core=1, workspace_mb=256, timing_cache=cache)
     assert again["timing_cache"] == "fresh+1"  # the saved cache is reused
     kept = _build(tiny_bundle_src, "fp16", keep_layers=("node_of_c1",), keep_precision="fp32")
     assert kept["constrained"] == {"node_of_c1": "float32"} and "OBEY_PRECISION_CONSTRAINTS" in kept["flags"]

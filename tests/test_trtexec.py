@@ -207,3 +207,26 @@ def test_cli_keep_worst_builds_from_the_fallback_model(tiny_bundle_src, fake_trt
     assert "/fallback/model.int8.keep-" in onnx_arg and "node_of_logits_QuantizeLinear_Input" in proc.stderr
     assert side["key"]["onnx_sha256"] != json.loads((tiny_bundle_src / "manifest.json").read_text())[
         "artifacts"]["model.int8.onnx"]["sha256"]
+
+
+def test_dla_build_via_trtexec_is_static_and_records_placement(tiny_bundle_src, fake_trtexec, tmp_path, monkeypatch):
+    from functools import partial
+
+    from edge_tl.device.engine.trtexec import build_with_trtexec, parse_layer_placement
+
+    recorded = parse_layer_placement((DATA / "trtexec" / "trt8x_dla_layers.txt").read_text())
+    assert recorded["dla_nodes"] == 5 and recorded["gpu_layers"] == 6
+    assert recorded["dla_node_names"][1] == "{ForeignNode[Relu_10...Conv_11]}"
+    build_fn = partial(build_with_trtexec, trtexec=fake_trtexec)
+    engine = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path / "cache", dla_core=1, max_batch=4,
+                           device=ORIN_JP5, build_fn=build_fn)
+    side = read_sidecar(engine)
+    assert side["key"]["batch_profile"] == "4-4-4"  # DLA: static shapes only
+    shapes = {a.split("=")[0]: a.split("=")[1] for a in side["command"] if a.endswith("x3x16x16")}
+    assert set(shapes.values()) == {"input:4x3x16x16"} and "--useDLACore=1" in side["command"]
+    assert side["dla"]["dla_nodes"] == 5 and side["dla"]["gpu_layers"] == 6
+    monkeypatch.setenv("FAKE_TRTEXEC_NO_DLA", "1")
+    with pytest.raises(EdgeTLError, match="trtexec put no layer of model.int8.onnx on the DLA"):
+        load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path / "cache2", dla_core=0, max_batch=4,
+                      device=ORIN_JP5, build_fn=build_fn)
+    assert not list((tmp_path / "cache2").glob("*.engine"))

@@ -206,16 +206,15 @@ def _safe_thresholds(precision: str):
 
 
 def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cache_dir, no_build: bool, threads):
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.device.engine.build import detect_device
+    from edge_tl.device.engine.cache import EngineCache, device_mismatch
     from edge_tl.device.runners import create_runner
 
     runner = create_runner(engine_file or bundle, backend=backend, precision=precision, threads=threads,
-                           engine_dir=cache_dir, build_engine=not no_build)
+                           engines=EngineCache(cache_dir, build=not no_build))
     if engine_file is not None:  # an engine file from elsewhere: refuse one built for another device
-        from edge_tl.core.errors import EdgeTLError
-        from edge_tl.device.engine.build import detect_device
-        from edge_tl.device.engine.cache import device_mismatch
-
-        problem = device_mismatch(engine_file, detect_device())
+        problem = device_mismatch(engine_file, detect_device(builder=False))
         if problem:
             raise EdgeTLError(problem, f"rebuild it here: edge-tl engine build {bundle.root} --precision {precision} "
                                        f"--out {engine_file}")

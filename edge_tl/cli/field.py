@@ -96,6 +96,16 @@ def serve_cmd(
     poll: float = typer.Option(1.0, help="With --root: seconds between checks of the active model."),
     graceful_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds in-flight requests may take."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request (costs latency)."),
+    idle_timeout: float = typer.Option(5.0, "--idle-timeout",
+                                       help="Close a connection this many seconds after it opened or answered, "
+                                            "unless a request is in progress (slow/idle clients)."),
+    body_timeout: float = typer.Option(60.0, "--body-timeout", help="A request body must arrive within this (408)."),
+    max_connections: int = typer.Option(1024, "--max-connections",
+                                        help="Open connections at most (lowered to fit the fd limit); the one idle "
+                                             "longest is closed to make room."),
+    max_inflight_bytes: int = typer.Option(None, "--max-inflight-bytes",
+                                           help="Request bytes held at once across requests; others wait "
+                                                "(default: --max-request-bytes)."),
 ) -> None:
     """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
     from edge_tl.device.serve.config import ServeConfig
@@ -104,7 +114,9 @@ def serve_cmd(
     run_server(ServeConfig(bundle=bundle, root=root, host=host, port=port, name=name, token=token,
                            max_batch=max_batch, max_delay_ms=max_delay_ms, max_request_bytes=max_request_bytes,
                            max_image_pixels=max_image_pixels, backend=backend, precision=precision, workers=workers,
-                           threads=threads, poll_s=poll, graceful_timeout_s=graceful_timeout, access_log=access_log))
+                           threads=threads, poll_s=poll, graceful_timeout_s=graceful_timeout, access_log=access_log,
+                           idle_timeout_s=idle_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
+                           max_inflight_bytes=max_inflight_bytes))
 
 
 def register(app: typer.Typer) -> None:

@@ -120,6 +120,30 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
                  trtexec=trtexec, backends=available_backends())
 
 
+#: What runs on JetPack 5 (L4T R35): TensorRT 8.5's Python bindings exist only for the system Python 3.8
+#: (python3-libnvinfer), and edge-tl needs Python >= 3.10, so nothing that imports ``tensorrt`` works there.
+JETPACK5_WORKS = ("edge-tl doctor", "edge-tl engine build --via trtexec", "edge-tl deploy --build-via trtexec",
+                  "edge-tl engine check/bench/infer/serve --backend ort-cpu (or ort-cuda with a JetPack 5 "
+                  "onnxruntime-gpu wheel for this Python)")
+JETPACK5_FAILS = ("--backend tensorrt (bench, infer, serve, engine check)", "edge-tl engine build --via api",
+                  "edge-tl bench on an .engine file")
+
+
+def jetpack5_row(f: Facts) -> Row | None:
+    """On JetPack 5: exactly which commands work here and which don't (and why)."""
+    if not (f.l4t or "").startswith("R35"):
+        return None
+    trtexec = f.trtexec or "/usr/src/tensorrt/bin/trtexec (not found: sudo apt install libnvinfer-bin)"
+    bindings = ("importable here" if f.packages.get("tensorrt") and f.python.startswith("3.8")
+                else f"not importable from Python {f.python} (they are built for the system Python 3.8 only)")
+    return Row(item="JetPack 5", status="warn",
+               value=f"TensorRT's Python bindings: {bindings}; engines via trtexec at {trtexec}; parity gate and "
+                     f"inference on ONNX Runtime. Works: {'; '.join(JETPACK5_WORKS)}. Does not work: "
+                     f"{'; '.join(JETPACK5_FAILS)}",
+               fix="use --via trtexec / --build-via trtexec and an ort-* backend, or move to JetPack 6 "
+                   "(docs/device-setup.md)")
+
+
 def machine_rows(f: Facts) -> list[Row]:
     jetson = bool(f.l4t or f.jetson_model)
     dev = DeviceInfo.from_dict(f.device) if f.device else None
@@ -137,7 +161,10 @@ def machine_rows(f: Facts) -> list[Row]:
             fix=None if pk.get("onnxruntime") else "pip install 'edge-tl[cpu]' (or the Jetson onnxruntime-gpu wheel)"),
         Row(item="TensorRT", value=pk.get("tensorrt") or "absent",
             status="ok" if pk.get("tensorrt") else ("warn" if jetson else "info"),
-            fix=None if pk.get("tensorrt") else "sudo apt install python3-libnvinfer (venv: --system-site-packages)"),
+            fix=None if pk.get("tensorrt") else (
+                "JetPack 5's bindings are for the system Python 3.8 only: build with --via trtexec, run on ONNX "
+                "Runtime" if (f.l4t or "").startswith("R35")
+                else "sudo apt install python3-libnvinfer (venv: --system-site-packages)")),
         Row(item="trtexec", value=f.trtexec or "absent", status="ok" if f.trtexec else "info"),
         Row(item="CUDA", value=f.cuda or "not found", status="ok" if f.cuda else "info"),
         Row(item="GPU", value=f"{dev.gpu_name} (compute capability {dev.compute_capability})" if dev
@@ -154,6 +181,9 @@ def machine_rows(f: Facts) -> list[Row]:
         Row(item="backends", value=", ".join(f.backends) or "none", status="ok" if f.backends else "blocker",
             fix=None if f.backends else "pip install 'edge-tl[cpu]' (ONNX Runtime) or install TensorRT"),
     ]
+    jp5 = jetpack5_row(f)
+    if jp5 is not None:
+        rows.append(jp5)
     return rows
 
 

@@ -82,9 +82,11 @@ class Classifier:
     @classmethod
     def load(cls, bundle: Bundle, backend: str = "auto", precision: str | None = None, *,
              threads: int | None = None, engine_dir: Path | None = None) -> Classifier:
+        from edge_tl.device.engine.cache import EngineCache
         from edge_tl.device.runners import create_runner
 
-        runner = create_runner(bundle, backend=backend, precision=precision, threads=threads, engine_dir=engine_dir)
+        runner = create_runner(bundle, backend=backend, precision=precision, threads=threads,
+                               engines=EngineCache(engine_dir))
         runner.activate()
         return cls(bundle, runner)
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from edge_tl.core import importer
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.device.engine.cache import EngineCache, engine_dla_core
 from edge_tl.device.runtime import BACKENDS, best_backend
 from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
-from edge_tl.device.runtime.tensorrt import ENGINE_SUFFIXES, make_tensorrt_runner
+from edge_tl.device.runtime.tensorrt import ENGINE_SUFFIXES, EngineSource, make_tensorrt_runner
 
 __all__ = ["ENGINE_SUFFIXES", "PT2_SUFFIX", "create_runner", "model_kind", "resolve_model"]
 
@@ -55,19 +56,19 @@ def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Pa
 
 
 def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: str | None = None, *,
-                  threads: int | None = None, engine_dir: str | Path | None = None,
-                  build_engine: bool = True) -> BaseRunner:
+                  threads: int | None = None, engines: EngineSource | None = None) -> BaseRunner:
     """A runner (not yet activated) for ``model``.
 
     ``precision`` picks the bundle's model (fp32 -> model.onnx, int8 -> model.int8.onnx; default: the
     bundle's ``default_precision``). For ``tensorrt`` it is also the engine's build precision
-    (fp16/best are TensorRT-only). ``engine_dir`` is where TensorRT engines are cached.
+    (fp16/best are TensorRT-only). ``engines`` gives a TensorRT runner the engine for an ONNX model (default:
+    ``EngineCache()``, built for this device on first use and cached in the default folder).
     """
     if not isinstance(model, Bundle):
         kind = model_kind(model)
         if kind == "engine":
             _only_backend(Path(model), backend, "tensorrt", "a TensorRT engine")
-            return make_tensorrt_runner(model, precision)
+            return make_tensorrt_runner(model, precision, dla_core=engine_dla_core(Path(model)))
         if kind == "pt2":  # a build run's PyTorch program, not a bundle
             _only_backend(Path(model), backend, "torch", "a PyTorch program")
             torch_runner = importer.require_workstation("edge_tl.workstation.torch_runner", "running a .pt2 program")
@@ -83,7 +84,7 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
     if backend.startswith("ort-"):
         return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads)
     if backend == "tensorrt":
-        return make_tensorrt_runner(path, precision or onnx_precision, engine_dir=engine_dir, build=build_engine,
+        return make_tensorrt_runner(path, precision or onnx_precision, engines=engines or EngineCache(),
                                     max_batch=bundle.manifest.max_batch if bundle else 32)
     torch_runner = importer.require_workstation("edge_tl.workstation.torch_runner", "the torch backend")
     return torch_runner.make_torch_runner(path, threads=threads)

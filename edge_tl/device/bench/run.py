@@ -22,6 +22,7 @@ from edge_tl.device.bench.device import collect_device_state
 from edge_tl.device.bench.energy import build_power
 from edge_tl.device.bench.loop import Timings, latency_stats, measure, validate_plan
 from edge_tl.device.bench.schema import BatchResult, BenchResult, ModelInfo
+from edge_tl.device.engine.cache import EngineCache
 from edge_tl.device.facts import DeviceFacts
 from edge_tl.device.power import NoPower
 from edge_tl.device.runners import create_runner, model_kind
@@ -72,7 +73,7 @@ def make_runner(cfg: BenchConfig) -> tuple[BaseRunner, Bundle | None, str | None
         raise EdgeTLError(f"model {path} does not exist", "give a bundle folder or .tar.gz, an .onnx or an .engine")
     bundle = Bundle.open(path) if model_kind(path) == "bundle" else None
     runner = create_runner(bundle or path, backend=cfg.backend, precision=cfg.precision, threads=cfg.threads,
-                           engine_dir=cfg.engine_dir, build_engine=cfg.build_engine)
+                           engines=EngineCache(cfg.engine_dir, build=cfg.build_engine))
     precision = cfg.precision or (bundle.manifest.default_precision if bundle else None)
     if precision is None and model_kind(path) != "engine":  # an engine's precision is inside it
         precision = "int8" if path.name.endswith(".int8.onnx") else "fp32"
@@ -158,6 +159,10 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
                 stack.enter_context(facts.clocks.locked(state))
             stack.enter_context(runner)  # load the model / engine first: a model that can't load fails early
             result.runner = runner.describe()
+            static = runner.static_batch()
+            if static is not None and set(cfg.batches) != {static}:
+                raise EdgeTLError(f"this model takes batch {static} only (a static-shape engine, as DLA engines "
+                                  f"are), not {', '.join(map(str, cfg.batches))}", f"pass --batch {static}")
             feeds = {b: make_feed(runner, bundle, b, data, cfg.seed) for b in cfg.batches}
             result.model.input_shape = list(next(iter(feeds[cfg.batches[0]].values())).shape[1:])
             sampler = facts.power.sampler(cfg.power, rate_hz=cfg.rate_hz, interval_ms=cfg.interval_ms)

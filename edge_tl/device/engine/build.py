@@ -15,7 +15,7 @@ batch and deprecates the flag); ``platform_has_fast_fp16/int8`` are asked where 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,19 +27,13 @@ from edge_tl.core.importer import lazy_import
 from edge_tl.device.engine.spec import BuildSpec, DeviceInfo, check_device_supports
 from edge_tl.device.facts.board import jetson_model
 from edge_tl.device.runtime.base import Loader, resolve
+from edge_tl.device.runtime.tensorrt import EngineFromBytes, EngineFromPath, get_logger  # one deserialization path
+
+__all__ = ["BuildEngine", "EngineFromBytes", "EngineFromPath", "NetworkFromOnnx", "build_engine_file",
+           "detect_device", "get_logger"]
 
 trt = lazy_import("tensorrt", "building and running TensorRT engines")
-
-_LOGGER = None
-
-
-def get_logger():
-    """One TensorRT logger per process (TensorRT wants a single one)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.VERBOSE if os.environ.get("EDGE_TL_TRT_VERBOSE") else trt.Logger.WARNING)
-    return _LOGGER
-
+log = logging.getLogger("edge_tl.device.engine")
 
 def trt_major() -> int:
     return int(str(trt.__version__).split(".")[0])
@@ -102,6 +96,11 @@ def create_config(builder, network, spec: BuildSpec):
         apply_layer_precisions(network, spec.keep_layers, spec.keep_precision)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     if spec.dla_core is not None:
+        # DLA runs static shapes only: "the min, opt and max of the profile must be equal" (TensorRT developer
+        # guide, "DLA Supported Layers and Restrictions"); with a dynamic batch every layer falls back to the GPU.
+        if not spec.profile.min == spec.profile.opt == spec.profile.max:
+            raise EdgeTLError(f"--dla {spec.dla_core} with the dynamic batch profile {spec.profile.label()}: DLA runs "
+                              "static shapes only", "build DLA engines with one batch size (min = opt = max)")
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = int(spec.dla_core)
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
@@ -120,6 +119,17 @@ def create_config(builder, network, spec: BuildSpec):
     if dynamic:
         config.add_optimization_profile(profile)
     return config
+
+
+def dla_placement(config, network) -> dict[str, Any]:
+    """Which layers the builder config puts on the DLA (``IBuilderConfig.can_run_on_DLA``) and which fall back
+    to the GPU: ``{"dla_core", "dla_layers", "gpu_layers", "gpu_layer_names"}``."""
+    on_dla, on_gpu = [], []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        (on_dla if config.can_run_on_DLA(layer) else on_gpu).append(layer.name)
+    return {"dla_core": int(config.DLA_core), "dla_layers": len(on_dla), "gpu_layers": len(on_gpu),
+            "gpu_layer_names": on_gpu[:50]}
 
 
 def _load_timing_cache(config, path: Path | None):
@@ -146,6 +156,17 @@ class BuildEngine(Loader):
             check_device_supports(self.spec, self.device)
         check_device_supports(self.spec, builder_facts(builder))
         config = create_config(builder, network, self.spec)
+        self.placement = None
+        if self.spec.dla_core is not None:
+            self.placement = dla_placement(config, network)
+            if self.placement["dla_layers"] == 0:
+                raise EdgeTLError(f"--dla {self.spec.dla_core}: no layer of {self.spec.onnx.name} can run on the DLA "
+                                  f"({self.spec.precision}); the engine would run entirely on the GPU",
+                                  "drop --dla (build for the GPU), or use int8/fp16 with DLA-supported layers")
+            if self.placement["gpu_layers"]:
+                log.warning("DLA core %s runs %d layer(s) of %s; %d fall back to the GPU (first: %s)",
+                            self.spec.dla_core, self.placement["dla_layers"], self.spec.onnx.name,
+                            self.placement["gpu_layers"], ", ".join(self.placement["gpu_layer_names"][:5]))
         _load_timing_cache(config, self.spec.timing_cache)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
@@ -157,33 +178,15 @@ class BuildEngine(Loader):
         return bytes(memoryview(serialized))
 
 
-class EngineFromBytes(Loader):
-    """Deserialize engine bytes into an ``ICudaEngine``; a version/GPU mismatch becomes a clear error."""
-
-    def __init__(self, data: bytes | Loader, source: str = "engine"):
-        self.data = data
-        self.source = source
-
-    def __call__(self):
-        runtime = trt.Runtime(get_logger())
-        engine = runtime.deserialize_cuda_engine(resolve(self.data))
-        if engine is None:
-            raise EdgeTLError(f"TensorRT {trt.__version__} could not load {self.source} (built by another "
-                              "TensorRT version or for another GPU?)", "rebuild it here: edge-tl engine build")
-        return engine
-
-
-class EngineFromPath(EngineFromBytes):
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        super().__init__(lambda: path.read_bytes(), source=str(path))
-
-
 def build_engine_file(spec: BuildSpec, out: Path, final: Path | None = None) -> dict[str, Any]:
     """The cache's default build function: build with the API and write ``out`` (atomically)."""
-    data = BuildEngine(NetworkFromOnnx(spec.onnx), spec)()
+    loader = BuildEngine(NetworkFromOnnx(spec.onnx), spec)
+    data = loader()
     atomic_write_bytes(out, data)
-    return {"via": "api", "tensorrt_version": str(trt.__version__)}
+    info: dict[str, Any] = {"via": "api", "tensorrt_version": str(trt.__version__)}
+    if loader.placement is not None:
+        info["dla"] = loader.placement
+    return info
 
 
 # -- device facts ---------------------------------------------------------------------------------------
@@ -243,14 +246,21 @@ def gpu_name_and_cc(root: str | Path = "/") -> tuple[str, str]:
     return jetson_model(root) or "unknown GPU", "unknown"
 
 
-def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: str | Path = "/") -> DeviceInfo:
+def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: str | Path = "/",
+                  builder: bool = True) -> DeviceInfo:
     """This machine's facts for the engine key, asked of TensorRT's builder (``via='api'``), or, for trtexec
-    without the Python bindings (JetPack 5 with another Python), the version from trtexec's banner."""
+    without the Python bindings (JetPack 5 with another Python), the version from trtexec's banner.
+
+    ``builder=False``: only what the engine key needs (TensorRT version, GPU name and compute capability), without
+    creating a ``trt.Builder`` (seconds and hundreds of MB on an Orin Nano): what a cache lookup uses."""
     from edge_tl.core.importer import has_module
 
+    if (via == "api" or has_module("tensorrt")) and not builder:
+        name, cc = gpu_name_and_cc(root)
+        return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc,
+                          source="tensorrt")
     if via == "api" or has_module("tensorrt"):
-        builder = trt.Builder(get_logger())
-        return builder_facts(builder)
+        return builder_facts(trt.Builder(get_logger()))
     from edge_tl.device.engine.trtexec import find_trtexec, trtexec_version
 
     exe = find_trtexec(trtexec)

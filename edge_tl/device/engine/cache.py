@@ -32,9 +32,7 @@ from edge_tl import __version__
 from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text, sha256_file
-from edge_tl.device.engine.build import build_engine_file, detect_device
 from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo, check_device_supports
-from edge_tl.device.engine.trtexec import build_with_trtexec
 
 log = logging.getLogger("edge_tl.device.engine")
 
@@ -179,9 +177,13 @@ def _locked(path: Path) -> Iterator[None]:
 
 def default_build_fn(via: str, **kwargs: Any) -> BuildFn:
     if via == "api":
+        from edge_tl.device.engine.build import build_engine_file
+
         return build_engine_file
     if via == "trtexec":
         from functools import partial
+
+        from edge_tl.device.engine.trtexec import build_with_trtexec
 
         return partial(build_with_trtexec, **kwargs)
     raise EdgeTLError(f"unknown build path '{via}'", "choose --via api or --via trtexec")
@@ -206,10 +208,17 @@ def load_or_build(onnx_path: str | Path, precision: str, cache_dir: str | Path |
     if not onnx_path.is_file():
         raise EdgeTLError(f"model {onnx_path} does not exist", "give an existing .onnx file or a bundle")
     cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR.expanduser()
-    if device is None:
-        device = detect_device(via=via, trtexec=trtexec)
+    detected = device is None
+    if device is None:  # the key's facts only: no trt.Builder on a cache hit
+        from edge_tl.device.engine.build import detect_device
+
+        device = detect_device(via=via, trtexec=trtexec, builder=False)
     timing = cache / f"timing-trt{device.tensorrt_version}-cc{device.compute_capability}.cache"
-    spec = BuildSpec(onnx=onnx_path, precision=precision, profile=BatchProfile.for_max_batch(max_batch, opt_batch),
+    # DLA runs static shapes only (TensorRT's "DLA Supported Layers and Restrictions": min = opt = max), so a DLA
+    # engine takes exactly max_batch images; parity and bench feed it that batch.
+    profile = (BatchProfile(max_batch, max_batch, max_batch) if dla_core is not None
+               else BatchProfile.for_max_batch(max_batch, opt_batch))
+    spec = BuildSpec(onnx=onnx_path, precision=precision, profile=profile,
                      dla_core=dla_core, workspace_mb=workspace_mb, keep_layers=tuple(fallback_layers),
                      keep_precision=fallback_precision, timing_cache=timing)
     key = EngineKey.for_build(spec, device)
@@ -225,10 +234,16 @@ def load_or_build(onnx_path: str | Path, precision: str, cache_dir: str | Path |
     if no_build:
         raise EdgeTLError(f"no usable engine for {onnx_path.name} ({precision}) on {device.describe()}: {reason}",
                           "build it: edge-tl engine build (without --no-build)")
+    if detected and via == "api":  # building: now ask the builder what it supports (fast FP16/INT8, DLA cores)
+        from edge_tl.device.engine.build import detect_device
+
+        full = detect_device(via=via, trtexec=trtexec)
+        if EngineKey.for_build(spec, full, key.onnx_sha256) == key:
+            device = full
     check_device_supports(spec, device)
-    if dla_core is not None and spec.profile.min != spec.profile.max:
-        say(f"DLA runs static shapes only: with the batch profile {spec.profile.label()} TensorRT may put layers on "
-            "the GPU (GPU fallback); --max-batch 1 gives a static batch-1 engine")
+    if dla_core is not None:
+        say(f"DLA engine: static batch {max_batch} (DLA has no dynamic shapes); it takes exactly {max_batch} images "
+            "per inference")
     if target.exists() or others:
         say(f"rebuilding the engine: {reason}")
     build = build_fn or default_build_fn(via, trtexec=trtexec)
@@ -252,3 +267,47 @@ def load_or_build(onnx_path: str | Path, precision: str, cache_dir: str | Path |
                    "device": device.to_dict(), "edge_tl_version": __version__, "flags": spec.flags(), **info}
         atomic_write_text(sidecar_path(target), json.dumps(sidecar, indent=2, default=str) + "\n")
     return target
+
+
+def engine_dla_core(engine: Path) -> int | None:
+    """The DLA core an engine was built for, from its sidecar (None: a GPU engine, or no sidecar)."""
+    side = read_sidecar(Path(engine)) or {}
+    core = side.get("key", {}).get("dla_core")
+    return int(core) if core is not None else None
+
+
+def engine_loader(engine: str | Path):
+    """A loader that deserializes ``engine`` when called, with ``Runtime.DLA_core`` set for a DLA engine."""
+    from edge_tl.device.runtime.tensorrt import EngineFromPath
+
+    return EngineFromPath(engine, dla_core=engine_dla_core(Path(engine)))
+
+
+class EngineCache:
+    """An engine source for TensorRT runners (``edge_tl.device.runtime.tensorrt.EngineSource``): for an ONNX model, a
+    loader that finds (or builds, unless ``build=False``) its engine in ``cache_dir`` when the runner activates,
+    then deserializes it (DLA core from the sidecar). ``kwargs`` go to :func:`load_or_build`."""
+
+    def __init__(self, cache_dir: str | Path | None = None, *, build: bool = True, **kwargs: Any):
+        self.cache_dir = cache_dir
+        self.build = build
+        self.kwargs = kwargs
+
+    def __call__(self, onnx_path: Path, precision: str, max_batch: int) -> _CachedEngine:
+        return _CachedEngine(self, Path(onnx_path), precision, max_batch)
+
+
+class _CachedEngine:
+    def __init__(self, cache: EngineCache, onnx_path: Path, precision: str, max_batch: int):
+        self.cache, self.onnx_path, self.precision, self.max_batch = cache, onnx_path, precision, max_batch
+        self.path: Path | None = None
+        self.dla_core: int | None = None
+        self._loader = None
+
+    def __call__(self):
+        c = self.cache
+        self.path = load_or_build(self.onnx_path, self.precision, c.cache_dir, no_build=not c.build,
+                                  max_batch=self.max_batch, **c.kwargs)
+        self._loader = engine_loader(self.path)  # keeps the TensorRT runtime alive with the engine
+        self.dla_core = self._loader.dla_core
+        return self._loader()

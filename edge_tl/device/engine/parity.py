@@ -141,11 +141,20 @@ def judge(out: OutputParity, th: ParityThresholds) -> list[str]:
 
 
 def run_golden(runner: BaseRunner, inputs: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-    """Golden inputs through ``runner`` in batches of at most ``batch_size``; outputs concatenated."""
+    """Golden inputs through ``runner`` in batches of at most ``batch_size``; outputs concatenated.
+
+    A runner with a static batch (a DLA engine) gets exactly its batch: the last chunk is padded by repeating its
+    last input, and the padded rows' outputs are dropped."""
+    static = runner.static_batch()
+    step = static or batch_size
     chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(inputs), batch_size):
-        for name, arr in runner.infer(np.ascontiguousarray(inputs[start:start + batch_size])).items():
-            chunks.setdefault(name, []).append(np.asarray(arr))
+    for start in range(0, len(inputs), step):
+        chunk = inputs[start:start + step]
+        real = len(chunk)
+        if static and real < static:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], static - real, axis=0)])
+        for name, arr in runner.infer(np.ascontiguousarray(chunk)).items():
+            chunks.setdefault(name, []).append(np.asarray(arr)[:real])
     return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
 
 

@@ -27,6 +27,7 @@ Flags used (TensorRT 8.5 and 10.x trtexec): ``--memPoolSize=workspace:N`` (MiB),
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -38,6 +39,8 @@ from typing import Any
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.device.engine.spec import BuildSpec, onnx_input
+
+log = logging.getLogger("edge_tl.device.engine")
 
 #: JetPack installs trtexec here, not on PATH.
 JETPACK_TRTEXEC = Path("/usr/src/tensorrt/bin/trtexec")
@@ -217,6 +220,15 @@ def _errors(text: str, limit: int = 3) -> str:
     return " | ".join(picked) if picked else "no error lines printed"
 
 
+def parse_layer_placement(text: str) -> dict[str, Any]:
+    """Where TensorRT's builder put the layers, from its INFO lines ``[DlaLayer] ...`` / ``[GpuLayer] ...`` (under
+    "---------- Layers Running on DLA/GPU ----------"). DLA entries are fused subgraphs (``{ForeignNode[...]}``)."""
+    dla = [ln.split("[DlaLayer]", 1)[1].strip() for ln in text.splitlines() if "[DlaLayer]" in ln]
+    gpu = [ln.split("[GpuLayer]", 1)[1].strip() for ln in text.splitlines() if "[GpuLayer]" in ln]
+    return {"dla_nodes": len(dla), "gpu_layers": len(gpu), "dla_node_names": dla[:50], "gpu_layer_names": gpu[:50],
+            "reported": "Layers Running on DLA" in text}
+
+
 def build_with_trtexec(spec: BuildSpec, out: Path, final: Path | None = None, *, trtexec: str | Path | None = None,
                        timeout: float | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build ``spec`` into ``out`` with trtexec; the log goes beside ``final`` (default ``out``) as
@@ -233,5 +245,16 @@ def build_with_trtexec(spec: BuildSpec, out: Path, final: Path | None = None, *,
         perf = parse_trtexec(text)
     except EdgeTLError:
         perf = None
-    return {"via": "trtexec", "command": [str(a) for a in argv], "log": str(log_path), "performance": perf,
+    info = {"via": "trtexec", "command": [str(a) for a in argv], "log": str(log_path), "performance": perf,
             "tensorrt_version": trtexec_version(text)}
+    if spec.dla_core is not None:
+        placement = {"dla_core": spec.dla_core, **parse_layer_placement(text)}
+        info["dla"] = placement
+        if placement["reported"] and placement["dla_nodes"] == 0:
+            raise EdgeTLError(f"--dla {spec.dla_core}: trtexec put no layer of {spec.onnx.name} on the DLA; the engine "
+                              f"would run entirely on the GPU (log: {log_path})",
+                              "drop --dla (build for the GPU), or use int8/fp16 with DLA-supported layers")
+        if placement["gpu_layers"]:
+            log.warning("DLA core %s runs %d subgraph(s) of %s; %d layer(s) fall back to the GPU (log: %s)",
+                        spec.dla_core, placement["dla_nodes"], spec.onnx.name, placement["gpu_layers"], log_path)
+    return info

@@ -14,24 +14,37 @@ from edge_tl.device.power.base import PowerSampler, PowerUnavailable
 
 
 class JtopSampler(PowerSampler):
-    """Reads ``jtop().power`` each time the jtop service publishes (its interval; asks for ``1/rate_hz``)."""
+    """Power from the jtop service, at the interval the service really publishes.
+
+    jetson-stats 4.2 (``jtop/service.py``, ``jtop/jtop.py``): the service runs at the interval of its *first*
+    client (later clients get "I can't set this speed"), and a client waits ``3 x`` *its own* requested interval
+    for each update before it gives up ("Error connection"). Asking for 0.05 s while the jtop screen holds the
+    service at 0.5-1 s therefore loses the source after one sample. So the client is created with jtop's own
+    default interval, every sample is recorded when jtop delivers it (an observer, ``jtop.attach``) with that
+    moment's timestamp, and ``describe()`` says which interval the service ran at and what was achieved.
+    ``rate_hz`` is only what was asked for (it can't make jtop faster)."""
 
     kind = "jtop"
 
     def __init__(self, rate_hz: float = 20.0):
         super().__init__(rate_hz)
         self._jetson = None
+        self.service_interval_s: float | None = None
 
     def open(self) -> None:
         if not has_module("jtop"):
             raise PowerUnavailable("jetson-stats (jtop) is not installed", "pip install 'edge-tl[jetson]'")
         jtop = require("jtop", "power readings from the jtop service")
         try:
-            self._jetson = jtop.jtop(interval=max(1.0 / self.rate_hz, 0.01))
+            self._jetson = jtop.jtop()  # jtop's own interval: the one its timeouts are made for
+            self._jetson.attach(self._on_sample)
             self._jetson.start()
         except Exception as exc:  # JtopException: the jtop.service is not running / not reachable
+            self._jetson = None
             raise PowerUnavailable(f"the jtop service is not reachable: {exc}",
                                    "sudo systemctl restart jtop.service (and add the user to the jtop group)") from exc
+        interval = getattr(self._jetson, "interval", None)
+        self.service_interval_s = float(interval) if interval else None
 
     @staticmethod
     def rails_from(power: dict) -> dict[str, float]:
@@ -42,23 +55,50 @@ class JtopSampler(PowerSampler):
             rails[tot["name"]] = float(tot["power"])
         return rails
 
+    def _on_sample(self, jetson) -> None:
+        """jtop's observer: called on its reader thread as each update arrives."""
+        if self._stop.is_set():
+            return
+        t = time.monotonic_ns()
+        try:
+            rails = self.rails_from(jetson.power)
+        except Exception:  # a malformed update: skip it, as a file caught mid-write is skipped
+            self.skipped += 1
+            return
+        if rails:
+            self.add(rails, t)
+        else:
+            self.skipped += 1
+
     def _run(self) -> None:
         jetson = self._jetson
-        while not self._stop.is_set():
+        while not self._stop.wait(0.1):
             try:
-                if not jetson.ok():
-                    self.lost = "the jtop service stopped publishing mid-run"
-                    return
-                rails = self.rails_from(jetson.power)
-            except Exception as exc:  # the service went away
+                alive = jetson.ok(spin=True)  # raises what jtop's reader thread hit (a lost service)
+            except Exception as exc:
                 self.lost = f"jtop failed mid-run: {exc}"
                 return
-            if rails:
-                self.add(rails, time.monotonic_ns())
+            if not alive:
+                self.lost = "the jtop service stopped publishing mid-run"
+                return
+
+    def achieved_interval_s(self) -> float | None:
+        """Median time between the samples jtop delivered."""
+        ts = [s.t_ns for s in self.snapshot()]
+        if len(ts) < 2:
+            return None
+        gaps = sorted(b - a for a, b in zip(ts, ts[1:], strict=False))
+        return gaps[len(gaps) // 2] / 1e9
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "rate_hz_asked": self.rate_hz, "service_interval_s": self.service_interval_s,
+                "achieved_interval_s": self.achieved_interval_s(),
+                "note": "jtop publishes at its service's interval (set by its first client); rate_hz can't change it"}
 
     def close(self) -> None:
         if self._jetson is not None:
             try:
+                self._jetson.detach(self._on_sample)
                 self._jetson.close()
             except Exception:  # closing a dead connection: nothing left to release
                 pass

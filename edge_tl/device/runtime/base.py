@@ -99,6 +99,13 @@ class BaseRunner(abc.ABC):
             raise InternalError(f"runner {self.name} must be activated before get_input_metadata()")
         return self.get_input_metadata_impl()
 
+    def static_batch(self) -> int | None:
+        """The one batch size the model takes when its inputs have a fixed first axis (a DLA engine, a static
+        ONNX export), else None. Parity and bench feed exactly this batch."""
+        batches = {m.shape[0] if m.shape and isinstance(m.shape[0], int) else None
+                   for m in self.get_input_metadata()}
+        return batches.pop() if len(batches) == 1 and None not in batches else None
+
     def describe(self) -> dict[str, Any]:
         """Backend, device and library versions, for results files."""
         return {"backend": self.backend, "name": self.name, **self.describe_impl()}

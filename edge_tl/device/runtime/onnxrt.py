@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,7 @@ from edge_tl.core.importer import lazy_import
 from edge_tl.device.runtime.base import BaseRunner, Loader, TensorMeta, resolve
 
 ort = lazy_import("onnxruntime", "the ONNX Runtime backend")
+log_ = logging.getLogger("edge_tl.device.runtime")
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -21,15 +29,64 @@ PROVIDERS = {
 }
 
 
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """What ONNX Runtime's C++ logger writes to fd 2 meanwhile (why a provider failed to load), plus Python
+    warnings; the captured text is written to the real stderr afterwards, so nothing is hidden."""
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            if text:
+                sys.stderr.write(text)
+            lines += [str(w.message) for w in caught] + text.splitlines()
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+def _provider_reason(lines: list[str], provider: str) -> str:
+    """The line in ONNX Runtime's log that says why ``provider`` did not load (short name or 'Failed to')."""
+    short = provider.removesuffix("ExecutionProvider").lower()
+    for line in lines:
+        low = line.lower()
+        if provider.lower() in low or ("failed" in low and short in low):
+            return line.strip()[:400]
+    for line in lines:
+        if "failed to load" in line.lower() or "error" in line.lower():
+            return line.strip()[:400]
+    return "ONNX Runtime gave no reason"
+
+
 class SessionFromOnnx(Loader):
-    """Creates an ``onnxruntime.InferenceSession`` from a path or serialized bytes, when called."""
+    """Creates an ``onnxruntime.InferenceSession`` from a path or serialized bytes, when called.
+
+    ONNX Runtime lists GPU providers it then fails to load and quietly runs the session on the CPU
+    (microsoft/onnxruntime#13414, #23372), so after creating the session its ``get_providers()`` is compared with
+    what was asked: a missing provider is refused with ONNX Runtime's own reason, unless ``allow_fallback`` -
+    then the provider that really runs is recorded (``providers_used`` / ``fell_back``).
+    """
 
     def __init__(self, model: str | Path | bytes, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 intra_op_threads: int | None = None, inter_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 allow_fallback: bool = False):
         self.model = model
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self.allow_fallback = allow_fallback
+        self.providers_used: list[str] | None = None
+        self.fell_back: str | None = None
 
     def __call__(self):
         if isinstance(self.model, (str, Path)) and not Path(self.model).is_file():
@@ -46,11 +103,25 @@ class SessionFromOnnx(Loader):
             opts.inter_op_num_threads = self.inter_op_threads
         model = str(self.model) if isinstance(self.model, Path) else self.model
         try:
-            return ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+            with _captured_stderr() as log:
+                session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types for bad models
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EdgeTLError(f"ONNX Runtime could not load {self.model}: {first}",
                               "check the file is a valid ONNX model (rebuild the bundle)") from exc
+        used = list(session.get_providers())
+        self.providers_used = used
+        missing = [p for p in self.providers if p not in used and p != "CPUExecutionProvider"]
+        if missing:
+            wanted = missing[0]
+            reason = _provider_reason(log, wanted)
+            if not self.allow_fallback:
+                raise EdgeTLError(f"ONNX Runtime did not load {wanted} (the session would run on "
+                                  f"{', '.join(used)}): {reason}", "install the CUDA/TensorRT libraries that "
+                                  "onnxruntime-gpu needs (edge-tl doctor), or choose --backend ort-cpu")
+            self.fell_back = f"{wanted} did not load ({reason}); running on {used[0]}"
+            log_.warning("FALLBACK: %s", self.fell_back)
+        return session
 
 
 class OnnxRuntimeRunner(BaseRunner):
@@ -64,13 +135,17 @@ class OnnxRuntimeRunner(BaseRunner):
 
     @classmethod
     def from_path(cls, model: str | Path, backend: str = "ort-cpu", intra_op_threads: int | None = None,
-                  name: str | None = None) -> OnnxRuntimeRunner:
+                  name: str | None = None, allow_fallback: bool = False) -> OnnxRuntimeRunner:
         if backend not in PROVIDERS:
             raise EdgeTLError(f"unknown ONNX Runtime backend '{backend}'", f"choose one of {list(PROVIDERS)}")
-        return cls(SessionFromOnnx(model, PROVIDERS[backend], intra_op_threads), backend=backend, name=name)
+        return cls(SessionFromOnnx(model, PROVIDERS[backend], intra_op_threads, allow_fallback=allow_fallback),
+                   backend=backend, name=name)
 
     def activate_impl(self) -> None:
         self.session = resolve(self._session_src)
+        src = self._session_src
+        self.providers_requested = list(getattr(src, "providers", []) or [])
+        self.fell_back = getattr(src, "fell_back", None)
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._inputs = {i.name: i for i in self.session.get_inputs()}
 
@@ -92,7 +167,10 @@ class OnnxRuntimeRunner(BaseRunner):
     def describe_impl(self) -> dict[str, Any]:
         info: dict[str, Any] = {"onnxruntime": ort.__version__}
         if self.session is not None:
-            info["providers"] = self.session.get_providers()
+            info["providers"] = self.session.get_providers()  # what really runs
+            info["providers_requested"] = getattr(self, "providers_requested", None)
+            if getattr(self, "fell_back", None):
+                info["fell_back"] = self.fell_back
         return info
 
 

@@ -6,12 +6,26 @@ name-based I/O (``num_io_tensors`` / ``get_tensor_name`` / ``set_input_shape`` /
 cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``), whichever is installed. ``infer``
 synchronises the stream before it returns, so timing around it covers H2D + compute + D2H.
 Everything TensorRT/CUDA is imported lazily: this module imports without them.
+
+Threads: a CUDA context is current per *thread* (pycuda keeps its context stack in thread-local storage, and
+``cuCtxPopCurrent`` only pops the calling thread's context; CUDA driver API, "Context Management"). Callers such
+as ``edge-tl serve`` activate in one thread, infer on a pool and deactivate in a third, so the runner owns one
+thread that does all of it: activate, every inference and deactivate run there, and ``infer`` from any thread
+hands its feed to that thread and waits.
+
+The engine comes from a loader (Polygraphy's ``EngineFromBytes`` / ``EngineFromPath`` style): bytes, a path, an
+``ICudaEngine`` or a callable returning one of those; it is read and deserialized only when the runner activates,
+on the owning thread. This module never imports :mod:`edge_tl.device.engine` (that package builds engines and imports
+the runtime, not the other way round); where engines come from a cache, the caller passes the cache's loader.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +33,59 @@ import numpy as np
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.importer import has_module, lazy_import, require
-from edge_tl.device.runtime.base import BaseRunner, TensorMeta
+from edge_tl.device.runtime.base import BaseRunner, Loader, TensorMeta, resolve
 
 trt = lazy_import("tensorrt", "the native TensorRT backend")
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+_LOGGER = None
+
+
+def get_logger():
+    """One TensorRT logger per process (TensorRT wants a single one)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.VERBOSE if os.environ.get("EDGE_TL_TRT_VERBOSE") else trt.Logger.WARNING)
+    return _LOGGER
+
+
+class EngineFromBytes(Loader):
+    """Deserialize engine bytes into an ``ICudaEngine``; a version/GPU mismatch becomes a clear error.
+
+    ``dla_core``: the DLA core a DLA engine runs on. TensorRT takes it from ``IRuntime.DLA_core``, set *before*
+    ``deserialize_cuda_engine`` (the engine itself does not choose; TensorRT API docs, ``IRuntime.DLA_core``).
+    The runtime is kept with the loader: the engine must not outlive the runtime that made it.
+    """
+
+    def __init__(self, data: bytes | Callable[[], bytes], source: str = "engine", dla_core: int | None = None):
+        self.data = data
+        self.source = source
+        self.dla_core = dla_core
+        self.runtime = None
+
+    def __call__(self):
+        self.runtime = trt.Runtime(get_logger())
+        if self.dla_core is not None:
+            self.runtime.DLA_core = int(self.dla_core)
+        engine = self.runtime.deserialize_cuda_engine(resolve(self.data))
+        if engine is None:
+            raise EdgeTLError(f"TensorRT {trt.__version__} could not load {self.source} (built by another "
+                              "TensorRT version or for another GPU?)", "rebuild it here: edge-tl engine build")
+        return engine
+
+
+class EngineFromPath(EngineFromBytes):
+    """Read an engine file (only when called) and deserialize it."""
+
+    def __init__(self, path: str | Path, dla_core: int | None = None):
+        self.path = Path(path)
+        super().__init__(self._read, source=str(self.path), dla_core=dla_core)
+
+    def _read(self) -> bytes:
+        if not self.path.is_file():
+            raise EdgeTLError(f"TensorRT engine {self.path} does not exist", "build it with edge-tl engine build")
+        return self.path.read_bytes()
 
 
 class _CudaPython:
@@ -140,7 +202,10 @@ def cuda_api(prefer: str | None = None) -> _PyCuda | _CudaPython:
 
 
 class TensorRTRunner(BaseRunner):
-    """Runs a serialized TensorRT engine. ``engine``: bytes, a path, or a callable returning either."""
+    """Runs a TensorRT engine on one owning thread (see the module docstring).
+
+    ``engine``: bytes, a path, or a loader/callable returning an ``ICudaEngine``, bytes or a path (called at
+    activation, on the owning thread)."""
 
     backend = "tensorrt"
 
@@ -150,33 +215,77 @@ class TensorRTRunner(BaseRunner):
         self._engine_src = engine
         self._cuda_pref = cuda
         self.engine_path: Path | None = None
+        self.dla_core: int | None = None
         self.cuda = None
+        self.engine = self.context = None
         self._stream = None
+        self._loader: Any = None
+        self._owner: ThreadPoolExecutor | None = None
+        self._owner_ident: int | None = None
 
-    def _engine_bytes(self) -> bytes:
-        src = self._engine_src
-        if callable(src):
-            src = src()
-        if isinstance(src, (str, Path)):
-            self.engine_path = Path(src)
-            if not self.engine_path.is_file():
-                raise EdgeTLError(f"TensorRT engine {src} does not exist", "build it with edge-tl engine build")
-            return self.engine_path.read_bytes()
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            return bytes(src)
-        raise EdgeTLError(f"cannot load a TensorRT engine from {type(src).__name__}", "pass bytes or a path")
+    # -- the owning thread --------------------------------------------------------------------------------
+    def _on_owner(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._owner is None:
+            raise EdgeTLError(f"runner {self.name} is not active", "activate it first")
+        if threading.get_ident() == self._owner_ident:
+            return fn(*args)
+        return self._owner.submit(fn, *args).result()
+
+    def _mark_owner(self) -> None:
+        self._owner_ident = threading.get_ident()
 
     def activate_impl(self) -> None:
-        data = self._engine_bytes()
+        self._owner = ThreadPoolExecutor(1, thread_name_prefix=f"trt-{self.name}")
+        try:
+            self._owner.submit(self._mark_owner).result()
+            self._on_owner(self._activate_here)
+        except BaseException:
+            try:
+                self._on_owner(self._release_here)
+            finally:
+                self._owner.shutdown(wait=True)
+                self._owner = self._owner_ident = None
+            raise
+
+    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._on_owner(self._infer_here, feed)
+
+    def deactivate_impl(self) -> None:
+        if self._owner is None:
+            return
+        try:
+            self._on_owner(self._release_here)
+        finally:
+            self._owner.shutdown(wait=True)
+            self._owner = self._owner_ident = None
+
+    # -- what runs on the owning thread ------------------------------------------------------------------
+    def _load_engine(self):
+        src = self._engine_src
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            self._loader = EngineFromBytes(bytes(src))
+        elif isinstance(src, (str, Path)):
+            self._loader = EngineFromPath(src)
+        elif callable(src):
+            self._loader = src
+        else:
+            raise EdgeTLError(f"cannot load a TensorRT engine from {type(src).__name__}", "pass bytes or a path")
+        got = self._loader()
+        if isinstance(got, (bytes, bytearray, memoryview)):
+            self._loader = EngineFromBytes(bytes(got))
+            got = self._loader()
+        elif isinstance(got, (str, Path)):
+            self._loader = EngineFromPath(got)
+            got = self._loader()
+        path = getattr(self._loader, "path", None)
+        self.engine_path = Path(path) if path is not None else None
+        self.dla_core = getattr(self._loader, "dla_core", None)
+        return got
+
+    def _activate_here(self) -> None:
         require("tensorrt", "the native TensorRT backend")
-        self.cuda = cuda_api(self._cuda_pref)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise EdgeTLError(f"TensorRT {trt.__version__} could not deserialize the engine "
-                              f"{self.engine_path or '(bytes)'}", "engines are tied to the GPU and TensorRT version "
-                              "that built them: rebuild it here with edge-tl engine build")
+        self.cuda = cuda_api(self._cuda_pref)  # pycuda: pushes the primary context on this (the owning) thread
+        self.engine = self._load_engine()
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -197,7 +306,7 @@ class TensorRTRunner(BaseRunner):
             self._host[n] = self.cuda.host_empty(nbytes)
             self.context.set_tensor_address(n, self._dev[n])
 
-    def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_here(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if set(feed) != set(self._inputs):
             raise EdgeTLError(f"the engine takes inputs {self._inputs}, got {sorted(feed)}",
                               "name the inputs as the engine does")
@@ -205,6 +314,10 @@ class TensorRTRunner(BaseRunner):
         for n in self._inputs:
             arr = np.ascontiguousarray(feed[n], dtype=self._dtype[n])
             if arr.shape != self._shape[n]:
+                fixed = tuple(self.engine.get_tensor_shape(n))
+                if -1 not in fixed:
+                    raise EdgeTLError(f"input {n} shape {arr.shape}: this engine takes only {fixed} (static shape, "
+                                      "as DLA engines are)", f"feed batches of {fixed[0]}")
                 if not self.context.set_input_shape(n, arr.shape):
                     lo, _opt, hi = self.engine.get_tensor_profile_shape(n, 0)
                     raise EdgeTLError(f"input {n} shape {arr.shape} is outside the engine's profile "
@@ -225,29 +338,40 @@ class TensorRTRunner(BaseRunner):
         cuda.sync(stream)
         return {n: a.copy() for n, a in outs.items()}
 
+    def _release_here(self) -> None:
+        self.context = None  # release TensorRT's objects before the memory they point into
+        try:
+            if self.cuda is not None:
+                for ptr in getattr(self, "_dev", {}).values():
+                    self.cuda.free(ptr)
+                self._host = {}
+                stream, self._stream = self._stream, None
+                self.cuda.close(stream)  # pycuda: pops the context this thread pushed
+        finally:
+            self._dev, self._host, self._stream = {}, {}, None
+            self.context = self.engine = self._loader = None
+            self.cuda = None
+
+    # -- metadata ----------------------------------------------------------------------------------------
     def get_input_metadata_impl(self) -> list[TensorMeta]:
         return [TensorMeta(n, tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)),
                            self._dtype[n].name) for n in self._inputs]
 
-    def deactivate_impl(self) -> None:
-        self.context = None  # release TensorRT's objects before the memory they point into
-        if self.cuda is not None:
-            for ptr in getattr(self, "_dev", {}).values():
-                self.cuda.free(ptr)
-            self._host = {}
-            self.cuda.close(self._stream)
-        self._dev, self._host, self._stream = {}, {}, None
-        self.context = self.engine = self._runtime = None
-
     def describe_impl(self) -> dict[str, Any]:
-        return {"tensorrt": trt.__version__, "cuda_api": getattr(self.cuda, "name", None),
-                "engine": str(self.engine_path) if self.engine_path else None}
+        return {"tensorrt": trt.__version__, "cuda_api": getattr(self.cuda, "name", None) or self._cuda_pref,
+                "engine": str(self.engine_path) if self.engine_path else None, "dla_core": self.dla_core}
 
 
-def make_tensorrt_runner(onnx_or_engine_path: str | Path, precision: str | None, engine_dir: str | Path | None = None,
-                         build: bool = True, max_batch: int = 32) -> TensorRTRunner:
-    """A TensorRT runner (not yet activated) for an engine file, or for an ONNX model whose engine comes from
-    ``edge_tl.device.engine.cache.load_or_build`` (built for this device and cached, unless ``build=False``)."""
+#: Where engines for ONNX models come from: ``source(onnx_path, precision, max_batch)`` returns a loader of an
+#: ``ICudaEngine`` (edge_tl.device.engine.cache.EngineCache is one: built for this device and cached).
+EngineSource = Callable[[Path, str, int], Callable[[], Any]]
+
+
+def make_tensorrt_runner(onnx_or_engine_path: str | Path, precision: str | None, engines: EngineSource | None = None,
+                         max_batch: int = 32, dla_core: int | None = None) -> TensorRTRunner:
+    """A TensorRT runner (not yet activated) for an engine file (``dla_core``: the DLA core it was built for, set
+    on the runtime before deserializing), or for an ONNX model whose engine comes from ``engines`` (the
+    caller's engine cache)."""
     path = Path(onnx_or_engine_path)
     if not path.is_file():
         raise EdgeTLError(f"model {path} does not exist", "give an .onnx, an .engine/.plan, or a bundle")
@@ -255,16 +379,10 @@ def make_tensorrt_runner(onnx_or_engine_path: str | Path, precision: str | None,
     if not (has_module("pycuda") or has_module("cuda")):
         cuda_api()  # raises the install hint
     if path.suffix in ENGINE_SUFFIXES:
-        return TensorRTRunner(path)
+        return TensorRTRunner(EngineFromPath(path, dla_core=dla_core), name=f"tensorrt-{precision or 'fp32'}")
     if path.suffix != ".onnx":
         raise EdgeTLError(f"{path} is neither an .onnx model nor a TensorRT engine", "give an .onnx or .engine file")
-
-    def load() -> Path:
-        try:
-            from edge_tl.device.engine.cache import load_or_build
-        except ImportError as exc:
-            raise EdgeTLError("the engine cache (edge_tl.device.engine) is not part of this install",
-                              "build the engine with trtexec and pass the .engine file") from exc
-        return load_or_build(path, precision or "fp32", cache_dir=engine_dir, no_build=not build, max_batch=max_batch)
-
-    return TensorRTRunner(load, name=f"tensorrt-{precision or 'fp32'}")
+    if engines is None:
+        raise EdgeTLError(f"{path.name} is an ONNX model and no engine cache was given to build its engine",
+                          "build the engine with edge-tl engine build (or trtexec) and pass the .engine file")
+    return TensorRTRunner(engines(path, precision or "fp32", max_batch), name=f"tensorrt-{precision or 'fp32'}")

@@ -10,8 +10,10 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +31,7 @@ from edge_tl.device.serve.protocol import HEADER_LENGTH, ProtocolError, encode_i
 log = logging.getLogger("edge_tl.device.serve")
 
 PUBLIC_PATHS = {"/v2/health/live", "/v2/health/ready"}
+_TOP_K = re.compile(r"[0-9]{1,6}")
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "edge_tl_classify_image"]
 
 
@@ -110,25 +113,81 @@ class GuardMiddleware:
         return None
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The body, at most ``limit`` bytes (413 beyond), inflated when sent with gzip/deflate Content-Encoding."""
+class ByteBudget:
+    """Bounds the request bytes held at once across requests (``--max-inflight-bytes``).
+
+    A request reserves its Content-Length (or ``--max-request-bytes`` when it sends none) *before* its body is
+    read, and keeps it until its response is ready; requests that don't fit wait, their bodies left in the kernel's
+    socket buffers. One request larger than the whole budget runs alone. Waiting longer than ``timeout_s`` is a
+    503."""
+
+    def __init__(self, limit: int, timeout_s: float):
+        self.limit, self.timeout_s, self.used = limit, timeout_s, 0
+        self._cond: asyncio.Condition | None = None
+
+    @asynccontextmanager
+    async def hold(self, nbytes: int):
+        n = min(max(nbytes, 0), self.limit)
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        cond = self._cond
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: self.used + n <= self.limit), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise ProtocolError(503, f"the server is busy with {self.used} bytes of requests (--max-inflight-bytes "
+                                         f"{self.limit}); retry later") from None
+            self.used += n
+        try:
+            yield
+        finally:
+            async with cond:
+                self.used -= n
+                cond.notify_all()
+
+
+async def read_body(request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, at most ``limit`` bytes (413 beyond), inflated when sent with gzip/deflate Content-Encoding.
+    A body that takes longer than ``timeout_s`` to arrive is a 408 (slow senders can't hold a request forever)."""
     from starlette.requests import ClientDisconnect
 
-    chunks, size = [], 0
-    try:
+    chunks: list[bytes] = []
+    size = 0
+    declared = request.headers.get("content-length", "")
+    # with a Content-Length, fill one buffer (no list of chunks joined into a second copy)
+    buf = bytearray(int(declared)) if declared.isdecimal() and int(declared) <= limit else None
+
+    async def receive_all() -> None:
+        nonlocal size
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            end = size + len(chunk)
+            if end > limit:
                 raise ProtocolError(413, f"request body is over the limit of {limit} bytes (--max-request-bytes)")
-            chunks.append(chunk)
+            if buf is not None and end <= len(buf):
+                buf[size:end] = chunk
+            else:
+                chunks.append(chunk)
+            size = end
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout_s)
     except ClientDisconnect:
         raise ProtocolError(400, "the client disconnected before sending the whole body") from None
-    body = b"".join(chunks)
+    except asyncio.TimeoutError:
+        raise ProtocolError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    if buf is not None and not chunks:
+        body = buf if size == len(buf) else buf[:size]
+    else:
+        body = b"".join([bytes(buf[:size]) if buf is not None else b"", *chunks])
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
         raise ProtocolError(400, f"unsupported Content-Encoding '{encoding}' (use gzip, deflate or none)")
+    return await asyncio.get_running_loop().run_in_executor(None, _inflate, body, encoding, limit)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
     try:
         data = inflater.decompress(body, limit + 1)
@@ -146,6 +205,8 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None):
     from starlette.responses import Response
 
     metrics = metrics or Metrics()
+    budget = ByteBudget(config.max_inflight_bytes, config.body_timeout_s)
+    parse_pool = ThreadPoolExecutor(2, thread_name_prefix="edge-tl-parse")  # JSON off the event loop
     initial, link = None, None
     if config.bundle is not None:
         initial = load_model(config.bundle, config, metrics)
@@ -165,6 +226,7 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None):
         if watcher is not None:
             watcher.cancel()
         await manager.aclose()
+        parse_pool.shutdown(wait=False, cancel_futures=True)
         log.info("server stopped")
 
     app = fastapi.FastAPI(title="edge-tl serve", version=__version__, lifespan=lifespan, docs_url=None,
@@ -225,16 +287,25 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None):
             return ready_response(False)
         return ready_response(True)
 
+    def declared_length(request) -> int:
+        value = request.headers.get("content-length", "")
+        return int(value) if value.isdecimal() else config.max_request_bytes
+
     async def infer(request):
         name, version = name_version(request)
-        body = await read_body(request, config.max_request_bytes)
-        model = manager.acquire(name, version)
-        try:
-            req = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model.signature(name))
-            outputs = await model.infer(req.inputs)
-            content, header_length = encode_infer_response(name, model.version, req, outputs, model.labels)
-        finally:
-            manager.release(model)
+        loop = asyncio.get_running_loop()
+        async with budget.hold(declared_length(request)):
+            body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
+            model = manager.acquire(name, version)
+            try:
+                req = await loop.run_in_executor(parse_pool, parse_infer_request, body,
+                                                 request.headers.get(HEADER_LENGTH), model.signature(name))
+                del body
+                outputs = await model.infer(req.inputs)
+                content, header_length = await loop.run_in_executor(
+                    parse_pool, encode_infer_response, name, model.version, req, outputs, model.labels)
+            finally:
+                manager.release(model)
         headers = {"X-Model-Version": model.version}
         if header_length is None:
             return Response(content, headers=headers, media_type="application/json")
@@ -247,15 +318,19 @@ def create_app(config: ServeConfig, metrics: Metrics | None = None):
     async def classify(request):
         name, version = name_version(request)
         raw_k = request.query_params.get("top_k", "5")
-        if not raw_k.isdigit() or int(raw_k) < 1:
-            raise ProtocolError(400, f"top_k must be a positive integer, got {raw_k!r}")
-        body = await read_body(request, config.max_request_bytes)
+        if not _TOP_K.fullmatch(raw_k) or int(raw_k) < 1:  # ASCII digits only: int() refuses '²' and 5000 digits
+            raise ProtocolError(400, f"top_k must be a positive integer (at most 6 digits), got {raw_k[:20]!r}")
+        async with budget.hold(declared_length(request)):
+            return await _classify(request, name, version, int(raw_k))
+
+    async def _classify(request, name, version, k: int):
+        body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
         model = manager.acquire(name, version)
         try:
             start = time.perf_counter()
             x = await asyncio.get_running_loop().run_in_executor(None, prepare, model, body)
             logits = (await model.infer({model.input_name: x}))[model.output_name]
-            preds = top_k(softmax(logits)[0], model.labels, int(raw_k))
+            preds = top_k(softmax(logits)[0], model.labels, k)
             result = {"model_name": manager.name_of(model), "model_version": model.version, "predictions": preds,
                       "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
         finally:

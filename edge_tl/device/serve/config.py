@@ -31,6 +31,10 @@ class ServeConfig:
     graceful_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     verify: bool = True  # check the bundle's hashes before serving it
     access_log: bool = False
+    idle_timeout_s: float = 5.0  # a connection with no request in progress (headers incomplete, keep-alive) closes
+    body_timeout_s: float = 60.0  # a request body must arrive within this (else 408)
+    max_connections: int = 1024  # open connections at most (kept below the fd limit); the longest idle makes room
+    max_inflight_bytes: int | None = None  # request bytes held at once across requests (default: max_request_bytes)
 
     def __post_init__(self) -> None:
         if self.token is None:
@@ -44,11 +48,18 @@ class ServeConfig:
             self.root = Path(self.root)
             if not self.root.is_dir():
                 raise EdgeTLError(f"--root {self.root} is not a folder", "give the root that edge-tl deploy uses")
+        if self.max_inflight_bytes is None:
+            self.max_inflight_bytes = self.max_request_bytes
         for field, value, low in (("--max-batch", self.max_batch, 1), ("--workers", self.workers, 1),
                                   ("--max-request-bytes", self.max_request_bytes, 1024),
-                                  ("--max-image-pixels", self.max_image_pixels, 1), ("--port", self.port, 0)):
+                                  ("--max-image-pixels", self.max_image_pixels, 1), ("--port", self.port, 0),
+                                  ("--max-connections", self.max_connections, 1),
+                                  ("--max-inflight-bytes", self.max_inflight_bytes, 1024)):
             if value < low:
                 raise EdgeTLError(f"{field} must be >= {low} (got {value})", f"pass a {field} of at least {low}")
+        for field, value in (("--idle-timeout", self.idle_timeout_s), ("--body-timeout", self.body_timeout_s)):
+            if not value > 0:
+                raise EdgeTLError(f"{field} must be > 0 seconds (got {value})", f"pass e.g. {field} 5")
         if self.max_delay_ms < 0:
             raise EdgeTLError(f"--max-delay-ms must be >= 0 (got {self.max_delay_ms})", "use e.g. 2")
         if self.token is not None and len(self.token) < 8:

@@ -119,8 +119,10 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
     if config.max_batch > m.max_batch:
         raise EdgeTLError(f"--max-batch {config.max_batch} is larger than the bundle's max_batch {m.max_batch}",
                           f"use --max-batch {m.max_batch} or less")
+    from edge_tl.device.engine.cache import EngineCache
+
     runner = create_runner(bundle, backend=config.backend, precision=config.precision, threads=config.threads,
-                           engine_dir=engine_dir)
+                           engines=EngineCache(engine_dir))
     if runner.backend == "tensorrt" and config.workers > 1:
         raise EdgeTLError("the TensorRT runner has one execution context, so --workers must be 1",
                           "use --workers 1 (or --max-batch to batch requests)")

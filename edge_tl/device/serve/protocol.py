@@ -13,6 +13,7 @@ message that goes out as ``{"error": message}``).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from math import prod
@@ -85,9 +86,130 @@ def _shape(value: Any, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+# -- JSON bodies without holding the GIL for long ---------------------------------------------------------------
+# json.loads of a 31 MB body holds the GIL for about a second: a thread doesn't help the event loop. Large numeric
+# arrays (the "data" of an input) are therefore cut out of the JSON text and parsed in slices of FAST_CHUNK bytes,
+# with the GIL free between slices; the small rest is parsed by json.loads. Anything unusual falls back to
+# json.loads of the whole body (same result, only slower).
+FAST_MIN = 1 << 20  # bodies smaller than this go to json.loads directly
+FAST_CHUNK = 256 << 10
+_DATA_KEY = re.compile(rb'"data"\s*:\s*\[')
+_NOT_NUMERIC = re.compile(rb"[^0-9eE+\-.,\s\[\]]")
+_PLACEHOLDER = "\u0000edge-tl-data-{}"
+
+
+class _Numbers:
+    """A numeric array in the JSON text (``body[start:stop]``, not copied), parsed on demand (float64, flat)."""
+
+    def __init__(self, body: bytes | bytearray, start: int, stop: int):
+        self.body, self.start, self.stop = body, start, stop
+
+    def parse(self, dtype: Any = np.float64) -> np.ndarray | None:
+        """Parsed as float64 slice by slice, each slice cast to ``dtype`` at once (values beyond its range become
+        Inf, which the caller refuses), so only ``dtype``-sized arrays are kept."""
+        text, stop, parts, pos, commas = self.body, self.stop, [], self.start, 0
+        while pos < stop:
+            end = stop if stop - pos <= FAST_CHUNK else text.rfind(b",", pos, pos + FAST_CHUNK) + 1
+            if end <= pos:
+                return None
+            piece = bytes(text[pos:end]).translate(None, b"[]").strip().strip(b",")
+            commas += piece.count(b",")
+            if piece:
+                try:
+                    values = np.fromstring(piece.decode("ascii"), dtype=np.float64, sep=",")
+                except (ValueError, DeprecationWarning):  # numpy stops at what it can't read
+                    return None
+                with np.errstate(over="ignore", invalid="ignore"):
+                    parts.append(values.astype(dtype, copy=False))
+                commas += 1  # the separator between this slice and the next
+            pos = end
+        arr = np.concatenate(parts) if parts else np.zeros(0)
+        return arr if arr.size == commas else None  # a malformed number stops numpy early: let json.loads say why
+
+
+def _cut_numbers(body: bytes | bytearray) -> tuple[bytes, list[_Numbers]] | None:
+    """(the JSON with each large "data" array replaced by a placeholder string, the arrays), or None."""
+    out, found, pos, look = [], [], 0, 0
+    while (m := _DATA_KEY.search(body, look)) is not None:
+        start = m.end() - 1  # at "["
+        look = m.end()
+        end, scan = None, start
+        while end is None:  # the numeric run ends at the first character no number, bracket or comma has
+            hit = _NOT_NUMERIC.search(body, scan, min(len(body), scan + FAST_CHUNK))
+            if hit is not None:
+                end = hit.start()
+            elif scan + FAST_CHUNK >= len(body):
+                return None
+            else:
+                scan += FAST_CHUNK
+        while end > start and body[end - 1] in b" \t\r\n,":
+            end -= 1
+        if end - start < FAST_MIN // 4:
+            continue
+        if body[end - 1] != ord("]") or body.count(b"[", start, end) != body.count(b"]", start, end):
+            return None
+        out += [bytes(body[pos:start]), json.dumps(_PLACEHOLDER.format(len(found))).encode()]
+        found.append(_Numbers(body, start, end))
+        pos = look = end  # the next search starts after this array, not inside it
+    if not found:
+        return None
+    out.append(bytes(body[pos:]))
+    return b"".join(out), found
+
+
+def loads_request(body: bytes | bytearray) -> Any:
+    """``json.loads`` for a request body, with large numeric arrays parsed in GIL-friendly slices (see above).
+
+    Nesting too deep for the parser is a 400, as is anything that isn't JSON."""
+    cut = _cut_numbers(body) if len(body) >= FAST_MIN else None
+    try:
+        if cut is None:
+            return json.loads(body)
+        text, arrays = cut
+        req = json.loads(text)
+    except RecursionError:
+        raise ProtocolError(400, "the request JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(400, f"the request is not valid JSON: {exc}") from None
+    placed = 0
+    for raw in req.get("inputs", []) if isinstance(req, dict) and isinstance(req.get("inputs"), list) else []:
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if isinstance(data, str) and data.startswith(_PLACEHOLDER[:-2]):
+            idx = data[len(_PLACEHOLDER) - 2:]
+            if not idx.isdecimal() or int(idx) >= len(arrays):
+                return loads_request_slow(body)
+            kind = DATATYPES.get(raw.get("datatype"), np.float64)
+            parsed = arrays[int(idx)].parse(kind if np.dtype(kind).kind == "f" else np.float64)
+            if parsed is None:
+                return loads_request_slow(body)
+            raw["data"] = parsed
+            placed += 1
+    return req if placed == len(arrays) else loads_request_slow(body)
+
+
+def loads_request_slow(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise ProtocolError(400, "the request JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(400, f"the request is not valid JSON: {exc}") from None
+
+
+def _finite(arr: np.ndarray, name: str, datatype: str) -> np.ndarray:
+    """Reject NaN and Inf (JSON can't carry them, and they poison the outputs), including values beyond the
+    datatype's range that became Inf when cast (1e39 as FP32)."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ProtocolError(400, f"input '{name}' holds NaN or Inf (or values beyond {datatype}'s range); send "
+                                 "finite numbers")
+    return arr
+
+
 def _json_tensor(data: Any, dtype: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
     try:
         arr = np.asarray(data)
+    except RecursionError:
+        raise ProtocolError(400, f"'data' of input '{name}' is nested too deeply") from None
     except (ValueError, TypeError) as exc:
         raise ProtocolError(400, f"'data' of input '{name}' is not a (nested) list of numbers: {exc}") from exc
     kinds = "b" if dtype is np.bool_ else "biuf"
@@ -111,10 +233,7 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
         head, binary = body[:hlen], memoryview(body)[hlen:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(400, f"the request is not valid JSON: {exc}") from None
+    req = loads_request(head)
     if not isinstance(req, dict):
         raise ProtocolError(400, "the request must be a JSON object with 'inputs'")
     raw_inputs = req.get("inputs")
@@ -150,10 +269,12 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
                                          f"{datatype} needs {nbytes} bytes")
             if offset + size > len(binary):
                 raise ProtocolError(400, f"the binary data ends before input '{name}' ({len(binary)} bytes)")
-            inputs[name] = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            inputs[name] = _finite(np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape), name,
+                                   datatype)
             offset += size
         elif "data" in raw:
-            inputs[name] = _json_tensor(raw["data"], dtype, shape, name)
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf: refused below
+                inputs[name] = _finite(_json_tensor(raw["data"], dtype, shape, name), name, datatype)
         else:
             raise ProtocolError(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
     if offset != len(binary):
@@ -232,7 +353,11 @@ def encode_infer_response(model: str, version: str, request: InferRequest, outpu
     if request.id is not None:
         head["id"] = request.id
     head["outputs"] = out_json
-    text = json.dumps(head, separators=(",", ":")).encode()
+    try:
+        text = json.dumps(head, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN/Inf in an output: not JSON (the binary form would carry it, but say so instead)
+        raise ProtocolError(500, "the model produced NaN or Inf outputs, which JSON cannot carry; request the "
+                                 "outputs as binary_data to get the raw values") from None
     if not blobs:
         return text, None
     return b"".join([text, *blobs]), len(text)

@@ -22,6 +22,15 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.setLevel(level)
 
 
+def _limits(config: ServeConfig) -> dict:
+    """uvicorn options for the idle timeout and the connection cap; repeated log lines rate-limited."""
+    from edge_tl.device.serve.limits import ConnectionLimits, connection_budget, install_log_rate_limit, uvicorn_limits
+
+    install_log_rate_limit()
+    cap, backlog = connection_budget(config.max_connections)
+    return uvicorn_limits(ConnectionLimits(idle_timeout_s=config.idle_timeout_s, max_connections=cap), backlog)
+
+
 def run_server(config: ServeConfig) -> None:
     """Load the model, then serve until SIGTERM/SIGINT; in-flight requests finish first (up to
     ``graceful_timeout_s``), then the model is unloaded."""
@@ -35,7 +44,7 @@ def run_server(config: ServeConfig) -> None:
                     "(set --token or EDGE_TL_TOKEN)", config.host)
     uconfig = uvicorn.Config(app, host=config.host, port=config.port, lifespan="on", access_log=config.access_log,
                              timeout_graceful_shutdown=int(config.graceful_timeout_s), server_header=False,
-                             log_level="info")
+                             log_level="info", **_limits(config))
     server = uvicorn.Server(uconfig)
     try:
         server.run()
@@ -60,7 +69,7 @@ class ThreadedServer:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=config.port, lifespan="on",
                                                     access_log=config.access_log, log_level="warning",
                                                     timeout_graceful_shutdown=int(config.graceful_timeout_s),
-                                                    server_header=False))
+                                                    server_header=False, **_limits(config)))
         self.thread = threading.Thread(target=self.server.run, name="edge-tl-serve", daemon=True)
         self.url = ""
 

@@ -1,0 +1,189 @@
+"""`edge-tl serve` against idle, slow and hostile clients (small, bounded versions of benchmarks/bench_serve.py's
+load: behaviour only, nothing timed): idle/partial-header/keep-alive trickle connections are closed, the connection
+cap makes room by closing the longest idle one, repeated log lines are rate-limited, bytes in flight are bounded,
+and non-finite numbers, deep nesting and bad top_k are 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from edge_tl.device.serve import protocol
+from edge_tl.device.serve.app import ByteBudget
+from edge_tl.device.serve.config import ServeConfig
+from edge_tl.device.serve.limits import RateLimitFilter
+from edge_tl.device.serve.server import ThreadedServer
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle_src):
+    cfg = ServeConfig(bundle=tiny_bundle_src, port=0, idle_timeout_s=0.5, max_connections=12, precision="fp32")
+    with ThreadedServer(cfg) as srv:
+        yield srv
+
+
+def _connect(srv) -> socket.socket:
+    host, port = srv.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, trickle: bytes = b"", within_s: float = 10.0) -> bool:
+    """True when the server closes ``sock`` (recv gives b"" or a reset) while we keep trickling bytes."""
+    sock.settimeout(0.1)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if trickle:
+                sock.send(trickle)
+            data = sock.recv(65536)
+            if data == b"":
+                return True
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+    return False
+
+
+def test_idle_partial_and_trickling_connections_are_closed(server):
+    silent = _connect(server)
+    partial = _connect(server)
+    partial.send(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+    kept = _connect(server)
+    kept.send(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.settimeout(5)
+    assert kept.recv(4096).startswith(b"HTTP/1.1 200")
+    assert _closed_by_server(silent)
+    assert _closed_by_server(partial, trickle=b"X")  # a byte at a time does not keep it open (slowloris)
+    assert _closed_by_server(kept, trickle=b"G")  # nor after a keep-alive response
+    assert httpx.get(server.url + "/v2/health/live").status_code == 200
+
+
+def test_connection_cap_closes_the_longest_idle_to_make_room(server):
+    socks = [_connect(server) for _ in range(30)]  # more than --max-connections 12
+    try:
+        with httpx.Client(timeout=10) as client:
+            for _ in range(3):
+                assert client.get(server.url + "/v2/health/live").status_code == 200
+            open_now = len(server.server.server_state.connections)
+        assert open_now <= 12
+        assert _closed_by_server(socks[0], within_s=2)  # the oldest idle ones went first
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_repeated_log_lines_are_rate_limited():
+    flt = RateLimitFilter(burst=3, interval_s=60)
+    rec = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "socket.accept() out of system resource",
+                             None, None) for _ in range(1000)]
+    assert sum(flt.filter(r) for r in rec) == 3
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "something else", None, None)
+    assert flt.filter(other)
+    numbered = [logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "closed connection %d", (i,), None)
+                for i in range(50)]
+    assert sum(flt.filter(r) for r in numbered) == 3  # the same event with another number is a repeat
+    versions = [logging.LogRecord("edge_tl.device.serve", logging.INFO, __file__, 1, "now serving version %s", (v,),
+                                  None) for v in ("abcdef", "bcdefa", "cdefab", "defabc")]
+    assert all(flt.filter(r) for r in versions)  # distinct events all pass
+
+
+def test_byte_budget_bounds_bytes_in_flight():
+    budget = ByteBudget(limit=100, timeout_s=10)
+    peak = [0]
+
+    async def one(n: int) -> None:
+        async with budget.hold(n):
+            peak[0] = max(peak[0], budget.used)
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(40) for _ in range(10)), one(500))  # 500: larger than the budget runs alone
+
+    asyncio.run(main())
+    assert peak[0] <= 100 and budget.used == 0
+
+    async def starved() -> None:
+        tight = ByteBudget(limit=10, timeout_s=0.05)
+        async with tight.hold(10):
+            with pytest.raises(protocol.ProtocolError) as exc:
+                async with tight.hold(5):
+                    pass
+            assert exc.value.status == 503
+
+    asyncio.run(starved())
+
+
+def _json_body(values, shape=(1, 3, 16, 16)) -> bytes:
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(shape), "datatype": "FP32", "data": "@"}]})
+    return head.replace('"@"', "[" + ",".join(values) + "]").encode()
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e39"])
+def test_non_finite_inputs_are_400(server, bad):
+    values = ["0.5"] * 767 + [bad]
+    r = httpx.post(server.url + "/v2/models/tiny/infer", content=_json_body(values),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "NaN or Inf" in r.json()["error"]
+
+
+def test_non_finite_binary_input_is_400(server):
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 16, 16], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    r = httpx.post(server.url + "/v2/models/tiny/infer", content=head + x.tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 400 and "NaN or Inf" in r.json()["error"]
+
+
+def test_deep_nesting_and_bad_top_k_are_4xx(server):
+    deep = b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(server.url + "/v2/models/tiny/infer", content=deep)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]
+    for k in ("\u00b2", "\u0663", "9" * 5000, "-1", "0"):
+        r = httpx.post(server.url + "/classify", params={"top_k": k}, content=b"x")
+        assert r.status_code == 400 and "top_k" in r.json()["error"], (k, r.text)
+
+
+def test_large_json_parsed_in_slices_equals_json_loads(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 16, 16)).astype(np.float32)
+    for data in (x.ravel().tolist(), x.tolist()):  # flat and nested, as the protocol allows
+        body = json.dumps({"id": "a", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                                  "data": data}], "parameters": {"k": [1, 2]}}).encode()
+        monkeypatch.setattr(protocol, "FAST_MIN", 4096)
+        monkeypatch.setattr(protocol, "FAST_CHUNK", 1000)
+        fast = protocol.loads_request(body)
+        assert isinstance(fast["inputs"][0]["data"], np.ndarray)  # the sliced path ran
+        slow = json.loads(body)
+        assert fast["id"] == slow["id"] and fast["parameters"] == slow["parameters"]
+        np.testing.assert_array_equal(np.asarray(fast["inputs"][0]["data"], np.float32).ravel(),
+                                      np.asarray(slow["inputs"][0]["data"], np.float32).ravel())
+    for broken in (b"1 2", b"1,,2", b"0x10", b"1e5e3"):  # what JSON refuses is still refused
+        body = b'{"inputs":[{"name":"input","data":[' + b"1," * 5000 + broken + b"]}]}"
+        with pytest.raises(protocol.ProtocolError) as exc:
+            protocol.loads_request(body)
+        assert exc.value.status == 400
+
+
+
+def test_connection_cap_and_backlog_fit_under_the_fd_limit(monkeypatch):
+    from edge_tl.device.serve import limits
+
+    for soft, asked in ((1024, 1024), (65536, 1024), (256, 1024)):
+        monkeypatch.setattr(limits.resource, "getrlimit", lambda _r, s=soft: (s, s))
+        monkeypatch.setattr(limits.resource, "setrlimit", lambda *_a: None)
+        monkeypatch.setattr(limits.os, "listdir", lambda _p: ["fd"] * 30)
+        cap, backlog = limits.connection_budget(asked)
+        # a burst of `backlog` accepts can land twice before the sockets closed to make room are released
+        assert 30 + limits.FD_RESERVE + cap + 2 * backlog <= soft
+        assert cap == asked if soft == 65536 else cap < asked
