@@ -69,6 +69,11 @@ def _run(action: str, inventory: Path, limit: str | None, serial: str, max_fail:
     from edge_tl.fleet.runner import parse_serial, run_fleet
 
     batches = parse_serial(serial) if action != "status" else ["100%"]
+    if known_hosts is not None and not known_hosts.expanduser().is_file() and not accept:
+        from edge_tl.errors import EdgeTLError
+
+        raise EdgeTLError(f"known_hosts file {known_hosts} does not exist",
+                          "give the file that holds your devices' host keys (or --accept-new-host-key)")
     hosts = load_inventory(inventory, limit)
     err.print(f"[dim]{action} on {len(hosts)} host(s) of {inventory}, batches {batches}, stop when more than "
               f"{max_fail}% of a batch fails[/]" if action != "status" else
