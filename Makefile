@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-EXTRAS ?= workstation,cpu,serve,deploy,plots,test
+EXTRAS ?= workstation,cpu,serve,deploy,fleet,plots,test
 comma  := ,
 STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -12,19 +12,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import textwrap
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from bundle_factory import make_tiny_bundle
+from sshd_helper import SshdServer, SshdUnavailable, start_sshd
+from sshd_helper import free_port as _free_port
 
 from edge_tl.core.bundle import MANIFEST, Bundle, write_bundle
 from edge_tl.core.errors import CheckFailed, EdgeTLError
@@ -40,19 +39,8 @@ EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
 NO_RESTART = ServiceOptions(restart=False)
 
 
-@dataclass
-class Sshd:
-    port: int
-    user: str
-    key: Path
-    known_hosts: Path
-    host_pub: str
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def to(self) -> str:
-        return f"{self.user}@127.0.0.1:{self.port}"
+class Sshd(SshdServer):
+    """The test sshd (tests/sshd_helper.py) with this module's ways in: paramiko sessions, the CLI."""
 
     def session(self, **kw) -> SSHSession:
         kw.setdefault("known_hosts", self.known_hosts)
@@ -89,66 +77,14 @@ class Sshd:
                               env={**os.environ, "COLUMNS": "250"})
 
 
-def wait_port(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
-    binary = shutil.which("sshd") or "/usr/sbin/sshd"
-    if not Path(binary).is_file() or not shutil.which("ssh-keygen"):
-        pytest.skip("OpenSSH's sshd/ssh-keygen are not installed (apt-get install openssh-server openssh-client)")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation folder
-    port = _free_port()
-    (d / "sshd_config").write_text(textwrap.dedent(f"""\
-        Port {port}
-        ListenAddress 127.0.0.1
-        HostKey {d / 'host_key'}
-        PidFile {d / 'sshd.pid'}
-        AuthorizedKeysFile {d / 'authorized_keys'}
-        StrictModes no
-        UsePAM no
-        PubkeyAuthentication yes
-        PasswordAuthentication no
-        KbdInteractiveAuthentication no
-        PermitRootLogin prohibit-password
-        Subsystem sftp internal-sftp
-        MaxStartups 20
-        LogLevel VERBOSE
-    """))
-    check = subprocess.run([binary, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
-    if check.returncode != 0:
-        pytest.skip(f"sshd refuses its test config: {check.stderr.strip()[-300:]}")
-    log = d / "sshd.log"
-    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
-                            stderr=open(log, "wb"))  # noqa: SIM115 (closed with the process)
-    if not wait_port("127.0.0.1", port, 10) or proc.poll() is not None:
-        proc.kill()
-        pytest.skip(f"sshd did not start: {log.read_text()[-300:]}")
-    host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
-    known = d / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_pub}\n")
-    import getpass
-
-    server = Sshd(port, getpass.getuser(), d / "client_key", known, host_pub, proc, log)
+    try:
+        base = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except SshdUnavailable as exc:
+        pytest.skip(str(exc))
+    server = Sshd(**vars(base))
+    proc, log = server.proc, server.log
     try:
         with server.session() as s:
             probe = s.run(["true"])

@@ -46,6 +46,8 @@ COMMAND_MODULES = (
     "edge_tl.cli.engine",
     "edge_tl.cli.deploy",
     "edge_tl.cli.field",
+    "edge_tl.cli.fleet",
+    "edge_tl.cli.export",
 )
 
 app = typer.Typer(

@@ -34,6 +34,7 @@ INSTALL_HINTS: dict[str, str] = {
     "uvicorn": "pip install 'edge-tl[serve]'",
     "prometheus_client": "pip install 'edge-tl[serve]'",
     "paramiko": "pip install 'edge-tl[deploy]'",
+    "ansible_runner": "pip install 'edge-tl[fleet]'",
 }
 
 
