@@ -20,9 +20,9 @@ import pytest
 from bundle_factory import make_tiny_bundle
 from sshd_helper import SshdServer, SshdUnavailable, free_port, keygen, start_sshd
 
-from edge_tl.bundle import Bundle
-from edge_tl.deploy import state
-from edge_tl.layout import DeviceLayout
+from edge_tl.core.bundle import Bundle
+from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.deploy import state
 
 pytestmark = [pytest.mark.ssh, pytest.mark.timeout(300)]
 
@@ -105,8 +105,8 @@ def _id(bundle: Path) -> str:
 @pytest.fixture(scope="module")
 def root_ab(bundles, tmp_path_factory) -> Path:
     """A device root where a, then b were installed by the device half itself (b active, a previous)."""
-    from edge_tl.deploy.device import install
-    from edge_tl.deploy.service import ServiceOptions
+    from edge_tl.device.deploy.device import install
+    from edge_tl.device.deploy.service import ServiceOptions
 
     d = tmp_path_factory.mktemp("root-ab")
     for key in ("a", "b"):

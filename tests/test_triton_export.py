@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_tl.bundle import Bundle
-from edge_tl.engine.parity import ParityThresholds, compare_outputs, judge
+from edge_tl.core.bundle import Bundle
+from edge_tl.device.engine.parity import ParityThresholds, compare_outputs, judge
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="Triton's model-config protobuf comes with tritonclient[grpc]")

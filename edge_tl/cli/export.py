@@ -1,5 +1,5 @@
 """`edge-tl export triton BUNDLE --out REPO`: a Triton model repository entry. Thin: the work is in
-edge_tl.triton_export."""
+edge_tl.device.triton."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Accelerator(str, Enum):
 
 
 def _ints(text: str | None) -> list[int]:
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.errors import EdgeTLError
 
     if not text:
         return []
@@ -71,7 +71,7 @@ def triton_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write REPO/<name>/config.pbtxt, REPO/<name>/<version>/model.onnx (or model.plan) and labels.txt."""
-    from edge_tl.triton_export import TritonOptions, export_triton
+    from edge_tl.device.triton import TritonOptions, export_triton
 
     opts = TritonOptions(name=name, precision=precision.value if precision else None, max_batch=max_batch,
                          instances=instances, kind=kind.value, accelerator=accelerator.value if accelerator else None,

@@ -1,5 +1,5 @@
 """`edge-tl fleet deploy BUNDLE --inventory hosts.yml`, `fleet rollback`, `fleet status`: `edge-tl deploy`'s device
-half on many devices through Ansible (deploy/ansible). Thin: the work is in edge_tl.fleet and the role."""
+half on many devices through Ansible (deploy/ansible). Thin: the work is in edge_tl.workstation.fleet and the role."""
 
 from __future__ import annotations
 
@@ -64,13 +64,13 @@ def _given(**options: Any) -> dict[str, Any]:
 def _run(action: str, inventory: Path, limit: str | None, serial: str, max_fail: int, known_hosts: Path | None,
          accept: bool, forks: int, ansible_dir: Path | None, report_path: Path | None, as_json: bool,
          extravars: dict[str, Any], bundle: dict[str, Any] | None = None) -> None:
-    from edge_tl.fleet.inventory import load_inventory
-    from edge_tl.fleet.report import render
-    from edge_tl.fleet.runner import parse_serial, run_fleet
+    from edge_tl.workstation.fleet.inventory import load_inventory
+    from edge_tl.workstation.fleet.report import render
+    from edge_tl.workstation.fleet.runner import parse_serial, run_fleet
 
     batches = parse_serial(serial) if action != "status" else ["100%"]
     if known_hosts is not None and not known_hosts.expanduser().is_file() and not accept:
-        from edge_tl.errors import EdgeTLError
+        from edge_tl.core.errors import EdgeTLError
 
         raise EdgeTLError(f"known_hosts file {known_hosts} does not exist",
                           "give the file that holds your devices' host keys (or --accept-new-host-key)")
@@ -106,8 +106,8 @@ def deploy_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Verify the bundle here, then on each host: upload, verify, build the engine, gate, switch, check health."""
-    from edge_tl.deploy.client import prepare
-    from edge_tl.errors import EdgeTLError
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.workstation.ship.client import prepare
 
     if precision is not None and precision not in ("int8", "fp16", "fp32"):
         raise EdgeTLError(f"--precision {precision} is not one of int8, fp16, fp32", "choose one of them")
@@ -136,7 +136,7 @@ def rollback_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Switch each host back to its previous version (atomically; the field service restarted and checked)."""
-    from edge_tl.deploy.state import check_version_id
+    from edge_tl.device.deploy.state import check_version_id
 
     extravars = _given(bin=remote_edge_tl, rollback_version=check_version_id(version) if version else None,
                        lock_timeout=lock_timeout, restart_cmd=restart_cmd, health_url=health_url,

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_tl._optional import require
-from edge_tl.errors import EdgeTLError
-from edge_tl.fleet.inventory import FleetHost, ansible_tool
-from edge_tl.fleet.report import FleetReport, HostRow, finish, row_from_result
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.importer import require
+from edge_tl.workstation.fleet.inventory import FleetHost, ansible_tool
+from edge_tl.workstation.fleet.report import FleetReport, HostRow, finish, row_from_result
 
 ENV_ANSIBLE_DIR = "EDGE_TL_ANSIBLE_DIR"
 PLAYBOOK = "fleet.yml"
@@ -35,7 +35,7 @@ Notify = Callable[[str], None]
 def ansible_dir(given: Path | None = None) -> Path:
     """Where fleet.yml and roles/edge_tl_deploy are: ``given``, ``$EDGE_TL_ANSIBLE_DIR``, else the source tree's
     deploy/ansible (the workstation install is an editable one from the source tree)."""
-    candidates = [given, os.environ.get(ENV_ANSIBLE_DIR), Path(__file__).resolve().parents[2] / "deploy" / "ansible"]
+    candidates = [given, os.environ.get(ENV_ANSIBLE_DIR), Path(__file__).resolve().parents[3] / "deploy" / "ansible"]
     for cand in candidates:
         if cand and (Path(cand) / PLAYBOOK).is_file() and (Path(cand) / "roles" / ROLE).is_dir():
             return Path(cand).resolve()
@@ -188,6 +188,6 @@ def run_fleet(action: str, hosts: list[FleetHost], inventory: Path, *, extravars
 
 
 def _now() -> str:
-    from edge_tl.bundle import utc_now
+    from edge_tl.core.bundle import utc_now
 
     return utc_now()

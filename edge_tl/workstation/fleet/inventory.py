@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_tl.errors import EdgeTLError
+from edge_tl.core.errors import EdgeTLError
 
 DEFAULT_ROOT = "/opt/edge-tl"
 INVENTORY_FIX = ("fix it (Ansible's YAML or INI inventory format; see docs/fleet.md and "

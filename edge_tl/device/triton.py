@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_tl._optional import has_module
-from edge_tl.bundle import LABELS, MODEL_FILES, Bundle, TensorSpec, utc_now
-from edge_tl.errors import CheckFailed, EdgeTLError, InternalError
-from edge_tl.fsutil import atomic_dir, atomic_write_text, sha256_file
+from edge_tl.core.bundle import LABELS, MODEL_FILES, Bundle, TensorSpec, utc_now
+from edge_tl.core.errors import CheckFailed, EdgeTLError, InternalError
+from edge_tl.core.fsutil import atomic_dir, atomic_write_text, sha256_file
+from edge_tl.core.importer import has_module
 
 CONFIG = "config.pbtxt"
 PROVENANCE = "edge-tl.json"

@@ -14,14 +14,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from edge_tl.bundle import utc_now
-from edge_tl.fsutil import atomic_write_text
+from edge_tl.core.bundle import utc_now
+from edge_tl.core.fsutil import atomic_write_text
 
 Outcome = Literal["deployed", "already-active", "rolled-back", "ok", "gate-failed", "unhealthy", "failed",
                   "stopped", "unreachable", "not-reached"]
 GOOD: tuple[str, ...] = ("deployed", "already-active", "rolled-back", "ok")
 
-# The device half's own words (edge_tl/deploy/gate.py, edge_tl/deploy/device.py) for its two checks.
+# The device half's own words (edge_tl/device/deploy/gate.py, edge_tl/device/deploy/device.py) for its two checks.
 GATE_FAILED = "the parity gate failed"
 GATE_NOT_RUN = "the parity gate could not run"
 UNHEALTHY = "did not become healthy"
@@ -89,6 +89,34 @@ def _active(status: Any) -> str | None:
     return status.get("active") if isinstance(status, dict) else None
 
 
+def _status_fields(row: HostRow, after: Any) -> None:
+    """What ``status`` adds: the previous version, every version, the active one's gate and engine."""
+    row.previous = after.get("previous") if isinstance(after, dict) else None
+    row.versions = [v.get("bundle_id") for v in (after.get("versions") or []) if isinstance(v, dict)]
+    active = next((v for v in after.get("versions") or [] if isinstance(v, dict) and v.get("active")), None)
+    if active and active.get("parity"):
+        p = active["parity"]
+        row.gate = "passed" if p.get("passed") else "failed"
+        row.gate_detail = f"{p.get('precision')} on {p.get('backend')}"
+    if active and active.get("engine"):
+        row.engine = active["engine"]
+
+
+def _error_outcome(row: HostRow, error: str, action: Any) -> None:
+    """The outcome (and gate) of a host whose run ended with ``error``."""
+    if error.startswith("unreachable:"):
+        row.outcome = "unreachable"
+        row.before = row.after = None  # unknown
+    elif GATE_FAILED in error:
+        row.outcome, row.gate, row.gate_detail = "gate-failed", "failed", error
+    elif UNHEALTHY in error:
+        row.outcome, row.gate, row.health = "unhealthy", "passed", "unhealthy; switched back"
+    else:
+        row.outcome = "failed"
+        if action == "deploy":
+            row.gate = "error" if GATE_NOT_RUN in error else "not run"
+
+
 def row_from_result(name: str, address: str | None, root: str | None, batch: int | None,
                     r: dict[str, Any]) -> HostRow:
     """A host's row from its ``edge_tl_result`` fact."""
@@ -102,28 +130,10 @@ def row_from_result(name: str, address: str | None, root: str | None, batch: int
                   before=_active(before), after=_active(after), error=error, device=device)
     action = r.get("action")
     if action == "status":
-        row.previous = after.get("previous") if isinstance(after, dict) else None
-        row.versions = [v.get("bundle_id") for v in (after.get("versions") or []) if isinstance(v, dict)]
-        active = next((v for v in after.get("versions") or [] if isinstance(v, dict) and v.get("active")), None)
-        if active and active.get("parity"):
-            p = active["parity"]
-            row.gate = "passed" if p.get("passed") else "failed"
-            row.gate_detail = f"{p.get('precision')} on {p.get('backend')}"
-        if active and active.get("engine"):
-            row.engine = active["engine"]
+        _status_fields(row, after)
     # outcome and the gate
     if error:
-        if error.startswith("unreachable:"):
-            row.outcome = "unreachable"
-            row.before = row.after = None  # unknown
-        elif GATE_FAILED in error:
-            row.outcome, row.gate, row.gate_detail = "gate-failed", "failed", error
-        elif UNHEALTHY in error:
-            row.outcome, row.gate, row.health = "unhealthy", "passed", "unhealthy; switched back"
-        else:
-            row.outcome = "failed"
-            if action == "deploy":
-                row.gate = "error" if GATE_NOT_RUN in error else "not run"
+        _error_outcome(row, error, action)
     elif action in ("deploy", "rollback") and device is None:
         # no error and no result: Ansible stopped this host half-way because other hosts of its batch failed
         row.outcome = "stopped"
