@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edge_tl.errors import CheckFailed, EdgeTLError, InternalError
+from edge_tl.fsutil import chmod_default
 from edge_tl.targets import DEFAULT_TARGET, get_target
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_size: Sequence[int] = 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
+        chmod_default(tmp, directory=False)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(cpu_model, (example,), tmp, dynamo=False, opset_version=opset,

@@ -100,6 +100,8 @@ def iter_images(files: tuple[Path, ...]) -> Iterator[Item]:
     """Decode each file with Pillow; an undecodable one gives an error Item."""
     from PIL import Image
 
+    from edge_tl.preprocess import to_rgb
+
     for path in files:
         if path.suffix.lower() in VIDEO_EXTS:  # a glob may match videos too
             yield from VideoSource(str(path), live=False).frames()
@@ -107,7 +109,8 @@ def iter_images(files: tuple[Path, ...]) -> Iterator[Item]:
         try:
             with Image.open(path) as img:
                 img.load()
-                rgb = img.convert("RGB")
+                rgb = to_rgb(img)
+                rgb = rgb.copy() if rgb is img else rgb
             yield Item(str(path), None, time.time(), rgb)
         except Exception as exc:  # PIL raises many types for bad files; the record carries the reason
             yield Item(str(path), None, time.time(), error=f"cannot decode image: {type(exc).__name__}: {exc}")

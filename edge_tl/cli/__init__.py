@@ -15,6 +15,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edge_tl import __version__
 from edge_tl.errors import EdgeTLError
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     except EdgeTLError as exc:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, *_ABORTS):
         err_console.print("[yellow]interrupted[/]")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             err_console.print_exception()
         err_console.print(
-            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {exc}",
+            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {escape(str(exc))}",
             soft_wrap=True,
         )
         if not debug:

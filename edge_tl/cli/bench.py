@@ -52,6 +52,7 @@ def run_cmd(
     import datetime as dt
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge_tl.bench import BenchConfig, print_result, run_bench, write_outputs
@@ -70,18 +71,18 @@ def run_cmd(
 
         def progress(task: str, done: int, total: int | None) -> None:
             if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total)
+                tasks[task] = bar.add_task(escape(task), total=total)
             bar.update(tasks[task], completed=done)
 
         result, record = run_bench(cfg, progress=progress,
-                                   warn=lambda m: err.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+                                   warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
     if out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = result.model.name if result.model else model.stem
         out = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
     path = write_outputs(result, record, out, plots=plots)
     print_result(result, console)
-    console.print(f"results: {path}")
+    console.print(f"results: {escape(str(path))}")
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_tl.cli._common import Backend, Via
@@ -71,7 +72,7 @@ def _keep_names(keep_layers: str | None, keep_worst: int | None, bundle, threads
             raise EdgeTLError("--keep-worst needs a bundle (its golden inputs rank the layers)", "give the bundle")
         report = _sensitivity(bundle, threads=threads)
         names += [n for n in report.worst(keep_worst) if n not in names]
-        err.print(f"keeping the {keep_worst} worst INT8 layer(s) in higher precision: {', '.join(names)}")
+        err.print(f"keeping the {keep_worst} worst INT8 layer(s) in higher precision: {escape(', '.join(names))}")
     return names
 
 
@@ -124,18 +125,18 @@ def build_cmd(
     if names and precision in ("int8", "best"):
         fp32 = bundle.model_path("fp32") if bundle else None
         onnx = keep_layers_model(onnx, names, cache / "fallback", fp32)
-        err.print(f"INT8 model with {len(names)} layer(s) in float: {onnx}")
+        err.print(f"INT8 model with {len(names)} layer(s) in float: {escape(str(onnx))}")
         fallback = ()
     build_fn = None
     if via == "trtexec":
         from edge_tl.engine.trtexec import build_with_trtexec
 
-        build_fn = partial(build_with_trtexec, trtexec=trtexec, echo=lambda cmd: err.print(f"[bold]$[/] {cmd}"))
-    with err.status(f"engine for {onnx.name} ({precision}); a first build takes minutes on a Jetson"):
+        build_fn = partial(build_with_trtexec, trtexec=trtexec, echo=lambda cmd: err.print(f"[bold]$[/] {escape(cmd)}"))
+    with err.status(f"engine for {escape(onnx.name)} ({precision}); a first build takes minutes on a Jetson"):
         engine = load_or_build(onnx, precision, cache, no_build=no_build, dla_core=dla, max_batch=max_batch,
                                opt_batch=opt_batch, workspace_mb=workspace_mb, fallback_layers=fallback,
                                fallback_precision=keep_precision, build_fn=build_fn, via=via, trtexec=trtexec,
-                               notify=lambda msg: err.print(f"[yellow]{msg}[/]"))
+                               notify=lambda msg: err.print(f"[yellow]{escape(msg)}[/]"))
     side = read_sidecar(engine) or {}
     perf = side.get("performance")
     if perf:
@@ -150,7 +151,7 @@ def build_cmd(
         atomic_write_bytes(out_file, engine.read_bytes())
         shutil.copyfile(engine.with_name(engine.name + ".json"), out_file.with_name(out_file.name + ".json"))
         engine = out_file
-    out.print(str(engine))
+    out.print(escape(str(engine)))
 
 
 def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
@@ -210,9 +211,9 @@ def check_cmd(
         report.write_json(json_out)
     err.print(_parity_table(report))
     for failure in report.failures:
-        err.print(f"[red]- {failure}[/]")
+        err.print(f"[red]- {escape(failure)}[/]")
     report.raise_if_failed()
-    out.print(report.summary())
+    out.print(escape(report.summary()))
 
 
 def _safe_thresholds(precision: str):
@@ -271,7 +272,7 @@ def sensitivity_cmd(
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
     k = min(top, 3, len(report.layers))
-    out.print(f"edge-tl engine build {bundle_path} --precision int8 --keep-worst {k}")
+    out.print(f"edge-tl engine build {escape(str(bundle_path))} --precision int8 --keep-worst {k}")
 
 
 def doctor_cmd(
@@ -288,14 +289,14 @@ def doctor_cmd(
     bundle = Bundle.open(bundle_path) if bundle_path else None
     rows = evaluate(facts, bundle)
     if as_json:
-        out.print(json.dumps(report_json(facts, rows), indent=2))
+        out.print(escape(json.dumps(report_json(facts, rows), indent=2)))
     else:
         colour = {"ok": "green", "info": "dim", "warn": "yellow", "blocker": "bold red"}
-        table = Table(title="edge-tl doctor" + (f": {bundle.manifest.name}" if bundle else ""))
+        table = Table(title="edge-tl doctor" + (f": {escape(bundle.manifest.name)}" if bundle else ""))
         for col in ("", "item", "value", "fix"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(f"[{colour[r.status]}]{r.status}[/]", r.item, r.value, r.fix or "")
+            table.add_row(f"[{colour[r.status]}]{r.status}[/]", escape(r.item), escape(r.value), escape(r.fix or ""))
         out.print(table)
     raise_on_blockers(rows)
 

@@ -52,6 +52,7 @@ def infer_cmd(
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
     from edge_tl.infer import run_infer
@@ -66,7 +67,7 @@ def infer_cmd(
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     try:
         with Progress(*columns, console=err, transient=True, disable=out is None and sys.stdout.isatty()) as bar:
-            task = bar.add_task(f"classifying {source}", total=total)
+            task = bar.add_task(f"classifying {escape(source)}", total=total)
             summary = run_infer(spec, bundle=bundle, root=root, backend=backend, precision=precision, k=top_k,
                                 every=every, max_fps=max_fps, out=stream, max_reconnects=max_reconnects,
                                 threads=threads, on_record=lambda rec: bar.advance(task))
@@ -74,7 +75,7 @@ def infer_cmd(
         if out is not None:
             stream.close()
     err.print(f"{summary.classified} classified, {summary.errors} error record(s)"
-              + (f", written to {out}" if out else ""))
+              + (f", written to {escape(str(out))}" if out else ""))
 
 
 def serve_cmd(

@@ -23,7 +23,7 @@ from typing import Any
 from edge_tl.bundle import Bundle, _bundle_id, utc_now
 from edge_tl.deploy import gate, service, state
 from edge_tl.errors import CheckFailed, EdgeTLError
-from edge_tl.fsutil import safe_extract, sha256_file
+from edge_tl.fsutil import chmod_default, safe_extract, sha256_file
 from edge_tl.layout import DeviceLayout
 
 
@@ -48,6 +48,7 @@ def _unpack(layout: DeviceLayout, upload: Path, expected_id: str | None) -> tupl
     layout.versions_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.versions_dir))
     try:
+        chmod_default(staging, directory=True)  # it may become the bundle folder: readable by the service
         top = safe_extract(upload, staging)
         bundle = Bundle.open(top)
         bundle.verify()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from edge_tl.errors import EdgeTLError
 from edge_tl.pipeline.cache import RunFolder, StageCache
@@ -67,7 +68,7 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     how = folder.claim(overwrite)
     run_dir = folder.path
     if how == "resume":
-        console.print(f"[cyan]resuming[/] the interrupted build in {run_dir}")
+        console.print(f"[cyan]resuming[/] the interrupted build in {escape(str(run_dir))}")
     data_root, data_label = resolve_data(spec, run_dir)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
     keys = ctx.compute_keys()
@@ -84,7 +85,7 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
         key = keys[stage]
         if ctx.cache.is_done(stage, key):
             skipped.append(stage)
-            console.print(f"[green]✓[/] {stage:<9} cached  ({ctx.folder(stage).relative_to(run_dir)})")
+            console.print(f"[green]✓[/] {stage:<9} cached  ({escape(str(ctx.folder(stage).relative_to(run_dir)))})")
         else:
             console.print(f"[bold]→[/] {stage:<9} running")
             with ctx.cache.writing(stage, key, {"spec_name": spec.name}) as tmp:
@@ -96,7 +97,7 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
             ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
         if stage == "data":
             for note in ctx.split.warnings:
-                console.print(f"[yellow]warning:[/] {note}")
+                console.print(f"[yellow]warning:[/] {escape(note)}")
         metrics[stage] = ctx.read(stage, "metrics.json")
     console.print("[bold]→[/] measuring CPU latency (batch 1, "
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")

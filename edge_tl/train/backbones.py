@@ -171,9 +171,12 @@ def save_state(model: nn.Module, path: str | Path) -> None:
     import tempfile
 
     path = Path(path)
+    from edge_tl.fsutil import chmod_default
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
+        chmod_default(tmp, directory=False)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
         os.replace(tmp, path)
     except BaseException:
