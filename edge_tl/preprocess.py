@@ -46,7 +46,7 @@ class PreprocessConfig(BaseModel):
     5. reorder channels to ``channel_order`` and lay out as ``layout`` (``NCHW``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: int = PREPROCESS_SCHEMA_VERSION
     input_size: tuple[int, int] = Field(description="network input (height, width) after the crop")

@@ -9,6 +9,7 @@ finished and returns it marked ``interrupted`` (the CLI writes it, then exits 13
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,12 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
         raise EdgeTLError(f"batch sizes must be positive integers, got {cfg.batches}", "pass e.g. --batch 1,8,32")
     if cfg.repeat < 1:
         raise EdgeTLError(f"--repeat must be at least 1, got {cfg.repeat}", "pass --repeat 3")
+    for flag, value in (("--rate", cfg.rate_hz), ("--idle-seconds", cfg.idle_seconds)):
+        if not math.isfinite(value) or value < 0 or (flag == "--rate" and value == 0):
+            raise EdgeTLError(f"{flag} must be a finite, {'positive' if flag == '--rate' else 'non-negative'} "
+                              f"number, got {value}", "pass --rate 20 and --idle-seconds 2 (0 skips the baseline)")
+    if cfg.interval_ms is not None and cfg.interval_ms < 1:
+        raise EdgeTLError(f"--interval must be at least 1 ms, got {cfg.interval_ms}", "pass e.g. --interval 50")
     if cfg.idle_seconds < 0:
         raise EdgeTLError("--idle-seconds must not be negative", "pass --idle-seconds 2 (0 skips the baseline)")
     if cfg.data not in (None, "golden", "random"):
@@ -144,9 +151,10 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
         raise EdgeTLError(f"--precision {precision} is TensorRT-only; backend {runner.backend} runs the bundle's "
                           "fp32 or int8 model", "use --backend tensorrt, or --precision fp32 / int8")
     data = cfg.data or ("golden" if bundle is not None else "random")
-    if bundle is not None and runner.backend == "tensorrt" and max(cfg.batches) > bundle.manifest.max_batch:
+    if bundle is not None and max(cfg.batches) > bundle.manifest.max_batch:
         raise EdgeTLError(f"batch {max(cfg.batches)} exceeds the bundle's max_batch {bundle.manifest.max_batch} "
-                          "(the engine's profile)", f"use batch sizes <= {bundle.manifest.max_batch}")
+                          "(the largest batch its engine profile accepts)",
+                          f"use batch sizes <= {bundle.manifest.max_batch}")
     state = collect_device_state(cfg.device_root)
     result = BenchResult(created=utc_now(), label=cfg.label, backend=runner.backend, device=state,
                          model=ModelInfo(path=str(Path(cfg.model).resolve()), precision=precision,

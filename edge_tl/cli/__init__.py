@@ -103,7 +103,15 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print_exception()
         err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, *_ABORTS):
+    except (KeyboardInterrupt, *_ABORTS) as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):  # click turns every EOFError into Abort: a file ended early, not Ctrl-C
+            if debug:
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] unexpected end of a file or of the input "
+                              f"({escape(str(cause) or 'EOFError')}); re-copy the file that was cut short",
+                              soft_wrap=True)
+            sys.exit(2)
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except _CLICK_ERRORS as exc:

@@ -57,6 +57,8 @@ def run_cmd(
 
     from edge_tl.bench import BenchConfig, print_result, run_bench, write_outputs
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise EdgeTLError(f"--out {out} is a file", "give a folder for the results (it is created if missing)")
     console = Console()
     err = Console(stderr=True)
     cfg = BenchConfig(model=model, backend=backend, precision=precision, batches=_batches(batch),
@@ -80,7 +82,11 @@ def run_cmd(
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = result.model.name if result.model else model.stem
         out = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
-    path = write_outputs(result, record, out, plots=plots)
+    try:
+        path = write_outputs(result, record, out, plots=plots)
+    except OSError as exc:
+        raise EdgeTLError(f"cannot write the results to {out} ({exc.strerror or exc})",
+                          "give a writable folder with --out") from exc
     print_result(result, console)
     console.print(f"results: {escape(str(path))}")
     if result.interrupted:

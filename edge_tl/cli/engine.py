@@ -155,8 +155,17 @@ def build_cmd(
 
 
 def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
-    from edge_tl.engine.parity import ParityThresholds
+    import math
 
+    from edge_tl.engine.parity import ParityThresholds
+    from edge_tl.errors import EdgeTLError
+
+    for flag, value, low, high in (("--max-top1-drop", max_top1_drop, 0.0, 1.0),
+                                   ("--min-cosine", min_cosine, -1.0, 1.0),
+                                   ("--max-rel-diff", max_rel_diff, 0.0, math.inf)):
+        if value is not None and not (low <= value <= high):  # nan fails both comparisons
+            span = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            raise EdgeTLError(f"{flag} must be {span}, got {value}", f"pass {flag} within that range")
     return ParityThresholds.for_precision(precision, max_top1_drop=max_top1_drop, min_cosine=min_cosine,
                                           max_rel_diff=max_rel_diff)
 
@@ -192,6 +201,8 @@ def check_cmd(
     from edge_tl.errors import EdgeTLError
 
     backend, precision = _v(backend), _v(precision)
+    if json_out is not None and json_out.is_dir():
+        raise EdgeTLError(f"--json {json_out} is a folder", "give a file path for the parity report")
     bundle = None
     prec = precision or "fp32"
     try:

@@ -21,7 +21,11 @@ class _LazyFile:
 
     def write(self, text: str) -> None:
         if self.file is None:
-            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            try:
+                self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise EdgeTLError(f"cannot write --out {self.path} ({exc.strerror or exc})",
+                                  "give a writable file path") from exc
         self.file.write(text)
 
     def flush(self) -> None:
@@ -63,6 +67,8 @@ def infer_cmd(
     err = Console(stderr=True)
     if out is not None and out.parent and not out.parent.is_dir():
         raise EdgeTLError(f"folder {out.parent} does not exist", "create it, or write --out elsewhere")
+    if out is not None and out.is_dir():
+        raise EdgeTLError(f"--out {out} is a folder", "give a file path for the JSON lines, e.g. --out results.jsonl")
     stream = _LazyFile(out) if out else sys.stdout
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     try:
@@ -76,6 +82,8 @@ def infer_cmd(
             stream.close()
     err.print(f"{summary.classified} classified, {summary.errors} error record(s)"
               + (f", written to {escape(str(out))}" if out else ""))
+    if summary.errors:  # some pictures (files, frames, folders) failed: say so in the exit code
+        raise typer.Exit(1)
 
 
 def serve_cmd(
