@@ -199,24 +199,29 @@ def _cached_root(entry: Path) -> Path | None:
     return subdirs[0] if len(subdirs) == 1 and (subdirs[0] / MANIFEST).is_file() else None
 
 
-def _extract_cached(archive: Path) -> Path:
+def _extract_cached(archive: Path) -> tuple[Path, Path]:
     """Unpack ``archive`` once into the cache (keyed by its sha256) and return the bundle folder there.
 
-    Where the cache can't be written, it is unpacked into a temporary folder removed when the process exits."""
+    Where the cache can't be written, it is unpacked into a temporary folder removed when the process exits.
+    Returns (bundle folder, cache entry)."""
     digest = sha256_file(archive)
     cache = bundle_cache_dir()
     entry = cache / digest
     found = _cached_root(entry)
     if found is not None:
         os.utime(entry)
-        return found
+        return found, entry
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.partial-", dir=cache))
     except OSError:
         tmp = Path(tempfile.mkdtemp(prefix="edge-tl-bundle-"))
         atexit.register(shutil.rmtree, tmp, True)
-        return safe_extract(archive, tmp)
+        try:
+            return safe_extract(archive, tmp), tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
         chmod_default(tmp, directory=True)
         rel = safe_extract(archive, tmp).relative_to(tmp)
@@ -225,14 +230,14 @@ def _extract_cached(archive: Path) -> Path:
         except OSError:  # another process put it there first (or left a broken one): use ours under a new name
             if _cached_root(entry) is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-                return _cached_root(entry)  # type: ignore[return-value]
+                return _cached_root(entry), entry  # type: ignore[return-value]
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _prune_cache(cache, keep=entry)
-    return entry / rel
+    return entry / rel, entry
 
 
 def _prune_cache(cache: Path, keep: Path) -> None:
@@ -293,7 +298,19 @@ class Bundle:
         if path.is_file():
             if not path.name.endswith((".tar.gz", ".tgz", ".tar")):
                 raise EdgeTLError(f"{path} is neither a bundle folder nor a .tar.gz", "give the bundle folder")
-            path = safe_extract(path, Path(extract_to)) if extract_to else _extract_cached(path)
+            if extract_to:
+                path = safe_extract(path, Path(extract_to))
+            else:
+                path, entry = _extract_cached(path)
+                try:
+                    return cls._open_dir(path, verify=verify)
+                except BaseException:  # a bad archive leaves nothing behind in the cache either
+                    shutil.rmtree(entry, ignore_errors=True)
+                    raise
+        return cls._open_dir(path, verify=verify)
+
+    @classmethod
+    def _open_dir(cls, path: Path, *, verify: bool) -> Bundle:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise EdgeTLError(f"{path} has no {MANIFEST}, so it is not an edge-tl bundle",

@@ -224,7 +224,7 @@ def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None
     frames in between; files are paced by sleeping)."""
     if every < 1:
         raise EdgeTLError(f"--every must be >= 1 (got {every})", "use 1 to process every frame")
-    if max_fps is not None and max_fps <= 0:
+    if max_fps is not None and not 0 < max_fps < float("inf"):  # nan and inf too
         raise EdgeTLError(f"--max-fps must be > 0 (got {max_fps})", "leave it out for no limit")
     src = spec if isinstance(spec, SourceSpec) else parse_source(spec)
     interval = 1.0 / max_fps if max_fps else 0.0

@@ -268,8 +268,11 @@ def sensitivity_cmd(
 ) -> None:
     """Rank the INT8 layers worst first (each run alone in float on ONNX Runtime CPU vs the golden outputs)."""
     from edge_tl.bundle import Bundle
+    from edge_tl.errors import EdgeTLError
     from edge_tl.fsutil import atomic_write_text
 
+    if top < 1:
+        raise EdgeTLError(f"--top must be at least 1, got {top}", "pass e.g. --top 10")
     bundle = Bundle.open(bundle_path)
     report = _sensitivity(bundle, threads=threads, all_ops=all_ops)
     table = Table(title=f"INT8 sensitivity (baseline: rel. error {report.baseline_rel_error:.4g}, "
@@ -296,8 +299,8 @@ def doctor_cmd(
     from edge_tl.bundle import Bundle
     from edge_tl.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
 
+    bundle = Bundle.open(bundle_path) if bundle_path else None  # a bad bundle fails before anything is probed
     facts = load_facts(facts_file) if facts_file else gather_facts(root)
-    bundle = Bundle.open(bundle_path) if bundle_path else None
     rows = evaluate(facts, bundle)
     if as_json:
         out.print(escape(json.dumps(report_json(facts, rows), indent=2)))

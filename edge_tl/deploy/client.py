@@ -15,6 +15,7 @@ import os
 import socket
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -80,8 +81,8 @@ def _tar_manifest(tarball: Path) -> Manifest:
                 parts = PurePosixPath(member.name).parts
                 if len(parts) == 2 and parts[1] == MANIFEST and member.isfile():
                     return Manifest.model_validate_json(tar.extractfile(member).read())  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise EdgeTLError(f"cannot read the manifest in {tarball} ({exc})",
+    except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
+        raise EdgeTLError(f"cannot read the manifest in {tarball} ({exc or type(exc).__name__})",
                           "give the bundle edge-tl build wrote") from exc
     raise EdgeTLError(f"{tarball} holds no <bundle>/{MANIFEST}", "give the bundle edge-tl build wrote")
 

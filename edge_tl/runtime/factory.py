@@ -42,6 +42,9 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
         from edge_tl.runtime.torch_runner import make_torch_runner
 
         return make_torch_runner(model, threads=threads)  # a build run's PyTorch program, not a bundle
+    if precision in ("fp16", "best") and backend != "tensorrt":  # never run fp32 while reporting fp16
+        raise EdgeTLError(f"--precision {precision} is TensorRT-only; backend {backend} runs the bundle's fp32 or int8 "
+                          "model", "use --backend tensorrt, or --precision fp32 / int8")
     onnx_precision = "int8" if precision == "int8" else ("fp32" if precision in ("fp16", "best") else precision)
     if backend == "tensorrt" and precision == "best":
         onnx_precision = None
