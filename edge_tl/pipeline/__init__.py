@@ -71,7 +71,8 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     if how == "resume":
         console.print(f"[cyan]resuming[/] the interrupted build in {escape(str(run_dir))}")
     # the previous build's outputs would sit beside a new spec: remove them before anything new is written
-    stale = remove_outputs(run_dir)
+    # (only in a folder that run.json marks as an edge-tl run: a foreign folder's files are not ours to delete)
+    stale = remove_outputs(run_dir) if how != "overwrite" or folder.state is not None else []
     folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
     try:
         return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label), start=start)

@@ -108,6 +108,9 @@ def save_exported(model: nn.Module, path: str | Path, input_size: Sequence[int] 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
+        from edge_tl.fsutil import chmod_default
+
+        chmod_default(tmp, directory=False)
         torch.export.save(program, tmp, extra_files={META_FILE: meta})
         os.replace(tmp, path)
     except BaseException:
