@@ -440,6 +440,8 @@ BAD_OPTIONS = [
     (["engine", "check", "{b}", "--max-top1-drop", "-1", "--backend", "ort-cpu"], 2, "--max-top1-drop"),
     (["engine", "check", "{b}", "--max-rel-diff", "nan", "--backend", "ort-cpu"], 2, "--max-rel-diff"),
     (["engine", "check", "{b}", "--json", "{work}", "--backend", "ort-cpu"], 2, "is a folder"),
+    (["engine", "build", "{b}", "--out", "{work}", "--no-build"], 2, "is a folder"),
+    (["engine", "sensitivity", "{b}", "--json", "{work}"], 2, "is a folder"),
     (["serve", "{b}", "--port", "99999"], 2, "--port"),
     (["serve", "{b}", "--max-delay-ms", "nan"], 2, "--max-delay-ms"),
     (["deploy", "status", "--to", "user@[zz]:22"], 2, "user@[zz]:22"),

@@ -42,6 +42,14 @@ class KeepPrecision(str, Enum):
     fp16 = "fp16"
 
 
+def _not_a_folder(path: Path | None, flag: str) -> None:
+    """An output file option must not name a folder (the write would fail after all the work)."""
+    from edge_tl.errors import EdgeTLError
+
+    if path is not None and path.is_dir():
+        raise EdgeTLError(f"{flag} {path} is a folder", f"give a file path for {flag}")
+
+
 def _v(value):
     """An Enum option's plain value (None stays None)."""
     return value.value if isinstance(value, Enum) else value
@@ -118,6 +126,7 @@ def build_cmd(
     from edge_tl.fsutil import atomic_write_bytes
 
     precision, via, keep_precision = _v(precision), _v(via), _v(keep_precision)
+    _not_a_folder(out_file, "--out")
     onnx, precision, max_batch, bundle = _resolve(model, precision, max_batch)
     cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
     names = _keep_names(keep_layers, keep_worst, bundle, threads)
@@ -201,8 +210,7 @@ def check_cmd(
     from edge_tl.errors import EdgeTLError
 
     backend, precision = _v(backend), _v(precision)
-    if json_out is not None and json_out.is_dir():
-        raise EdgeTLError(f"--json {json_out} is a folder", "give a file path for the parity report")
+    _not_a_folder(json_out, "--json")
     bundle = None
     prec = precision or "fp32"
     try:
@@ -273,6 +281,7 @@ def sensitivity_cmd(
 
     if top < 1:
         raise EdgeTLError(f"--top must be at least 1, got {top}", "pass e.g. --top 10")
+    _not_a_folder(json_out, "--json")
     bundle = Bundle.open(bundle_path)
     report = _sensitivity(bundle, threads=threads, all_ops=all_ops)
     table = Table(title=f"INT8 sensitivity (baseline: rel. error {report.baseline_rel_error:.4g}, "
