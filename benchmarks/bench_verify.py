@@ -78,6 +78,7 @@ def timed(fn, runs: int = RUNS) -> float:
 
 
 def main() -> None:
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as td:
         root = Path(td)
         os.environ["EDGE_TL_BUNDLE_CACHE"] = str(root / "cache")
@@ -96,7 +97,8 @@ def main() -> None:
 
 {machine_line()}
 Bundle the size of a dense MobileNetV2 build: {mb:.1f} MB in all (FP32 and INT8 ONNX of 8.9 and 9.1 MB, {GOLDEN}
-golden 224x224 inputs). Median of {RUNS} opens each, files in the page cache.
+golden 224x224 inputs). Median of {RUNS} opens each, files in the page cache. 1-minute load average at the start:
+{load:.2f} (other jobs shared the 2 vCPUs: read the numbers as upper bounds).
 
 | open | median ms |
 |---|---:|

@@ -766,3 +766,22 @@ def test_interrupted_build_says_interrupted(tmp_path, monkeypatch, tiny_bundle_s
     assert state["status"] == "interrupted" and "resume" in state["error"]
     assert not (run / "bundle").exists() and not (run / "bundle.tar.gz").exists()
     assert (run / "spec.resolved.toml").is_file()
+
+
+def test_serve_decodes_with_the_same_conversion():
+    from edge_tl.serve.images import decode_image
+    from edge_tl.serve.protocol import ProtocolError
+
+    def encoded(img: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        return buf.getvalue()
+
+    ramp = Image.fromarray(np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16))
+    rgb = decode_image(encoded(ramp, "PNG"), max_pixels=10_000)
+    assert rgb.mode == "RGB" and abs(np.asarray(rgb).mean() / 255 - 0.5) < 0.01
+    cmyk = decode_image(encoded(Image.new("RGB", (8, 8), (200, 10, 10)).convert("CMYK"), "JPEG"), 10_000)
+    assert cmyk.mode == "RGB"
+    with pytest.raises(ProtocolError) as exc:
+        decode_image(encoded(Image.fromarray(np.zeros((8, 8), np.float32)), "TIFF"), 10_000)
+    assert exc.value.status == 415 and "not supported" in exc.value.message
