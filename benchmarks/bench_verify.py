@@ -4,7 +4,7 @@ the first vs a cached open of its .tar.gz. Writes the `bundle_verify` section of
 
 The model files hold random bytes of the real sizes: opening a bundle hashes them, it does not parse them.
 
-    .venv/bin/python benchmarks/bench_verify.py
+    .venv/bin/python benchmarks/bench_verify.py     (about 10 s; --quick, from run_all.py, changes nothing)
 """
 
 from __future__ import annotations
