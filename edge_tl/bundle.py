@@ -24,6 +24,7 @@ the temp folder.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -246,8 +247,12 @@ def _prune_cache(cache: Path, keep: Path) -> None:
                          key=lambda p: p.stat().st_mtime, reverse=True)
     except OSError:
         return
+    import time
+
     for old in entries[CACHE_KEEP - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:  # one opened in the last hour may still be in use
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _bundle_id(artifacts: dict[str, Artifact]) -> str:

@@ -63,9 +63,7 @@ def prepare(bundle: Path, *, verify: bool = True) -> Iterator[Prepared]:
         if bundle.is_file() and not verify:
             yield Prepared(bundle, _tar_manifest(bundle), sha256_file(bundle))
             return
-        opened = Bundle.open(bundle, extract_to=Path(tmp) / "x")
-        if verify:
-            opened.verify()
+        opened = Bundle.open(bundle, extract_to=Path(tmp) / "x", verify=verify)
         if bundle.is_dir():
             tarball = _pack(opened.root, Path(tmp) / f"{opened.manifest.bundle_id}.tar.gz")
         else:
