@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ sys.path.insert(0, str(TESTS))
 FIXTURES = TESTS / "data"
 
 from bundle_factory import make_tiny_bundle  # noqa: E402
+
+# .tar.gz bundles are unpacked into a cache (edge_tl.core.bundle.bundle_cache_dir): keep the tests' out of ~/.cache
+if "EDGE_TL_BUNDLE_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="edge-tl-test-bundle-cache-")
+    os.environ["EDGE_TL_BUNDLE_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, True)
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,17 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
         b = Bundle.open(path)
         b.verify()  # every manifest hash matches its file
     m = b.manifest
+    # the run folder vouches for exactly this bundle
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "done" and state["bundle_id"] == m.bundle_id
+    assert state["stage_keys"] == m.build["stage_keys"]
+    # every file and folder follows the umask (0644/0755 under 022), whatever temp name it was born with
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (run / "bundle", *(run / "bundle").rglob("*"), run / "bundle.tar.gz", run / "report.md",
+                 run / "run.json", run / "spec.resolved.toml"):
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, f"{path}: {oct(path.stat().st_mode & 0o777)}"
     assert m.classes == ["5", "6", "7", "8", "9"] and m.backbone == "mobilenet_v2"
     assert m.input.shape == ["batch", 3, 32, 32] and m.target.opset <= m.target.max_opset
     assert m.weights.startswith("demo:models/demo_source.pt@sha256:")

@@ -15,6 +15,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edge_tl import __version__
 from edge_tl.core.errors import EdgeTLError
@@ -96,9 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     except EdgeTLError as exc:
         if debug:
             err_console.print_exception()
-        err_console.print(f"[bold red]error:[/] {exc.one_line()}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.one_line())}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, *_ABORTS):
+    except (KeyboardInterrupt, *_ABORTS) as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):  # click turns every EOFError into Abort: a file ended early, not Ctrl-C
+            if debug:
+                err_console.print_exception()
+            err_console.print(f"[bold red]error:[/] unexpected end of a file or of the input "
+                              f"({escape(str(cause) or 'EOFError')}); re-copy the file that was cut short",
+                              soft_wrap=True)
+            sys.exit(2)
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except _CLICK_ERRORS as exc:
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             err_console.print_exception()
         err_console.print(
-            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {exc}",
+            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {escape(str(exc))}",
             soft_wrap=True,
         )
         if not debug:

@@ -53,10 +53,13 @@ def run_cmd(
     import datetime as dt
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge_tl.device.bench import BenchConfig, print_result, run_bench, write_outputs
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise EdgeTLError(f"--out {out} is a file", "give a folder for the results (it is created if missing)")
     console = Console()
     err = Console(stderr=True)
     cfg = BenchConfig(model=model, backend=_v(backend), precision=_v(precision), batches=_batches(batch),
@@ -71,18 +74,22 @@ def run_cmd(
 
         def progress(task: str, done: int, total: int | None) -> None:
             if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total)
+                tasks[task] = bar.add_task(escape(task), total=total)
             bar.update(tasks[task], completed=done)
 
         result, record = run_bench(cfg, progress=progress,
-                                   warn=lambda m: err.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+                                   warn=lambda m: err.print(f"[yellow]warning:[/] {escape(m)}", soft_wrap=True))
     if out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = result.model.name if result.model else model.stem
         out = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
-    path = write_outputs(result, record, out, plots=plots)
+    try:
+        path = write_outputs(result, record, out, plots=plots)
+    except OSError as exc:
+        raise EdgeTLError(f"cannot write the results to {out} ({exc.strerror or exc})",
+                          "give a writable folder with --out") from exc
     print_result(result, console)
-    console.print(f"results: {path}")
+    console.print(f"results: {escape(str(path))}")
     if result.interrupted:
         raise typer.Exit(130)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_tl.cli._common import Backend, DeployPrecision, Via, _v, default_command_group
@@ -57,8 +58,8 @@ def _device(to: str, identity: Path | None, root: str, remote: str, known: Path 
     from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
 
     session = SSHSession(SSHTarget.parse(to), identity=identity, known_hosts=known, accept_new_host_key=accept,
-                         notify=lambda msg: err.print(f"[yellow]{msg}[/]"))
-    return RemoteDevice(session, root, remote, notify=lambda msg: err.print(f"[dim]{msg}[/]"))
+                         notify=lambda msg: err.print(f"[yellow]{escape(msg)}[/]"))
+    return RemoteDevice(session, root, remote, notify=lambda msg: err.print(f"[dim]{escape(msg)}[/]"))
 
 
 @deploy_app.command("push")
@@ -84,30 +85,31 @@ def push_cmd(
     device = _device(to, identity, root, remote_edge_tl, known_hosts, accept_new_host_key)
     with device.session, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                   TransferSpeedColumn(), console=err, transient=True) as progress:
-        task = progress.add_task(f"upload to {device.session.target.host}", total=None)
+        task = progress.add_task(f"upload to {escape(device.session.target.host)}", total=None)
         result = push(device, bundle, precision=_v(precision), backend=_v(backend), build_via=_v(build_via),
                       keep=keep, lock_timeout=lock_timeout, transfer=_v(transfer),
                       svc=_svc(no_restart, restart_cmd, health_url, health_timeout),
                       progress=lambda done, total: progress.update(task, completed=done, total=total),
                       on_uploaded=lambda _result: progress.stop())
     if as_json:
-        out.print(json.dumps(result, indent=2))
+        out.print(escape(json.dumps(result, indent=2)))
         return
     if result["status"] == "already-active":
-        out.print(f"{result['bundle_id']} is already active on {to}; nothing changed")
+        out.print(escape(f"{result['bundle_id']} is already active on {to}; nothing changed"))
         return
-    out.print(f"[bold green]deployed[/] {result['bundle_id']} to {to}:{result['root']} "
-              f"(previous: {result.get('previous') or 'none'})")
+    out.print("[bold green]deployed[/] " + escape(f"{result['bundle_id']} to {to}:{result['root']} "
+                                                  f"(previous: {result.get('previous') or 'none'})"))
     parity = result.get("parity") or {}
-    out.print(f"  parity: {parity.get('summary')}")
+    out.print(escape(f"  parity: {parity.get('summary')}"))
     engine = result.get("engine")
-    out.print(f"  engine: {engine['path']} (key {engine.get('key_digest')})" if engine else "  engine: none built")
+    out.print(escape(f"  engine: {engine['path']} (key {engine.get('key_digest')})" if engine
+                     else "  engine: none built"))
     for note in result.get("notes") or []:
-        out.print(f"  [yellow]note:[/] {note}")
+        out.print(f"  [yellow]note:[/] {escape(str(note))}")
     service = result.get("service") or {}
-    out.print(f"  service: {service.get('reason') or service.get('note')}")
+    out.print(escape(f"  service: {service.get('reason') or service.get('note')}"))
     if result.get("pruned"):
-        out.print(f"  removed old versions: {', '.join(result['pruned'])}")
+        out.print(escape(f"  removed old versions: {', '.join(result['pruned'])}"))
 
 
 @deploy_app.command("status")
@@ -118,10 +120,10 @@ def status_cmd(to: str = TO, identity: Path = IDENTITY, root: str = ROOT, remote
     with device.session:
         info = device.status()
     if as_json:
-        out.print(json.dumps(info, indent=2))
+        out.print(escape(json.dumps(info, indent=2)))
         return
     title = f"{to}:{info['root']}  active: {info['active'] or 'none'}  previous: {info['previous'] or 'none'}"
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for col in ("", "bundle_id", "name", "backbone", "top-1 per stage", "created", "installed", "gate", "engine key"):
         table.add_column(col, overflow="fold")
     for v in info["versions"]:
@@ -129,10 +131,10 @@ def status_cmd(to: str = TO, identity: Path = IDENTITY, root: str = ROOT, remote
         top1 = ", ".join(f"{k} {t:.3f}" for k, t in (summary.get("top1") or {}).items() if t is not None)
         parity = v.get("parity") or {}
         mark = "*" if v["active"] else ("prev" if v["bundle_id"] == info["previous"] else "")
-        table.add_row(mark, v["bundle_id"], v.get("name") or "", summary.get("backbone", ""), top1,
-                      summary.get("created", ""), v.get("installed_at") or "",
-                      f"{parity.get('precision')} on {parity.get('backend')}" if parity else "",
-                      v.get("engine_key") or "-")
+        table.add_row(*(escape(str(c)) for c in (
+            mark, v["bundle_id"], v.get("name") or "", summary.get("backbone", ""), top1,
+            summary.get("created", ""), v.get("installed_at") or "",
+            f"{parity.get('precision')} on {parity.get('backend')}" if parity else "", v.get("engine_key") or "-")))
     out.print(table)
 
 
@@ -148,9 +150,9 @@ def rollback_cmd(to: str = TO, identity: Path = IDENTITY, root: str = ROOT, remo
         result = device.rollback(version=version, lock_timeout=lock_timeout,
                                  svc=_svc(no_restart, restart_cmd, health_url, health_timeout))
     if as_json:
-        out.print(json.dumps(result, indent=2))
+        out.print(escape(json.dumps(result, indent=2)))
     else:
-        out.print(f"[bold green]rolled back[/] {to}: {result['previous']} -> {result['bundle_id']}")
+        out.print("[bold green]rolled back[/] " + escape(f"{to}: {result['previous']} -> {result['bundle_id']}"))
 
 
 # -- the device half ------------------------------------------------------------------------------------------

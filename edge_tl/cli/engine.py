@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_tl.cli._common import Backend, KeepPrecision, Precision, Via, _v
@@ -25,6 +26,15 @@ out = Console(highlight=False, soft_wrap=True)
 
 engine_app = typer.Typer(help="Build TensorRT engines on the device, check them against the golden outputs.",
                          no_args_is_help=True)
+
+
+
+def _not_a_folder(path: Path | None, flag: str) -> None:
+    """An output file option must not name a folder (the write would fail after all the work)."""
+    from edge_tl.core.errors import EdgeTLError
+
+    if path is not None and path.is_dir():
+        raise EdgeTLError(f"{flag} {path} is a folder", f"give a file path for {flag}")
 
 
 def _resolve(model: Path, precision: str | None, max_batch: int | None):
@@ -52,7 +62,7 @@ def _keep_names(keep_layers: str | None, keep_worst: int | None, bundle, threads
             raise EdgeTLError("--keep-worst needs a bundle (its golden inputs rank the layers)", "give the bundle")
         report = _sensitivity(bundle, threads=threads)
         names += [n for n in report.worst(keep_worst) if n not in names]
-        err.print(f"keeping the {keep_worst} worst INT8 layer(s) in higher precision: {', '.join(names)}")
+        err.print(f"keeping the {keep_worst} worst INT8 layer(s) in higher precision: {escape(', '.join(names))}")
     return names
 
 
@@ -98,6 +108,7 @@ def build_cmd(
     from edge_tl.device.engine.fallback import keep_layers_model
 
     precision, via, keep_precision = _v(precision), _v(via), _v(keep_precision)
+    _not_a_folder(out_file, "--out")
     onnx, precision, max_batch, bundle = _resolve(model, precision, max_batch)
     cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
     names = _keep_names(keep_layers, keep_worst, bundle, threads)
@@ -105,18 +116,18 @@ def build_cmd(
     if names and precision in ("int8", "best"):
         fp32 = bundle.model_path("fp32") if bundle else None
         onnx = keep_layers_model(onnx, names, cache / "fallback", fp32)
-        err.print(f"INT8 model with {len(names)} layer(s) in float: {onnx}")
+        err.print(f"INT8 model with {len(names)} layer(s) in float: {escape(str(onnx))}")
         fallback = ()
     build_fn = None
     if via == "trtexec":
         from edge_tl.device.engine.trtexec import build_with_trtexec
 
-        build_fn = partial(build_with_trtexec, trtexec=trtexec, echo=lambda cmd: err.print(f"[bold]$[/] {cmd}"))
-    with err.status(f"engine for {onnx.name} ({precision}); a first build takes minutes on a Jetson"):
+        build_fn = partial(build_with_trtexec, trtexec=trtexec, echo=lambda cmd: err.print(f"[bold]$[/] {escape(cmd)}"))
+    with err.status(f"engine for {escape(onnx.name)} ({precision}); a first build takes minutes on a Jetson"):
         engine = load_or_build(onnx, precision, cache, no_build=no_build, dla_core=dla, max_batch=max_batch,
                                opt_batch=opt_batch, workspace_mb=workspace_mb, fallback_layers=fallback,
                                fallback_precision=keep_precision, build_fn=build_fn, via=via, trtexec=trtexec,
-                               notify=lambda msg: err.print(f"[yellow]{msg}[/]"))
+                               notify=lambda msg: err.print(f"[yellow]{escape(msg)}[/]"))
     side = read_sidecar(engine) or {}
     perf = side.get("performance")
     if perf:
@@ -131,12 +142,21 @@ def build_cmd(
         atomic_write_bytes(out_file, engine.read_bytes())
         shutil.copyfile(engine.with_name(engine.name + ".json"), out_file.with_name(out_file.name + ".json"))
         engine = out_file
-    out.print(str(engine))
+    out.print(escape(str(engine)))
 
 
 def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
+    import math
+
+    from edge_tl.core.errors import EdgeTLError
     from edge_tl.device.engine.parity import ParityThresholds
 
+    for flag, value, low, high in (("--max-top1-drop", max_top1_drop, 0.0, 1.0),
+                                   ("--min-cosine", min_cosine, -1.0, 1.0),
+                                   ("--max-rel-diff", max_rel_diff, 0.0, math.inf)):
+        if value is not None and not (low <= value <= high):  # nan fails both comparisons
+            span = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            raise EdgeTLError(f"{flag} must be {span}, got {value}", f"pass {flag} within that range")
     return ParityThresholds.for_precision(precision, max_top1_drop=max_top1_drop, min_cosine=min_cosine,
                                           max_rel_diff=max_rel_diff)
 
@@ -172,6 +192,7 @@ def check_cmd(
     from edge_tl.device.engine.parity import ParityReport, check_parity
 
     backend, precision = _v(backend), _v(precision)
+    _not_a_folder(json_out, "--json")
     bundle = None
     prec = precision or "fp32"
     try:
@@ -191,9 +212,9 @@ def check_cmd(
         report.write_json(json_out)
     err.print(_parity_table(report))
     for failure in report.failures:
-        err.print(f"[red]- {failure}[/]")
+        err.print(f"[red]- {escape(failure)}[/]")
     report.raise_if_failed()
-    out.print(report.summary())
+    out.print(escape(report.summary()))
 
 
 def _safe_thresholds(precision: str):
@@ -231,8 +252,12 @@ def sensitivity_cmd(
 ) -> None:
     """Rank the INT8 layers worst first (each run alone in float on ONNX Runtime CPU vs the golden outputs)."""
     from edge_tl.core.bundle import Bundle
+    from edge_tl.core.errors import EdgeTLError
     from edge_tl.core.fsutil import atomic_write_text
 
+    if top < 1:
+        raise EdgeTLError(f"--top must be at least 1, got {top}", "pass e.g. --top 10")
+    _not_a_folder(json_out, "--json")
     bundle = Bundle.open(bundle_path)
     report = _sensitivity(bundle, threads=threads, all_ops=all_ops)
     table = Table(title=f"INT8 sensitivity (baseline: rel. error {report.baseline_rel_error:.4g}, "
@@ -246,7 +271,7 @@ def sensitivity_cmd(
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
     k = min(top, 3, len(report.layers))
-    out.print(f"edge-tl engine build {bundle_path} --precision int8 --keep-worst {k}")
+    out.print(f"edge-tl engine build {escape(str(bundle_path))} --precision int8 --keep-worst {k}")
 
 
 def doctor_cmd(
@@ -259,18 +284,18 @@ def doctor_cmd(
     from edge_tl.core.bundle import Bundle
     from edge_tl.device.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
 
+    bundle = Bundle.open(bundle_path) if bundle_path else None  # a bad bundle fails before anything is probed
     facts = load_facts(facts_file) if facts_file else gather_facts(root)
-    bundle = Bundle.open(bundle_path) if bundle_path else None
     rows = evaluate(facts, bundle)
     if as_json:
-        out.print(json.dumps(report_json(facts, rows), indent=2))
+        out.print(escape(json.dumps(report_json(facts, rows), indent=2)))
     else:
         colour = {"ok": "green", "info": "dim", "warn": "yellow", "blocker": "bold red"}
-        table = Table(title="edge-tl doctor" + (f": {bundle.manifest.name}" if bundle else ""))
+        table = Table(title="edge-tl doctor" + (f": {escape(bundle.manifest.name)}" if bundle else ""))
         for col in ("", "item", "value", "fix"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(f"[{colour[r.status]}]{r.status}[/]", r.item, r.value, r.fix or "")
+            table.add_row(f"[{colour[r.status]}]{r.status}[/]", escape(r.item), escape(r.value), escape(r.fix or ""))
         out.print(table)
     raise_on_blockers(rows)
 

@@ -21,7 +21,11 @@ class _LazyFile:
 
     def write(self, text: str) -> None:
         if self.file is None:
-            self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            try:
+                self.file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise EdgeTLError(f"cannot write --out {self.path} ({exc.strerror or exc})",
+                                  "give a writable file path") from exc
         self.file.write(text)
 
     def flush(self) -> None:
@@ -52,6 +56,7 @@ def infer_cmd(
     import sys
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
     from edge_tl.device.infer import run_infer
@@ -62,11 +67,13 @@ def infer_cmd(
     err = Console(stderr=True)
     if out is not None and out.parent and not out.parent.is_dir():
         raise EdgeTLError(f"folder {out.parent} does not exist", "create it, or write --out elsewhere")
+    if out is not None and out.is_dir():
+        raise EdgeTLError(f"--out {out} is a folder", "give a file path for the JSON lines, e.g. --out results.jsonl")
     stream = _LazyFile(out) if out else sys.stdout
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     try:
         with Progress(*columns, console=err, transient=True, disable=out is None and sys.stdout.isatty()) as bar:
-            task = bar.add_task(f"classifying {source}", total=total)
+            task = bar.add_task(f"classifying {escape(source)}", total=total)
             summary = run_infer(spec, bundle=bundle, root=root, backend=backend, precision=precision, k=top_k,
                                 every=every, max_fps=max_fps, out=stream, max_reconnects=max_reconnects,
                                 threads=threads, on_record=lambda rec: bar.advance(task))
@@ -74,7 +81,9 @@ def infer_cmd(
         if out is not None:
             stream.close()
     err.print(f"{summary.classified} classified, {summary.errors} error record(s)"
-              + (f", written to {out}" if out else ""))
+              + (f", written to {escape(str(out))}" if out else ""))
+    if summary.errors:  # some pictures (files, frames, folders) failed: say so in the exit code
+        raise typer.Exit(1)
 
 
 def serve_cmd(

@@ -5,7 +5,8 @@ A bundle is a directory (and a ``.tar.gz`` of it) holding::
     manifest.json        this schema (Manifest), with every other file's sha256 and size
     model.onnx           FP32, dynamic batch axis, simplified and checked
     model.int8.onnx      INT8 Q/DQ (explicit quantization: symmetric, per-channel weights)
-    labels.txt           one class name per line, in output order
+    labels.txt           one class name per line, in output order (for people: the manifest's ``classes``
+                         is what every command reads)
     preprocess.json      edge_tl.core.preprocess.PreprocessConfig
     golden/inputs.npy    N x C x H x W float32, already preprocessed
     golden/outputs.npy   N x num_classes float32: model.onnx's outputs for those inputs (ONNX Runtime CPU)
@@ -13,14 +14,24 @@ A bundle is a directory (and a ``.tar.gz`` of it) holding::
     golden/golden.json   per image: file, label index, label name
 
 This module needs only NumPy and pydantic: the device reads bundles without torch.
+
+``Bundle.open`` verifies every artifact against the manifest's sha256 (for every command that opens one), after
+refusing manifest paths that leave the bundle. A ``.tar.gz`` is unpacked once into a cache keyed by the
+archive's sha256 (``$EDGE_TL_BUNDLE_CACHE``, else ``$XDG_CACHE_HOME/edge-tl/bundles``), so nothing is left in
+the temp folder.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime as _dt
 import hashlib
 import json
+import os
+import shutil
 import tempfile
+import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +41,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_tl import __version__
 from edge_tl.core.errors import CheckFailed, EdgeTLError
-from edge_tl.core.fsutil import atomic_dir, atomic_write_text, make_tarball, safe_extract, sha256_file
+from edge_tl.core.fsutil import (
+    atomic_dir,
+    atomic_write_text,
+    chmod_default,
+    chmod_tree,
+    make_tarball,
+    safe_extract,
+    sha256_file,
+)
 from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
 SCHEMA_VERSION = 1
@@ -138,17 +157,101 @@ class Manifest(BaseModel):
         }
 
 
+def unsafe_class_name(name: str) -> str | None:
+    """Why ``name`` can't be a class name (it would break a line-based file or a terminal), or None."""
+    import unicodedata
+
+    if not name.strip():
+        return "it is empty"
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return f"it holds the control character {ch!r}"
+    return None
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _artifact_table(root: Path) -> dict[str, Artifact]:
-    table = {}
+def _artifact_table(root: Path, *, hashes: bool = True) -> dict[str, Artifact | None]:
+    table: dict[str, Artifact | None] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
         if rel != MANIFEST:
-            table[rel] = Artifact(sha256=sha256_file(path), bytes=path.stat().st_size)
+            table[rel] = Artifact(sha256=sha256_file(path), bytes=path.stat().st_size) if hashes else None
     return table
+
+
+# -- the .tar.gz cache ----------------------------------------------------------------------------------
+CACHE_KEEP = 8  # unpacked archives kept (least recently used go first)
+
+
+def bundle_cache_dir() -> Path:
+    env = os.environ.get("EDGE_TL_BUNDLE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "edge-tl" / "bundles"
+
+
+def _cached_root(entry: Path) -> Path | None:
+    if (entry / MANIFEST).is_file():
+        return entry
+    subdirs = [p for p in entry.iterdir() if p.is_dir()] if entry.is_dir() else []
+    return subdirs[0] if len(subdirs) == 1 and (subdirs[0] / MANIFEST).is_file() else None
+
+
+def _extract_cached(archive: Path) -> tuple[Path, Path]:
+    """Unpack ``archive`` once into the cache (keyed by its sha256) and return the bundle folder there.
+
+    Where the cache can't be written, it is unpacked into a temporary folder removed when the process exits.
+    Returns (bundle folder, cache entry)."""
+    digest = sha256_file(archive)
+    cache = bundle_cache_dir()
+    entry = cache / digest
+    found = _cached_root(entry)
+    if found is not None:
+        os.utime(entry)
+        return found, entry
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.partial-", dir=cache))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix="edge-tl-bundle-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        try:
+            return safe_extract(archive, tmp), tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    try:
+        chmod_default(tmp, directory=True)
+        rel = safe_extract(archive, tmp).relative_to(tmp)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process put it there first (or left a broken one): use ours under a new name
+            if _cached_root(entry) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return _cached_root(entry), entry  # type: ignore[return-value]
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune_cache(cache, keep=entry)
+    return entry / rel, entry
+
+
+def _prune_cache(cache: Path, keep: Path) -> None:
+    try:
+        entries = sorted((p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p != keep),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in entries[CACHE_KEEP - 1:]:
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 3600:  # one opened in the last hour may still be in use
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def bundle_id_of(artifacts: dict[str, Artifact]) -> str:
@@ -171,6 +274,7 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for item in staging.iterdir():
             item.rename(tmp / item.name)
+        chmod_tree(tmp)  # 0644/0755 under the usual umask, whatever the stages' temp files were born with
         artifacts = _artifact_table(tmp)
         sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": bundle_id_of(artifacts)})
         atomic_write_text(tmp / MANIFEST, sealed.model_dump_json(indent=2) + "\n")
@@ -185,36 +289,60 @@ class Bundle:
     def __init__(self, root: Path, manifest: Manifest):
         self.root = root
         self.manifest = manifest
+        self._verified = False
 
     @classmethod
-    def open(cls, path: str | Path, *, extract_to: str | Path | None = None) -> Bundle:
+    def open(cls, path: str | Path, *, extract_to: str | Path | None = None, verify: bool = True) -> Bundle:
+        """Open a bundle folder or ``.tar.gz``; with ``verify`` (the default) every artifact is checked
+        against the manifest's sha256 before anything in it is used (CheckFailed, exit 3, on a mismatch).
+
+        A ``.tar.gz`` is unpacked into ``extract_to`` (the caller's folder) or into the bundle cache."""
         path = Path(path)
         if not path.exists():
             raise EdgeTLError(f"bundle {path} does not exist", "give the folder or .tar.gz that edge-tl build wrote")
         if path.is_file():
             if not path.name.endswith((".tar.gz", ".tgz", ".tar")):
                 raise EdgeTLError(f"{path} is neither a bundle folder nor a .tar.gz", "give the bundle folder")
-            dest = Path(extract_to) if extract_to else Path(tempfile.mkdtemp(prefix="edge-tl-bundle-"))
-            path = safe_extract(path, dest)
+            if extract_to:
+                path = safe_extract(path, Path(extract_to))
+            else:
+                path, entry = _extract_cached(path)
+                try:
+                    return cls._open_dir(path, verify=verify)
+                except BaseException:  # a bad archive leaves nothing behind in the cache either
+                    shutil.rmtree(entry, ignore_errors=True)
+                    raise
+        return cls._open_dir(path, verify=verify)
+
+    @classmethod
+    def _open_dir(cls, path: Path, *, verify: bool) -> Bundle:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise EdgeTLError(f"{path} has no {MANIFEST}, so it is not an edge-tl bundle",
                               "give the folder that edge-tl build wrote")
         try:
-            data = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EdgeTLError(f"{mpath} is not valid JSON ({exc})", "re-copy or rebuild the bundle") from exc
+        except OSError as exc:
+            raise EdgeTLError(f"cannot read {mpath} ({exc.strerror or exc})", "check the file's permissions") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
+            made_by = data.get("edge_tl_version", "?") if isinstance(data, dict) else "?"
             raise EdgeTLError(f"{mpath} has schema_version {version}, this edge-tl reads {SCHEMA_VERSION}",
-                              f"use the edge-tl version that built it ({data.get('edge_tl_version', '?')})")
+                              f"use the edge-tl version that built it ({made_by})")
         try:
             manifest = Manifest.model_validate(data)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise EdgeTLError(f"{mpath}: '{loc}' {err['msg']}", "re-copy or rebuild the bundle") from exc
-        return cls(path, manifest)
+        bundle = cls(path, manifest)
+        bundle.check_paths()
+        if verify:
+            bundle.verify()
+            bundle.check_consistency()
+        return bundle
 
     # -- contents -----------------------------------------------------------------------------------
     def file(self, rel: str) -> Path:
@@ -236,9 +364,10 @@ class Bundle:
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(self.preprocess)
 
-    @cached_property
+    @property
     def labels(self) -> list[str]:
-        return [line for line in (self.root / LABELS).read_text().splitlines() if line]
+        """The class names in output order: the manifest's ``classes`` (labels.txt is a copy for people)."""
+        return list(self.manifest.classes)
 
     def golden_inputs(self) -> np.ndarray:
         return np.load(self.root / self.manifest.golden.inputs, allow_pickle=False)
@@ -247,26 +376,94 @@ class Bundle:
         return np.load(self.root / self.manifest.golden.outputs, allow_pickle=False)
 
     def golden_index(self) -> list[dict[str, Any]]:
-        path = self.root / self.manifest.golden.index
-        return json.loads(path.read_text()) if path.is_file() else []
+        rel = self.manifest.golden.index
+        path = self.root / rel
+        if rel not in self.manifest.artifacts or not path.is_file():
+            return []
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise EdgeTLError(f"{path} is not valid JSON ({exc})", "rebuild the bundle") from exc
+        return index if isinstance(index, list) else []
 
     # -- integrity ----------------------------------------------------------------------------------
+    def check_paths(self) -> None:
+        """Refuse a manifest that names a path outside the bundle (absolute, ``..``, a link leading out),
+        before anything at such a path is read."""
+        golden = self.manifest.golden
+        named = [("artifacts", rel) for rel in self.manifest.artifacts]
+        named += [("golden.inputs", golden.inputs), ("golden.outputs", golden.outputs), ("golden.index", golden.index)]
+        root = self.root.resolve()
+        for field, rel in named:
+            parts = rel.replace("\\", "/").split("/")
+            bad = (not rel or rel.startswith(("/", "~")) or "\\" in rel or ":" in parts[0]
+                   or any(p in ("", ".", "..") for p in parts))
+            if not bad:
+                target = (self.root / rel).resolve()
+                bad = target != root and root not in target.parents
+            if bad:
+                raise CheckFailed(f"bundle {self.root}: the manifest's {field} path '{rel}' is outside the bundle",
+                                  "the manifest was edited or is corrupt; rebuild the bundle")
+        for field, rel in named[-3:-1]:
+            if rel not in self.manifest.artifacts:
+                raise CheckFailed(f"bundle {self.root}: the manifest's {field} '{rel}' is not among its artifacts",
+                                  "the manifest was edited or is corrupt; rebuild the bundle")
+
     def verify(self) -> None:
-        """Check every artifact's size and sha256 against the manifest; raise CheckFailed on any mismatch."""
+        """Check every artifact's size and sha256 against the manifest; raise CheckFailed on any mismatch.
+
+        Done once per opened bundle (``Bundle.open`` calls it); later calls return at once."""
+        if self._verified:
+            return
+        self.check_paths()
         problems = []
         for rel, art in self.manifest.artifacts.items():
             path = self.root / rel
             if not path.is_file():
                 problems.append(f"{rel} is missing")
-            elif path.stat().st_size != art.bytes or sha256_file(path) != art.sha256:
-                problems.append(f"{rel} does not match its sha256")
-        extra = set(_artifact_table(self.root)) - set(self.manifest.artifacts)
+            else:
+                try:
+                    if path.stat().st_size != art.bytes or sha256_file(path) != art.sha256:
+                        problems.append(f"{rel} does not match its sha256")
+                except OSError as exc:
+                    problems.append(f"{rel} is not readable ({exc.strerror or exc})")
+        try:
+            extra = set(_artifact_table(self.root, hashes=False)) - set(self.manifest.artifacts)
+        except OSError as exc:
+            extra = set()
+            problems.append(f"the folder is not readable ({exc.strerror or exc})")
         problems += [f"{rel} is not in the manifest" for rel in sorted(extra)]
         if not self.manifest.artifacts:
             problems.append("the manifest lists no artifacts")
+        for required in (FP32_MODEL, PREPROCESS):
+            if required not in self.manifest.artifacts:
+                problems.append(f"the manifest does not list {required}")
+        expected_id = bundle_id_of(self.manifest.artifacts)
+        if not problems and self.manifest.bundle_id and self.manifest.bundle_id != expected_id:
+            problems.append(f"the bundle_id {self.manifest.bundle_id} does not match the artifacts' hashes")
         if problems:
-            raise CheckFailed(f"bundle {self.root} failed verification: {'; '.join(problems)}",
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise CheckFailed(f"bundle {self.root} failed verification: {shown}",
                               "re-copy the bundle; if it persists, rebuild it")
+        self._verified = True
+
+    def check_consistency(self) -> None:
+        """The manifest's shapes and classes must agree with preprocess.json and with each other (a manifest
+        is not covered by the hashes, so an edited one is caught here)."""
+        m = self.manifest
+        where = f"bundle {self.root}"
+        fix = "the manifest was edited or is corrupt; rebuild the bundle"
+        h, w = self.preprocess.input_size
+        want_in = [3, h, w]
+        if len(m.input.shape) != 4 or list(m.input.shape[1:]) != want_in or isinstance(m.input.shape[0], int) \
+                and m.input.shape[0] < 1:
+            raise EdgeTLError(f"{where}: the manifest's input shape {m.input.shape} does not match preprocess.json "
+                              f"(batch, {', '.join(map(str, want_in))})", fix)
+        if len(m.output.shape) != 2 or m.output.shape[1] != len(m.classes):
+            raise EdgeTLError(f"{where}: the manifest's output shape {m.output.shape} does not match its "
+                              f"{len(m.classes)} classes", fix)
+        if len(set(m.classes)) != len(m.classes) or any(unsafe_class_name(c) for c in m.classes):
+            raise EdgeTLError(f"{where}: the manifest's classes are empty, repeated or hold control characters", fix)
 
     def __repr__(self) -> str:
         return f"Bundle({self.root}, {self.manifest.name}, id={self.manifest.bundle_id})"

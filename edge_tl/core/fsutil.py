@@ -1,4 +1,9 @@
-"""Small file-system helpers: hashing, atomic writes and directories, safe tar extraction."""
+"""Small file-system helpers: hashing, atomic writes and directories, safe tar extraction.
+
+Files and folders made here follow the process umask (0644 / 0755 under the usual 022), although they are
+born through ``mkstemp``/``mkdtemp`` (which create them 0600 / 0700): a bundle written by one user must be
+readable by the service user on the device.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -22,16 +28,47 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux, else by setting and restoring it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_default(path: str | Path, *, directory: bool | None = None) -> None:
+    """Give ``path`` the mode a plain ``open()``/``mkdir()`` would have: 0666/0777 less the umask."""
+    path = Path(path)
+    is_dir = path.is_dir() if directory is None else directory
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+def chmod_tree(root: str | Path) -> None:
+    """:func:`chmod_default` for ``root`` and everything under it (links are left alone)."""
+    root = Path(root)
+    chmod_default(root, directory=True)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            chmod_default(path)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary file path beside ``path`` (created empty, name ending in ``suffix`` for writers that
-    look at it); rename it over ``path`` only if the block succeeds. On any exception (Ctrl-C included) the
-    temporary file is removed and ``path`` is untouched."""
+    """Yield a temporary file path beside ``path`` (created empty with the mode the umask gives, name ending in
+    ``suffix`` for writers that look at it); rename it over ``path`` only if the block succeeds. On any exception
+    (Ctrl-C included) the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        chmod_default(tmp, directory=False)
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -64,6 +101,7 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
+        chmod_default(tmp, directory=True)
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -101,30 +139,83 @@ def check_member(member: tarfile.TarInfo) -> None:
         raise EdgeTLError(f"archive entry '{name}' is a device or special file", "rebuild the bundle")
 
 
+# what a broken or truncated archive raises while it is read (gzip: EOFError, zlib.error; tar: TarError)
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+def _member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
+    """The entry's path parts without '.' (``tar -C dir -czf x.tgz .`` writes ``./a/b``)."""
+    return tuple(p for p in PurePosixPath(member.name).parts if p != ".")
+
+
+def _bundle_top(archive: Path, members: list[tarfile.TarInfo], fix: str) -> tuple[str, ...]:
+    """Check every member and the archive's shape; the bundle folder's parts inside it (``()``: at its top)."""
+    for m in members:
+        check_member(m)
+    files: set[tuple[str, ...]] = set()
+    dirs: set[tuple[str, ...]] = set()
+    for m in members:
+        parts = _member_parts(m)
+        if not parts:
+            continue
+        dirs.update(parts[:i] for i in range(1, len(parts)))
+        if m.isdir():
+            dirs.add(parts)
+        elif parts in files:
+            raise EdgeTLError(f"{archive} holds '{'/'.join(parts)}' twice", fix)
+        else:
+            files.add(parts)
+    clash = sorted(files & dirs)
+    if clash:
+        raise EdgeTLError(f"{archive} holds '{'/'.join(clash[0])}' both as a file and as a folder", fix)
+    if not files:
+        raise EdgeTLError(f"{archive} holds no files", fix)
+    tops = {parts[0] for parts in files | dirs}
+    if ("manifest.json",) in files:
+        return ()
+    if len(tops) == 1 and tops <= {d[0] for d in dirs}:
+        return (tops.pop(),)
+    raise EdgeTLError(f"{archive} must hold one top-level folder, found {sorted(tops)[:5]}", fix)
+
+
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a .tar.gz after checking every member; returns the single top-level directory."""
+    """Extract a .tar.gz after checking every member; returns the bundle folder inside ``dest``.
+
+    The archive holds one top-level folder (what ``edge-tl build`` writes), or the bundle's files at its top
+    (``tar -C bundle -czf x.tgz .``; then ``dest`` itself is returned). A truncated or corrupt archive, duplicate
+    entries, or a file and a folder of the same name are refused with one line (EdgeTLError).
+    """
     archive, dest = Path(archive), Path(dest)
+    fix = "re-copy the archive, or rebuild the bundle with edge-tl build"
     try:
         tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise EdgeTLError(f"{archive} is not a readable .tar.gz ({exc})", "re-copy or rebuild the bundle") from exc
-    with tar:
-        members = tar.getmembers()
-        for m in members:
-            check_member(m)
-        tops = {PurePosixPath(m.name).parts[0] for m in members if m.name}
-        if len(tops) != 1:
-            raise EdgeTLError(f"{archive} must hold one top-level folder, found {sorted(tops)}", "rebuild it")
-        dest.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            target = dest / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            if src is None:
-                raise EdgeTLError(f"archive entry '{m.name}' has no data", "rebuild the bundle")
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-        return dest / tops.pop()
+    except _ARCHIVE_ERRORS as exc:
+        raise EdgeTLError(f"{archive} is not a readable .tar.gz ({exc or type(exc).__name__})", fix) from exc
+    try:
+        with tar:
+            members = tar.getmembers()
+            root = dest.joinpath(*_bundle_top(archive, members, fix))
+            dest.mkdir(parents=True, exist_ok=True)
+            for m in members:
+                parts = _member_parts(m)
+                if not parts:
+                    continue
+                target = dest.joinpath(*parts)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(m)
+                if src is None:
+                    raise EdgeTLError(f"archive entry '{m.name}' has no data", "rebuild the bundle")
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            return root
+    except EdgeTLError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise EdgeTLError(f"{archive} is truncated or corrupt ({why})", fix) from exc
+    except OSError as exc:
+        raise EdgeTLError(f"cannot unpack {archive} into {dest} ({exc})",
+                          "free disk space or check the folder's permissions") from exc

@@ -27,6 +27,10 @@ _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 
+# what a transparent pixel becomes (alpha is composited over this, the same in training and on the device)
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,14 +38,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class PreprocessConfig(BaseModel):
     """What turns a decoded image into the network's input tensor, in order:
 
-    1. convert to RGB (grayscale is replicated to three channels);
+    1. convert to RGB with :func:`to_rgb` (grayscale replicated to three channels, 16-bit scaled to 8-bit,
+       alpha composited over white);
     2. resize so the shorter side is ``resize`` (aspect kept), with ``interpolation``;
     3. center-crop to ``input_size`` (H, W);
     4. scale to [0, 1] (``x * scale``), subtract ``mean``, divide by ``std`` (per channel, RGB order);
     5. reorder channels to ``channel_order`` and lay out as ``layout`` (``NCHW``).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: int = PREPROCESS_SCHEMA_VERSION
     input_size: tuple[int, int] = Field(description="network input (height, width) after the crop")
@@ -88,6 +93,54 @@ class PreprocessConfig(BaseModel):
             raise EdgeTLError(f"{path} is not a valid preprocess.json: {first}", "rebuild the bundle") from exc
 
 
+def _unsupported(image: Image.Image, why: str) -> EdgeTLError:
+    return EdgeTLError(f"image mode {image.mode} ({why}) is not supported",
+                       "convert it to 8-bit RGB or grayscale (or 16-bit grayscale PNG)")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image Pillow opens as an 8-bit RGB image, the one conversion used by training, the golden outputs,
+    ``infer`` and ``serve``; raises EdgeTLError for what has no defined conversion.
+
+    * 16-bit grayscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs): scaled by 255/65535 (Pillow's own
+      ``convert`` clips it to 255, turning almost every pixel white);
+    * ``I`` from other formats and ``F`` (32-bit integer/float): refused, their range is not defined;
+    * alpha (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, ``P`` with a transparent index):
+      composited over :data:`ALPHA_BACKGROUND`;
+    * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``1``, ``L``, ``P``, ``RGBX``: Pillow's colour conversion (``LAB``
+      through LittleCMS where Pillow has no direct one).
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT or (mode == "I" and image.format == "PNG"):
+        arr = np.asarray(image).astype(np.uint32)
+        if arr.ndim != 2:
+            raise _unsupported(image, "unexpected layout")
+        gray = ((np.clip(arr, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "I":
+        raise _unsupported(image, "32-bit integer pixels, range not defined")
+    if mode == "F":
+        raise _unsupported(image, "32-bit float pixels, range not defined")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        if mode == "La":
+            image = image.convert("LA")
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        if mode == "LAB":
+            from PIL import ImageCms
+
+            transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                                "LAB", "RGB")
+            return ImageCms.applyTransform(image, transform)  # type: ignore[return-value]
+        raise _unsupported(image, str(exc)) from exc
+
+
 def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
     """torchvision ``_compute_resized_output_size`` for an int size: shorter side = size, truncation."""
     short, long = (w, h) if w <= h else (h, w)
@@ -107,8 +160,7 @@ class Preprocessor:
     def resize_crop(self, image: Image.Image) -> Image.Image:
         """Steps 1-3: RGB, resize, center crop. Returns a PIL image of exactly ``input_size``."""
         cfg = self.config
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         w, h = image.size
         new_w, new_h = _resized_size(w, h, cfg.resize)
         if (new_w, new_h) != (w, h):

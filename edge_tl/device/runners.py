@@ -77,6 +77,9 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
         backend = best_backend()
     if backend not in BACKENDS:
         raise EdgeTLError(f"unknown backend '{backend}'", f"choose auto or one of: {', '.join(BACKENDS)}")
+    if precision in ("fp16", "best") and backend != "tensorrt":  # never run fp32 while reporting fp16
+        raise EdgeTLError(f"--precision {precision} is TensorRT-only; backend {backend} runs the bundle's fp32 or int8 "
+                          "model", "use --backend tensorrt, or --precision fp32 / int8")
     onnx_precision = "int8" if precision == "int8" else ("fp32" if precision in ("fp16", "best") else precision)
     if backend == "tensorrt" and precision == "best":
         onnx_precision = None

@@ -56,6 +56,7 @@ class SourceSpec:
     kind: str  # "images" | "video" | "camera" | "stream" | "gstreamer"
     target: str | int
     files: tuple[Path, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()  # (folder, why) found while listing: each becomes an error record
 
     @property
     def live(self) -> bool:
@@ -79,11 +80,11 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec("camera", text)
     path = Path(text)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        if not files:
+        files, unreadable = _list_folder(path)
+        if not files and not unreadable:
             raise EdgeTLError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})",
                               "point at a folder of images")
-        return SourceSpec("images", text, tuple(files))
+        return SourceSpec("images", text, tuple(files), tuple(unreadable))
     if path.is_file():
         return SourceSpec("video" if path.suffix.lower() in VIDEO_EXTS else "images", text, (path,))
     if any(c in text for c in "*?["):
@@ -96,18 +97,41 @@ def parse_source(spec: str) -> SourceSpec:
                       "or a GStreamer pipeline ending in appsink")
 
 
-def iter_images(files: tuple[Path, ...]) -> Iterator[Item]:
-    """Decode each file with Pillow; an undecodable one gives an error Item."""
+def _list_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files under ``folder`` (recursive, sorted) and the sub-folders that could not be listed."""
+    import os
+
+    unreadable: list[tuple[str, str]] = []
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((str(exc.filename or folder), f"cannot list folder: {exc.strerror or exc}"))
+
+    files = [Path(top) / name for top, _dirs, names in os.walk(folder, onerror=failed)
+             for name in names if Path(name).suffix.lower() in IMAGE_EXTS]
+    return sorted(p for p in files if p.is_file()), sorted(unreadable)
+
+
+def iter_images(files: tuple[Path, ...], unreadable: tuple[tuple[str, str], ...] = ()) -> Iterator[Item]:
+    """Decode each file with Pillow; an undecodable one (or a video OpenCV can't open, or a folder that
+    could not be listed) gives an error Item, and the others go on."""
     from PIL import Image
 
+    from edge_tl.core.preprocess import to_rgb
+
+    for where, why in unreadable:
+        yield Item(where, None, time.time(), error=why)
     for path in files:
         if path.suffix.lower() in VIDEO_EXTS:  # a glob may match videos too
-            yield from VideoSource(str(path), live=False).frames()
+            try:
+                yield from VideoSource(str(path), live=False).frames()
+            except EdgeTLError as exc:
+                yield Item(str(path), None, time.time(), error=exc.one_line())
             continue
         try:
             with Image.open(path) as img:
                 img.load()
-                rgb = img.convert("RGB")
+                rgb = to_rgb(img)
+                rgb = rgb.copy() if rgb is img else rgb
             yield Item(str(path), None, time.time(), rgb)
         except Exception as exc:  # PIL raises many types for bad files; the record carries the reason
             yield Item(str(path), None, time.time(), error=f"cannot decode image: {type(exc).__name__}: {exc}")
@@ -177,6 +201,14 @@ class VideoSource:
             self.sleep(delay)
 
 
+def _video_or_error(items: Iterator[Item], name: str) -> Iterator[Item]:
+    """A video file that can't be opened becomes one error record (the run's exit code then says so)."""
+    try:
+        yield from items
+    except EdgeTLError as exc:
+        yield Item(name, None, time.time(), error=exc.one_line())
+
+
 def _gstreamer_api() -> int:
     info = cv2.getBuildInformation()
     line = next((ln for ln in info.splitlines() if "GStreamer:" in ln), "")
@@ -192,7 +224,7 @@ def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None
     frames in between; files are paced by sleeping)."""
     if every < 1:
         raise EdgeTLError(f"--every must be >= 1 (got {every})", "use 1 to process every frame")
-    if max_fps is not None and max_fps <= 0:
+    if max_fps is not None and not 0 < max_fps < float("inf"):  # nan and inf too
         raise EdgeTLError(f"--max-fps must be > 0 (got {max_fps})", "leave it out for no limit")
     src = spec if isinstance(spec, SourceSpec) else parse_source(spec)
     interval = 1.0 / max_fps if max_fps else 0.0
@@ -209,7 +241,8 @@ def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None
         return True
 
     if src.kind == "images":
-        items: Iterator[Item] = (it for n, it in enumerate(iter_images(src.files)) if n % every == 0)
+        items: Iterator[Item] = (it for n, it in enumerate(iter_images(src.files, src.unreadable))
+                                 if n % every == 0)
     else:
         api = None
         if src.kind == "gstreamer":
@@ -220,6 +253,8 @@ def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None
             api = cv2.CAP_FFMPEG
         items = VideoSource(src.target, live=src.live, api=api, max_reconnects=max_reconnects,
                             backoff=backoff).frames(keep)
+        if src.kind == "video":
+            items = _video_or_error(items, str(src.target))
     for item in items:
         if interval and not src.live:
             wait = last[0] + interval - time.monotonic()

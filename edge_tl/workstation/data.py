@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tl.core.bundle import DataSummary
+from edge_tl.core.bundle import DataSummary, unsafe_class_name
 from edge_tl.core.errors import EdgeTLError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -68,11 +68,16 @@ def _check_image(path: Path) -> str | None:
         return f"not an image file (extension '{path.suffix or 'none'}')"
     from PIL import Image, UnidentifiedImageError
 
+    from edge_tl.core.preprocess import to_rgb
+
     try:
         with Image.open(path) as img:
             img.load()
             if img.width < 1 or img.height < 1:
                 return "empty image"
+            to_rgb(img)  # every later stage (training, golden PNGs, the device) starts from this conversion
+    except EdgeTLError as exc:
+        return f"unusable: {exc.problem}"
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         return f"unreadable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}".rstrip(": ")
     return None
@@ -147,6 +152,11 @@ def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float =
     classes = sorted(per_split["train"])
     if not classes:
         raise EdgeTLError(f"data folder {root} has no class folders", "add one sub-folder of images per class")
+    for name in classes:
+        why = unsafe_class_name(name)
+        if why:
+            raise EdgeTLError(f"class folder {name!r} in {root} can't be a class name: {why}",
+                              "rename the folder (letters, digits, spaces, - and _ are safe)")
     if len(classes) < 2:
         raise EdgeTLError(f"data folder {root} has only one class ('{classes[0]}')", "a classifier needs >= 2 classes")
     if skipped and strict:

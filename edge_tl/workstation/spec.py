@@ -30,7 +30,7 @@ STAGES = ("data", "finetune", "scratch", "prune", "export", "quantize")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSpec(_Section):
@@ -151,7 +151,7 @@ class ReportSpec(_Section):
 class BuildSpec(BaseModel):
     """A whole build. ``edge-tl build`` with no spec and no ``--data`` uses :meth:`demo`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="bundle name")
     seed: int = Field(0, ge=0, description="seeds splits, init, data order; same seed, same result")

@@ -7,6 +7,7 @@ covers host-to-device copies, compute and device-to-host copies. Nothing else ru
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ def latency_stats(latencies_ns: np.ndarray) -> LatencyStats:
 
 def validate_plan(iterations: int | None, duration_s: float | None, warmup: int | None,
                   warmup_seconds: float | None) -> None:
+    for flag, value in (("--duration", duration_s), ("--warmup-seconds", warmup_seconds)):
+        if value is not None and not math.isfinite(value):
+            raise EdgeTLError(f"{flag} must be a finite number of seconds, got {value}", f"pass e.g. {flag} 10")
     if iterations is not None and duration_s is not None:
         raise EdgeTLError("give either --iterations or --duration, not both", "pick one way to end the run")
     if iterations is not None and iterations < 1:

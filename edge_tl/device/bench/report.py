@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_tl.core.fsutil import atomic_file, atomic_write_text
@@ -119,7 +120,7 @@ def print_result(result: BenchResult, console: Console | None = None) -> None:
     console = console or Console()
     m, d = result.model, result.device
     title = f"{m.name if m else '?'} · {result.backend} · {m.precision if m else '?'}"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for col in ("batch", "iters", "median ms", "p95", "p99", "img/s", "W", "mJ/img", "mJ>idle"):
         table.add_column(col, justify="right")
     for r in result.results:
@@ -132,16 +133,16 @@ def print_result(result: BenchResult, console: Console | None = None) -> None:
     where = d.jetson_model or d.cpu or d.machine or "?"
     mode = f", nvpmodel {d.nvpmodel}" if d.nvpmodel else ""
     clocks = {True: "locked", False: "NOT locked", None: "unknown"}[d.clocks_locked]
-    console.print(f"device: {where}{mode}, clocks {clocks}" + (f", JetPack {d.jetpack}" if d.jetpack else ""))
+    console.print(escape(f"device: {where}{mode}, clocks {clocks}" + (f", JetPack {d.jetpack}" if d.jetpack else "")))
     pw = result.power
     if pw.available:
         idle = f", idle {pw.idle_mw / 1000:.3g} W" if pw.idle_mw is not None else ""
         console.print(f"power: {pw.source} ({pw.total_is}), {pw.sample_count} samples at "
                       f"{_fmt(pw.measured_rate_hz)} Hz{idle}")
     else:
-        console.print(f"power: unavailable ({pw.reason})")
+        console.print(escape(f"power: unavailable ({pw.reason})"))
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
 METRICS = (("median ms", lambda r: r.latency_ms.median), ("p99 ms", lambda r: r.latency_ms.p99),
@@ -179,7 +180,7 @@ def compare(paths: Sequence[str | Path], console: Console | None = None) -> list
     table.add_column("batch", justify="right")
     table.add_column("metric")
     for lab in labels:
-        table.add_column(lab, justify="right")
+        table.add_column(escape(lab), justify="right")
     rows = compare_rows(results)
     for row in rows:
         cells = [_fmt(row["values"][0], 4)] + [

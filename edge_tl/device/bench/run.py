@@ -9,6 +9,7 @@ finished and returns it marked ``interrupted`` (the CLI writes it, then exits 13
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,12 @@ class BenchConfig:
             raise EdgeTLError(f"batch sizes must be positive integers, got {self.batches}", "pass e.g. --batch 1,8,32")
         if self.repeat < 1:
             raise EdgeTLError(f"--repeat must be at least 1, got {self.repeat}", "pass --repeat 3")
+        for flag, value in (("--rate", self.rate_hz), ("--idle-seconds", self.idle_seconds)):
+            if not math.isfinite(value) or value < 0 or (flag == "--rate" and value == 0):
+                raise EdgeTLError(f"{flag} must be a finite, {'positive' if flag == '--rate' else 'non-negative'} "
+                                  f"number, got {value}", "pass --rate 20 and --idle-seconds 2 (0 skips the baseline)")
+        if self.interval_ms is not None and self.interval_ms < 1:
+            raise EdgeTLError(f"--interval must be at least 1 ms, got {self.interval_ms}", "pass e.g. --interval 50")
         if self.idle_seconds < 0:
             raise EdgeTLError("--idle-seconds must not be negative", "pass --idle-seconds 2 (0 skips the baseline)")
         if self.data not in (None, "golden", "random"):
@@ -132,9 +139,10 @@ def run_bench(cfg: BenchConfig, *, progress: Callable[[str, int, int | None], No
         raise EdgeTLError(f"--precision {precision} is TensorRT-only; backend {runner.backend} runs the bundle's "
                           "fp32 or int8 model", "use --backend tensorrt, or --precision fp32 / int8")
     data = cfg.data or ("golden" if bundle is not None else "random")
-    if bundle is not None and runner.backend == "tensorrt" and max(cfg.batches) > bundle.manifest.max_batch:
+    if bundle is not None and max(cfg.batches) > bundle.manifest.max_batch:
         raise EdgeTLError(f"batch {max(cfg.batches)} exceeds the bundle's max_batch {bundle.manifest.max_batch} "
-                          "(the engine's profile)", f"use batch sizes <= {bundle.manifest.max_batch}")
+                          "(the largest batch its engine profile accepts)",
+                          f"use batch sizes <= {bundle.manifest.max_batch}")
     facts = DeviceFacts(cfg.root)
     state = collect_device_state(facts)
     result = BenchResult(created=utc_now(), label=cfg.label, backend=runner.backend, device=state,

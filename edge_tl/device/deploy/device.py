@@ -23,7 +23,7 @@ from typing import Any
 from edge_tl import __version__
 from edge_tl.core.bundle import Bundle, bundle_id_of, utc_now
 from edge_tl.core.errors import CheckFailed, EdgeTLError
-from edge_tl.core.fsutil import safe_extract, sha256_file
+from edge_tl.core.fsutil import chmod_default, safe_extract, sha256_file
 from edge_tl.core.layout import DeviceLayout
 from edge_tl.device.deploy import gate, service, state
 from edge_tl.device.runtime import available_backends
@@ -76,6 +76,7 @@ def _unpack(layout: DeviceLayout, upload: Path, expected_id: str | None) -> tupl
     layout.versions_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.versions_dir))
     try:
+        chmod_default(staging, directory=True)  # it may become the bundle folder: readable by the service
         top = safe_extract(upload, staging)
         bundle = Bundle.open(top)
         bundle.verify()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,12 @@ class ServeConfig:
         for field, value in (("--idle-timeout", self.idle_timeout_s), ("--body-timeout", self.body_timeout_s)):
             if not value > 0:
                 raise EdgeTLError(f"{field} must be > 0 seconds (got {value})", f"pass e.g. {field} 5")
-        if self.max_delay_ms < 0:
-            raise EdgeTLError(f"--max-delay-ms must be >= 0 (got {self.max_delay_ms})", "use e.g. 2")
+        if self.port > 65535:
+            raise EdgeTLError(f"--port must be a TCP port, 0..65535 (got {self.port})", "pass e.g. --port 8000")
+        for field, value in (("--max-delay-ms", self.max_delay_ms), ("--poll", self.poll_s),
+                             ("--graceful-timeout", self.graceful_timeout_s)):
+            if not math.isfinite(value) or value < 0:
+                raise EdgeTLError(f"{field} must be a finite number >= 0 (got {value})", f"pass e.g. {field} 2")
         if self.token is not None and len(self.token) < 8:
             raise EdgeTLError("the bearer token is shorter than 8 characters", "use a long random token "
                               "(e.g. `openssl rand -hex 24`)")

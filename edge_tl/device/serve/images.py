@@ -7,6 +7,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.preprocess import to_rgb
 from edge_tl.device.serve.protocol import ProtocolError
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
@@ -37,7 +39,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            return img.convert("RGB")
+            rgb = to_rgb(img)
+            return rgb.copy() if rgb is img else rgb
+    except EdgeTLError as exc:  # a mode with no defined conversion to RGB (32-bit, float)
+        raise ProtocolError(415, exc.one_line()) from None
     except Exception as exc:  # truncated or corrupt data
         raise ProtocolError(400, f"cannot decode the image: {type(exc).__name__}: {exc}") from None
     finally:

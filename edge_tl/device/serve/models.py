@@ -112,9 +112,7 @@ class LoadedModel:
 
 def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_dir: Path | None = None) -> LoadedModel:
     """Open (and verify) a bundle, activate a runner for it and warm it up. Blocking; raises EdgeTLError."""
-    bundle = Bundle.open(bundle_path)
-    if config.verify:
-        bundle.verify()
+    bundle = Bundle.open(bundle_path, verify=config.verify)  # verified against its manifest unless asked not to
     m = bundle.manifest
     if config.max_batch > m.max_batch:
         raise EdgeTLError(f"--max-batch {config.max_batch} is larger than the bundle's max_batch {m.max_batch}",

@@ -29,7 +29,7 @@ from edge_tl.core.bundle import (
     utc_now,
     write_bundle,
 )
-from edge_tl.core.preprocess import Preprocessor
+from edge_tl.core.preprocess import Preprocessor, to_rgb
 from edge_tl.core.targets import get_target
 from edge_tl.workstation.pipeline.context import Context
 
@@ -85,8 +85,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
     quant = ctx.read("quantize", "metrics.json")
     with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=ctx.run_dir) as td:
         staging = Path(td)
-        shutil.copy2(ctx.folder("export") / "model.onnx", staging / FP32_MODEL)
-        shutil.copy2(ctx.folder("quantize") / "model.int8.onnx", staging / INT8_MODEL)
+        shutil.copyfile(ctx.folder("export") / "model.onnx", staging / FP32_MODEL)
+        shutil.copyfile(ctx.folder("quantize") / "model.int8.onnx", staging / INT8_MODEL)
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
@@ -95,9 +95,9 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         index, images = [], []
         for n, i in enumerate(golden_picks(labels, s.export.golden_count)):
             rel = f"golden/images/{n:03d}.png"
-            with Image.open(paths[i]) as img:
+            with Image.open(paths[i]) as img:  # stored as RGB: the image the device's preprocessing starts from
                 img.load()
-                img.save(staging / rel)
+                to_rgb(img).save(staging / rel)
             with Image.open(staging / rel) as img:
                 img.load()
                 images.append(img.copy())

@@ -124,6 +124,7 @@ class RunFolder:
         p.mkdir(parents=True, exist_ok=True)
         return how
 
-    def mark(self, status: str, **info: Any) -> None:
-        data = {**(self.state or {}), "status": status, "edge_tl": __version__, **info}
+    def mark(self, status: str, *, fresh: bool = False, **info: Any) -> None:
+        """Record ``status`` (running, done, failed, interrupted) in run.json; ``fresh`` drops what was there."""
+        data = {**({} if fresh else self.state or {}), "status": status, "edge_tl": __version__, **info}
         atomic_write_text(self.path / RUN_FILE, json.dumps(data, indent=2, default=str) + "\n")

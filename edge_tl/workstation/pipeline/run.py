@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_write_text
 from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
 from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
 from edge_tl.workstation.spec import STAGES, BuildSpec, to_toml
@@ -65,12 +67,83 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     how = folder.claim(overwrite)
     run_dir = folder.path
     if how == "resume":
-        console.print(f"[cyan]resuming[/] the interrupted build in {run_dir}")
+        console.print(f"[cyan]resuming[/] the interrupted build in {escape(str(run_dir))}")
+    # the previous build's outputs would sit beside a new spec: remove them before anything new is written
+    # (only in a folder that run.json marks as an edge-tl run: a foreign folder's files are not ours to delete)
+    stale = remove_outputs(run_dir) if how != "overwrite" or folder.state is not None else []
+    folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
+    try:
+        return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label), start=start)
+    except KeyboardInterrupt:
+        folder.mark("interrupted", error="interrupted (Ctrl-C or SIGTERM); run the same command to resume",
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
+    except BaseException as exc:
+        why = exc.one_line() if isinstance(exc, EdgeTLError) else f"{type(exc).__name__}: {exc}"
+        folder.mark("failed", error=why, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        raise
+
+
+OUTPUTS = ("bundle", "bundle.tar.gz", "report.md", "metrics.json")
+
+
+def remove_outputs(run_dir: Path) -> list[str]:
+    """Delete a previous build's bundle, tarball, report and metrics from ``run_dir``; returns what was there."""
+    import shutil
+
+    removed = []
+    for name in OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _check_finite(stage: str, folder: Path, metrics: dict[str, Any]) -> None:
+    """Refuse to cache a training stage whose weights or losses are NaN/inf (a diverged run)."""
+    import math
+
+    def numbers(value: Any) -> list[float]:
+        if isinstance(value, dict):
+            return [n for v in value.values() for n in numbers(v)]
+        if isinstance(value, (list, tuple)):
+            return [n for v in value for n in numbers(v)]
+        return [float(value)] if isinstance(value, float) else []
+
+    fix = ("training diverged: lower the learning rates (--lr-head, --lr-backbone, or prune.recovery_lr in the spec)"
+           " and run again")
+    if any(not math.isfinite(n) for n in numbers(metrics)):
+        raise EdgeTLError(f"the {stage} stage's metrics hold NaN or infinite values", fix)
+    fit_json = folder / "fit.json"
+    if fit_json.is_file():
+        history = json.loads(fit_json.read_text()).get("history", [])
+        if any(not math.isfinite(n) for n in numbers(history)):
+            raise EdgeTLError(f"the {stage} stage's training loss became NaN or infinite", fix)
+    model_pt = folder / "model.pt"
+    if model_pt.is_file():
+        import torch
+
+        state = torch.load(model_pt, map_location="cpu", weights_only=True)
+        tensors = [t for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+        bad = sum(1 for t in tensors if not bool(torch.isfinite(t).all()))
+        if bad:
+            raise EdgeTLError(f"the {stage} stage's model has {bad} of {len(tensors)} weight tensors with NaN or "
+                              "infinite values", fix)
+
+
+def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: float) -> BuildResult:
+    forced, console, weights, weights_label = ctx_args
+    run_dir = folder.path
     data_root, data_label = resolve_data(spec, run_dir)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
     keys = ctx.compute_keys()
-    (run_dir / "spec.resolved.toml").write_text(to_toml(spec))
-    folder.mark("running", stage_keys=keys, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_text(run_dir / "spec.resolved.toml", to_toml(spec))
+    folder.mark("running", stage_keys=keys)
     # deferred: torch and the stage code load only after the cheap checks above passed
     from edge_tl.workstation.data import DataSplit
     from edge_tl.workstation.pipeline.stages import RUNNERS, measure_latency
@@ -82,11 +155,13 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
         key = keys[stage]
         if ctx.cache.is_done(stage, key):
             skipped.append(stage)
-            console.print(f"[green]✓[/] {stage:<9} cached  ({ctx.folder(stage).relative_to(run_dir)})")
+            console.print(f"[green]✓[/] {stage:<9} cached  ({escape(str(ctx.folder(stage).relative_to(run_dir)))})")
         else:
             console.print(f"[bold]→[/] {stage:<9} running")
             with ctx.cache.writing(stage, key, {"spec_name": spec.name}) as tmp:
                 metrics[stage] = RUNNERS[stage](ctx, tmp)
+                if stage in ("finetune", "scratch", "prune"):
+                    _check_finite(stage, tmp, metrics[stage])
                 if stage == "data":
                     ctx.split = DataSplit.from_json((tmp / "split.json").read_text())
             ran.append(stage)
@@ -94,7 +169,7 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
             ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
         if stage == "data":
             for note in ctx.split.warnings:
-                console.print(f"[yellow]warning:[/] {note}")
+                console.print(f"[yellow]warning:[/] {escape(note)}")
         metrics[stage] = ctx.read(stage, "metrics.json")
     console.print("[bold]→[/] measuring CPU latency (batch 1, "
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")
@@ -111,8 +186,12 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     from edge_tl.workstation.pipeline.report import write_report
 
     write_report(ctx, result)
+    atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
+                                                           "comparison": comparison}, indent=2, default=float) + "\n")
+    from edge_tl.core.bundle import Bundle
+
+    bundle_id = Bundle.open(bundle_dir).manifest.bundle_id  # verified: what run.json vouches for is intact
     folder.mark("done", stage_keys=keys, ran=ran, skipped=skipped, seconds=round(result.seconds, 1),
-                bundle=str(bundle_dir), latency_ms=latency)
-    (run_dir / "metrics.json").write_text(json.dumps({"stages": metrics, "latency_ms": latency,
-                                                      "comparison": comparison}, indent=2, default=float) + "\n")
+                bundle=str(bundle_dir), bundle_id=bundle_id, latency_ms=latency,
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return result

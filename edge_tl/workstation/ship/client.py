@@ -15,6 +15,7 @@ import os
 import socket
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -62,9 +63,7 @@ def prepare(bundle: Path, *, verify: bool = True) -> Iterator[Prepared]:
         if bundle.is_file() and not verify:
             yield Prepared(bundle, _tar_manifest(bundle), sha256_file(bundle))
             return
-        opened = Bundle.open(bundle, extract_to=Path(tmp) / "x")
-        if verify:
-            opened.verify()
+        opened = Bundle.open(bundle, extract_to=Path(tmp) / "x", verify=verify)
         if bundle.is_dir():
             tarball = _pack(opened.root, Path(tmp) / f"{opened.manifest.bundle_id}.tar.gz")
         else:
@@ -80,8 +79,8 @@ def _tar_manifest(tarball: Path) -> Manifest:
                 parts = PurePosixPath(member.name).parts
                 if len(parts) == 2 and parts[1] == MANIFEST and member.isfile():
                     return Manifest.model_validate_json(tar.extractfile(member).read())  # type: ignore[union-attr]
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise EdgeTLError(f"cannot read the manifest in {tarball} ({exc})",
+    except (tarfile.TarError, OSError, ValueError, EOFError, zlib.error) as exc:
+        raise EdgeTLError(f"cannot read the manifest in {tarball} ({exc or type(exc).__name__})",
                           "give the bundle edge-tl build wrote") from exc
     raise EdgeTLError(f"{tarball} holds no <bundle>/{MANIFEST}", "give the bundle edge-tl build wrote")
 

@@ -53,6 +53,17 @@ class SSHTarget:
         return f"{self.user}@{host}" + (f":{self.port}" if self.port != 22 else "")
 
 
+def _quiet_paramiko() -> None:
+    """paramiko logs a failed handshake with a traceback from its transport thread; our one-line error says it
+    all. (``--debug`` turns logging back on.)"""
+    import logging
+
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers and os.environ.get("EDGE_TL_DEBUG") != "1":
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+
+
 def fingerprint(key) -> str:  # type: ignore[no-untyped-def]
     digest = hashlib.sha256(key.asbytes()).digest()
     return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
@@ -134,6 +145,8 @@ class SSHSession:
                 raise EdgeTLError(f"identity file {self.identity} does not exist", "give the private key's path")
             kwargs.update(key_filename=str(self.identity), look_for_keys=False, allow_agent=False)
         t = self.target
+        _quiet_paramiko()
+        kwargs["sock"] = self._open_socket()
         try:
             client.connect(t.host, **kwargs)
         except paramiko.BadHostKeyException as exc:
@@ -148,12 +161,58 @@ class SSHSession:
             raise EdgeTLError(f"{t} did not accept our SSH key" + (f" ({self.identity})" if self.identity else ""),
                               "pass --identity KEY for a key in the device's ~/.ssh/authorized_keys") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            client.close()
             if isinstance(exc, EdgeTLError):
                 raise
             raise EdgeTLError(f"cannot connect to {t}: {exc}", "check the address, the port and that sshd runs "
                                                                 "on the device") from None
+        except BaseException:
+            client.close()
+            raise
         self._client = client
         return self
+
+    def _open_socket(self):  # type: ignore[no-untyped-def]
+        """A TCP connection to the target on which an SSH server has sent its banner (``SSH-``), all within the
+        connect timeout; a port that does not speak SSH fails here with one line, before paramiko starts."""
+        import socket
+        import time
+
+        t = self.target
+        where = f"{t.host}:{t.port}" if ":" not in t.host else f"[{t.host}]:{t.port}"
+        try:
+            sock = socket.create_connection((t.host, t.port), timeout=self.timeout)
+        except socket.gaierror as exc:
+            raise EdgeTLError(f"cannot resolve the device address {t.host} ({exc.strerror or exc})",
+                              "check the host name or use the device's IP address") from None
+        except OSError as exc:
+            raise EdgeTLError(f"no SSH server answered on {where} ({exc.strerror or exc})",
+                              "check the address, the port and that sshd runs on the device") from None
+        deadline = time.monotonic() + self.timeout
+        seen = b""
+        try:
+            while not seen.startswith(b"SSH-") and b"\n" not in seen and len(seen) < 8192:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                try:
+                    data = sock.recv(8192, socket.MSG_PEEK)  # peek: paramiko reads the banner itself
+                except OSError:  # timed out or reset
+                    break
+                if not data:  # closed without a word
+                    break
+                if data == seen:
+                    time.sleep(0.05)
+                seen = data
+            if not seen.startswith(b"SSH-"):
+                raise EdgeTLError(f"no SSH server answered on {where} (within {self.timeout:g} s)",
+                                  "check the port (sshd listens on 22 by default) and that sshd runs on the device")
+            sock.settimeout(self.timeout)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
 
     def __enter__(self) -> SSHSession:
         return self.connect() if self._client is None else self

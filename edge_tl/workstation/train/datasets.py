@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
+from edge_tl.core.preprocess import PreprocessConfig, Preprocessor, to_rgb
 
 
 def eval_arrays(paths: list[Path], labels: np.ndarray, pre: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +23,9 @@ def eval_arrays(paths: list[Path], labels: np.ndarray, pre: PreprocessConfig) ->
 
 def _open(path: Path) -> Image.Image:
     with Image.open(path) as img:
-        return img.convert("RGB")
+        img.load()
+        rgb = to_rgb(img)
+        return rgb.copy() if rgb is img else rgb
 
 
 class TrainDataset(torch.utils.data.Dataset):

@@ -137,6 +137,10 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                     if kd:
                         loss = (1 - distill_weight) * loss + distill_weight * _distill_loss(
                             logits, teacher, xb, distill_temperature)
+                    if not torch.isfinite(loss):  # diverged: stop now, not after the remaining epochs
+                        raise EdgeTLError(f"{label}: the training loss became {float(loss)} in epoch {epoch + 1} "
+                                          f"({phase.name})", "training diverged: lower the learning rates "
+                                          "(--lr-head, --lr-backbone, or prune.recovery_lr in the spec)")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
