@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_line, write_section  # noqa: E402
+
 from edge_tl.core.bundle import (  # noqa: E402
     FP32_MODEL,
     GOLDEN_INDEX,

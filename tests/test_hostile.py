@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bundle_factory import tiny_onnx
-from edge_tl.core.fsutil import make_tarball
 from PIL import Image
 
 from edge_tl.cli import main
+from edge_tl.core.fsutil import make_tarball
 
 EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
 # ONNX Runtime 1.32's telemetry (the 1DS SDK linked into onnxruntime_pybind11_state) writes one session file,
@@ -581,8 +581,8 @@ def test_silent_port_fails_within_the_connect_timeout():
     """A listener that never says a word (an SSH server sends its banner first)."""
     import time
 
-    from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
     from edge_tl.core.errors import EdgeTLError
+    from edge_tl.workstation.ship.transport import SSHSession, SSHTarget
 
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -638,6 +638,7 @@ def test_failed_overwrite_leaves_no_stale_bundle(bad, tiny_bundle_src, tmp_path)
 # -- permissions follow the umask ----------------------------------------------------------------------------------
 def test_bundle_files_follow_the_umask(tmp_path, monkeypatch):
     from bundle_factory import make_tiny_bundle
+
     from edge_tl.core.bundle import Bundle
     from edge_tl.core.fsutil import current_umask
 
@@ -710,8 +711,8 @@ def test_scan_skips_what_a_later_stage_cannot_use(tmp_path):
 
 @pytest.mark.parametrize("name", ["b\rc", "b\nc", "tab\there", "nel\x85x", "sep\u2028x"])
 def test_scan_refuses_class_names_with_control_characters(name, tmp_path):
-    from edge_tl.workstation.data import scan
     from edge_tl.core.errors import EdgeTLError
+    from edge_tl.workstation.data import scan
 
     for cls in ("a", name):
         (tmp_path / cls).mkdir()
@@ -742,8 +743,8 @@ def test_non_finite_weights_or_loss_are_not_cached(tmp_path):
 
 def test_interrupted_build_says_interrupted(tmp_path, monkeypatch, tiny_bundle_src):
     pytest.importorskip("torch")
-    from edge_tl.workstation.pipeline.run import run_build
     from edge_tl.workstation.pipeline import stages as stage_code
+    from edge_tl.workstation.pipeline.run import run_build
     from edge_tl.workstation.spec import load_spec
 
     data = tmp_path / "data"

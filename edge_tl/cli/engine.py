@@ -37,22 +37,6 @@ def _not_a_folder(path: Path | None, flag: str) -> None:
         raise EdgeTLError(f"{flag} {path} is a folder", f"give a file path for {flag}")
 
 
-def _resolve(model: Path, precision: str | None, max_batch: int | None):
-    """(onnx, precision, max_batch, bundle or None) for a bundle or an .onnx file."""
-    from edge_tl.core.bundle import Bundle
-    from edge_tl.core.errors import EdgeTLError
-
-    if model.suffix == ".onnx":
-        if not model.is_file():
-            raise EdgeTLError(f"model {model} does not exist", "give an existing .onnx file or a bundle")
-        precision = precision or ("int8" if model.name.endswith(".int8.onnx") else "fp32")
-        return model, precision, max_batch or 32, None
-    bundle = Bundle.open(model)
-    precision = precision or bundle.manifest.default_precision
-    onnx = bundle.model_path("int8" if precision in ("int8", "best") else "fp32")
-    return onnx, precision, max_batch or bundle.manifest.max_batch, bundle
-
-
 def _keep_names(keep_layers: str | None, keep_worst: int | None, bundle, threads: int | None) -> list[str]:
     from edge_tl.core.errors import EdgeTLError
 
@@ -106,10 +90,12 @@ def build_cmd(
     from edge_tl.core.fsutil import atomic_write_bytes
     from edge_tl.device.engine.cache import DEFAULT_CACHE_DIR, load_or_build, read_sidecar
     from edge_tl.device.engine.fallback import keep_layers_model
+    from edge_tl.device.runners import DEFAULT_MAX_BATCH, resolve_model
 
     precision, via, keep_precision = _v(precision), _v(via), _v(keep_precision)
     _not_a_folder(out_file, "--out")
-    onnx, precision, max_batch, bundle = _resolve(model, precision, max_batch)
+    onnx, precision, bundle = resolve_model(model, precision)
+    max_batch = max_batch or (bundle.manifest.max_batch if bundle else DEFAULT_MAX_BATCH)
     cache = (cache_dir or DEFAULT_CACHE_DIR).expanduser()
     names = _keep_names(keep_layers, keep_worst, bundle, threads)
     fallback: tuple[str, ...] = tuple(names)

@@ -51,6 +51,23 @@ class DeviceLayout:
             return None
         return Path(target).name
 
-    def active_bundle_dir(self) -> Path | None:
+    def active(self) -> ActiveVersion | None:
+        """The active version with its bundle and engine folders, or None when nothing is active: the one lookup
+        of "the deployed model" (``infer --root``, ``serve --root`` and its hot reload)."""
         version = self.active_version()
-        return self.bundle_dir(version) if version else None
+        if version is None:
+            return None
+        return ActiveVersion(version, self.bundle_dir(version), self.engine_dir(version))
+
+    def active_bundle_dir(self) -> Path | None:
+        active = self.active()
+        return active.bundle_dir if active else None
+
+
+@dataclass(frozen=True)
+class ActiveVersion:
+    """What the ``active`` link points to (read once)."""
+
+    version: str
+    bundle_dir: Path
+    engine_dir: Path

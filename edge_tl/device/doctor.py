@@ -21,9 +21,12 @@ from pydantic import BaseModel, Field
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.importer import has_module
 from edge_tl.core.targets import max_opset_for_tensorrt
+from edge_tl.device.engine.build import detect_device
 from edge_tl.device.engine.spec import DeviceInfo
+from edge_tl.device.engine.trtexec import find_trtexec
 from edge_tl.device.facts import DeviceFacts
 from edge_tl.device.facts.versions import package_version as _version
+from edge_tl.device.runtime import available_backends
 
 Status = Literal["ok", "info", "warn", "blocker"]
 
@@ -72,8 +75,6 @@ def _jtop_state(root: Path) -> str | None:
 
 def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, probe_device: bool = True) -> Facts:
     """This machine's facts; ``device`` replaces what TensorRT's builder would say (recorded facts)."""
-    from edge_tl.device.runtime import available_backends
-
     root = Path(root)
     packages = {
         "torch": _version("torch", "torch"), "onnx": _version("onnx", "onnx"),
@@ -95,8 +96,6 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
         except Exception as exc:  # a broken install is a fact worth showing
             device_error = f"tensorrt does not import: {exc}"
     if device is None and probe_device and packages["tensorrt"]:
-        from edge_tl.device.engine.build import detect_device
-
         try:
             device = detect_device(root=root)
         except Exception as exc:  # no GPU, driver problems: report, don't crash the doctor
@@ -104,8 +103,6 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
     if device is not None and not packages["tensorrt"]:
         packages["tensorrt"] = device.tensorrt_version
     try:
-        from edge_tl.device.engine.trtexec import find_trtexec
-
         trtexec = str(find_trtexec())
     except EdgeTLError:
         trtexec = None

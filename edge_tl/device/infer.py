@@ -28,6 +28,8 @@ import numpy as np
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.engine.cache import EngineCache
+from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.sources import Item, SourceSpec, open_source, parse_source
 
@@ -59,11 +61,10 @@ def resolve_bundle(bundle: str | Path | None, root: str | Path | None) -> tuple[
                           "the model deployed there")
     if bundle is not None:
         return Bundle.open(bundle), None
-    layout = DeviceLayout(Path(root))
-    version = layout.active_version()
-    if version is None or not layout.bundle_dir(version).is_dir():
+    active = DeviceLayout(Path(root)).active()
+    if active is None or not active.bundle_dir.is_dir():
         raise EdgeTLError(f"no active model under {root}", "deploy one first (edge-tl deploy), or pass --bundle")
-    return Bundle.open(layout.bundle_dir(version)), layout.engine_dir(version)
+    return Bundle.open(active.bundle_dir), active.engine_dir
 
 
 @dataclass
@@ -82,9 +83,6 @@ class Classifier:
     @classmethod
     def load(cls, bundle: Bundle, backend: str = "auto", precision: str | None = None, *,
              threads: int | None = None, engine_dir: Path | None = None) -> Classifier:
-        from edge_tl.device.engine.cache import EngineCache
-        from edge_tl.device.runners import create_runner
-
         runner = create_runner(bundle, backend=backend, precision=precision, threads=threads,
                                engines=EngineCache(engine_dir))
         runner.activate()

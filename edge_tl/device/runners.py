@@ -20,9 +20,12 @@ from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 from edge_tl.device.runtime.tensorrt import ENGINE_SUFFIXES, EngineSource, make_tensorrt_runner
 
-__all__ = ["ENGINE_SUFFIXES", "PT2_SUFFIX", "create_runner", "model_kind", "resolve_model"]
+__all__ = ["DEFAULT_MAX_BATCH", "ENGINE_SUFFIXES", "PT2_SUFFIX", "create_runner", "model_kind", "resolve_model"]
 
 PT2_SUFFIX = ".pt2"  #: a torch.export program from a build run (the PyTorch baseline; needs the workstation extra)
+DEFAULT_MAX_BATCH = 32  #: the TensorRT profile's max batch for a bare .onnx file (a bundle gives its own)
+#: the bundle model an engine of a TensorRT-only precision is built from (best = INT8 where it can, else FP16/32)
+_ONNX_FOR = {"fp16": "fp32", "best": "int8"}
 
 
 def model_kind(path: str | Path) -> str:
@@ -41,7 +44,11 @@ def _only_backend(path: Path, backend: str, allowed: str, what: str) -> None:
 
 
 def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Path, str, Bundle | None]:
-    """(onnx path, precision, bundle or None) for a bundle (dir or .tar.gz) or a bare .onnx file."""
+    """(onnx path, precision, bundle or None) for a bundle (dir or .tar.gz) or a bare .onnx file.
+
+    ``precision`` (default: the bundle's ``default_precision``, or ``int8`` for a ``*.int8.onnx`` file, else
+    ``fp32``) comes back as given; it picks the bundle's model: model.int8.onnx for int8 and best, model.onnx for
+    fp32 and fp16."""
     if isinstance(model, Bundle):
         bundle = model
     else:
@@ -52,7 +59,7 @@ def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Pa
             return path, precision or ("int8" if path.name.endswith(".int8.onnx") else "fp32"), None
         bundle = Bundle.open(path)
     precision = precision or bundle.manifest.default_precision
-    return bundle.model_path(precision), precision, bundle
+    return bundle.model_path(_ONNX_FOR.get(precision, precision)), precision, bundle
 
 
 def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: str | None = None, *,
@@ -88,6 +95,6 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
         return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads)
     if backend == "tensorrt":
         return make_tensorrt_runner(path, precision or onnx_precision, engines=engines or EngineCache(),
-                                    max_batch=bundle.manifest.max_batch if bundle else 32)
+                                    max_batch=bundle.manifest.max_batch if bundle else DEFAULT_MAX_BATCH)
     torch_runner = importer.require_workstation("edge_tl.workstation.torch_runner", "the torch backend")
     return torch_runner.make_torch_runner(path, threads=threads)

@@ -20,7 +20,7 @@ import numpy as np
 from edge_tl.core.bundle import Bundle, utc_now
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.device.bench.device import collect_device_state
-from edge_tl.device.bench.energy import build_power
+from edge_tl.device.bench.energy import batch_power, build_power
 from edge_tl.device.bench.loop import Timings, latency_stats, measure, validate_plan
 from edge_tl.device.bench.schema import BatchResult, BenchResult, ModelInfo
 from edge_tl.device.engine.cache import EngineCache
@@ -227,8 +227,6 @@ def finish(result: BenchResult, record: RunRecord, cfg: BenchConfig, sampler) ->
                           throughput_ips=b * lat.size / wall if wall > 0 else None,
                           repeat_medians_ms=medians, median_spread_pct=spread)
         if result.power.available:
-            from edge_tl.device.bench.energy import batch_power
-
             row.power = batch_power(record.samples, [(t.t0_mono_ns, t.t1_mono_ns) for t in runs],
                                     images=b * int(lat.size), batch=b, idle_mw=result.power.idle_mw,
                                     warnings=result.warnings)

@@ -23,8 +23,9 @@ from typing import Any
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_bytes
-from edge_tl.core.importer import lazy_import
+from edge_tl.core.importer import has_module, lazy_import
 from edge_tl.device.engine.spec import BuildSpec, DeviceInfo, check_device_supports
+from edge_tl.device.engine.trtexec import find_trtexec, trtexec_version
 from edge_tl.device.facts.board import jetson_model
 from edge_tl.device.runtime.base import Loader, resolve
 from edge_tl.device.runtime.tensorrt import EngineFromBytes, EngineFromPath, get_logger  # one deserialization path
@@ -253,16 +254,12 @@ def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: 
 
     ``builder=False``: only what the engine key needs (TensorRT version, GPU name and compute capability), without
     creating a ``trt.Builder`` (seconds and hundreds of MB on an Orin Nano): what a cache lookup uses."""
-    from edge_tl.core.importer import has_module
-
     if (via == "api" or has_module("tensorrt")) and not builder:
         name, cc = gpu_name_and_cc(root)
         return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc,
                           source="tensorrt")
     if via == "api" or has_module("tensorrt"):
         return builder_facts(trt.Builder(get_logger()))
-    from edge_tl.device.engine.trtexec import find_trtexec, trtexec_version
-
     exe = find_trtexec(trtexec)
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60, check=False)
     version = trtexec_version(proc.stdout + proc.stderr)

@@ -198,156 +198,190 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def create_app(config: ServeConfig, metrics: Metrics | None = None):
-    """Load the model (raises EdgeTLError before anything listens) and build the app."""
-    fastapi = require("fastapi", "edge-tl serve")
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+async def _protocol_error(request, exc: ProtocolError):
+    return _json({"error": exc.message}, exc.status)
+
+
+async def _user_error(request, exc: EdgeTLError):
+    return _json({"error": exc.one_line()}, 400)
+
+
+async def _http_error(request, exc):
+    return _json({"error": str(exc.detail)}, exc.status_code)
+
+
+async def _validation_error(request, exc):
+    return _json({"error": f"malformed request: {exc.errors()[0].get('msg', 'invalid')}"}, 400)
+
+
+def _ready_response(ok: bool):
     from starlette.responses import Response
 
-    metrics = metrics or Metrics()
-    budget = ByteBudget(config.max_inflight_bytes, config.body_timeout_s)
-    parse_pool = ThreadPoolExecutor(2, thread_name_prefix="edge-tl-parse")  # JSON off the event loop
-    initial, link = None, None
+    return Response(status_code=200 if ok else 400)  # as Triton: an empty body, 200 or 400
+
+
+def _name_version(request) -> tuple[str | None, str | None]:
+    params = request.path_params
+    return params.get("name"), params.get("version")
+
+
+def parse_top_k(raw_k: str) -> int:
+    """The ``top_k`` query parameter of /classify: a positive integer of at most 6 ASCII digits (400 otherwise)."""
+    if not _TOP_K.fullmatch(raw_k) or int(raw_k) < 1:  # ASCII digits only: int() refuses '²' and 5000 digits
+        raise ProtocolError(400, f"top_k must be a positive integer (at most 6 digits), got {raw_k[:20]!r}")
+    return int(raw_k)
+
+
+def start_manager(config: ServeConfig, metrics: Metrics) -> ModelManager:
+    """A model manager holding the model to serve first: the bundle, or the active one under --root (none yet is
+    fine: the watcher loads the first deploy). Raises EdgeTLError when that model cannot load."""
     if config.bundle is not None:
-        initial = load_model(config.bundle, config, metrics)
-    else:
-        layout = DeviceLayout(config.root)
-        link = layout.active_version()
-        if link is not None:
-            initial = load_model(layout.bundle_dir(link), config, metrics, layout.engine_dir(link))
-        else:
-            log.warning("nothing is active under %s yet; waiting for a deploy", config.root)
-    manager = ModelManager(config, metrics, initial, link)
+        return ModelManager(config, metrics, load_model(config.bundle, config, metrics))
+    active = DeviceLayout(config.root).active()
+    if active is None:
+        log.warning("nothing is active under %s yet; waiting for a deploy", config.root)
+        return ModelManager(config, metrics, None)
+    initial = load_model(active.bundle_dir, config, metrics, active.engine_dir)
+    return ModelManager(config, metrics, initial, active.version)
+
+
+class ServeHandlers:
+    """The server's state (the model manager, metrics, limits, the JSON parse pool) and one method per route.
+
+    Each route method takes a Starlette ``Request`` and returns a ``Response`` or raises :class:`ProtocolError` /
+    :class:`EdgeTLError` (the app's exception handlers turn those into ``{"error": ...}``)."""
+
+    def __init__(self, config: ServeConfig, metrics: Metrics, manager: ModelManager):
+        self.config, self.metrics, self.manager = config, metrics, manager
+        self.budget = ByteBudget(config.max_inflight_bytes, config.body_timeout_s)
+        self.parse_pool = ThreadPoolExecutor(2, thread_name_prefix="edge-tl-parse")  # JSON off the event loop
 
     @asynccontextmanager
-    async def lifespan(app):
-        watcher = asyncio.get_running_loop().create_task(manager.watch()) if config.root else None
+    async def lifespan(self, app):
+        watcher = asyncio.get_running_loop().create_task(self.manager.watch()) if self.config.root else None
         yield
         if watcher is not None:
             watcher.cancel()
-        await manager.aclose()
-        parse_pool.shutdown(wait=False, cancel_futures=True)
+        await self.manager.aclose()
+        self.parse_pool.shutdown(wait=False, cancel_futures=True)
         log.info("server stopped")
 
-    app = fastapi.FastAPI(title="edge-tl serve", version=__version__, lifespan=lifespan, docs_url=None,
-                          redoc_url=None, openapi_url=None)
-    app.state.manager = manager
-    app.state.metrics = metrics
-    app.state.config = config
+    def routes(self) -> list[tuple[str, str, Any]]:
+        """(method, path, handler) of every route, with and without ``/versions/{version}``."""
+        routes = [("GET", "/v2/health/live", self.live), ("GET", "/v2/health/ready", self.ready),
+                  ("GET", "/v2", self.server_metadata), ("GET", "/metrics", self.prometheus),
+                  ("POST", "/classify", self.classify)]
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [("GET", prefix, self.model_metadata), ("GET", prefix + "/ready", self.model_ready),
+                       ("GET", prefix + "/config", self.model_config), ("POST", prefix + "/infer", self.infer),
+                       ("POST", prefix + "/classify", self.classify)]
+        return routes
 
-    @app.exception_handler(ProtocolError)
-    async def _protocol_error(request, exc: ProtocolError):
-        return _json({"error": exc.message}, exc.status)
+    async def live(self, request):
+        return _ready_response(True)
 
-    @app.exception_handler(EdgeTLError)
-    async def _user_error(request, exc: EdgeTLError):
-        return _json({"error": exc.one_line()}, 400)
+    async def ready(self, request):
+        return _ready_response(self.manager.current is not None)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        return _json({"error": str(exc.detail)}, exc.status_code)
-
-    @app.exception_handler(fastapi.exceptions.RequestValidationError)
-    async def _validation_error(request, exc):
-        return _json({"error": f"malformed request: {exc.errors()[0].get('msg', 'invalid')}"}, 400)
-
-    def ready_response(ok: bool) -> Response:
-        return Response(status_code=200 if ok else 400)  # as Triton: an empty body, 200 or 400
-
-    async def live(request):
-        return ready_response(True)
-
-    async def ready(request):
-        return ready_response(manager.current is not None)
-
-    async def server_metadata(request):
+    async def server_metadata(self, request):
         return _json({"name": "edge-tl", "version": __version__, "extensions": EXTENSIONS})
 
-    def with_model(name: str | None, version: str | None, fn) -> Response:
-        model = manager.acquire(name, version)
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        data, content_type = self.metrics.render()
+        return Response(data, media_type=content_type)
+
+    def _with_model(self, request, fn):
+        model = self.manager.acquire(*_name_version(request))
         try:
             return _json(fn(model), headers={"X-Model-Version": model.version})
         finally:
-            manager.release(model)
+            self.manager.release(model)
 
-    def name_version(request) -> tuple[str | None, str | None]:
-        params = request.path_params
-        return params.get("name"), params.get("version")
+    async def model_metadata(self, request):
+        return self._with_model(request, lambda m: m.metadata(self.manager.name_of(m)))
 
-    async def model_metadata(request):
-        return with_model(*name_version(request), lambda m: m.metadata(manager.name_of(m)))
+    async def model_config(self, request):
+        return self._with_model(request, lambda m: m.model_config(self.manager.name_of(m)))
 
-    async def model_config(request):
-        return with_model(*name_version(request), lambda m: m.model_config(manager.name_of(m)))
-
-    async def model_ready(request):
+    async def model_ready(self, request):
         try:
-            with_model(*name_version(request), lambda m: {})
+            self._with_model(request, lambda m: {})
         except ProtocolError:
-            return ready_response(False)
-        return ready_response(True)
+            return _ready_response(False)
+        return _ready_response(True)
 
-    def declared_length(request) -> int:
+    def declared_length(self, request) -> int:
+        """The bytes a request reserves in the budget: its Content-Length, else --max-request-bytes."""
         value = request.headers.get("content-length", "")
-        return int(value) if value.isdecimal() else config.max_request_bytes
+        return int(value) if value.isdecimal() else self.config.max_request_bytes
 
-    async def infer(request):
-        name, version = name_version(request)
+    async def infer(self, request):
+        from starlette.responses import Response
+
+        name, version = _name_version(request)
         loop = asyncio.get_running_loop()
-        async with budget.hold(declared_length(request)):
-            body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
-            model = manager.acquire(name, version)
+        async with self.budget.hold(self.declared_length(request)):
+            body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+            model = self.manager.acquire(name, version)
             try:
-                req = await loop.run_in_executor(parse_pool, parse_infer_request, body,
+                req = await loop.run_in_executor(self.parse_pool, parse_infer_request, body,
                                                  request.headers.get(HEADER_LENGTH), model.signature(name))
                 del body
                 outputs = await model.infer(req.inputs)
                 content, header_length = await loop.run_in_executor(
-                    parse_pool, encode_infer_response, name, model.version, req, outputs, model.labels)
+                    self.parse_pool, encode_infer_response, name, model.version, req, outputs, model.labels)
             finally:
-                manager.release(model)
+                self.manager.release(model)
         headers = {"X-Model-Version": model.version}
         if header_length is None:
             return Response(content, headers=headers, media_type="application/json")
         headers[HEADER_LENGTH] = str(header_length)
         return Response(content, headers=headers, media_type="application/octet-stream")
 
-    def prepare(model: LoadedModel, body: bytes):
-        return model.bundle.preprocessor(decode_image(body, config.max_image_pixels))[None]
+    def _prepare(self, model: LoadedModel, body: bytes):
+        return model.bundle.preprocessor(decode_image(body, self.config.max_image_pixels))[None]
 
-    async def classify(request):
-        name, version = name_version(request)
-        raw_k = request.query_params.get("top_k", "5")
-        if not _TOP_K.fullmatch(raw_k) or int(raw_k) < 1:  # ASCII digits only: int() refuses '²' and 5000 digits
-            raise ProtocolError(400, f"top_k must be a positive integer (at most 6 digits), got {raw_k[:20]!r}")
-        async with budget.hold(declared_length(request)):
-            return await _classify(request, name, version, int(raw_k))
+    async def classify(self, request):
+        name, version = _name_version(request)
+        k = parse_top_k(request.query_params.get("top_k", "5"))
+        async with self.budget.hold(self.declared_length(request)):
+            return await self._classify(request, name, version, k)
 
-    async def _classify(request, name, version, k: int):
-        body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
-        model = manager.acquire(name, version)
+    async def _classify(self, request, name, version, k: int):
+        body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+        model = self.manager.acquire(name, version)
         try:
             start = time.perf_counter()
-            x = await asyncio.get_running_loop().run_in_executor(None, prepare, model, body)
+            x = await asyncio.get_running_loop().run_in_executor(None, self._prepare, model, body)
             logits = (await model.infer({model.input_name: x}))[model.output_name]
             preds = top_k(softmax(logits)[0], model.labels, k)
-            result = {"model_name": manager.name_of(model), "model_version": model.version, "predictions": preds,
-                      "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
+            result = {"model_name": self.manager.name_of(model), "model_version": model.version,
+                      "predictions": preds, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
         finally:
-            manager.release(model)
+            self.manager.release(model)
         return _json(result, headers={"X-Model-Version": model.version})
 
-    async def prometheus(request):
-        data, content_type = metrics.render()
-        return Response(data, media_type=content_type)
 
-    routes = [("GET", "/v2/health/live", live), ("GET", "/v2/health/ready", ready), ("GET", "/v2", server_metadata),
-              ("GET", "/metrics", prometheus), ("POST", "/classify", classify)]
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [("GET", prefix, model_metadata), ("GET", prefix + "/ready", model_ready),
-                   ("GET", prefix + "/config", model_config), ("POST", prefix + "/infer", infer),
-                   ("POST", prefix + "/classify", classify)]
-    for method, path, fn in routes:
+def create_app(config: ServeConfig, metrics: Metrics | None = None):
+    """Load the model (raises EdgeTLError before anything listens) and build the app."""
+    fastapi = require("fastapi", "edge-tl serve")
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    metrics = metrics or Metrics()
+    handlers = ServeHandlers(config, metrics, start_manager(config, metrics))
+    app = fastapi.FastAPI(title="edge-tl serve", version=__version__, lifespan=handlers.lifespan, docs_url=None,
+                          redoc_url=None, openapi_url=None)
+    app.state.manager = handlers.manager
+    app.state.metrics = metrics
+    app.state.config = config
+    app.state.handlers = handlers
+    app.add_exception_handler(ProtocolError, _protocol_error)
+    app.add_exception_handler(EdgeTLError, _user_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(fastapi.exceptions.RequestValidationError, _validation_error)
+    for method, path, fn in handlers.routes():
         app.add_route(path, fn, methods=[method], include_in_schema=False)  # plain Starlette routes: cheap
     app.add_middleware(GuardMiddleware, token=config.token, max_bytes=config.max_request_bytes, metrics=metrics)
     return app

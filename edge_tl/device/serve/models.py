@@ -20,6 +20,7 @@ import numpy as np
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.device.engine.cache import EngineCache
 from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.serve.batching import Dispatcher, DynamicBatcher, Feed
@@ -117,8 +118,6 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
     if config.max_batch > m.max_batch:
         raise EdgeTLError(f"--max-batch {config.max_batch} is larger than the bundle's max_batch {m.max_batch}",
                           f"use --max-batch {m.max_batch} or less")
-    from edge_tl.device.engine.cache import EngineCache
-
     runner = create_runner(bundle, backend=config.backend, precision=config.precision, threads=config.threads,
                            engines=EngineCache(engine_dir))
     if runner.backend == "tensorrt" and config.workers > 1:
@@ -195,15 +194,16 @@ class ModelManager:
         """One look at the active link; loads and switches to a new version. True when it switched."""
         if self.layout is None:
             return False
-        version = self.layout.active_version()
-        if version is None or version == self.failed_version:
+        active = self.layout.active()
+        if active is None or active.version == self.failed_version:
             return False
+        version = active.version
         if self.current is not None and version == self.loaded_link:
             return False
         loop = asyncio.get_running_loop()
         try:
-            new = await loop.run_in_executor(None, load_model, self.layout.bundle_dir(version), self.config,
-                                             self.metrics, self.layout.engine_dir(version))
+            new = await loop.run_in_executor(None, load_model, active.bundle_dir, self.config, self.metrics,
+                                             active.engine_dir)
         except Exception as exc:
             self.failed_version = version
             self.metrics.reloads.labels("failed").inc()

@@ -221,65 +221,90 @@ def _json_tensor(data: Any, dtype: Any, shape: tuple[int, ...], name: str) -> np
     return arr.astype(dtype, copy=False).reshape(shape)
 
 
-def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) -> InferRequest:
-    """Decode and validate an infer request against the model's signature (400 on anything wrong)."""
-    if header_length is not None:
-        try:
-            hlen = int(header_length)
-        except ValueError:
-            raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
-        if not 0 < hlen <= len(body):
-            raise ProtocolError(400, f"{HEADER_LENGTH} {hlen} is outside the body's {len(body)} bytes")
-        head, binary = body[:hlen], memoryview(body)[hlen:]
-    else:
-        head, binary = body, memoryview(b"")
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, memoryview]:
+    """(JSON header, binary tensor data) by Triton's binary extension: the header is the first
+    ``Inference-Header-Content-Length`` bytes; without that HTTP header the whole body is JSON."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        hlen = int(header_length)
+    except ValueError:
+        raise ProtocolError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < hlen <= len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} {hlen} is outside the body's {len(body)} bytes")
+    return body[:hlen], memoryview(body)[hlen:]
+
+
+def request_object(head: bytes | memoryview) -> dict[str, Any]:
+    """The request's JSON: an object with a non-empty ``inputs`` list."""
     req = loads_request(head)
     if not isinstance(req, dict):
         raise ProtocolError(400, "the request must be a JSON object with 'inputs'")
     raw_inputs = req.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise ProtocolError(400, "the request needs a non-empty 'inputs' list")
+    return req
+
+
+def input_signature(raw: Any, sig: Signature, seen: dict[str, np.ndarray]) -> tuple[str, tuple[int, ...]]:
+    """(name, shape) of one input object, checked against the model's signature: a known name given once, the
+    model's datatype, and a shape that matches the model's (any size on its -1 axes)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise ProtocolError(400, "each input must be an object with a 'name'")
     expected = {t.name: t for t in sig.inputs}
+    name = raw["name"]
+    if name not in expected:
+        raise ProtocolError(400, f"unexpected inference input '{name}' for model '{sig.model}' "
+                                 f"(it takes {sorted(expected)})")
+    if name in seen:
+        raise ProtocolError(400, f"input '{name}' is given twice")
+    want = expected[name]
+    datatype = raw.get("datatype")
+    if datatype != want.datatype:
+        raise ProtocolError(400, f"inference input '{name}' data-type is '{datatype}', but model "
+                                 f"'{sig.model}' expects '{want.datatype}'")
+    shape = _shape(raw.get("shape"), name)
+    if len(shape) != len(want.shape) or any(w not in (-1, s) for w, s in zip(want.shape, shape, strict=True)):
+        raise ProtocolError(400, f"unexpected shape for input '{name}' for model '{sig.model}'. Expected "
+                                 f"{list(want.shape)}, got {list(shape)}")
+    return name, shape
+
+
+def input_data(raw: dict[str, Any], name: str, shape: tuple[int, ...], binary: memoryview,
+               offset: int) -> tuple[np.ndarray, int]:
+    """(the input's array, binary bytes it took): from ``parameters.binary_data_size`` bytes of ``binary`` at
+    ``offset``, or from its JSON ``data``; finite numbers only."""
+    datatype = raw["datatype"]
+    dtype = DATATYPES[datatype]
+    size = _params(raw, f"input '{name}'").get("binary_data_size")
+    if size is not None:
+        nbytes = prod(shape) * np.dtype(dtype).itemsize
+        if not isinstance(size, int) or size != nbytes:
+            raise ProtocolError(400, f"input '{name}' has binary_data_size {size}, but shape {list(shape)} of "
+                                     f"{datatype} needs {nbytes} bytes")
+        if offset + size > len(binary):
+            raise ProtocolError(400, f"the binary data ends before input '{name}' ({len(binary)} bytes)")
+        arr = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+        return _finite(arr, name, datatype), size
+    if "data" in raw:
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf: refused below
+            return _finite(_json_tensor(raw["data"], dtype, shape, name), name, datatype), 0
+    raise ProtocolError(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+
+
+def parse_inputs(raw_inputs: list[Any], sig: Signature, binary: memoryview) -> tuple[dict[str, np.ndarray], int]:
+    """(the inputs by name, their batch size): every input of the model once, the binary data used up exactly,
+    one batch size (1 to the model's max_batch) on every input's first axis."""
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for raw in raw_inputs:
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise ProtocolError(400, "each input must be an object with a 'name'")
-        name = raw["name"]
-        if name not in expected:
-            raise ProtocolError(400, f"unexpected inference input '{name}' for model '{sig.model}' "
-                                     f"(it takes {sorted(expected)})")
-        if name in inputs:
-            raise ProtocolError(400, f"input '{name}' is given twice")
-        want = expected[name]
-        datatype = raw.get("datatype")
-        if datatype != want.datatype:
-            raise ProtocolError(400, f"inference input '{name}' data-type is '{datatype}', but model "
-                                     f"'{sig.model}' expects '{want.datatype}'")
-        shape = _shape(raw.get("shape"), name)
-        if len(shape) != len(want.shape) or any(w not in (-1, s) for w, s in zip(want.shape, shape, strict=True)):
-            raise ProtocolError(400, f"unexpected shape for input '{name}' for model '{sig.model}'. Expected "
-                                     f"{list(want.shape)}, got {list(shape)}")
-        dtype = DATATYPES[datatype]
-        size = _params(raw, f"input '{name}'").get("binary_data_size")
-        if size is not None:
-            nbytes = prod(shape) * np.dtype(dtype).itemsize
-            if not isinstance(size, int) or size != nbytes:
-                raise ProtocolError(400, f"input '{name}' has binary_data_size {size}, but shape {list(shape)} of "
-                                         f"{datatype} needs {nbytes} bytes")
-            if offset + size > len(binary):
-                raise ProtocolError(400, f"the binary data ends before input '{name}' ({len(binary)} bytes)")
-            inputs[name] = _finite(np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape), name,
-                                   datatype)
-            offset += size
-        elif "data" in raw:
-            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become Inf: refused below
-                inputs[name] = _finite(_json_tensor(raw["data"], dtype, shape, name), name, datatype)
-        else:
-            raise ProtocolError(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+        name, shape = input_signature(raw, sig, inputs)
+        inputs[name], used = input_data(raw, name, shape, binary, offset)
+        offset += used
     if offset != len(binary):
         raise ProtocolError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
-    missing = sorted(set(expected) - set(inputs))
+    expected = {t.name for t in sig.inputs}
+    missing = sorted(expected - set(inputs))
     if missing:
         raise ProtocolError(400, f"expected {len(expected)} inputs but got {len(inputs)}; missing {missing}")
     batches = {a.shape[0] for a in inputs.values()}
@@ -288,16 +313,19 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
         raise ProtocolError(400, "every input needs the same batch size (>= 1) on its first axis")
     if batch > sig.max_batch:
         raise ProtocolError(400, f"inference request batch-size must be <= {sig.max_batch} for '{sig.model}'")
-    params = _params(req, "the request")
-    binary_default = bool(params.get("binary_data_output", False))
+    return inputs, batch
+
+
+def parse_outputs(raw_outputs: Any, sig: Signature, binary_default: bool) -> list[RequestedOutput]:
+    """The outputs asked for (all of the model's, sorted, when ``outputs`` is absent), each binary or JSON, with
+    its ``parameters.classification`` k (a non-negative integer)."""
     known = {t.name for t in sig.outputs}
-    outputs = []
-    raw_outputs = req.get("outputs")
     if raw_outputs is None:
-        outputs = [RequestedOutput(n, binary_default) for n in sorted(known)]
-    elif not isinstance(raw_outputs, list):
+        return [RequestedOutput(n, binary_default) for n in sorted(known)]
+    if not isinstance(raw_outputs, list):
         raise ProtocolError(400, "'outputs' must be a list")
-    for raw in raw_outputs or []:
+    outputs = []
+    for raw in raw_outputs:
         if not isinstance(raw, dict) or raw.get("name") not in known:
             name = raw.get("name") if isinstance(raw, dict) else raw
             raise ProtocolError(400, f"unexpected inference output '{name}' for model '{sig.model}'")
@@ -306,6 +334,16 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ProtocolError(400, f"classification of output '{raw['name']}' must be a non-negative integer")
         outputs.append(RequestedOutput(raw["name"], bool(p.get("binary_data", binary_default)), k))
+    return outputs
+
+
+def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) -> InferRequest:
+    """Decode and validate an infer request against the model's signature (400 on anything wrong)."""
+    head, binary = split_body(body, header_length)
+    req = request_object(head)
+    inputs, batch = parse_inputs(req["inputs"], sig, binary)
+    params = _params(req, "the request")
+    outputs = parse_outputs(req.get("outputs"), sig, bool(params.get("binary_data_output", False)))
     req_id = req.get("id")
     return InferRequest(inputs, outputs, str(req_id) if req_id is not None else None, batch, params)
 
