@@ -106,6 +106,35 @@ def check_tensorrt_qdq(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(ops.items()))
 
 
+def check_float_qdq(model: onnx.ModelProto | str | Path | bytes) -> None:
+    """Refuse a model that ONNX Runtime cannot evaluate with its Q/DQ in float (see edge_tl.runtime.onnxrt):
+    an operator that exists only as an integer kernel (QLinearConv, ConvInteger, ...) or one from another
+    domain (com.microsoft's QuantizeLinear, QLinear*, ...) would run on the CPU's integer kernels whatever the
+    session says. The error names the first such node. A file ONNX cannot parse is left to ONNX Runtime."""
+    label = "the model"
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            if isinstance(model, bytes):
+                model = onnx.load_from_string(model)
+            else:
+                label = Path(model).name
+                model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # not ONNX: ONNX Runtime's own load error says so
+            return
+    for node in model.graph.node:
+        why = None
+        if node.domain not in ("", "ai.onnx"):
+            why = f"an operator of domain '{node.domain}'"
+        elif node.op_type in FORBIDDEN_OPS:
+            why = "an integer-only operator"
+        if why:
+            name = node.name or f"node_of_{node.output[0]}"  # as TensorRT's ONNX parser names it
+            raise EdgeTLError(f"node '{name}' ({node.op_type}) of {label} is {why}, which "
+                              "ONNX Runtime cannot evaluate with Q/DQ in float (only with its CPU integer kernels)",
+                              "quantize in QDQ format with standard ONNX ops (edge-tl build does), or measure this "
+                              "model on TensorRT")
+
+
 def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarray, method: str = "minmax",
                   per_channel: bool = True, exclude_nodes: Iterable[str] = (), *, for_tensorrt: bool = True,
                   calib_batch: int = 16, percentile: float = 99.999, preprocess: bool = True) -> QuantizeResult:

@@ -228,8 +228,10 @@ def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cach
     from edge_tl.runtime.factory import create_runner
 
     if engine_file is None:
+        # ort-cpu judges a Q/DQ model as written (Q/DQ in float, as TensorRT computes it), never on ONNX Runtime's
+        # CPU integer kernels, whose numerics depend on the CPU (edge_tl.runtime.onnxrt)
         return create_runner(bundle, backend=backend, precision=precision, threads=threads,
-                             engine_dir=cache_dir, build_engine=not no_build)
+                             engine_dir=cache_dir, build_engine=not no_build, qdq="float")
     from edge_tl.errors import EdgeTLError
 
     if backend not in ("auto", "tensorrt"):

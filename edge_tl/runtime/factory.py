@@ -27,12 +27,14 @@ def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Pa
 
 def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: str | None = None, *,
                   threads: int | None = None, engine_dir: str | Path | None = None,
-                  build_engine: bool = True) -> BaseRunner:
+                  build_engine: bool = True, qdq: str = "kernels") -> BaseRunner:
     """A runner (not yet activated) for ``model``.
 
     ``precision`` picks the bundle's model (fp32 -> model.onnx, int8 -> model.int8.onnx; default: the
     bundle's ``default_precision``). For ``tensorrt`` it is also the engine's build precision
-    (fp16/best are TensorRT-only). ``engine_dir`` is where TensorRT engines are cached.
+    (fp16/best are TensorRT-only). ``engine_dir`` is where TensorRT engines are cached. ``qdq`` applies to
+    ``ort-cpu`` only: ``"float"`` evaluates a Q/DQ model as written (accuracy as TensorRT computes it, the same on
+    every CPU), ``"kernels"`` with ONNX Runtime's CPU integer kernels (what ORT CPU latency measures).
     """
     if backend == "auto":
         backend = best_backend()
@@ -49,7 +51,8 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
     if backend.startswith("ort-"):
         from edge_tl.runtime.onnxrt import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads)
+        return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads,
+                                           qdq=qdq if backend == "ort-cpu" else "kernels")
     if backend == "tensorrt":
         from edge_tl.runtime.tensorrt import make_tensorrt_runner
 
