@@ -104,75 +104,112 @@ def reference_int8_top1(res) -> tuple[float, int]:
     return float((pred == y).mean()), len(y)
 
 
+def _seed_record(res, seed: int, wall: float) -> dict:
+    """What the seeds table needs from one build (kept as JSON in the work folder, so a long run resumes)."""
+    st = res.stages
+    acc = {k: 100 * st[k]["top1"] for k in ("finetune", "prune", "export", "quantize")}
+    acc["kernels"] = 100 * st["quantize"]["top1_ort_cpu_kernels"]
+    ref_top1, ref_n = reference_int8_top1(res)
+    manifest = json.loads((res.bundle_dir / "manifest.json").read_text())
+    hashes = {f"{stage} model.pt": _sha(next(res.run_dir.glob(f"stages/{stage}-*/model.pt")))
+              for stage in ("finetune", "prune")}
+    hashes.update({name: manifest["artifacts"][name]["sha256"] for name in ("model.onnx", "model.int8.onnx")})
+    return {"seed": seed, "wall_s": wall, "test_images": res.stats["test_images"], "acc": acc,
+            "macs_removed": st["prune"]["macs_removed"], "manifest_int8": 100 * manifest["stages"]["quantize"]["top1"],
+            "reference_int8": 100 * ref_top1, "reference_n": ref_n, "hashes": hashes}
+
+
+def _build_once(work: Path, name: str, seed: int, quick: bool, console: Console) -> dict:
+    done = work / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    over = {**(QUICK if quick else {}), "seed": seed, "report.compare_scratch": False, "report.latency_iters": 5}
+    state = work / name / "run.json"
+    prior = json.loads(state.read_text()) if state.is_file() else {}
+    start = time.perf_counter()
+    res = run_build(load_spec(None, over), work / name, overwrite=True, console=console)
+    wall = time.perf_counter() - start
+    if not res.ran and prior.get("status") == "done":  # a finished build found in --work: its own build time
+        wall = float(prior.get("seconds", wall))
+    rec = _seed_record(res, seed, wall)
+    done.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
 def seeds_table(work: Path, quick: bool, seeds: list[int], console: Console) -> str:
     """The demo at each seed: each stage's top-1 (95% Wilson interval) and cost, mean and worst; the INT8 model
     as written (Q/DQ in float) and on ONNX Runtime's CPU kernels; the manifest's INT8 top-1 against an
-    independent re-measurement; and a second build of the first seed for the model hashes."""
+    independent re-measurement; and a second build of the first seed for the model hashes. The section is
+    rewritten after every build (a long run shows what it has so far; ``--work`` resumes it)."""
+    recs, again = [], None
+    order = [(f"seed-{seeds[0]}", seeds[0]), (f"seed-{seeds[0]}-again", seeds[0])]
+    order += [(f"seed-{sd}", sd) for sd in seeds[1:]]
+    for name, seed in order:
+        rec = _build_once(work, name, seed, quick, console)
+        if name.endswith("-again"):
+            again = rec
+        else:
+            recs.append(rec)
+        write_section("build-seeds", _seeds_text(recs, again, seeds, quick))
+    return _seeds_text(recs, again, seeds, quick)
+
+
+def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: bool) -> str:
     from edge_tl.stats import wilson
 
-    rows, costs, checks, walls = [], {k: [] for k in COSTS}, [], []
-    first = None
-    for seed in seeds:
-        over = {**(QUICK if quick else {}), "seed": seed, "report.compare_scratch": False, "report.latency_iters": 5}
-        start = time.perf_counter()
-        res = run_build(load_spec(None, over), work / f"seed-{seed}", console=console)
-        walls.append(time.perf_counter() - start)
-        first = first or res
-        st = res.stages
-        n = res.stats["test_images"]
-        acc = {k: 100 * st[k]["top1"] for k in ("finetune", "prune", "export", "quantize")}
-        acc["kernels"] = 100 * st["quantize"]["top1_ort_cpu_kernels"]
+    rows, costs = [], {k: [] for k in COSTS}
+    for r in recs:
+        acc, n = r["acc"], r["test_images"]
         for k, (a, b) in COSTS.items():
             costs[k].append(acc[a] - acc[b])
-        ref_top1, ref_n = reference_int8_top1(res)
-        manifest_top1 = json.loads((res.bundle_dir / "manifest.json").read_text())["stages"]["quantize"]["top1"]
-        checks.append((seed, 100 * manifest_top1, 100 * ref_top1, ref_n))
         cells = []
         for k in ("finetune", "prune", "export", "quantize", "kernels"):
             lo, hi = wilson(round(acc[k] * n / 100), n)
             cells.append(f"{acc[k]:.2f}% ({100 * lo:.1f}–{100 * hi:.1f})")
-        rows.append(f"| {seed} | " + " | ".join(cells) + " | " + " | ".join(f"{costs[k][-1]:+.2f}" for k in COSTS)
-                    + f" | {100 * st['prune']['macs_removed']:.1f}% |")
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
+        rows.append(f"| {r['seed']} | " + " | ".join(cells) + " | "
+                    + " | ".join(f"{costs[k][-1]:+.2f}" for k in COSTS) + f" | {100 * r['macs_removed']:.1f}% |")
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    worst = lambda v: max(v) if v else float("nan")  # noqa: E731
     blank = "| " * 6
-    # same spec, same seed, same machine, a fresh run folder: are the models byte-identical?
-    again = run_build(load_spec(None, {**(QUICK if quick else {}), "seed": seeds[0], "report.compare_scratch": False,
-                                       "report.latency_iters": 5}), work / f"seed-{seeds[0]}-again", console=console)
-    repro = []
-    for name, rel in (("fine-tuned model.pt", "finetune"), ("pruned model.pt", "prune")):
-        a = _sha(next(first.run_dir.glob(f"stages/{rel}-*/model.pt")))
-        b = _sha(next(again.run_dir.glob(f"stages/{rel}-*/model.pt")))
-        repro.append((name, a, b))
-    for name in ("model.onnx", "model.int8.onnx"):
-        repro.append((name, _sha(first.bundle_dir / name), _sha(again.bundle_dir / name)))
-    return "\n".join([
+    done = [r["seed"] for r in recs]
+    walls = [r["wall_s"] for r in recs + ([again] if again else [])]
+    status = ("" if len(done) == len(seeds) and again else
+              f" **Partial: seeds {done} of {seeds} done{'' if again else ', second build not yet done'}.**")
+    int8 = costs["INT8 cost vs ONNX FP32"]
+    lines = [
         f"## (d) The demo across seeds{' (QUICK smoke run: fewer epochs)' if quick else ''}", "", machine_line(), "",
         f"`python benchmarks/bench_build.py --only seeds` (seeds {seeds}): the shipped demo spec with `seed` changed "
-        "(it draws the 10 training images per class and seeds training), scratch comparison off. Each build took "
-        f"{min(walls):.0f}-{max(walls):.0f} s here. Top-1 on the {n} test images with its 95% Wilson interval "
-        "(one image is 0.25 points). *INT8* is the Q/DQ model as written, Q/DQ evaluated in float (what TensorRT "
-        "computes, the manifest's `stages.quantize.top1`); *INT8, ORT CPU kernels* is the same model on ONNX "
-        "Runtime's fused CPU integer kernels, whose numerics depend on the CPU (this one: "
+        "(it draws the 10 training images per class and seeds training), scratch comparison off."
+        + (f" Each build took {min(walls):.0f}-{max(walls):.0f} s here (wall clock, on a shared, busy machine)."
+           if walls else "") + status + f" Top-1 on the {recs[0]['test_images'] if recs else '?'} test images with "
+        "its 95% Wilson interval (one image is 0.25 points). *INT8* is the Q/DQ model as written, Q/DQ evaluated "
+        "in float (what TensorRT computes, the manifest's `stages.quantize.top1`); *INT8, ORT CPU kernels* is the "
+        "same model on ONNX Runtime's fused CPU integer kernels, whose numerics depend on the CPU (this one: "
         f"{cpu_flags()}). Cost = earlier stage minus later stage, in points (negative: the later stage scored "
         "higher).", "",
         "| seed | fine-tuned | pruned + recovered | ONNX FP32 | INT8 (Q/DQ in float) | INT8, ORT CPU kernels | "
         + " | ".join(COSTS) + " | MACs removed |",
         "|---|" + "---|" * (6 + len(COSTS)), *rows,
         f"| mean {blank}" + " | ".join(f"{mean(costs[k]):+.2f}" for k in COSTS) + " | |",
-        f"| worst {blank}" + " | ".join(f"{max(costs[k]):+.2f}" for k in COSTS) + " | |", "",
+        f"| worst {blank}" + " | ".join(f"{worst(costs[k]):+.2f}" for k in COSTS) + " | |", "",
         "Target *INT8 cost vs FP32 ONNX <= 0.5 point (mean of seeds), <= 1.0 (worst)*: "
-        f"mean {mean(costs['INT8 cost vs ONNX FP32']):+.2f}, worst {max(costs['INT8 cost vs ONNX FP32']):+.2f} -> "
-        + ("met" if mean(costs["INT8 cost vs ONNX FP32"]) <= 0.5 and max(costs["INT8 cost vs ONNX FP32"]) <= 1.0
-           else "missed") + ".", "",
+        f"mean {mean(int8):+.2f}, worst {worst(int8):+.2f} -> "
+        + ("met" if int8 and mean(int8) <= 0.5 and worst(int8) <= 1.0 else "missed" if int8 else "not measured")
+        + (f" (over seeds {done} only)" if len(done) != len(seeds) else "") + ".", "",
         "Manifest INT8 top-1 against an independent re-measurement (ONNX's pure-numpy reference evaluator, "
         "`onnx.reference`, on the test images re-read and preprocessed with the bundle's preprocess.json; "
         "target: within 1 point):", "",
         "| seed | manifest `stages.quantize.top1` | onnx.reference | difference (points) |", "|---|---|---|---|",
-        *[f"| {sd} | {m:.2f}% | {r:.2f}% | {m - r:+.2f} |" for sd, m, r, _ in checks], "",
-        f"Reproducibility: seed {seeds[0]} built twice on this machine, each in a fresh run folder (sha256, first "
-        "16 hex digits):", "",
-        "| file | first build | second build | identical |", "|---|---|---|---|",
-        *[f"| {name} | `{a[:16]}` | `{b[:16]}` | {'yes' if a == b else '**no**'} |" for name, a, b in repro]])
+        *[f"| {r['seed']} | {r['manifest_int8']:.2f}% | {r['reference_int8']:.2f}% | "
+          f"{r['manifest_int8'] - r['reference_int8']:+.2f} |" for r in recs]]
+    if again and recs:
+        first = recs[0]
+        lines += ["", f"Reproducibility: seed {seeds[0]} built twice on this machine, each in a fresh run folder "
+                  "(sha256, first 16 hex digits):", "",
+                  "| file | first build | second build | identical |", "|---|---|---|---|"]
+        lines += [f"| {name} | `{a[:16]}` | `{again['hashes'][name][:16]}` | "
+                  f"{'yes' if a == again['hashes'][name] else '**no**'} |" for name, a in first["hashes"].items()]
+    return "\n".join(lines)
 
 
 COSTS = {"pruning cost": ("finetune", "prune"), "export cost": ("prune", "export"),
@@ -197,10 +234,13 @@ def main() -> None:
     ap.add_argument("--seed-runs", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                     help="seeds of the across-seeds table (the first is built twice: model hashes)")
     ap.add_argument("--only", choices=["demo", "transfer", "seeds"], help="run one section")
+    ap.add_argument("--work", type=Path, help="keep run folders here (the seeds section resumes from it); "
+                                              "default: a temporary folder")
     args = ap.parse_args()
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="bench-build-") as td:
-        work = Path(td)
+        work = args.work or Path(td)
+        work.mkdir(parents=True, exist_ok=True)
         if args.only in (None, "demo"):
             write_section("build-demo", demo_table(work, args.quick, console))
         if args.only in (None, "transfer"):

@@ -163,7 +163,7 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="INT8 model, test split")
+    ax.set(xlabel="predicted", ylabel="true", title="INT8 model (Q/DQ in float), test split")
     fig.tight_layout()
     fig.savefig(plots / "confusion_int8.png", dpi=100)
     plt.close(fig)
@@ -198,6 +198,12 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
              f"Export: opset {ex['opset']}, max |ONNX - PyTorch| = {ex['max_abs_diff']:.2e}. INT8: {q['method']} "
              f"calibration on {q['calib_count']} training images, per-channel={q['per_channel']}, "
              f"{q['quantized_nodes']} quantized nodes.", ""]
+    arts = json.loads((result.bundle_dir / "manifest.json").read_text()).get("artifacts", {})
+    if "model.onnx" in arts and "model.int8.onnx" in arts:
+        lines += [f"Model hashes (sha256): `model.onnx` `{arts['model.onnx']['sha256']}`, `model.int8.onnx` "
+                  f"`{arts['model.int8.onnx']['sha256']}`. The same spec and seed on the same machine rebuild "
+                  "these exact bytes (seeded training and calibration draw, deterministic export and MinMax "
+                  "calibration; see docs/bundle.md, *Reproducibility*).", ""]
     if result.stats.get("paired"):
         lines += ["## Differences between stages (same test images)", "",
                   "| comparison | difference (A - B) | 95% CI (paired bootstrap) | discordant images (A only / B only) "
