@@ -73,8 +73,21 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     pngs = np.stack([b.preprocessor.open(b.root / g["file"]) for g in b.golden_index()])
     np.testing.assert_array_equal(pngs, b.golden_inputs())
     assert len(b.golden_index()) == 6 and {g["label_name"] for g in b.golden_index()} == set(m.classes)
+    # INT8 accuracy as TensorRT computes it (Q/DQ in float), the CPU-kernel figure beside it under its own name
+    assert q.top1_eval.startswith("onnxruntime-cpu, Q/DQ evaluated in float")
+    assert 0 <= q.top1_ort_cpu_kernels <= 1 and q.latency_runtime == "onnxruntime-cpu (its INT8 CPU kernels)"
+    pred = np.load(next(run.glob("stages/quantize-*/test_predictions.npy")))
+    assert len(pred) == m.build["test_images"] == sum(m.data.counts["test"].values())
+    for stage in m.stages.values():  # every accuracy carries its 95% interval
+        assert stage.top1_ci95[0] <= stage.top1 <= stage.top1_ci95[1]
+    assert set(m.build["paired_tests"]) >= {"pruning_cost", "int8_cost_vs_fp32_onnx", "ort_cpu_kernels_vs_float_qdq"}
     report = (run / "report.md").read_text()
-    assert "| ONNX INT8 Q/DQ (ONNX Runtime) |" in report
+    assert "| ONNX INT8 Q/DQ (Q/DQ in float, as TensorRT computes it) |" in report
+    assert "| ONNX INT8 on ONNX Runtime's CPU integer kernels |" in report
+    assert "McNemar exact p" in report and "| target | measured | verdict |" in report
+    verdicts = [line.rsplit("|", 2)[1].strip(" *") for line in report.split("## Targets")[1].split("\n\n")[1]
+                .splitlines()[2:]]
+    assert verdicts and set(verdicts) <= {"met", "missed", "not distinguishable from the target at this test size"}
     for png in ("curves", "accuracy_vs_macs", "confusion_int8"):
         assert (run / "plots" / f"{png}.png").stat().st_size > 1000
 
@@ -84,11 +97,18 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(built):
     run, _ = built
     again = edge_tl("build", "--out", str(run), *SMALL)
     assert again.returncode == 2 and "already holds a finished build" in again.stderr
+    before = _model_hashes(run)
     proc = edge_tl("build", "--out", str(run), *SMALL, "--overwrite", "--force", "quantize")
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((run / "run.json").read_text())
     assert state["ran"] == ["quantize"] and state["skipped"] == ["data", "finetune", "prune", "export"]
     Bundle.open(run / "bundle").verify()
+    assert _model_hashes(run) == before  # INT8 quantization is deterministic: the same bytes again
+
+
+def _model_hashes(run: Path) -> dict[str, str]:
+    arts = json.loads((run / "bundle" / "manifest.json").read_text())["artifacts"]
+    return {name: arts[name]["sha256"] for name in ("model.onnx", "model.int8.onnx")}
 
 
 @pytest.mark.slow
@@ -97,6 +117,7 @@ def test_interrupted_run_resumes_at_the_lost_stage(built):
     import shutil
 
     state = json.loads((run / "run.json").read_text())
+    before = _model_hashes(run)
     for stage in ("export", "quantize"):  # killed during export: neither folder was ever renamed into place
         shutil.rmtree(run / "stages" / f"{stage}-{state['stage_keys'][stage]}")
     (run / "stages" / ".quantize-x.partial-abc").mkdir()  # what a killed stage leaves
@@ -107,6 +128,7 @@ def test_interrupted_run_resumes_at_the_lost_stage(built):
     assert "resuming" in proc.stderr
     after = json.loads((run / "run.json").read_text())
     assert after["ran"] == ["export", "quantize"] and after["status"] == "done"
+    assert _model_hashes(run) == before  # export (torch.onnx + onnxslim) and quantization: byte-identical again
     assert not list((run / "stages").glob(".*partial*"))
 
 

@@ -152,7 +152,7 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
     table = Table(title="edge-tl build", show_lines=False)
     for col in ("stage", "top-1 (test)", "MACs", "params", "file", "CPU latency"):
         table.add_column(col, justify="left" if col == "stage" else "right")
-    for row in stage_rows(result.stages, result.latency_ms):
+    for row in stage_rows(result.stages, result.latency_ms, result.stats):
         table.add_row(*row)
     out = Console(highlight=False, soft_wrap=True)
     out.print(table)

@@ -218,8 +218,10 @@ def _runner(bundle, engine_file: Path | None, backend: str, precision: str, cach
     from edge_tl.device.engine.cache import EngineCache, device_mismatch
     from edge_tl.device.runners import create_runner
 
+    # ort-cpu judges a Q/DQ model as written (Q/DQ in float, as TensorRT computes it), never on ONNX Runtime's
+    # CPU integer kernels, whose numerics depend on the CPU (edge_tl.device.runtime.onnxrt)
     runner = create_runner(engine_file or bundle, backend=backend, precision=precision, threads=threads,
-                           engines=EngineCache(cache_dir, build=not no_build))
+                           engines=EngineCache(cache_dir, build=not no_build), qdq="float")
     if engine_file is not None:  # an engine file from elsewhere: refuse one built for another device
         problem = device_mismatch(engine_file, detect_device(builder=False))
         if problem:

@@ -63,13 +63,16 @@ def resolve_model(model: Bundle | str | Path, precision: str | None) -> tuple[Pa
 
 
 def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: str | None = None, *,
-                  threads: int | None = None, engines: EngineSource | None = None) -> BaseRunner:
+                  threads: int | None = None, engines: EngineSource | None = None,
+                  qdq: str = "kernels") -> BaseRunner:
     """A runner (not yet activated) for ``model``.
 
     ``precision`` picks the bundle's model (fp32 -> model.onnx, int8 -> model.int8.onnx; default: the
     bundle's ``default_precision``). For ``tensorrt`` it is also the engine's build precision
     (fp16/best are TensorRT-only). ``engines`` gives a TensorRT runner the engine for an ONNX model (default:
-    ``EngineCache()``, built for this device on first use and cached in the default folder).
+    ``EngineCache()``, built for this device on first use and cached in the default folder). ``qdq`` applies to
+    ``ort-cpu`` only: ``"float"`` evaluates a Q/DQ model as written (accuracy as TensorRT computes it, the same on
+    every CPU), ``"kernels"`` with ONNX Runtime's CPU integer kernels (what ORT CPU latency measures).
     """
     if not isinstance(model, Bundle):
         kind = model_kind(model)
@@ -92,7 +95,8 @@ def create_runner(model: Bundle | str | Path, backend: str = "auto", precision: 
         onnx_precision = None
     path, onnx_precision, bundle = resolve_model(model, onnx_precision)
     if backend.startswith("ort-"):
-        return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads)
+        return OnnxRuntimeRunner.from_path(path, backend=backend, intra_op_threads=threads,
+                                           qdq=qdq if backend == "ort-cpu" else "kernels")
     if backend == "tensorrt":
         return make_tensorrt_runner(path, precision or onnx_precision, engines=engines or EngineCache(),
                                     max_batch=bundle.manifest.max_batch if bundle else DEFAULT_MAX_BATCH)

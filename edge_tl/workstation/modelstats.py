@@ -70,8 +70,11 @@ def count_macs_params(model: nn.Module, input_size: Sequence[int] = (224, 224)) 
 
 
 def onnx_top1(path: str | Path, inputs: np.ndarray, labels: Sequence[int] | np.ndarray, batch: int = 64,
-              threads: int | None = None) -> float:
-    """Top-1 accuracy (0..1) of an ONNX classifier on preprocessed ``inputs`` (N,3,H,W) with ONNX Runtime CPU."""
+              threads: int | None = None, qdq: str = "float") -> float:
+    """Top-1 accuracy (0..1) of an ONNX classifier on preprocessed ``inputs`` (N,3,H,W) with ONNX Runtime CPU.
+
+    A Q/DQ (INT8) model is evaluated with Q/DQ in float (``qdq="float"``: as TensorRT computes it, the same on
+    every CPU); ``qdq="kernels"`` measures ONNX Runtime's CPU integer kernels instead (CPU-dependent)."""
     from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
     labels = np.asarray(labels).reshape(-1)
@@ -80,7 +83,7 @@ def onnx_top1(path: str | Path, inputs: np.ndarray, labels: Sequence[int] | np.n
     if len(inputs) != len(labels):
         raise EdgeTLError(f"{len(inputs)} inputs but {len(labels)} labels", "give one label per input")
     correct = 0
-    with OnnxRuntimeRunner.from_path(path, "ort-cpu", intra_op_threads=threads) as runner:
+    with OnnxRuntimeRunner.from_path(path, "ort-cpu", intra_op_threads=threads, qdq=qdq) as runner:
         name = runner.get_input_metadata()[0].name
         for start in range(0, len(inputs), max(1, batch)):
             chunk = np.ascontiguousarray(inputs[start:start + batch], dtype=np.float32)
@@ -91,7 +94,8 @@ def onnx_top1(path: str | Path, inputs: np.ndarray, labels: Sequence[int] | np.n
 
 def onnx_latency_ms(path: str | Path, input_size: Sequence[int] = (224, 224), iters: int = 200, warmup: int = 20,
                     threads: int | None = None) -> float:
-    """Median latency (ms) of one batch-1 inference of an ONNX model with ONNX Runtime CPU."""
+    """Median latency (ms) of one batch-1 inference of an ONNX model with ONNX Runtime CPU (for a Q/DQ model:
+    ONNX Runtime's CPU integer kernels, its default)."""
     from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
     h, w = _check_size(input_size)

@@ -32,12 +32,9 @@ import onnx
 
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.importer import require
+from edge_tl.core.qdq import FORBIDDEN_OPS, QDQ_OPS, check_float_qdq  # noqa: F401 (re-exported)
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-# Operators TensorRT's explicit-quantization path does not take (ORT's QOperator format / integer ops).
-FORBIDDEN_OPS = frozenset({"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QLinearAdd",
-                           "QLinearMul", "QLinearGlobalAveragePool", "QGemm", "DynamicQuantizeLinear"})
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclass

@@ -14,8 +14,9 @@ keep the K layers that hurt most in higher precision and rebuild. Two mechanisms
 
 Layers are named as TensorRT's ONNX parser names them: the ONNX node name, or ``node_of_<first output>`` for
 an unnamed node. :func:`sensitivity` ranks the quantized layers worst first: for each one, the model with only
-that layer in float is run with ONNX Runtime (CPU) on the golden inputs, and the layer's score is how much
-the error against the golden FP32 outputs drops. Everything here is torch-free (onnx + onnxruntime).
+that layer in float is run with ONNX Runtime (CPU, Q/DQ evaluated in float as TensorRT computes it, so the
+ranking is the same on every CPU; ORT's integer kernels are never used) on the golden inputs, and the layer's
+score is how much the error against the golden FP32 outputs drops. Everything here is torch-free (onnx + onnxruntime).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _errors(out: np.ndarray, golden: np.ndarray) -> tuple[float, float]:
 def _run(model: onnx.ModelProto, inputs: np.ndarray, threads: int | None) -> np.ndarray:
     from edge_tl.device.runtime.onnxrt import SessionFromOnnx
 
-    session = SessionFromOnnx(model.SerializeToString(), intra_op_threads=threads)()
+    session = SessionFromOnnx(model.SerializeToString(), intra_op_threads=threads, qdq="float")()
     return session.run(None, {session.get_inputs()[0].name: inputs})[0]
 
 

@@ -1,4 +1,19 @@
-"""ONNX Runtime runner: CPU, CUDA and TensorRT execution providers."""
+"""ONNX Runtime runner: CPU, CUDA and TensorRT execution providers.
+
+Q/DQ (INT8) models, two ways (``qdq``):
+
+- ``"kernels"`` (ONNX Runtime's default): ORT fuses each DequantizeLinear -> op -> QuantizeLinear group into its
+  own integer kernels (QLinearConv, ...). Their numerics depend on the CPU's instruction set: without AVX-512
+  VNNI, x86 kernels keep 16-bit saturating intermediates and a MobileNetV3 lost 14.6 points of top-1 on an
+  AVX2-only AMD EPYC that it kept on a VNNI Xeon. This is what ORT CPU *latency* measures.
+- ``"float"``: session config ``session.disable_quant_qdq = 1`` (onnxruntime/core/session/
+  onnxruntime_session_options_config_keys.h, kOrtSessionOptionsDisableQuantQDQ): no Q/DQ fusion, so every
+  QuantizeLinear/DequantizeLinear runs as written (round half to even, saturate, rescale) between float ops.
+  That is what TensorRT's explicit quantization computes (to float rounding), on every CPU; every INT8
+  *accuracy* on a workstation is measured this way (tests/test_float_qdq.py checks it against ONNX's
+  pure-numpy reference evaluator). A model with an op that only has an integer kernel (QLinearConv,
+  ConvInteger, ...) or an op from another domain is refused, naming the node, never run on the kernel path.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +32,13 @@ import numpy as np
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.importer import lazy_import
+from edge_tl.core.qdq import check_float_qdq
 from edge_tl.device.runtime.base import BaseRunner, Loader, TensorMeta, resolve
 
 ort = lazy_import("onnxruntime", "the ONNX Runtime backend")
 log_ = logging.getLogger("edge_tl.device.runtime")
+
+QDQ_MODES = ("kernels", "float")
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
@@ -79,8 +97,11 @@ class SessionFromOnnx(Loader):
 
     def __init__(self, model: str | Path | bytes, providers: Sequence[str] = ("CPUExecutionProvider",),
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, qdq: str = "kernels"):
+        if qdq not in QDQ_MODES:
+            raise EdgeTLError(f"unknown Q/DQ mode '{qdq}'", f"choose one of: {', '.join(QDQ_MODES)}")
         self.model = model
+        self.qdq = qdq
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -96,7 +117,11 @@ class SessionFromOnnx(Loader):
         if missing:
             raise EdgeTLError(f"ONNX Runtime here lacks {', '.join(missing)} (it has {', '.join(available)})",
                               "choose --backend ort-cpu, or install onnxruntime-gpu built for this device")
+        if self.qdq == "float":
+            check_float_qdq(self.model)
         opts = ort.SessionOptions()
+        if self.qdq == "float":
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         if self.intra_op_threads:
             opts.intra_op_num_threads = self.intra_op_threads
         if self.inter_op_threads:
@@ -127,19 +152,23 @@ class SessionFromOnnx(Loader):
 class OnnxRuntimeRunner(BaseRunner):
     """Runs an ONNX model with ONNX Runtime. ``session`` is a session or a callable that makes one."""
 
-    def __init__(self, session: Any | Callable[[], Any], backend: str = "ort-cpu", name: str | None = None):
+    def __init__(self, session: Any | Callable[[], Any], backend: str = "ort-cpu", name: str | None = None,
+                 qdq: str = "kernels"):
         self.backend = backend
+        self.qdq = qdq
         super().__init__(name)
         self._session_src = session
         self.session = None
 
     @classmethod
     def from_path(cls, model: str | Path, backend: str = "ort-cpu", intra_op_threads: int | None = None,
-                  name: str | None = None, allow_fallback: bool = False) -> OnnxRuntimeRunner:
+                  name: str | None = None, allow_fallback: bool = False, qdq: str = "kernels") -> OnnxRuntimeRunner:
+        """``qdq="float"``: Q/DQ evaluated as written, in float (INT8 accuracy as TensorRT computes it; see
+        the module doc); ``"kernels"``: ONNX Runtime's fused integer kernels (ORT CPU latency)."""
         if backend not in PROVIDERS:
             raise EdgeTLError(f"unknown ONNX Runtime backend '{backend}'", f"choose one of {list(PROVIDERS)}")
-        return cls(SessionFromOnnx(model, PROVIDERS[backend], intra_op_threads, allow_fallback=allow_fallback),
-                   backend=backend, name=name)
+        return cls(SessionFromOnnx(model, PROVIDERS[backend], intra_op_threads, allow_fallback=allow_fallback,
+                                   qdq=qdq), backend=backend, name=name, qdq=qdq)
 
     def activate_impl(self) -> None:
         self.session = resolve(self._session_src)
@@ -165,7 +194,7 @@ class OnnxRuntimeRunner(BaseRunner):
         self.session = None
 
     def describe_impl(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"onnxruntime": ort.__version__}
+        info: dict[str, Any] = {"onnxruntime": ort.__version__, "qdq": self.qdq}
         if self.session is not None:
             info["providers"] = self.session.get_providers()  # what really runs
             info["providers_requested"] = getattr(self, "providers_requested", None)

@@ -61,19 +61,27 @@ def golden_picks(labels: np.ndarray, count: int) -> list[int]:
     return sorted(picks)
 
 
-def stage_metrics(ctx: Context, latency: dict[str, float]) -> dict[str, StageMetrics]:
+def stage_metrics(ctx: Context, latency: dict[str, float],
+                  stats: dict[str, Any] | None = None) -> dict[str, StageMetrics]:
     out = {}
+    ci = (stats or {}).get("top1_ci95", {})
     for stage in MANIFEST_STAGES:
         m = dict(ctx.read(stage, "metrics.json"))
         m.pop("confusion", None)
         m.pop("op_types", None)
+        if stage in ci:
+            m["top1_ci95"] = [round(v, 4) for v in ci[stage]]
+        if stage == "quantize" and "quantize_ort_cpu_kernels" in ci:
+            m["top1_ort_cpu_kernels_ci95"] = [round(v, 4) for v in ci["quantize_ort_cpu_kernels"]]
         m["cpu_latency_ms"] = round(latency[stage], 4)
-        m["latency_runtime"] = "torch-eager" if stage in ("finetune", "prune") else "onnxruntime-cpu"
+        m["latency_runtime"] = {"finetune": "torch-eager", "prune": "torch-eager", "export": "onnxruntime-cpu",
+                                "quantize": "onnxruntime-cpu (its INT8 CPU kernels)"}[stage]
         out[stage] = StageMetrics.model_validate(m)
     return out
 
 
-def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, Any] | None) -> Path:
+def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, Any] | None,
+                stats: dict[str, Any] | None = None) -> Path:
     """Write ``<run>/bundle/`` and ``<run>/bundle.tar.gz`` (atomically: a failed run leaves no half bundle)."""
     import onnxruntime as ort
 
@@ -120,7 +128,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
             input=TensorSpec(name=input_name, shape=["batch", 3, h, w]),
             output=TensorSpec(name=output_name, shape=["batch", len(split.classes)]),
             max_batch=s.export.max_batch, classes=split.classes, software=build_software(), seed=s.seed,
-            data=split.summary, stages=stage_metrics(ctx, latency),
+            data=split.summary, stages=stage_metrics(ctx, latency, stats),
             export={"opset": export_metrics["opset"], "max_abs_diff": export_metrics["max_abs_diff"],
                     "slimmed": export_metrics["slimmed"], "checked_batches": export_metrics["checked_batches"],
                     "op_types": export_metrics["op_types"], "int8": {k: quant[k] for k in
@@ -130,6 +138,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
             build={"stage_keys": ctx.keys, "latency_threads": s.report.latency_threads,
                    "latency_iters": s.report.latency_iters,
                    "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
-                   "comparison": comparison, "mode": s.train.mode, "preprocess": pre.model_dump(mode="json")},
+                   "comparison": comparison, "paired_tests": (stats or {}).get("paired"),
+                   "test_images": (stats or {}).get("test_images"), "mode": s.train.mode,
+                   "preprocess": pre.model_dump(mode="json")},
         )
         return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)

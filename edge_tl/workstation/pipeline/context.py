@@ -107,10 +107,13 @@ class Context:
                                         "files": quick_fingerprint(self.data_root)}, [])}
         common = {"model": d["model"], "train": train, "seed": s.seed}
         k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label}, [k["data"]])
-        k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr}, [k["data"]])
+        # "eval": what a stage measures; bumped when that changes (2: predictions saved, Q/DQ in float)
+        k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr, "eval": 2},
+                                 [k["data"]])
         k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed}, [k["finetune"]])
-        k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target}, [k["prune"]])
-        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed}, [k["export"], k["data"]])
+        k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
+        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed, "eval": 2},
+                                  [k["export"], k["data"]])
         self.keys = k
         return k
 

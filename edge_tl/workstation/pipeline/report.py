@@ -14,7 +14,15 @@ if TYPE_CHECKING:
     from edge_tl.workstation.pipeline.run import BuildResult
 
 ROWS = (("finetune", "fine-tuned (PyTorch FP32)"), ("prune", "pruned + recovered (PyTorch FP32)"),
-        ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (ONNX Runtime)"))
+        ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (Q/DQ in float, as TensorRT computes it)"))
+#: the INT8 model on ONNX Runtime's CPU integer kernels: its own row, its own name (CPU-dependent numerics)
+KERNEL_ROW = "ONNX INT8 on ONNX Runtime's CPU integer kernels"
+
+
+PAIR_LABELS = {"pruning_cost": "fine-tuned - pruned", "export_cost": "pruned (PyTorch) - ONNX FP32",
+               "int8_cost_vs_fp32_onnx": "ONNX FP32 - INT8", "int8_cost_vs_finetuned": "fine-tuned - INT8",
+               "transfer_gain_vs_scratch": "transfer - scratch",
+               "ort_cpu_kernels_vs_float_qdq": "INT8 as written - INT8 on ORT CPU kernels"}
 
 
 def _mb(n: int | None) -> str:
@@ -29,42 +37,83 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def stage_rows(stages: dict[str, dict[str, Any]], latency: dict[str, float]) -> list[list[str]]:
+def _acc(x: float | None, ci: list[float] | tuple[float, float] | None) -> str:
+    if x is None:
+        return "-"
+    return _pct(x) + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
+
+
+def stage_rows(stages: dict[str, dict[str, Any]], latency: dict[str, float],
+               stats: dict[str, Any] | None = None) -> list[list[str]]:
+    """Rows of the stage table; top-1 with its 95 % Wilson interval when ``stats`` (stages.accuracy_stats) has
+    it. The INT8 model's ONNX Runtime CPU latency sits on the row of the kernels that produce it."""
+    ci = (stats or {}).get("top1_ci95", {})
     rows = []
     for key, label in ROWS:
         m = stages.get(key, {})
-        rows.append([label, _pct(m.get("top1")), _m(m.get("macs")), _m(m.get("params")), _mb(m.get("file_bytes")),
-                     f"{latency[key]:.3f} ms" if key in latency else "-"])
+        kernels = key == "quantize" and m.get("top1_ort_cpu_kernels") is not None
+        lat = f"{latency[key]:.3f} ms" if key in latency and not kernels else "-"
+        rows.append([label, _acc(m.get("top1"), ci.get(key)), _m(m.get("macs")), _m(m.get("params")),
+                     _mb(m.get("file_bytes")), lat])
+        if kernels:
+            rows.append([KERNEL_ROW, _acc(m["top1_ort_cpu_kernels"], ci.get("quantize_ort_cpu_kernels")),
+                         _m(m.get("macs")), _m(m.get("params")), _mb(m.get("file_bytes")),
+                         f"{latency[key]:.3f} ms" if key in latency else "-"])
     return rows
 
 
-def stage_table(stages: dict[str, dict[str, Any]], latency: dict[str, float]) -> str:
-    head = ["stage", "top-1 (test)", "MACs", "params", "file", "CPU latency (batch 1)"]
+def stage_table(stages: dict[str, dict[str, Any]], latency: dict[str, float],
+                stats: dict[str, Any] | None = None) -> str:
+    head = ["stage", "top-1 (test, 95% CI)", "MACs", "params", "file", "CPU latency (batch 1)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in stage_rows(stages, latency)]
+    lines += ["| " + " | ".join(r) + " |" for r in stage_rows(stages, latency, stats)]
     return "\n".join(lines)
 
 
+def _cost_check(what: str, pair: dict[str, Any] | None, point: float, limit: float, label: str, *,
+                at_most: bool = True) -> tuple[str, str, str]:
+    """A target on a difference between two stages: judged on its paired 95 % interval when there is one."""
+    from edge_tl.workstation.stats import MET, MISSED, verdict
+
+    if pair is None:  # no predictions to pair (an older cached stage): the point estimate only
+        ok = point <= limit if at_most else point >= limit
+        return what, f"{point:+.2f} points ({label}; no interval)", MET if ok else MISSED
+    lo, hi = pair["ci_points"]
+    return what, (f"{pair['diff_points']:+.2f} points ({label}), 95% CI {lo:+.2f} to {hi:+.2f}, McNemar exact "
+                  f"p = {pair['mcnemar_p']:.2g}"), verdict(lo, hi, limit, at_most=at_most)
+
+
 def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
-                  comparison: dict[str, Any] | None) -> list[tuple[str, str, bool]]:
-    """(what, measured, met) for the issue's targets."""
+                  comparison: dict[str, Any] | None, stats: dict[str, Any] | None = None) -> list[tuple[str, str, str]]:
+    """(what, measured, verdict) for the issue's targets; verdict is edge_tl.workstation.stats' "met", "missed" or "not
+    distinguishable from the target at this test size" (accuracy differences judged on paired 95 % intervals)."""
+    from edge_tl.workstation.stats import MET, MISSED
+
+    pairs = (stats or {}).get("paired", {})
     ft, pr, ex, q = (stages[k] for k in ("finetune", "prune", "export", "quantize"))
     out = []
     if pr.get("enabled", True) and ft.get("macs"):
         removed = 1 - pr["macs"] / ft["macs"]
-        out.append(("pruning removes >= 50% of the MACs", f"{100 * removed:.1f}% removed", removed >= 0.5))
-        cost = 100 * (ft["top1"] - pr["top1"])
-        out.append(("pruning costs <= 1 point after recovery", f"{cost:+.2f} points (fine-tuned - pruned)", cost <= 1))
-    d = 100 * (ex["top1"] - q["top1"])
-    out.append(("INT8 within 1.0 point of FP32 (ONNX, same model)", f"{d:+.2f} points (FP32 - INT8)", d <= 1.0))
-    d2 = 100 * (ft["top1"] - q["top1"])
-    out.append(("INT8 within 1.0 point of the FP32 fine-tuned model", f"{d2:+.2f} points", d2 <= 1.0))
+        out.append(("pruning removes >= 50% of the MACs", f"{100 * removed:.1f}% removed",
+                    MET if removed >= 0.5 else MISSED))
+        out.append(_cost_check("pruning costs <= 1 point after recovery", pairs.get("pruning_cost"),
+                               100 * (ft["top1"] - pr["top1"]), 1.0, "fine-tuned - pruned"))
+    out.append(_cost_check("INT8 within 1.0 point of FP32 (ONNX, same model)", pairs.get("int8_cost_vs_fp32_onnx"),
+                           100 * (ex["top1"] - q["top1"]), 1.0, "FP32 - INT8"))
+    out.append(_cost_check("INT8 within 1.0 point of the FP32 fine-tuned model", pairs.get("int8_cost_vs_finetuned"),
+                           100 * (ft["top1"] - q["top1"]), 1.0, "fine-tuned - INT8"))
     speed = latency["finetune"] / latency["quantize"]
-    out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x", speed >= 5))
+    out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x (ONNX Runtime CPU)",
+                MET if speed >= 5 else MISSED))
     if comparison:
-        gap = 100 * (comparison["transfer_top1"] - comparison["scratch_top1"])
-        out.append(("transfer beats scratch by >= 20 points", f"{gap:+.1f} points", gap >= 20))
+        out.append(_cost_check("transfer beats scratch by >= 20 points", pairs.get("transfer_gain_vs_scratch"),
+                               100 * (comparison["transfer_top1"] - comparison["scratch_top1"]), 20.0,
+                               "transfer - scratch", at_most=False))
     return out
+
+
+def verdict_cell(verdict: str) -> str:
+    return verdict if verdict == "met" else f"**{verdict}**"
 
 
 def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
@@ -114,7 +163,7 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="INT8 model, test split")
+    ax.set(xlabel="predicted", ylabel="true", title="INT8 model (Q/DQ in float), test split")
     fig.tight_layout()
     fig.savefig(plots / "confusion_int8.png", dpi=100)
     plt.close(fig)
@@ -132,12 +181,39 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
              f"{ctx.size[0]}x{ctx.size[1]}, target {s.target}, seed {s.seed}. Data: {ctx.data_label}.", "",
              f"Bundle: `{result.bundle_dir}` (and `{result.tarball.name}`). Build time {result.seconds:.0f} s; "
              f"stages run: {', '.join(result.ran) or 'none'}; reused: {', '.join(result.skipped) or 'none'}.", "",
-             "## Stages", "", stage_table(st, lat), "",
+             "## Stages", "", stage_table(st, lat, result.stats), "",
+             f"Top-1 on the {result.stats.get('test_images', '?')} test images, with its 95% Wilson interval. "
+             "The INT8 model's accuracy is measured with its QuantizeLinear/DequantizeLinear nodes evaluated as "
+             "written, in float (ONNX Runtime, `session.disable_quant_qdq=1`): what TensorRT's explicit "
+             "quantization computes, and the same on every CPU. ONNX Runtime's own fused CPU integer kernels give "
+             "the row below it: their numerics depend on the CPU's instruction set (16-bit saturating "
+             "intermediates without AVX-512 VNNI); TensorRT never runs them.", "",
              f"CPU latency: median of {s.report.latency_iters} batch-1 runs, {s.report.latency_threads} thread(s), "
-             "all measured in this run (PyTorch eager for the torch stages, ONNX Runtime CPU for the ONNX ones).", "",
+             "all measured in this run (PyTorch eager for the torch stages, ONNX Runtime CPU for the ONNX ones; "
+             "the INT8 latency is that of ONNX Runtime's CPU integer kernels).", ""]
+    if q.get("ort_cpu_kernels_note"):
+        lines += [f"**Warning:** {q['ort_cpu_kernels_note']}", ""]
+    lines += [
              f"Export: opset {ex['opset']}, max |ONNX - PyTorch| = {ex['max_abs_diff']:.2e}. INT8: {q['method']} "
              f"calibration on {q['calib_count']} training images, per-channel={q['per_channel']}, "
              f"{q['quantized_nodes']} quantized nodes.", ""]
+    arts = json.loads((result.bundle_dir / "manifest.json").read_text()).get("artifacts", {})
+    if "model.onnx" in arts and "model.int8.onnx" in arts:
+        lines += [f"Model hashes (sha256): `model.onnx` `{arts['model.onnx']['sha256']}`, `model.int8.onnx` "
+                  f"`{arts['model.int8.onnx']['sha256']}`. The same spec and seed on the same machine rebuild "
+                  "these exact bytes (seeded training and calibration draw, deterministic export and MinMax "
+                  "calibration; see docs/bundle.md, *Reproducibility*).", ""]
+    if result.stats.get("paired"):
+        lines += ["## Differences between stages (same test images)", "",
+                  "| comparison | difference (A - B) | 95% CI (paired bootstrap) | discordant images (A only / B only) "
+                  "| McNemar exact p |", "|---|---|---|---|---|"]
+        for name, pair in result.stats["paired"].items():
+            lo, hi = pair["ci_points"]
+            lines.append(f"| {PAIR_LABELS.get(name, name)} | {pair['diff_points']:+.2f} points | {lo:+.2f} to "
+                         f"{hi:+.2f} | {pair['a_only']} / {pair['b_only']} | {pair['mcnemar_p']:.3g} |")
+        lines += ["", "A target on a difference is *met* when its whole 95% interval is on the right side of the "
+                  "limit, *missed* when the whole interval is on the wrong side, and otherwise *not distinguishable "
+                  "from the target at this test size*.", ""]
     if pr.get("enabled", True):
         lines += [f"Pruning: {pr['macs_before'] / 1e6:.2f} M -> {pr['macs_after'] / 1e6:.2f} M MACs "
                   f"({100 * pr['macs_removed']:.1f}% removed), top-1 {_pct(pr['top1_before_recovery'])} right after "
@@ -145,15 +221,16 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
                   f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
                   f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
-    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {w} | {m} | {'yes' if ok else '**no**'} |" for w, m, ok in target_checks(st, lat, result.comparison)]
+    lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {w} | {m} | {verdict_cell(v)} |"
+              for w, m, v in target_checks(st, lat, result.comparison, result.stats)]
     if result.comparison:
-        c = result.comparison
+        c, ci = result.comparison, result.stats.get("top1_ci95", {})
         lines += ["", "## Transfer against scratch", "",
                   f"Same backbone, same {c['train_images']} training images, same split and epochs budget:", "",
                   "| | top-1 (test) |", "|---|---|",
-                  f"| transfer (weights `{c['weights']}`) | {_pct(c['transfer_top1'])} |",
-                  f"| from scratch | {_pct(c['scratch_top1'])} |"]
+                  f"| transfer (weights `{c['weights']}`) | {_acc(c['transfer_top1'], ci.get('finetune'))} |",
+                  f"| from scratch | {_acc(c['scratch_top1'], ci.get('scratch'))} |"]
     lines += ["", "## Data", "", "| split | " + " | ".join(split.classes) + " |",
               "|---|" + "---|" * len(split.classes)]
     for name, counts in split.summary.counts.items():

@@ -40,6 +40,7 @@ class BuildResult:
     skipped: list[str] = field(default_factory=list)
     comparison: dict[str, Any] | None = None
     seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)  # intervals and paired tests (stages.accuracy_stats)
 
 
 def _check_force(force: list[str] | None) -> set[str]:
@@ -146,7 +147,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     folder.mark("running", stage_keys=keys)
     # deferred: torch and the stage code load only after the cheap checks above passed
     from edge_tl.workstation.data import DataSplit
-    from edge_tl.workstation.pipeline.stages import RUNNERS, measure_latency
+    from edge_tl.workstation.pipeline.stages import RUNNERS, accuracy_stats, measure_latency
 
     stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
     metrics: dict[str, dict[str, Any]] = {}
@@ -178,16 +179,21 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     if spec.report.compare_scratch:
         comparison = {"transfer_top1": metrics["finetune"]["top1"], "scratch_top1": metrics["scratch"]["top1"],
                       "train_images": metrics["data"]["train_images"], "weights": weights_label}
+    stats = accuracy_stats(ctx, metrics)
+    note = metrics["quantize"].get("ort_cpu_kernels_note")
+    if note and "quantize" in skipped:  # said when the stage ran; said again when it comes from the cache
+        console.print(f"[yellow]warning:[/] {escape(note)}")
     from edge_tl.workstation.pipeline.bundling import make_bundle
 
-    bundle_dir = make_bundle(ctx, latency, comparison)
+    bundle_dir = make_bundle(ctx, latency, comparison, stats)
     result = BuildResult(run_dir, bundle_dir, bundle_dir.with_name("bundle.tar.gz"), run_dir / "report.md", metrics,
-                         latency, ran, skipped, comparison, time.perf_counter() - start)
+                         latency, ran, skipped, comparison, time.perf_counter() - start, stats)
     from edge_tl.workstation.pipeline.report import write_report
 
     write_report(ctx, result)
     atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
-                                                           "comparison": comparison}, indent=2, default=float) + "\n")
+                                                           "comparison": comparison, "stats": stats},
+                                                          indent=2, default=float) + "\n")
     from edge_tl.core.bundle import Bundle
 
     bundle_id = Bundle.open(bundle_dir).manifest.bundle_id  # verified: what run.json vouches for is intact

@@ -2,7 +2,11 @@
 
 Each ``run_<stage>(ctx, out)`` writes its files into ``out`` (a temporary folder the cache renames when the
 stage returns) and returns the stage's metrics, also written to ``metrics.json``. Test accuracy is measured
-on the test split: with torch for the torch stages, through ONNX Runtime CPU for the ONNX ones.
+on the test split: with torch for the torch stages, through ONNX Runtime CPU for the ONNX ones. The INT8 Q/DQ
+model's accuracy (``top1``) is measured with Q/DQ evaluated in float, as TensorRT computes it and the same on
+every CPU (edge_tl.device.runtime.onnxrt, ``qdq="float"``); ONNX Runtime's own CPU integer kernels, whose numerics
+depend on the CPU's instruction set, are measured beside it as ``top1_ort_cpu_kernels``. Every stage saves its
+test predictions (``test_predictions.npy``) for the report's intervals and paired tests (:func:`accuracy_stats`).
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     phases = scratch_phases(epochs, s.report.scratch_lr)
     res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "scratch"))
     _write(out, "fit.json", res.as_dict())
-    top1, _, _ = evaluate(model.cpu(), *ctx.arrays("test"))
+    top1, _, preds = evaluate(model.cpu(), *ctx.arrays("test"))
+    np.save(out / "test_predictions.npy", preds)
     metrics = {"top1": top1, "val_top1": res.best_val_top1, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2)}
     _write(out, "metrics.json", metrics)
@@ -132,7 +137,6 @@ def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str
 
 def run_export(ctx: Context, out: Path) -> dict[str, Any]:
     from edge_tl.workstation.export import export_onnx
-    from edge_tl.workstation.modelstats import onnx_top1
     from edge_tl.workstation.train import load_state
 
     s = ctx.spec
@@ -140,7 +144,9 @@ def run_export(ctx: Context, out: Path) -> dict[str, Any]:
     res = export_onnx(model, out / "model.onnx", ctx.size, opset=s.opset(), target=s.target)
     x, y = ctx.arrays("test")
     pm = ctx.read("prune", "metrics.json")
-    metrics = {"top1": onnx_top1(out / "model.onnx", x, y), "macs": pm["macs"], "params": pm["params"],
+    pred = onnx_predictions(out / "model.onnx", x)
+    np.save(out / "test_predictions.npy", pred)
+    metrics = {"top1": float((pred == y).mean()), "macs": pm["macs"], "params": pm["params"],
                "file_bytes": (out / "model.onnx").stat().st_size, "max_abs_diff": res.max_abs_diff,
                "opset": res.opset, "slimmed": res.slimmed, "checked_batches": list(res.checked_batches),
                "op_types": res.op_types}
@@ -148,11 +154,13 @@ def run_export(ctx: Context, out: Path) -> dict[str, Any]:
     return metrics
 
 
-def onnx_predictions(path: Path, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def onnx_predictions(path: Path, x: np.ndarray, batch: int = 64, qdq: str = "float") -> np.ndarray:
+    """Top-1 predictions with ONNX Runtime CPU; ``qdq="float"`` evaluates Q/DQ as written (TensorRT's maths),
+    ``"kernels"`` with ORT's fused integer CPU kernels."""
     from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
     preds = []
-    with OnnxRuntimeRunner.from_path(path, "ort-cpu") as runner:
+    with OnnxRuntimeRunner.from_path(path, "ort-cpu", qdq=qdq) as runner:
         for i in range(0, len(x), batch):
             preds.append(runner.infer({"input": np.ascontiguousarray(x[i:i + batch])})["logits"].argmax(1))
     return np.concatenate(preds)
@@ -171,16 +179,73 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
     res = quantize_int8(ctx.folder("export") / "model.onnx", out / "model.int8.onnx", ctx.calibration(),
                         method=q.method, per_channel=q.per_channel)
     x, y = ctx.arrays("test")
-    pred = onnx_predictions(out / "model.int8.onnx", x)
+    pred = onnx_predictions(out / "model.int8.onnx", x, qdq="float")
+    kernel_pred = onnx_predictions(out / "model.int8.onnx", x, qdq="kernels")
+    top1, kernel_top1 = float((pred == y).mean()), float((kernel_pred == y).mean())
     em = ctx.read("export", "metrics.json")
-    metrics = {"top1": float((pred == y).mean()), "macs": em["macs"], "params": em["params"],
+    gap = kernel_gap_note(top1, kernel_top1)
+    if gap:
+        ctx.console.print(f"[yellow]warning:[/] {gap}")
+    metrics = {"top1": top1, "top1_eval": QDQ_FLOAT_EVAL, "top1_ort_cpu_kernels": kernel_top1,
+               "ort_cpu_kernels_note": gap, "macs": em["macs"], "params": em["params"],
                "file_bytes": (out / "model.int8.onnx").stat().st_size, "method": res.method,
                "calib_count": res.calib_count, "per_channel": res.per_channel,
                "quantized_nodes": len(res.quantized_nodes), "confusion": confusion(y, pred, len(ctx.classes)),
                "fp32_onnx_top1": em["top1"]}
     np.save(out / "test_predictions.npy", pred)
+    np.save(out / "test_predictions_ort_cpu_kernels.npy", kernel_pred)
     _write(out, "metrics.json", metrics)
     return metrics
+
+
+QDQ_FLOAT_EVAL = "onnxruntime-cpu, Q/DQ evaluated in float (session.disable_quant_qdq=1), as TensorRT computes it"
+
+
+def kernel_gap_note(float_top1: float, kernel_top1: float, limit_points: float = 1.0) -> str | None:
+    """The build's warning when ONNX Runtime's CPU integer kernels score > ``limit_points`` away from the
+    float-evaluated Q/DQ model; None when they agree."""
+    gap = 100 * (kernel_top1 - float_top1)
+    if abs(gap) <= limit_points:
+        return None
+    return (f"ONNX Runtime's CPU INT8 kernels score {100 * kernel_top1:.1f}% on this CPU, {gap:+.1f} points from the "
+            f"INT8 model as written ({100 * float_top1:.1f}%, Q/DQ in float): ORT fuses Q/DQ into integer kernels "
+            f"whose precision depends on the CPU's instruction set (16-bit saturating intermediates without "
+            f"AVX-512 VNNI). TensorRT does not run those kernels and is not affected; the bundle's INT8 accuracy is "
+            f"the float-evaluated one.")
+
+
+def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """95 % Wilson intervals of every stage's test top-1, and paired comparisons (exact McNemar, paired
+    bootstrap interval of the difference) between stages scored on the same test images."""
+    from edge_tl.workstation.stats import paired, wilson
+
+    _, y = ctx.arrays("test")
+    n = len(y)
+    correct: dict[str, np.ndarray] = {}
+    for stage in ("finetune", "scratch", "prune", "export", "quantize"):
+        f = ctx.folder(stage) / "test_predictions.npy" if stage in stages else None
+        if f is not None and f.is_file():
+            pred = np.load(f)
+            if pred.shape == y.shape:
+                correct[stage] = pred == y
+    ci = {stage: list(wilson(int(round(m["top1"] * n)), n)) for stage, m in stages.items()
+          if stage != "data" and m.get("top1") is not None}
+    kf = ctx.folder("quantize") / "test_predictions_ort_cpu_kernels.npy"
+    if kf.is_file():
+        correct["quantize_ort_cpu_kernels"] = np.load(kf) == y
+        ci["quantize_ort_cpu_kernels"] = list(wilson(int(correct["quantize_ort_cpu_kernels"].sum()), n))
+    pairs = {}
+    for name, (a, b) in PAIRS.items():
+        if a in correct and b in correct:
+            pairs[name] = paired(correct[a], correct[b]).as_dict()
+    return {"test_images": n, "top1_ci95": ci, "paired": pairs}
+
+
+#: (A, B) pairs the report compares: difference = accuracy(A) - accuracy(B), so a stage's cost is positive.
+PAIRS = {"pruning_cost": ("finetune", "prune"), "export_cost": ("prune", "export"),
+         "int8_cost_vs_fp32_onnx": ("export", "quantize"), "int8_cost_vs_finetuned": ("finetune", "quantize"),
+         "transfer_gain_vs_scratch": ("finetune", "scratch"),
+         "ort_cpu_kernels_vs_float_qdq": ("quantize", "quantize_ort_cpu_kernels")}
 
 
 RUNNERS = {"data": run_data, "finetune": run_finetune, "scratch": run_scratch, "prune": run_prune,
