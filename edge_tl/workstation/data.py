@@ -122,34 +122,41 @@ def _stratified(per_class: dict[str, list[str]], fractions: dict[str, float], se
     return out
 
 
-def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
-         strict: bool = False, imbalance_ratio: float = 3.0, source: str | None = None) -> DataSplit:
-    """Scan ``root`` (see the module docstring). Raises EdgeTLError for layouts that can't be used."""
+def _data_root(root: str | Path) -> Path:
+    """``root`` resolved, or an EdgeTLError saying what to pass instead."""
     root = Path(root).expanduser()
     if not root.exists():
         raise EdgeTLError(f"data folder {root} does not exist", "pass --data with an ImageFolder root "
                           "(one sub-folder per class, or train/ val/ test/ of them)")
     if not root.is_dir():
         raise EdgeTLError(f"data path {root} is not a folder", "pass the folder that holds one sub-folder per class")
-    root = root.resolve()
-    skipped: list[dict[str, str]] = []
+    return root.resolve()
+
+
+def _layout(root: Path, val_fraction: float, test_fraction: float, seed: int,
+            skipped: list[dict[str, str]]) -> tuple[dict[str, dict[str, list[str]]], str]:
+    """(split -> class -> files, "folders" | "stratified"): train/ val/ test/ folders where they exist, the missing
+    splits drawn from train (or everything drawn from one folder of classes), stratified and seeded."""
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if "train" in split_dirs:
         found = {s: _scan_class_folders(d, root, skipped) for s, d in split_dirs.items()}
         missing = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in found}
-        per_split = {s: found[s] for s in found}
+        per_split = dict(found)
         if missing:
             drawn = _stratified(found["train"], missing, seed)
             per_split.update({s: drawn[s] for s in ("train", *missing)})
-        mode = "folders" if not missing else "stratified"
-    else:
-        if _class_dirs(root) == [] and any(p.is_file() for p in root.iterdir()):
-            raise EdgeTLError(f"data folder {root} holds files but no class folders",
-                              "put each class's images in its own sub-folder (ImageFolder layout)")
-        per_split = _stratified(_scan_class_folders(root, root, skipped), {"val": val_fraction,
-                                                                           "test": test_fraction}, seed)
-        mode = "stratified"
-    classes = sorted(per_split["train"])
+        return per_split, "folders" if not missing else "stratified"
+    if _class_dirs(root) == [] and any(p.is_file() for p in root.iterdir()):
+        raise EdgeTLError(f"data folder {root} holds files but no class folders",
+                          "put each class's images in its own sub-folder (ImageFolder layout)")
+    return _stratified(_scan_class_folders(root, root, skipped), {"val": val_fraction, "test": test_fraction},
+                       seed), "stratified"
+
+
+def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str, list[str]]],
+                   skipped: list[dict[str, str]], strict: bool) -> None:
+    """Refuse what no later stage can use: no or one class, unsafe class names, a class missing from train,
+    unusable files under ``strict``."""
     if not classes:
         raise EdgeTLError(f"data folder {root} has no class folders", "add one sub-folder of images per class")
     for name in classes:
@@ -171,22 +178,24 @@ def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float =
                                   "every split")
             if not files and split == "train":
                 raise EdgeTLError(f"class '{name}' has no usable images in {split}", "add images or remove the folder")
-    items = {s: [(rel, classes.index(c)) for c in classes for rel in per_split.get(s, {}).get(c, [])] for s in SPLITS}
-    for split in ("val", "test"):
-        if not items[split]:
-            raise EdgeTLError(f"the {split} split of {root} is empty", f"add images to {split}/ or remove that folder")
-    counts = {s: {c: len(per_split.get(s, {}).get(c, [])) for c in classes} for s in SPLITS}
+
+
+def _notes(counts: dict[str, dict[str, int]], skipped: list[dict[str, str]], imbalance_ratio: float) -> list[str]:
+    """The data's warnings: class imbalance in train, skipped files."""
     notes = []
-    train_counts = [n for n in counts["train"].values()]
-    if max(train_counts) > imbalance_ratio * min(train_counts):
-        big = max(counts["train"], key=counts["train"].get)
-        small = min(counts["train"], key=counts["train"].get)
-        notes.append(f"class imbalance: '{big}' has {counts['train'][big]} training images, '{small}' only "
-                     f"{counts['train'][small]} (more than {imbalance_ratio:g}x)")
+    train = counts["train"]
+    if max(train.values()) > imbalance_ratio * min(train.values()):
+        big, small = max(train, key=train.get), min(train, key=train.get)
+        notes.append(f"class imbalance: '{big}' has {train[big]} training images, '{small}' only "
+                     f"{train[small]} (more than {imbalance_ratio:g}x)")
     if skipped:
         notes.append(f"{len(skipped)} file(s) skipped (not usable images); see the report")
-    for note in notes:
-        warnings.warn(note, DataWarning, stacklevel=2)
+    return notes
+
+
+def _fingerprints(root: Path, items: dict[str, list[tuple[str, int]]], classes: list[str],
+                  skipped: list[dict[str, str]]) -> tuple[str, str]:
+    """(sha256 of the file list: what the data is, sha256 with sizes and mtimes: whether a stage must re-run)."""
     listing, fp = hashlib.sha256(), hashlib.sha256()
     for split in SPLITS:
         for rel, label in items[split]:
@@ -195,7 +204,26 @@ def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float =
             listing.update(line.encode())
             fp.update(f"{line}{st.st_mtime_ns}\n".encode())
     fp.update(json.dumps(skipped).encode())
+    return listing.hexdigest(), fp.hexdigest()
+
+
+def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+         strict: bool = False, imbalance_ratio: float = 3.0, source: str | None = None) -> DataSplit:
+    """Scan ``root`` (see the module docstring). Raises EdgeTLError for layouts that can't be used."""
+    root = _data_root(root)
+    skipped: list[dict[str, str]] = []
+    per_split, mode = _layout(root, val_fraction, test_fraction, seed, skipped)
+    classes = sorted(per_split["train"])
+    _check_classes(root, classes, per_split, skipped, strict)
+    items = {s: [(rel, classes.index(c)) for c in classes for rel in per_split.get(s, {}).get(c, [])] for s in SPLITS}
+    for split in ("val", "test"):
+        if not items[split]:
+            raise EdgeTLError(f"the {split} split of {root} is empty", f"add images to {split}/ or remove that folder")
+    counts = {s: {c: len(per_split.get(s, {}).get(c, [])) for c in classes} for s in SPLITS}
+    notes = _notes(counts, skipped, imbalance_ratio)
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    file_list_sha256, fingerprint = _fingerprints(root, items, classes, skipped)
     summary = DataSummary(source=source or str(root), split_mode=mode, counts=counts,
-                          file_list_sha256=listing.hexdigest(), skipped=skipped, warnings=notes,
-                          split_seed=seed)
-    return DataSplit(str(root), classes, items, summary, fp.hexdigest(), notes)
+                          file_list_sha256=file_list_sha256, skipped=skipped, warnings=notes, split_seed=seed)
+    return DataSplit(str(root), classes, items, summary, fingerprint, notes)
