@@ -6,7 +6,7 @@ EXTRAS ?= workstation,cpu,serve,deploy,fleet,plots,test
 comma  := ,
 STAMP   = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean device-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,23 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The device install, as on a Jetson: the core and the device extras only, no torch (tests/test_device_install.py
+# runs the device commands in it).
+DEVICE_VENV ?= .venv-device
+DEVICE_STAMP = $(DEVICE_VENV)/.installed-cpu-serve
+$(DEVICE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEVICE_VENV)/bin/python -m pip install -q -e ".[cpu,serve]"
+	touch $@
+
+device-venv: $(DEVICE_STAMP)
+
 demo: install
 	$(BIN)/edge-tl build --out runs/demo --overwrite
 
-test: lint
-	$(BIN)/python -m pytest -q -ra
+test: lint device-venv
+	EDGE_TL_DEVICE_VENV=$(DEVICE_VENV) $(BIN)/python -m pytest -q -ra
 
 # Style (ruff) and architecture (import-linter's contracts in pyproject.toml; see docs/architecture.md).
 lint: install
@@ -33,4 +45,4 @@ bench: install
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) runs .pytest_cache
