@@ -20,10 +20,12 @@ install: $(STAMP)
 
 # The device install, as on a Jetson: the core and the device extras only, no torch (tests/test_device_install.py
 # runs the device commands in it).
+# With Python 3.10 where the machine has it: the Jetson's system Python on JetPack 6.
+DEVICE_PYTHON ?= $(firstword $(foreach p,python3.10 $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10),$(shell $(p) -c 'import venv' >/dev/null 2>&1 && echo $(p))) $(PYTHON))
 DEVICE_VENV ?= .venv-device
 DEVICE_STAMP = $(DEVICE_VENV)/.installed-cpu-serve
 $(DEVICE_STAMP): pyproject.toml
-	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
 	$(DEVICE_VENV)/bin/python -m pip install -q -e ".[cpu,serve]"
 	touch $@
