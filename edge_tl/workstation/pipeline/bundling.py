@@ -73,6 +73,14 @@ def stage_metrics(ctx: Context, latency: dict[str, float]) -> dict[str, StageMet
     return out
 
 
+def _transfer_choices(ctx: Context) -> dict[str, Any]:
+    """The backbone ranking (backbone = "auto") and the class balancing the fine-tune used, for the manifest."""
+    out: dict[str, Any] = {"balance": ctx.read("finetune", "metrics.json").get("balance")}
+    if ctx.ranking is not None:
+        out["backbone_ranking"] = ctx.ranking
+    return out
+
+
 def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, Any] | None) -> Path:
     """Write ``<run>/bundle/`` and ``<run>/bundle.tar.gz`` (atomically: a failed run leaves no half bundle)."""
     import onnxruntime as ort
@@ -130,6 +138,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
             build={"stage_keys": ctx.keys, "latency_threads": s.report.latency_threads,
                    "latency_iters": s.report.latency_iters,
                    "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
-                   "comparison": comparison, "mode": s.train.mode, "preprocess": pre.model_dump(mode="json")},
+                   "comparison": comparison, "mode": s.train.mode, "preprocess": pre.model_dump(mode="json"),
+                   **_transfer_choices(ctx)},
         )
         return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)

@@ -52,6 +52,20 @@ def _check_force(force: list[str] | None) -> set[str]:
     return out
 
 
+def _auto_backbone(spec: BuildSpec, run_dir: Path, data_root: Path, data_label: str,
+                   console: Console) -> tuple[BuildSpec, dict[str, Any] | None]:
+    """``backbone = "auto"``: rank first (edge_tl.workstation.rank), build the best; the ranking goes to
+    ``ranking.json`` in the run folder, the manifest and the report."""
+    if spec.model.backbone != "auto":
+        return spec, None
+    from edge_tl.core.fsutil import atomic_write_text
+    from edge_tl.workstation.rank import pick_backbone
+
+    spec, ranking = pick_backbone(spec, data_root, data_label, console)
+    atomic_write_text(run_dir / "ranking.json", json.dumps(ranking, indent=2, default=float) + "\n")
+    return spec, ranking
+
+
 def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, force: list[str] | None = None,
               console: Console | None = None) -> BuildResult:
     """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers."""
@@ -67,7 +81,9 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     if how == "resume":
         console.print(f"[cyan]resuming[/] the interrupted build in {run_dir}")
     data_root, data_label = resolve_data(spec, run_dir)
+    spec, ranking = _auto_backbone(spec, run_dir, data_root, data_label, console)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
+    ctx.ranking = ranking
     keys = ctx.compute_keys()
     (run_dir / "spec.resolved.toml").write_text(to_toml(spec))
     folder.mark("running", stage_keys=keys, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
