@@ -21,6 +21,8 @@ def rank(
     data: Path | None = typer.Option(None, help="ImageFolder root (as for edge-tl build).", show_default=False),
     weights: list[str] = typer.Option([], "--weights", help="Weights to score (imagenet, none, demo or a state_dict "
                                       "file). Repeatable. Default: every one available here.", show_default=False),
+    backbone: list[str] = typer.Option([], "--backbone", help="Backbones to score. Repeatable. Default: all four.",
+                                       show_default=False),
     input_size: int | None = typer.Option(None, help="Square network input in pixels.", show_default=False),
     folds: int = typer.Option(5, min=2, max=20, help="Linear probe: stratified cross-validation folds."),
     latency_iters: int = typer.Option(20, min=0, help="Timed batch-1 ONNX Runtime runs per backbone (0: skip)."),
@@ -50,7 +52,8 @@ def rank(
     with tempfile.TemporaryDirectory(prefix="edge-tl-rank-") as td:
         root, label = ctx.resolve_data(build_spec, Path(td))  # the demo's digits are written to a temp folder
         err.print(f"ranking on {label}")
-        result = ranker.rank_spec(build_spec, root, label, weights=weights or None, folds=folds,
+        result = ranker.rank_spec(build_spec, root, label, weights=weights or None, backbones=backbone or None,
+                                  folds=folds,
                                   latency_iters=latency_iters, console=err)
     d = result.as_dict()
     table = Table(title=f"edge-tl rank ({result.images} train+val images, {len(result.classes)} classes)")

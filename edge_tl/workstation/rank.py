@@ -254,7 +254,7 @@ def _score(c: Candidate, num_classes: int, x: np.ndarray, y: np.ndarray, folds: 
     try:
         model = create_model(c.backbone, num_classes, _weights_path(c.weights), seed=seed)
     except EdgeTLError as exc:
-        c.skipped = exc.problem
+        c.skipped = "weights do not fit this backbone" if "do not fit" in exc.problem else exc.problem
         return
     feats = extract_features(feature_extractor(model, c.backbone), x)
     if not np.isfinite(feats).all():
@@ -359,21 +359,27 @@ def ranking_arrays(spec: BuildSpec, data_root: Path, data_label: str) -> tuple[n
 
 
 def rank_spec(spec: BuildSpec, data_root: Path, data_label: str, *, weights: Sequence[str] | None = None,
-              folds: int = 5, latency_iters: int = 20, console: Any = None) -> Ranking:
+              backbones: Sequence[str] | None = None, folds: int = 5, latency_iters: int = 20,
+              console: Any = None) -> Ranking:
+    for b in backbones or ():
+        if b not in BACKBONES:
+            raise EdgeTLError(f"unknown backbone '{b}'", f"choose from {', '.join(BACKBONES)}")
     x, y, classes = ranking_arrays(spec, data_root, data_label)
-    return rank_backbones(x, y, classes, spec.model.preprocess(), weights=weights, folds=folds, seed=spec.seed,
+    return rank_backbones(x, y, classes, spec.model.preprocess(), backbones=backbones or BACKBONES,
+                          weights=weights, folds=folds, seed=spec.seed,
                           latency_iters=latency_iters, threads=spec.report.latency_threads, opset=spec.opset(),
                           target=spec.target, console=console)
 
 
-def pick_backbone(spec: BuildSpec, data_root: Path, data_label: str, console: Any = None
-                  ) -> tuple[BuildSpec, dict[str, Any]]:
+def pick_backbone(spec: BuildSpec, data_root: Path, data_label: str, console: Any = None,
+                  backbones: Sequence[str] = BACKBONES) -> tuple[BuildSpec, dict[str, Any]]:
     """``backbone = "auto"``: rank the four backbones with the spec's weights and return the spec with the best
     one filled in, and the ranking (for run folder, manifest and report). The weights stay what the user asked."""
     if console is not None:
-        console.print(f"[bold]→[/] backbone auto: ranking {', '.join(BACKBONES)} with weights "
+        console.print(f"[bold]→[/] backbone auto: ranking {', '.join(backbones)} with weights "
                       f"'{spec.model.weights}' (LogME + linear probe, no fine-tuning)")
-    ranking = rank_spec(spec, data_root, data_label, weights=[spec.model.weights], console=console)
+    ranking = rank_spec(spec, data_root, data_label, weights=[spec.model.weights], backbones=backbones,
+                        console=console)
     best = ranking.best
     if console is not None:
         console.print(f"[green]✓[/] backbone auto picked [bold]{best.backbone}[/] (LogME {best.logme:.3f}, "
