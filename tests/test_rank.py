@@ -155,3 +155,13 @@ def test_backbone_auto_picks_the_best_ranked_and_keeps_the_weights(tmp_path):
     assert spec.model.backbone == "auto"  # the caller's spec is not changed
     text = markdown(ranking)
     assert text.count("| none |") == 2 and "LogME (You et al., ICML 2021)" in text
+
+
+def test_a_missing_weights_file_is_an_error_not_a_skipped_row(tmp_path):
+    from edge_tl.core.preprocess import PreprocessConfig
+    from edge_tl.workstation.rank import rank_backbones
+
+    x = np.zeros((4, 3, 16, 16), dtype=np.float32)
+    with pytest.raises(EdgeTLError, match="does not exist"):
+        rank_backbones(x, np.array([0, 0, 1, 1]), ["a", "b"], PreprocessConfig(input_size=(16, 16), resize=16),
+                       weights=["none", str(tmp_path / "missing.pt")], latency_iters=0)

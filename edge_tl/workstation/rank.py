@@ -312,6 +312,8 @@ def rank_backbones(x: np.ndarray, y: np.ndarray, classes: list[str], pre: Prepro
 
     start = time.perf_counter()
     weights = list(weights) if weights is not None else default_weights()
+    for w in weights:
+        _weights_path(w)  # a weights file the user named that does not exist fails here, not as a skipped row
     cands: list[Candidate] = []
     for w in weights:
         for b in backbones:
@@ -364,6 +366,8 @@ def rank_spec(spec: BuildSpec, data_root: Path, data_label: str, *, weights: Seq
     for b in backbones or ():
         if b not in BACKBONES:
             raise EdgeTLError(f"unknown backbone '{b}'", f"choose from {', '.join(BACKBONES)}")
+    if weights is None and spec.model.weights not in ("none", "imagenet", "demo"):
+        weights = default_weights([spec.model.weights])  # the spec's own checkpoint is a candidate too
     x, y, classes = ranking_arrays(spec, data_root, data_label)
     return rank_backbones(x, y, classes, spec.model.preprocess(), backbones=backbones or BACKBONES,
                           weights=weights, folds=folds, seed=spec.seed,
