@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_tl.workstation.data import scan
 from edge_tl.workstation.spec import BuildSpec
-from edge_tl.workstation.train import create_model, evaluate, finetune_phases, fit
+from edge_tl.workstation.train import create_model, evaluate, finetune_phases, fit, scratch_phases
 from edge_tl.workstation.train.balance import fit_kwargs, resolve
 from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays
 
@@ -27,15 +27,21 @@ def load_task(root: Path, spec: BuildSpec):
 
 def finetune(spec: BuildSpec, split, arrays, backbone: str, weights: str, seed: int, balance: str = "none",
              balance_loss: str = "weighted-ce") -> dict:
-    """Fine-tune like the build's finetune stage (same phases, fit, data pipeline); test predictions."""
+    """Fine-tune like the build's finetune stage (same phases, fit, data pipeline); test predictions. Weights
+    ``none`` train with the build's from-scratch recipe (its scratch stage: every layer, BatchNorm training, no
+    early stopping): the fine-tune recipe keeps a random net's BatchNorm frozen and stays at chance."""
     t = spec.train
     labels = split.labels("train")
     ds = TrainDataset(split.paths("train"), labels, spec.model.preprocess(), augment=t.augment, hflip=t.hflip)
     model = create_model(backbone, len(split.classes), weights, spec.model.dropout, seed=seed)
     setup = resolve(balance, labels, len(split.classes), spec.data.imbalance_ratio, balance_loss, t.focal_gamma)
     extra = fit_kwargs(setup, labels, len(split.classes), seed, t.label_smoothing)
-    res = fit(model, backbone, ds, arrays["val"], finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head,
-              t.lr_backbone, t.freeze_bn), batch_size=t.batch_size, weight_decay=t.weight_decay, patience=t.patience,
+    if weights == "none":  # the build's from-scratch recipe (its scratch stage; issue 14 item 8 for weights none)
+        phases = scratch_phases(t.epochs + t.warmup_epochs, spec.report.scratch_lr)
+    else:
+        phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
+    res = fit(model, backbone, ds, arrays["val"], phases, batch_size=t.batch_size, weight_decay=t.weight_decay,
+              patience=t.patience,
               label_smoothing=t.label_smoothing, seed=seed, device="cpu", label=f"{backbone}/{weights}", **extra)
     top1, _, pred = evaluate(model.cpu(), *arrays["test"])
     return {"top1": top1, "pred": pred, "seconds": res.seconds, "val_top1": res.best_val_top1, "setup": setup}

@@ -5,7 +5,7 @@ Two offline tasks from scikit-learn's digits: the demo (digits 5-9, 10 images pe
 second task (digits 5-9, 5 images per class, another draw: split seed 1). On each, every backbone/weights pair
 the ranking scores (the four backbones with `none`, and the demo's source checkpoint where it fits; the
 ImageNet weights when cached) is fine-tuned with the build's own training code (`edge_tl.workstation.train`,
-the demo's recipe with a small budget: --epochs) and tested on the task's test split (accuracy with a Wilson
+the demo's recipe, --epochs) and tested on the task's test split (accuracy with a Wilson
 95% interval). Spearman's rank correlation between each estimate and the fine-tuned accuracy is reported over
 all scored pairs and over the four backbones (each with the weights the demo build would use for it).
 
@@ -80,8 +80,9 @@ def render(results: list[dict], epochs: int, threads: int, quick: bool, seconds:
              "", ("**Smoke run** (`--quick`; not the reference numbers). " if quick else "") + machine_line(threads),
              f"torch {torch.__version__}; torch intra-op threads {torch.get_num_threads()}. Ranking: `edge-tl rank`'s "
              "code (LogME on frozen penultimate features of train+val, and a logistic-regression probe, stratified "
-             "5-fold). Fine-tuning: the build's training code with the demo recipe and a small budget "
-             f"({epochs} epochs after 2 warm-up epochs, early stopping patience 15), one seed per task; accuracy on "
+             "5-fold). Fine-tuning: the build's training code with the demo recipe "
+             f"({epochs} epochs after 2 warm-up epochs, early stopping patience 15; weights `none` train with the "
+             "build's from-scratch recipe, its scratch stage, same number of epochs), one seed per task; accuracy on "
              "the task's test split (400 images) with a Wilson 95% interval. Spearman over all scored pairs, and "
              "over the four backbones with the weights the demo build would use (mobilenet_v2: the demo checkpoint; "
              "the others have no digits checkpoint: `none`). ImageNet weights are not in this machine's cache "
@@ -113,10 +114,10 @@ def render(results: list[dict], epochs: int, threads: int, quick: bool, seconds:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs after the warm-up (default 10)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs after the warm-up (default: the demo's 60)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    epochs = args.epochs or (3 if args.quick else 10)
+    epochs = args.epochs or (3 if args.quick else BuildSpec.demo().train.epochs)
     torch.set_num_threads(1)  # OpenMP threads spin and crawl when other processes share the cores
     start = time.perf_counter()
     results = []
