@@ -78,4 +78,4 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     if len(v) < 2:
         return float(v.mean()), float(v.mean())
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return float(v.mean() - half), float(v.mean() + half)
+    return max(0.0, float(v.mean() - half)), min(1.0, float(v.mean() + half))  # an accuracy stays in [0, 1]
