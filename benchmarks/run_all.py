@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py")
+SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py",
+           "bench_rank.py", "bench_imbalance.py")
 
 
 def main() -> int:

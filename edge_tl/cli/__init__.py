@@ -43,6 +43,7 @@ _EXITS = _exception_types("Exit")
 # (module, what it adds). Modules are registered in this order.
 COMMAND_MODULES = (
     "edge_tl.cli.build",
+    "edge_tl.cli.rank",
     "edge_tl.cli.bench",
     "edge_tl.cli.engine",
     "edge_tl.cli.deploy",

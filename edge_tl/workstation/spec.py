@@ -52,7 +52,8 @@ class DataSpec(_Section):
 
 
 class ModelSpec(_Section):
-    backbone: str = Field("mobilenet_v2", description=f"one of {', '.join(BACKBONES)}")
+    backbone: str = Field("mobilenet_v2", description=f"one of {', '.join(BACKBONES)}, or 'auto': rank them on the "
+                          "data first (LogME + linear probe, see edge-tl rank) and build the best")
     weights: str = Field("imagenet", description="'imagenet' (torchvision's DEFAULT weights), 'none' (from "
                          "scratch), 'demo' (models/demo_source.pt) or a path to a state_dict checkpoint")
     input_size: int = Field(224, ge=16, le=1024, description="square network input, pixels")
@@ -66,8 +67,8 @@ class ModelSpec(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone '{v}', choose one of {', '.join(BACKBONES)}")
+        if v not in BACKBONES and v != "auto":
+            raise ValueError(f"unknown backbone '{v}', choose one of {', '.join(BACKBONES)} or auto")
         return v
 
     @model_validator(mode="after")
@@ -101,6 +102,13 @@ class TrainSpec(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    balance: Literal["none", "sampler", "loss", "auto"] = Field(
+        "auto", description="class imbalance: sampler (class-balanced WeightedRandomSampler), loss (class-weighted "
+        "cross-entropy, or focal loss with balance_loss = 'focal'), none; auto: sampler when the largest class has "
+        "more than data.imbalance_ratio times the smallest one's training images, else none")
+    balance_loss: Literal["weighted-ce", "focal"] = Field("weighted-ce", description="balance = 'loss': "
+                                                          "class-weighted cross-entropy or class-weighted focal loss")
+    focal_gamma: float = Field(2.0, ge=0, description="focal loss focusing parameter (Lin et al. 2017)")
 
     @model_validator(mode="after")
     def _backbone_lr_lower(self) -> TrainSpec:

@@ -80,6 +80,14 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
     return out
 
 
+def _transfer_choices(ctx: Context) -> dict[str, Any]:
+    """The backbone ranking (backbone = "auto") and the class balancing the fine-tune used, for the manifest."""
+    out: dict[str, Any] = {"balance": ctx.read("finetune", "metrics.json").get("balance")}
+    if ctx.ranking is not None:
+        out["backbone_ranking"] = ctx.ranking
+    return out
+
+
 def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, Any] | None,
                 stats: dict[str, Any] | None = None) -> Path:
     """Write ``<run>/bundle/`` and ``<run>/bundle.tar.gz`` (atomically: a failed run leaves no half bundle)."""
@@ -140,6 +148,6 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                    "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
                    "comparison": comparison, "paired_tests": (stats or {}).get("paired"),
                    "test_images": (stats or {}).get("test_images"), "mode": s.train.mode,
-                   "preprocess": pre.model_dump(mode="json")},
+                   "preprocess": pre.model_dump(mode="json"), **_transfer_choices(ctx)},
         )
         return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)

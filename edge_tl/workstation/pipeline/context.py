@@ -73,6 +73,7 @@ class Context:
     split: DataSplit | None = None
     _arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     _train_ds: Any = None
+    ranking: dict[str, Any] | None = None  # backbone = "auto": the ranking that picked it (edge_tl.workstation.rank)
 
     @property
     def pre(self) -> PreprocessConfig:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edge_tl.core.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
@@ -114,6 +116,73 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
 
 def verdict_cell(verdict: str) -> str:
     return verdict if verdict == "met" else f"**{verdict}**"
+def is_imbalanced(ctx: Context) -> bool:
+    """More than ``data.imbalance_ratio`` between the largest and the smallest class's training images."""
+    counts = [n for n in ctx.data_split.summary.counts["train"].values() if n > 0]
+    return bool(counts) and max(counts) > ctx.spec.data.imbalance_ratio * min(counts)
+
+
+def target_view(ctx: Context, stages: dict[str, dict[str, Any]], comparison: dict[str, Any] | None,
+                latency: dict[str, float]) -> tuple[dict[str, dict[str, Any]], dict[str, float], dict[str, Any] | None]:
+    """The arguments of :func:`target_checks`: with imbalanced classes every accuracy is the balanced accuracy
+    (mean per-class recall), so a model that ignores a small class cannot meet a target."""
+    if not is_imbalanced(ctx):
+        return stages, latency, comparison
+    view = {k: ({**m, "top1": m["balanced_top1"]} if "balanced_top1" in m else m) for k, m in stages.items()}
+    comp = comparison
+    if comparison and "balanced_top1" in stages.get("scratch", {}):
+        comp = {**comparison, "transfer_top1": stages["finetune"]["balanced_top1"],
+                "scratch_top1": stages["scratch"]["balanced_top1"]}
+    return view, latency, comp
+
+
+def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Per-class precision / recall / F1 / support, balanced accuracy and the confusion matrix (scikit-learn)."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    p, r, f, n = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    return {"classes": classes, "precision": p.tolist(), "recall": r.tolist(), "f1": f.tolist(),
+            "support": n.tolist(), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "accuracy": float((np.asarray(y) == np.asarray(pred)).mean()), "macro_f1": float(f.mean()),
+            "confusion": confusion_matrix(y, pred, labels=labels).tolist()}
+
+
+def class_section(ctx: Context, result: BuildResult) -> list[str]:
+    """The shipped (INT8) model's per-class metrics on the test split, and how classes were balanced."""
+    pred_file = ctx.folder("quantize") / "test_predictions.npy"
+    if not pred_file.is_file():
+        return []
+    cm = class_metrics(ctx.data_split.labels("test"), np.load(pred_file), ctx.classes)
+    lines = ["", "## Per class (shipped INT8 model, test split)", "",
+             f"Balanced accuracy {_pct(cm['balanced_accuracy'])} (mean per-class recall), accuracy "
+             f"{_pct(cm['accuracy'])}, macro F1 {cm['macro_f1']:.3f}.", "",
+             "| class | precision | recall | F1 | test images |", "|---|---|---|---|---|"]
+    for i, name in enumerate(cm["classes"]):
+        lines.append(f"| {name} | {cm['precision'][i]:.3f} | {cm['recall'][i]:.3f} | {cm['f1'][i]:.3f} | "
+                     f"{cm['support'][i]} |")
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(cm["classes"]) + " |", "|---|" + "---|" * len(cm["classes"])]
+    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |" for name, row in zip(cm["classes"],
+                                                                                          cm["confusion"], strict=True)]
+    bal = result.stages.get("finetune", {}).get("balance")
+    if bal:
+        how = {"none": "no balancing", "sampler": "a class-balanced sampler", "loss": f"a class-weighted "
+               f"{bal.get('loss', 'weighted-ce')} loss"}.get(bal["used"], bal["used"])
+        lines += ["", f"Class balance: `train.balance = \"{bal['requested']}\"` used {how} (largest / smallest class "
+                  f"{bal['class_ratio']:.1f}x, threshold {bal['threshold']:g}x)."
+                  + (" Classes are imbalanced: the targets above use balanced accuracy." if is_imbalanced(ctx) else "")]
+    return lines
+
+
+def ranking_section(ctx: Context) -> list[str]:
+    if ctx.ranking is None:
+        return []
+    from edge_tl.workstation.rank import markdown
+
+    return ["", "## Backbone ranking (backbone = \"auto\")", "",
+            f"Picked **{ctx.ranking['best']['backbone']}** before training (LogME, then the linear probe):", "",
+            markdown(ctx.ranking)]
 
 
 def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
@@ -222,8 +291,9 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
                   f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    view, view_latency, view_comparison = target_view(ctx, st, result.comparison, lat)
     lines += [f"| {w} | {m} | {verdict_cell(v)} |"
-              for w, m, v in target_checks(st, lat, result.comparison, result.stats)]
+              for w, m, v in target_checks(view, view_latency, view_comparison, result.stats)]
     if result.comparison:
         c, ci = result.comparison, result.stats.get("top1_ci95", {})
         lines += ["", "## Transfer against scratch", "",
@@ -240,6 +310,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
         lines.append(f"\n**Warning:** {note}")
     if split.summary.skipped:
         lines += ["", "Skipped files:", ""] + [f"- `{x['file']}`: {x['reason']}" for x in split.summary.skipped]
+    lines += class_section(ctx, result) + ranking_section(ctx)
     lines += ["", "## Plots", "", f"![training curves]({plots['curves']})", "",
               f"![accuracy against MACs]({plots['accuracy_vs_macs']})", "",
               f"![confusion matrix]({plots['confusion']})", ""]

@@ -55,6 +55,20 @@ def _check_force(force: list[str] | None) -> set[str]:
     return out
 
 
+def _auto_backbone(spec: BuildSpec, run_dir: Path, data_root: Path, data_label: str,
+                   console: Console) -> tuple[BuildSpec, dict[str, Any] | None]:
+    """``backbone = "auto"``: rank first (edge_tl.workstation.rank), build the best; the ranking goes to
+    ``ranking.json`` in the run folder, the manifest and the report."""
+    if spec.model.backbone != "auto":
+        return spec, None
+    from edge_tl.core.fsutil import atomic_write_text
+    from edge_tl.workstation.rank import pick_backbone
+
+    spec, ranking = pick_backbone(spec, data_root, data_label, console)
+    atomic_write_text(run_dir / "ranking.json", json.dumps(ranking, indent=2, default=float) + "\n")
+    return spec, ranking
+
+
 def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, force: list[str] | None = None,
               console: Console | None = None) -> BuildResult:
     """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers."""
@@ -141,7 +155,9 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     forced, console, weights, weights_label = ctx_args
     run_dir = folder.path
     data_root, data_label = resolve_data(spec, run_dir)
+    spec, ranking = _auto_backbone(spec, run_dir, data_root, data_label, console)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
+    ctx.ranking = ranking
     keys = ctx.compute_keys()
     atomic_write_text(run_dir / "spec.resolved.toml", to_toml(spec))
     folder.mark("running", stage_keys=keys)

@@ -31,7 +31,30 @@ def _fit_kwargs(ctx: Context, label: str) -> dict[str, Any]:
     t = ctx.spec.train
     return {"batch_size": t.batch_size, "weight_decay": t.weight_decay, "patience": t.patience,
             "label_smoothing": t.label_smoothing, "seed": ctx.spec.seed, "device": t.device, "workers": t.workers,
-            "label": label}
+            "label": label, **_balance_kwargs(ctx)}
+
+
+def balance_setup(ctx: Context) -> dict[str, Any]:
+    """What train.balance does on this training split (edge_tl.workstation.train.balance.resolve)."""
+    from edge_tl.workstation.train.balance import resolve
+
+    t = ctx.spec.train
+    return resolve(t.balance, ctx.data_split.labels("train"), len(ctx.classes), ctx.spec.data.imbalance_ratio,
+                   t.balance_loss, t.focal_gamma)
+
+
+def _balance_kwargs(ctx: Context) -> dict[str, Any]:
+    from edge_tl.workstation.train.balance import fit_kwargs
+
+    return fit_kwargs(balance_setup(ctx), ctx.data_split.labels("train"), len(ctx.classes), ctx.spec.seed,
+                      ctx.spec.train.label_smoothing)
+
+
+def balanced_top1(y: np.ndarray, pred: np.ndarray) -> float:
+    """Balanced accuracy (mean per-class recall, scikit-learn) on the test split."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    return float(balanced_accuracy_score(y, pred))
 
 
 def _torch_outputs(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +69,7 @@ def _torch_outputs(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> d
     save_state(model, out / MODEL_PT)
     save_exported(model, out / MODEL_PT2, ctx.size)
     metrics.update(top1=top1, macs=macs, params=params, file_bytes=(out / MODEL_PT).stat().st_size)
+    metrics["balanced_top1"] = balanced_top1(ctx.arrays("test")[1], preds)
     np.save(out / "test_predictions.npy", preds)
     return metrics
 
@@ -70,6 +94,7 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
     _write(out, "fit.json", res.as_dict())
     metrics = {"val_top1": res.best_val_top1, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode}
+    metrics["balance"] = balance_setup(ctx)
     metrics = _torch_outputs(ctx, model, out, metrics)
     _write(out, "metrics.json", metrics)
     return metrics
@@ -88,6 +113,7 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     np.save(out / "test_predictions.npy", preds)
     metrics = {"top1": top1, "val_top1": res.best_val_top1, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2)}
+    metrics["balanced_top1"] = balanced_top1(ctx.arrays("test")[1], preds)
     _write(out, "metrics.json", metrics)
     return metrics
 
@@ -150,6 +176,7 @@ def run_export(ctx: Context, out: Path) -> dict[str, Any]:
                "file_bytes": (out / "model.onnx").stat().st_size, "max_abs_diff": res.max_abs_diff,
                "opset": res.opset, "slimmed": res.slimmed, "checked_batches": list(res.checked_batches),
                "op_types": res.op_types}
+    metrics["balanced_top1"] = balanced_top1(y, onnx_predictions(out / "model.onnx", x))
     _write(out, "metrics.json", metrics)
     return metrics
 
@@ -192,6 +219,7 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
                "calib_count": res.calib_count, "per_channel": res.per_channel,
                "quantized_nodes": len(res.quantized_nodes), "confusion": confusion(y, pred, len(ctx.classes)),
                "fp32_onnx_top1": em["top1"]}
+    metrics["balanced_top1"] = balanced_top1(y, pred)
     np.save(out / "test_predictions.npy", pred)
     np.save(out / "test_predictions_ort_cpu_kernels.npy", kernel_pred)
     _write(out, "metrics.json", metrics)

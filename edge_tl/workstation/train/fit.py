@@ -89,13 +89,17 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         phases: list[Phase], *, batch_size: int = 32, weight_decay: float = 1e-4, patience: int = 8,
         label_smoothing: float = 0.0, seed: int = 0, device: str = "auto", workers: int = 0,
         label: str = "train", teacher: nn.Module | None = None, distill_weight: float = 0.0,
-        distill_temperature: float = 4.0) -> FitResult:
+        distill_temperature: float = 4.0, sampler: torch.utils.data.Sampler | None = None,
+        loss_fn: nn.Module | None = None) -> FitResult:
     """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights.
 
     With a ``teacher`` (the unpruned model, for the recovery after pruning) the loss blends the labels'
     cross-entropy with knowledge distillation (Hinton et al. 2015): ``distill_weight`` x T^2 x
     KL(teacher || student) at temperature T. The teacher's soft outputs on the augmented images carry far
     more signal than a few labels, so the pruned net recovers closer to the accuracy it had.
+
+    ``sampler`` replaces the shuffled order (class-balanced sampling) and ``loss_fn`` the cross-entropy
+    (class-weighted or focal loss): see :mod:`edge_tl.workstation.train.balance`.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -104,9 +108,10 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     np.random.seed(seed % (2**32))
     model.to(dev)
     gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=gen,
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=sampler is None,
+                                         sampler=sampler, generator=gen if sampler is None else None,
                                          num_workers=workers, drop_last=len(train_ds) > batch_size)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    loss_fn = (loss_fn or nn.CrossEntropyLoss(label_smoothing=label_smoothing)).to(dev)
     if not 0.0 <= distill_weight <= 1.0:
         raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
     kd = teacher is not None and distill_weight > 0
