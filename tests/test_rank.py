@@ -165,3 +165,17 @@ def test_a_missing_weights_file_is_an_error_not_a_skipped_row(tmp_path):
     with pytest.raises(EdgeTLError, match="does not exist"):
         rank_backbones(x, np.array([0, 0, 1, 1]), ["a", "b"], PreprocessConfig(input_size=(16, 16), resize=16),
                        weights=["none", str(tmp_path / "missing.pt")], latency_iters=0)
+
+
+def test_untrained_pairs_never_rank_above_pretrained_ones():
+    from edge_tl.workstation.rank import Candidate, order_candidates
+
+    cands = [Candidate("mobilenet_v3_small", "none", logme=1.2), Candidate("mobilenet_v2", "demo", logme=0.4),
+             Candidate("squeezenet1_1", "none", logme=0.9), Candidate("mobilenet_v3_large", "demo", logme=0.6)]
+    ordered, notes = order_candidates(cands)
+    assert [(c.backbone, c.weights) for c in ordered] == [
+        ("mobilenet_v3_large", "demo"), ("mobilenet_v2", "demo"), ("mobilenet_v3_small", "none"),
+        ("squeezenet1_1", "none")]
+    assert notes and "listed after the pretrained ones" in notes[0]
+    only_none, notes = order_candidates([c for c in cands if c.weights == "none"])  # weights = none asked: by score
+    assert [c.backbone for c in only_none] == ["mobilenet_v3_small", "squeezenet1_1"] and notes == []

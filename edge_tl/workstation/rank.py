@@ -287,6 +287,22 @@ def _cost(cands: list[Candidate], num_classes: int, size: tuple[int, int], opset
             c.macs, c.params, c.latency_ms = per[c.backbone]
 
 
+def order_candidates(scored: list[Candidate]) -> tuple[list[Candidate], list[str]]:
+    """Best first: by LogME, then the probe; untrained (``none``) pairs after every pretrained one.
+
+    Random-init features can score well on simple images (measured on the demo: probe 89-95%) while training that
+    network from scratch on a few images does not (benchmarks/RESULTS.md, bench_rank): the estimates rank what a
+    frozen network's features hold, not how it trains, so ``none`` is the baseline and never the pick over weights.
+    """
+    ordered = sorted(scored, key=lambda c: (c.logme or -math.inf, c.probe.accuracy if c.probe else 0.0), reverse=True)
+    notes: list[str] = []
+    if ordered and ordered[0].weights == "none" and any(c.weights != "none" for c in ordered):
+        ordered.sort(key=lambda c: c.weights == "none")  # stable: each group keeps its order
+        notes.append("untrained (weights none) pairs scored higher but are listed after the pretrained ones: "
+                     "frozen random features say little about training from scratch on few images")
+    return ordered, notes
+
+
 def _recommend(scored: list[Candidate]) -> None:
     if not scored:
         return
@@ -329,11 +345,9 @@ def rank_backbones(x: np.ndarray, y: np.ndarray, classes: list[str], pre: Prepro
                 _score(c, len(classes), x, y, folds, seed)
     scoring = time.perf_counter() - start
     _cost(cands, len(classes), tuple(pre.input_size), opset, target or DEFAULT_TARGET, latency_iters, threads)
-    scored = sorted((c for c in cands if c.skipped is None),
-                    key=lambda c: (c.logme or -math.inf, c.probe.accuracy if c.probe else 0.0), reverse=True)
+    scored, notes = order_candidates([c for c in cands if c.skipped is None])
     _recommend(scored)
     ordered = scored + [c for c in cands if c.skipped is not None]
-    notes = []
     if len(x) < 10 * len(classes):
         notes.append(f"only {len(x)} images for {len(classes)} classes: the estimates are noisy (see the bands)")
     return Ranking(ordered, len(x), list(classes), tuple(pre.input_size), _cpu_name(), threads,
