@@ -80,6 +80,7 @@ def test_signal_free_build_warns_records_and_fails_with_require_targets(signal_f
     assert [p["name"] for p in ft["phases"]] == ["scratch"]
     phase = ft["phases"][0]
     assert phase["lr_backbone"] == phase["lr_head"] == 1e-3 and phase["train_bn"] and phase["epochs"] == 4
+    assert phase["bn_momentum"] == 0.1 and not phase["early_stop"]
     assert ft["epochs_run"] == 4  # warm-up epochs join the budget, no early stopping
     # (b) the warning: loud, with its causes, in the stage metrics, the run's metrics, the manifest and the report
     said = " ".join(proc.stderr.split())
