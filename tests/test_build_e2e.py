@@ -60,6 +60,9 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert len(m.data.file_list_sha256) == 64
     ft, pr, q = m.stages["finetune"], m.stages["prune"], m.stages["quantize"]
     assert ft.top1 > 0.4 and pr.top1 > 0.4  # chance is 0.2
+    # a model that learned passes the check against chance: no warning (issue 14 item 8)
+    assert ft.chance_check["passed"] and pr.chance_check["passed"] and ft.recipe == "finetune"
+    assert "NOT better than guessing" not in " ".join(proc.stderr.split())
     assert q.top1 is not None and q.top1 > 0.4
     assert pr.macs <= 0.5 * ft.macs and pr.params < ft.params  # pruning removed at least half the MACs
     assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch

@@ -113,6 +113,9 @@ def build(
     strict: bool = typer.Option(False, "--strict", help="Fail on unreadable or non-image files instead of skipping."),
     seed: int | None = typer.Option(None, help="Seed for splits, init and data order.", show_default=False),
     name: str | None = typer.Option(None, help="Bundle name.", show_default=False),
+    require_targets: bool = typer.Option(False, "--require-targets", help="Exit 3 when a quality target in the "
+                                         "report is missed (after the bundle and report are written; 'not "
+                                         "distinguishable' does not fail). For CI pipelines."),
 ) -> None:
     """Fine-tune, prune, INT8-quantize and export a classifier into a bundle for the Jetson (resumable).
 
@@ -142,6 +145,14 @@ def build(
     pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
     result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
     _print_result(result)
+    if require_targets:
+        report = importer.require_workstation("edge_tl.workstation.pipeline.report", "edge-tl build")
+        missed = report.missed_targets(result.targets)
+        if missed:
+            from edge_tl.core.errors import CheckFailed
+
+            raise CheckFailed(f"--require-targets: {len(missed)} quality target(s) missed: {'; '.join(missed)}",
+                              f"see the targets in {result.report} (the bundle and report are written)")
 
 
 def _print_result(result) -> None:  # type: ignore[no-untyped-def]

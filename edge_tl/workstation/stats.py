@@ -74,3 +74,40 @@ def verdict(low: float, high: float, limit: float, *, at_most: bool) -> str:
     if at_most:
         return MET if high <= limit else MISSED if low > limit else UNSURE
     return MET if low >= limit else MISSED if high < limit else UNSURE
+
+
+#: how :func:`chance_check` decides (recorded with every check)
+CHANCE_METHOD = ("one-sided exact binomial test (scipy.stats.binomtest, alternative='greater') of the correct "
+                 "validation images against the better of chance (1/classes) and always answering the training "
+                 "set's majority class, at 5% divided by the epochs the best one was picked from (Bonferroni)")
+
+
+def chance_check(val_top1: float, val_labels: np.ndarray, train_labels: np.ndarray, n_classes: int,
+                 picked_from: int = 1, alpha: float = 0.05) -> dict:
+    """Is a trained model's validation accuracy better than guessing, beyond noise?
+
+    The baseline is the better of chance (``1 / n_classes``) and always answering the majority class of the
+    training set (its accuracy on these validation images). ``passed`` is True when a one-sided exact binomial
+    test rejects "accuracy <= baseline" at ``alpha / picked_from``. The validation accuracy is the best of
+    ``picked_from`` epochs scored on the same images, so it leans high (a net at chance on 8 validation images
+    scored 7/8 at its best of 2 epochs); the Bonferroni division keeps the chance of calling a guessing model
+    better than guessing below ``alpha`` whichever epoch was kept.
+    """
+    val = np.asarray(val_labels).reshape(-1)
+    train = np.asarray(train_labels).reshape(-1)
+    n = int(val.size)
+    chance = 1.0 / max(int(n_classes), 1)
+    majority = int(np.bincount(train, minlength=n_classes).argmax()) if train.size else 0
+    majority_top1 = float((val == majority).mean()) if n else 0.0
+    baseline = max(chance, majority_top1)
+    correct = int(round(float(val_top1) * n))
+    if n == 0:
+        p = 1.0
+    else:
+        stats = require("scipy.stats", "the build's check against chance")
+        p = float(stats.binomtest(correct, n, min(baseline, 1.0), alternative="greater").pvalue)
+    level = alpha / max(int(picked_from), 1)
+    return {"passed": bool(p < level), "val_top1": float(val_top1), "val_correct": correct, "val_images": n,
+            "chance": chance, "majority_class": majority, "majority_top1": majority_top1, "baseline": baseline,
+            "p_value": p, "alpha": alpha, "picked_from_epochs": max(int(picked_from), 1), "level": level,
+            "method": CHANCE_METHOD}

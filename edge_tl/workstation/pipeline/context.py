@@ -107,7 +107,9 @@ class Context:
         k = {"data": stage_key("data", {"data": {**d["data"], "root": str(self.data_root)}, "seed": s.seed,
                                         "files": quick_fingerprint(self.data_root)}, [])}
         common = {"model": d["model"], "train": train, "seed": s.seed}
-        k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label}, [k["data"]])
+        # weights = none trains with the from-scratch recipe (stages.run_finetune): its rate is an input then
+        recipe = {"recipe": "scratch", "lr": s.report.scratch_lr} if self.weights == "none" else {}
+        k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label, **recipe}, [k["data"]])
         # "eval": what a stage measures; bumped when that changes (2: predictions saved, Q/DQ in float)
         k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr, "eval": 2},
                                  [k["data"]])

@@ -104,6 +104,13 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                            100 * (ex["top1"] - q["top1"]), 1.0, "FP32 - INT8"))
     out.append(_cost_check("INT8 within 1.0 point of the FP32 fine-tuned model", pairs.get("int8_cost_vs_finetuned"),
                            100 * (ft["top1"] - q["top1"]), 1.0, "fine-tuned - INT8"))
+    for key, who in (("finetune", "fine-tuned"), ("prune", "pruned + recovered")):
+        c = stages[key].get("chance_check")
+        if c:
+            out.append((f"{who} model better than chance and the majority class (validation, one-sided exact "
+                        "binomial)", f"{100 * c['val_top1']:.1f}% ({c['val_correct']}/{c['val_images']}) vs "
+                        f"{100 * c['baseline']:.1f}%, p = {c['p_value']:.2g} (needs < {c.get('level', 0.05):.2g})",
+                        MET if c["passed"] else MISSED))
     speed = latency["finetune"] / latency["quantize"]
     out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x (ONNX Runtime CPU)",
                 MET if speed >= 5 else MISSED))
@@ -112,6 +119,19 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                                100 * (comparison["transfer_top1"] - comparison["scratch_top1"]), 20.0,
                                "transfer - scratch", at_most=False))
     return out
+
+
+def targets(ctx: Context, result: BuildResult) -> list[tuple[str, str, str]]:
+    """The report's targets table (balanced accuracy when classes are imbalanced): (what, measured, verdict)."""
+    view, view_latency, view_comparison = target_view(ctx, result.stages, result.comparison, result.latency_ms)
+    return target_checks(view, view_latency, view_comparison, result.stats)
+
+
+def missed_targets(checks: list[tuple[str, str, str]]) -> list[str]:
+    """The targets whose verdict is "missed" ("not distinguishable" is not a miss)."""
+    from edge_tl.workstation.stats import MISSED
+
+    return [what for what, _, verdict in checks if verdict == MISSED]
 
 
 def verdict_cell(verdict: str) -> str:
@@ -260,6 +280,13 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
              f"CPU latency: median of {s.report.latency_iters} batch-1 runs, {s.report.latency_threads} thread(s), "
              "all measured in this run (PyTorch eager for the torch stages, ONNX Runtime CPU for the ONNX ones; "
              "the INT8 latency is that of ONNX Runtime's CPU integer kernels).", ""]
+    for key in ("finetune", "scratch", "prune"):
+        if st.get(key, {}).get("chance_warning"):
+            lines += [f"**WARNING: training failed.** {st[key]['chance_warning']}", ""]
+    if st["finetune"].get("recipe") == "scratch":
+        from edge_tl.workstation.pipeline.stages import scratch_recipe_note
+
+        lines += [f"Note: {scratch_recipe_note(ctx)}.", ""]
     if q.get("ort_cpu_kernels_note"):
         lines += [f"**Warning:** {q['ort_cpu_kernels_note']}", ""]
     lines += [
@@ -291,9 +318,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
                   f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
-    view, view_latency, view_comparison = target_view(ctx, st, result.comparison, lat)
-    lines += [f"| {w} | {m} | {verdict_cell(v)} |"
-              for w, m, v in target_checks(view, view_latency, view_comparison, result.stats)]
+    lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]
     if result.comparison:
         c, ci = result.comparison, result.stats.get("top1_ci95", {})
         lines += ["", "## Transfer against scratch", "",

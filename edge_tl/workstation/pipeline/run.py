@@ -41,6 +41,7 @@ class BuildResult:
     comparison: dict[str, Any] | None = None
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)  # intervals and paired tests (stages.accuracy_stats)
+    targets: list[tuple[str, str, str]] = field(default_factory=list)  # (what, measured, verdict): report.targets
 
 
 def _check_force(force: list[str] | None) -> set[str]:
@@ -151,6 +152,20 @@ def _check_finite(stage: str, folder: Path, metrics: dict[str, Any]) -> None:
                               "infinite values", fix)
 
 
+def _say_chance(ctx: Context, stage: str, m: dict[str, Any]) -> None:
+    """Check a training stage against chance and the majority class (stages.chance_warning); a stage cached
+    before the check existed gets it here. Said on every build, cached stage or not, and kept in its metrics."""
+    from edge_tl.workstation.pipeline.stages import chance_check, chance_warning
+
+    epochs = m.get("epochs_run", m.get("recovery_epochs_run"))
+    if "chance_check" not in m and m.get("val_top1") is not None and epochs:
+        m["chance_check"] = chance_check(ctx, m["val_top1"], epochs)
+    warning = chance_warning(ctx, stage, m)
+    m["chance_warning"] = warning
+    if warning:
+        ctx.console.print(f"[bold red]WARNING:[/] {escape(warning)}")
+
+
 def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: float) -> BuildResult:
     forced, console, weights, weights_label = ctx_args
     run_dir = folder.path
@@ -163,7 +178,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     folder.mark("running", stage_keys=keys)
     # deferred: torch and the stage code load only after the cheap checks above passed
     from edge_tl.workstation.data import DataSplit
-    from edge_tl.workstation.pipeline.stages import RUNNERS, accuracy_stats, measure_latency
+    from edge_tl.workstation.pipeline.stages import RUNNERS, TRAINED, accuracy_stats, measure_latency
 
     stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
     metrics: dict[str, dict[str, Any]] = {}
@@ -188,6 +203,8 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
             for note in ctx.split.warnings:
                 console.print(f"[yellow]warning:[/] {escape(note)}")
         metrics[stage] = ctx.read(stage, "metrics.json")
+        if stage in TRAINED:
+            _say_chance(ctx, stage, metrics[stage])
     console.print("[bold]→[/] measuring CPU latency (batch 1, "
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")
     latency = measure_latency(ctx)
@@ -204,11 +221,14 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     bundle_dir = make_bundle(ctx, latency, comparison, stats)
     result = BuildResult(run_dir, bundle_dir, bundle_dir.with_name("bundle.tar.gz"), run_dir / "report.md", metrics,
                          latency, ran, skipped, comparison, time.perf_counter() - start, stats)
-    from edge_tl.workstation.pipeline.report import write_report
+    from edge_tl.workstation.pipeline.report import targets, write_report
 
+    result.targets = targets(ctx, result)
     write_report(ctx, result)
     atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
-                                                           "comparison": comparison, "stats": stats},
+                                                           "comparison": comparison, "stats": stats,
+                                                           "targets": [{"target": w, "measured": m, "verdict": v}
+                                                                       for w, m, v in result.targets]},
                                                           indent=2, default=float) + "\n")
     from edge_tl.core.bundle import Bundle
 

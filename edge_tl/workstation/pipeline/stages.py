@@ -57,6 +57,47 @@ def balanced_top1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(balanced_accuracy_score(y, pred))
 
 
+def chance_check(ctx: Context, val_top1: float, epochs: int) -> dict[str, Any]:
+    """A training stage's best validation accuracy (of ``epochs``) against chance and the majority class
+    (edge_tl.workstation.stats.chance_check)."""
+    from edge_tl.workstation.stats import chance_check as check
+
+    split = ctx.data_split
+    return check(val_top1, np.asarray(split.labels("val")), np.asarray(split.labels("train")), len(ctx.classes),
+                 picked_from=epochs)
+
+
+#: what each training stage is called in the warning
+TRAINED = {"finetune": "fine-tuned", "scratch": "from-scratch", "prune": "pruned + recovered"}
+
+
+def chance_warning(ctx: Context, stage: str, metrics: dict[str, Any]) -> str | None:
+    """The loud warning for a training stage whose validation accuracy is not better than guessing (None when it
+    is, or when the stage has no check)."""
+    c = metrics.get("chance_check")
+    if not c or c["passed"]:
+        return None
+    s, t = ctx.spec, ctx.spec.train
+    n_train = len(ctx.data_split.labels("train"))
+    causes = [f"too few epochs ({metrics.get('epochs_run', metrics.get('recovery_epochs_run', '?'))} run)"]
+    if stage == "prune":
+        causes += [f"the recovery learning rate (prune.recovery_lr = {s.prune.recovery_lr:g}) or too much pruned "
+                   f"(prune.ratio = {s.prune.ratio:g})"]
+    elif stage == "scratch" or metrics.get("recipe") == "scratch":
+        causes += [f"the learning rate (report.scratch_lr = {s.report.scratch_lr:g})",
+                   f"training from random weights (weights = none) on only {n_train} training images"]
+    else:
+        causes += [f"the learning rates (train.lr_head = {t.lr_head:g}, lr_backbone = {t.lr_backbone:g})"]
+        if t.mode == "feature-extract":
+            causes += ["a frozen backbone (train.mode = 'feature-extract') whose features do not fit this data"]
+    causes += ["broken labels (images in the wrong class folders, or classes that look alike)"]
+    return (f"the {TRAINED[stage]} model is NOT better than guessing: validation top-1 {100 * c['val_top1']:.1f}% "
+            f"({c['val_correct']}/{c['val_images']}) against chance {100 * c['chance']:.1f}% and always answering the "
+            f"majority class {100 * c['majority_top1']:.1f}% (one-sided exact binomial p = {c['p_value']:.2g}, "
+            f"needs < {c['level']:.2g}: 5% over the {c['picked_from_epochs']} epochs the best was picked from). "
+            "Likely causes: " + "; ".join(causes) + ".")
+
+
 def _torch_outputs(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Test top-1, MACs and params of a torch model; saves its state_dict and torch.export program."""
     from edge_tl.workstation.modelstats import count_macs_params
@@ -84,17 +125,40 @@ def run_data(ctx: Context, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def scratch_epochs(ctx: Context) -> int:
+    """The from-scratch budget: the fine-tune's epochs plus its warm-up (the same number of epochs in all)."""
+    t = ctx.spec.train
+    return t.epochs + (t.warmup_epochs if t.mode == "finetune" else 0)
+
+
+def scratch_recipe_note(ctx: Context) -> str:
+    """The one line the build prints when ``weights = "none"`` replaces the fine-tune phases."""
+    t, lr = ctx.spec.train, ctx.spec.report.scratch_lr
+    return (f"weights = none: the fine-tune stage uses the from-scratch recipe (all layers from the first epoch, "
+            f"BatchNorm trained, learning rate report.scratch_lr = {lr:g}, {scratch_epochs(ctx)} epochs without early "
+            f"stopping) because there are no pretrained weights to keep; train.mode = {t.mode!r}, warmup_epochs, "
+            f"lr_head, lr_backbone and freeze_bn do not apply")
+
+
 def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
-    from edge_tl.workstation.train import create_model, finetune_phases, fit
+    from edge_tl.workstation.train import create_model, finetune_phases, fit, scratch_phases
 
     s, t = ctx.spec, ctx.spec.train
     model = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
-    phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
+    if ctx.weights == "none":  # random weights: nothing to protect with a warm-up or a low backbone rate
+        recipe = "scratch"
+        ctx.console.print(f"[yellow]note:[/] {scratch_recipe_note(ctx)}")
+        phases = scratch_phases(scratch_epochs(ctx), s.report.scratch_lr)
+    else:
+        recipe = t.mode
+        phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
     res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "fine-tune"))
     _write(out, "fit.json", res.as_dict())
     metrics = {"val_top1": res.best_val_top1, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-               "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode}
+               "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode, "recipe": recipe,
+               "phases": [p.__dict__ for p in phases]}
     metrics["balance"] = balance_setup(ctx)
+    metrics["chance_check"] = chance_check(ctx, res.best_val_top1, res.epochs_run)
     metrics = _torch_outputs(ctx, model, out, metrics)
     _write(out, "metrics.json", metrics)
     return metrics
@@ -103,10 +167,9 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
 def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     from edge_tl.workstation.train import build, evaluate, fit, scratch_phases
 
-    s, t = ctx.spec, ctx.spec.train
+    s = ctx.spec
     model = build(s.model.backbone, len(ctx.classes), s.model.dropout, seed=s.seed)
-    epochs = t.epochs + (t.warmup_epochs if t.mode == "finetune" else 0)
-    phases = scratch_phases(epochs, s.report.scratch_lr)
+    phases = scratch_phases(scratch_epochs(ctx), s.report.scratch_lr)
     res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "scratch"))
     _write(out, "fit.json", res.as_dict())
     top1, _, preds = evaluate(model.cpu(), *ctx.arrays("test"))
@@ -114,6 +177,7 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     metrics = {"top1": top1, "val_top1": res.best_val_top1, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2)}
     metrics["balanced_top1"] = balanced_top1(ctx.arrays("test")[1], preds)
+    metrics["chance_check"] = chance_check(ctx, res.best_val_top1, res.epochs_run)
     _write(out, "metrics.json", metrics)
     return metrics
 
@@ -152,6 +216,7 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         metrics.update(val_top1=fit_res.best_val_top1, recovery_epochs_run=fit_res.epochs_run,
                        distill_weight=p.distill_weight,
                        train_seconds=round(fit_res.seconds, 2))
+        metrics["chance_check"] = chance_check(ctx, fit_res.best_val_top1, fit_res.epochs_run)
     return _finish(ctx, pruned, out, metrics)
 
 
