@@ -8,18 +8,10 @@ import platform
 import re
 from pathlib import Path
 
+from edge_tl.core.host import cpu_name
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each section says how and where it ran.\n"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_line(threads: int | None = None) -> str:

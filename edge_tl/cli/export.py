@@ -10,15 +10,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from edge_tl.cli._common import DeployPrecision
+
 out = Console(highlight=False, soft_wrap=True)
 
 export_app = typer.Typer(no_args_is_help=True, help="Export a bundle for other serving engines (Triton).")
-
-
-class TritonPrecision(str, Enum):
-    int8 = "int8"
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 class Kind(str, Enum):
@@ -50,7 +46,7 @@ def triton_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz (from edge-tl build)."),
     out_dir: Path = typer.Option(..., "--out", help="The model repository (created when missing)."),
     name: str = typer.Option(None, "--name", help="Model name (default: the bundle's name)."),
-    precision: TritonPrecision = typer.Option(None, "--precision", help="int8 (the Q/DQ model), fp16 or fp32 (the "
+    precision: DeployPrecision = typer.Option(None, "--precision", help="int8 (the Q/DQ model), fp16 or fp32 (the "
                                               "FP32 model); default: the bundle's default_precision."),
     engine: Path = typer.Option(None, "--engine", help="A TensorRT engine built on the serving device (edge-tl "
                                 "engine build): exported as model.plan (platform tensorrt_plan) instead."),

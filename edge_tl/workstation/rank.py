@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.host import cpu_name
 from edge_tl.core.preprocess import PreprocessConfig
 from edge_tl.workstation.spec import BACKBONES, BuildSpec
 
@@ -235,18 +236,6 @@ class Ranking:
         return d
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def _score(c: Candidate, num_classes: int, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> None:
     from edge_tl.workstation.train import create_model
 
@@ -350,7 +339,7 @@ def rank_backbones(x: np.ndarray, y: np.ndarray, classes: list[str], pre: Prepro
     ordered = scored + [c for c in cands if c.skipped is not None]
     if len(x) < 10 * len(classes):
         notes.append(f"only {len(x)} images for {len(classes)} classes: the estimates are noisy (see the bands)")
-    return Ranking(ordered, len(x), list(classes), tuple(pre.input_size), _cpu_name(), threads,
+    return Ranking(ordered, len(x), list(classes), tuple(pre.input_size), cpu_name() or "unknown CPU", threads,
                    time.perf_counter() - start, scoring, notes)
 
 

@@ -6,10 +6,10 @@ Jetson: ``/proc/device-tree/model`` (module name, NUL-terminated) and ``/etc/nv_
 
 from __future__ import annotations
 
-import contextlib
-import platform
 import re
 from pathlib import Path
+
+from edge_tl.core.host import cpu_name
 
 # L4T release -> JetPack (NVIDIA's JetPack archive / release notes).
 L4T_TO_JETPACK = {
@@ -49,15 +49,6 @@ def jetpack_version(l4t: str | None) -> str | None:
 
 def is_jetson(root: str | Path = "/") -> bool:
     return l4t_release(root) is not None or "jetson" in (jetson_model(root) or "").lower()
-
-
-def cpu_name(root: str | Path = "/") -> str | None:
-    """The CPU's model name from ``proc/cpuinfo`` (falls back to Python's platform module)."""
-    with contextlib.suppress(OSError):
-        for line in (Path(root) / "proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or None
 
 
 class Board:
