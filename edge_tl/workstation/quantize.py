@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ import numpy as np
 import onnx
 
 from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.fsutil import atomic_file
 from edge_tl.core.importer import require
 from edge_tl.core.qdq import FORBIDDEN_OPS, QDQ_OPS, check_float_qdq  # noqa: F401 (re-exported)
 
@@ -140,22 +140,23 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
         extra = {"WeightSymmetric": True, "CalibPercentile": percentile,
                  "ActivationSymmetric": for_tensorrt, "AddQDQPairToWeight": for_tensorrt,
                  "QuantizeBias": not for_tensorrt}
-        tmp_out = Path(td) / "int8.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
-            qz.quantize_static(
-                str(src), str(tmp_out), _reader(qz, name, batches), quant_format=qz.QuantFormat.QDQ,
-                per_channel=per_channel, activation_type=qz.QuantType.QInt8 if for_tensorrt else qz.QuantType.QUInt8,
-                weight_type=qz.QuantType.QInt8, nodes_to_exclude=exclude,
-                calibrate_method=getattr(qz.CalibrationMethod, METHODS[method]), extra_options=extra)
-        model = onnx.load(str(tmp_out))
-        onnx.checker.check_model(model)
-        ops = check_tensorrt_qdq(model) if for_tensorrt else dict(sorted(Counter(n.op_type for n in
-                                                                                   model.graph.node).items()))
-        quantized = quantized_node_names(model)
-        still_fp32 = [n for n in exclude if n in quantized]
-        if still_fp32:
-            raise CheckFailed(f"nodes asked to stay FP32 were quantized: {', '.join(still_fp32)}", "report this bug")
-        os.replace(tmp_out, int8_path)  # same folder: atomic
+        with atomic_file(int8_path, suffix=".onnx") as tmp_out:  # renamed over int8_path only if every check passes
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+                qz.quantize_static(
+                    str(src), str(tmp_out), _reader(qz, name, batches), quant_format=qz.QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=qz.QuantType.QInt8 if for_tensorrt else qz.QuantType.QUInt8,
+                    weight_type=qz.QuantType.QInt8, nodes_to_exclude=exclude,
+                    calibrate_method=getattr(qz.CalibrationMethod, METHODS[method]), extra_options=extra)
+            model = onnx.load(str(tmp_out))
+            onnx.checker.check_model(model)
+            ops = check_tensorrt_qdq(model) if for_tensorrt else dict(sorted(Counter(n.op_type for n in
+                                                                                       model.graph.node).items()))
+            quantized = quantized_node_names(model)
+            still_fp32 = [n for n in exclude if n in quantized]
+            if still_fp32:
+                raise CheckFailed(f"nodes asked to stay FP32 were quantized: {', '.join(still_fp32)}",
+                                  "report this bug")
     return QuantizeResult(int8_path, method, len(calib), per_channel, quantized, exclude, for_tensorrt, ops)
 
 
