@@ -113,6 +113,9 @@ def build(
     strict: bool = typer.Option(False, "--strict", help="Fail on unreadable or non-image files instead of skipping."),
     seed: int | None = typer.Option(None, help="Seed for splits, init and data order.", show_default=False),
     name: str | None = typer.Option(None, help="Bundle name.", show_default=False),
+    nproc: int = typer.Option(1, "--nproc", help="Training processes on this machine: torchrun with "
+                              "DistributedDataParallel, one per GPU (NCCL) or per CPU core (gloo); the global batch "
+                              "stays --batch-size (docs/distributed.md). 1: one plain process."),
     require_targets: bool = typer.Option(False, "--require-targets", help="Exit 3 when a quality target in the "
                                          "report is missed (after the bundle and report are written; 'not "
                                          "distinguishable' does not fail). For CI pipelines."),
@@ -142,8 +145,13 @@ def build(
     build_spec = load_spec(spec, overrides, flags)
     run_dir = out or Path("runs") / build_spec.name
     console = Console(stderr=True, highlight=False)
-    pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
-    result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
+    if nproc != 1:  # torchrun, N processes (edge_tl.workstation.pipeline.launch)
+        launch = importer.require_workstation("edge_tl.workstation.pipeline.launch", "edge-tl build --nproc")
+        result = launch.run_build_distributed(build_spec, run_dir, nproc, overwrite=overwrite, force=force,
+                                              console=console)
+    else:
+        pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
+        result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
     _print_result(result)
     if require_targets:
         report = importer.require_workstation("edge_tl.workstation.pipeline.report", "edge-tl build")

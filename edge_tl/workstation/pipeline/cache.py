@@ -56,8 +56,11 @@ def file_digest(path: str | Path) -> str:
 
 
 class StageCache:
-    def __init__(self, run_dir: Path, force: set[str] | None = None):
+    def __init__(self, run_dir: Path, force: set[str] | None = None, *, writer: bool = True):
         self.root = run_dir / "stages"
+        if not writer:  # a torchrun rank other than 0 reads rank 0's stages and touches nothing
+            self.forced, self._redone = set(), set()
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         self.forced = set()
         for s in force or ():

@@ -74,6 +74,7 @@ class Context:
     _arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     _train_ds: Any = None
     ranking: dict[str, Any] | None = None  # backbone = "auto": the ranking that picked it (edge_tl.workstation.rank)
+    processes: int = 1  # training processes (edge-tl build --nproc: torchrun, edge_tl.workstation.train.distributed)
 
     @property
     def pre(self) -> PreprocessConfig:
@@ -104,6 +105,8 @@ class Context:
         s = self.spec
         d = s.model_dump(mode="json")
         train = {k: v for k, v in d["train"].items() if k not in ("device", "workers")}
+        if self.processes > 1:  # the data order differs from one process's (same global batch): another result
+            train["processes"] = self.processes
         k = {"data": stage_key("data", {"data": {**d["data"], "root": str(self.data_root)}, "seed": s.seed,
                                         "files": quick_fingerprint(self.data_root)}, [])}
         common = {"model": d["model"], "train": train, "seed": s.seed}

@@ -173,6 +173,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     spec, ranking = _auto_backbone(spec, run_dir, data_root, data_label, console)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
     ctx.ranking = ranking
+    ctx.processes = training_processes()
     keys = ctx.compute_keys()
     atomic_write_text(run_dir / "spec.resolved.toml", to_toml(spec))
     folder.mark("running", stage_keys=keys)
@@ -181,10 +182,13 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     from edge_tl.workstation.pipeline.stages import RUNNERS, TRAINED, accuracy_stats, measure_latency
 
     stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
+    trained = _trained_together(ctx, stages)
     metrics: dict[str, dict[str, Any]] = {}
     ran, skipped = [], []
     for stage in stages:
         key = keys[stage]
+        if stage in trained:
+            _sync().barrier()  # the other ranks start this stage with every stage before it written
         if ctx.cache.is_done(stage, key):
             skipped.append(stage)
             console.print(f"[green]✓[/] {stage:<9} cached  ({escape(str(ctx.folder(stage).relative_to(run_dir)))})")
@@ -199,6 +203,10 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
             ran.append(stage)
         if stage == "data" and ctx.split is None:
             ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
+        if stage == "data" and ctx.processes > 1:  # what the other ranks need to train along (follow_build)
+            _sync().share({"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "keys": keys,
+                           "data_root": str(data_root), "data_label": data_label, "weights": weights,
+                           "weights_label": weights_label, "trained": trained})
         if stage == "data":
             for note in ctx.split.warnings:
                 console.print(f"[yellow]warning:[/] {escape(note)}")
@@ -237,3 +245,54 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
                 bundle=str(bundle_dir), bundle_id=bundle_id, latency_ms=latency,
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return result
+
+
+# -- torchrun (edge-tl build --nproc N, edge_tl.workstation.pipeline.launch) ----------------------------------
+# Rank 0 runs the build above and is the only writer (run folder, stage cache, bundle). The other ranks run
+# follow_build: they receive what rank 0 decided after the data stage, and run only the training stages with
+# it (fit under DistributedDataParallel), each after a barrier that rank 0 passes once the stages before are
+# written; their stage functions return before writing anything (stages.is_writer).
+
+
+def training_processes() -> int:
+    """The number of torchrun processes this build trains with (1 outside torchrun); no torch import."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else 1
+
+
+def _sync() -> Any:
+    from edge_tl.workstation.train import distributed
+
+    return distributed
+
+
+def _trained_together(ctx: Context, stages: list[str]) -> list[str]:
+    """The stages every rank trains, decided by rank 0 before any runs (they then all run them in this order)."""
+    if ctx.processes == 1:
+        return []
+    s = ctx.spec
+    trains = {"finetune": True, "scratch": True,
+              "prune": s.prune.enabled and s.prune.ratio > 0 and s.prune.recovery_epochs > 0}
+    return [st for st in stages if trains.get(st) and not ctx.cache.is_done(st, ctx.keys[st])]
+
+
+def follow_build() -> None:
+    """A torchrun rank other than 0: train along with rank 0 (see above); writes nothing."""
+    import tempfile
+
+    from edge_tl.workstation.data import DataSplit
+    from edge_tl.workstation.pipeline.stages import RUNNERS
+    from edge_tl.workstation.train import distributed
+
+    info = distributed.share()
+    spec = BuildSpec.model_validate(info["spec"])
+    run_dir = Path(info["run_dir"])
+    ctx = Context(spec, run_dir, StageCache(run_dir, writer=False), Console(quiet=True), Path(info["data_root"]),
+                  info["data_label"], info["weights"], info["weights_label"], processes=distributed.world_size())
+    ctx.keys = info["keys"]
+    ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
+    for stage in info["trained"]:
+        distributed.barrier()
+        with tempfile.TemporaryDirectory(prefix=f"edge-tl-rank{distributed.rank()}-") as tmp:
+            RUNNERS[stage](ctx, Path(tmp))

@@ -23,6 +23,13 @@ MODEL_PT = "model.pt"  # plain state_dict (weights_only), see edge_tl.workstatio
 MODEL_PT2 = "model.pt2"  # torch.export program, for the torch bench baseline
 
 
+def is_writer() -> bool:
+    """False in the torchrun ranks other than 0: they train, rank 0 writes (edge-tl build --nproc)."""
+    from edge_tl.workstation.train.distributed import is_writer as writer
+
+    return writer()
+
+
 def _write(out: Path, name: str, data: Any) -> None:
     (out / name).write_text(json.dumps(data, indent=2, default=float) + "\n")
 
@@ -153,6 +160,8 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
         recipe = t.mode
         phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
     res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "fine-tune"))
+    if not is_writer():  # torchrun: rank 0 writes the stage (edge_tl.workstation.train.distributed)
+        return {}
     _write(out, "fit.json", res.as_dict())
     metrics = {"val_top1": res.best_val_top1, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode, "recipe": recipe,
@@ -171,6 +180,8 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     model = build(s.model.backbone, len(ctx.classes), s.model.dropout, seed=s.seed)
     phases = scratch_phases(scratch_epochs(ctx), s.report.scratch_lr)
     res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "scratch"))
+    if not is_writer():
+        return {}
     _write(out, "fit.json", res.as_dict())
     top1, _, preds = evaluate(model.cpu(), *ctx.arrays("test"))
     np.save(out / "test_predictions.npy", preds)
@@ -212,6 +223,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, **_fit_kwargs(ctx, "recovery"))
+        if not is_writer():
+            return {}
         _write(out, "fit.json", fit_res.as_dict())
         metrics.update(val_top1=fit_res.best_val_top1, recovery_epochs_run=fit_res.epochs_run,
                        distill_weight=p.distill_weight,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.workstation.train import distributed as dist
 from edge_tl.workstation.train.backbones import is_head_param
 
 
@@ -41,6 +42,8 @@ class FitResult:
     seconds: float
     device: str
     history: list[dict] = field(default_factory=list)
+    #: processes that trained it (torchrun, edge-tl build --nproc); the global batch is the same for any number
+    processes: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +72,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.devic
     pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     n = max(len(y), 1)
     return float((pred == y).mean()) if len(y) else 0.0, loss / n, pred
+
+
+def evaluate_shared(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[float, float]:
+    """(top-1, mean cross-entropy) like :func:`evaluate`; under torchrun each rank scores every N-th image and
+    the counts are summed over the ranks, so every rank gets the same numbers (and decides alike)."""
+    n, r = dist.world_size(), dist.rank()
+    if n == 1:
+        top1, loss, _ = evaluate(model, x, y, device=device)
+        return top1, loss
+    xs, ys = x[r::n], y[r::n]
+    top1, loss, _ = evaluate(model, xs, ys, device=device)
+    correct, loss_sum = dist.all_sum(top1 * len(ys), loss * len(ys), device=device)
+    return round(correct) / max(len(y), 1), loss_sum / max(len(y), 1)
 
 
 def _optimizer(model: nn.Module, backbone: str, phase: Phase, weight_decay: float) -> torch.optim.Optimizer:
@@ -114,17 +130,19 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
 
     ``sampler`` replaces the shuffled order (class-balanced sampling) and ``loss_fn`` the cross-entropy
     (class-weighted or focal loss): see :mod:`edge_tl.workstation.train.balance`.
+
+    Under torchrun (:mod:`edge_tl.workstation.train.distributed`) every rank runs this with the same arguments:
+    each trains on its shard with ``batch_size / N`` images per step (DDP averages the gradients, so a step is
+    the single process's step on the global batch), augmentation and dropout are seeded ``seed + rank``, and
+    validation counts are summed over the ranks so that early stopping and the best epoch agree everywhere.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    dev = pick_device(device)
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
+    dev = dist.place(pick_device(device))
+    torch.manual_seed(seed + dist.rank())  # rank 0 (and the single process) draws exactly as before
+    np.random.seed((seed + dist.rank()) % (2**32))
     model.to(dev)
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=sampler is None,
-                                         sampler=sampler, generator=gen if sampler is None else None,
-                                         num_workers=workers, drop_last=len(train_ds) > batch_size)
+    loader = dist.loader(train_ds, batch_size, seed=seed, sampler=sampler, workers=workers)
     loss_fn = (loss_fn or nn.CrossEntropyLoss(label_smoothing=label_smoothing)).to(dev)
     if not 0.0 <= distill_weight <= 1.0:
         raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
@@ -137,22 +155,24 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     start = time.perf_counter()
     total = sum(p.epochs for p in phases)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), transient=False) as bar:
+                  TextColumn("{task.fields[status]}"), transient=False, disable=not dist.is_writer()) as bar:
         task = bar.add_task(label, total=total, status="")
         for phase in phases:
             if phase.epochs <= 0:
                 continue
             opt = _optimizer(model, backbone, phase, weight_decay)
             _set_bn_momentum(model, phase)
+            net = dist.wrap(model, dev)  # after _optimizer: DDP syncs the parameters this phase trains
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs)
             stale = 0
             for _ in range(phase.epochs):
                 t0 = time.perf_counter()
                 _set_train_mode(model, phase)
+                dist.set_epoch(loader, epoch)
                 seen, correct, loss_sum = 0, 0, 0.0
                 for xb, yb in loader:
                     xb, yb = xb.to(dev), yb.to(dev)
-                    logits = model(xb)
+                    logits = net(xb)
                     loss = loss_fn(logits, yb)
                     if kd:
                         loss = (1 - distill_weight) * loss + distill_weight * _distill_loss(
@@ -169,7 +189,9 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                     loss_sum += float(loss.detach()) * len(yb)
                 sched.step()
                 epoch += 1
-                val_top1, val_loss, _ = evaluate(model, *val, device=dev)
+                dist.sync_buffers(model)
+                seen, correct, loss_sum = dist.all_sum(seen, correct, loss_sum, device=dev)
+                val_top1, val_loss = evaluate_shared(model, *val, device=dev)
                 history.append({"epoch": epoch, "phase": phase.name, "train_loss": loss_sum / max(seen, 1),
                                 "train_top1": correct / max(seen, 1), "val_loss": val_loss, "val_top1": val_top1,
                                 "seconds": time.perf_counter() - t0})
@@ -192,7 +214,8 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         p.requires_grad = True
     model.eval()
     return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
-                     seconds=time.perf_counter() - start, device=str(dev), history=history)
+                     seconds=time.perf_counter() - start, device=str(dev), history=history,
+                     processes=dist.world_size())
 
 
 def _distill_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:

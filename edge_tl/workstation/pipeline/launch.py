@@ -1,0 +1,229 @@
+"""`edge-tl build --nproc N`: the build under torchrun, N training processes on this machine (docs/distributed.md).
+
+The launcher is torchrun itself (``torch.distributed.run``, called in-process so that a failed rank becomes one
+line here instead of torchrun's traceback): ``torchrun --standalone --nproc-per-node N -m
+edge_tl.workstation.pipeline.launch ...``. Each rank joins the process group (NCCL on GPUs, gloo on CPU,
+:func:`edge_tl.workstation.train.distributed.setup`); rank 0 runs the whole build and is the only writer, the
+others train along (:func:`edge_tl.workstation.pipeline.run.follow_build`). A rank that fails writes its one-line
+error for this process to report; torchrun then stops the other ranks, and the build exits non-zero with the
+stage cache and run folder as a failed single-process build leaves them (finished stages kept, nothing
+half-written: every stage is written to a temporary folder and renamed when done).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import atomic_write_text
+from edge_tl.workstation.pipeline.run import BuildResult
+from edge_tl.workstation.spec import BuildSpec
+
+WORKER = "edge_tl.workstation.pipeline.launch"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def check_nproc(nproc: int, spec: BuildSpec) -> str:
+    """Refuse a process count this machine (or the spec's batch) cannot take; returns 'cuda' or 'cpu'."""
+    import torch
+
+    if nproc < 1:
+        raise EdgeTLError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 (one process) or more")
+    device = spec.train.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EdgeTLError("train.device is 'cuda' but no CUDA GPU is visible to torch", "use --device auto or cpu")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise EdgeTLError(f"--nproc {nproc} is more than the {gpus} CUDA GPU(s) torch sees (one process per GPU)",
+                              f"use --nproc {gpus} or fewer, or --device cpu for CPU processes")
+        kind = "cuda"
+    else:
+        cpus = available_cpus()
+        if nproc > cpus:
+            raise EdgeTLError(f"--nproc {nproc} is more than the {cpus} CPU core(s) available here",
+                              f"use --nproc {cpus} or fewer (one training process per core)")
+        kind = "cpu"
+    from edge_tl.workstation.train.distributed import per_rank_batch_for
+
+    per_rank_batch_for(spec.train.batch_size, nproc)
+    return kind
+
+
+def run_build_distributed(spec: BuildSpec, out: str | Path, nproc: int, *, overwrite: bool = False,
+                          force: list[str] | None = None, console: Console | None = None) -> BuildResult:
+    """Run (or resume) the build in ``out`` with ``nproc`` torchrun processes; the same result object as
+    :func:`edge_tl.workstation.pipeline.run.run_build`, read from what rank 0 wrote."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    console = console or Console(stderr=True)
+    kind = check_nproc(nproc, spec)
+    run_dir = Path(out).expanduser().resolve()
+    work = Path(tempfile.mkdtemp(prefix="edge-tl-torchrun-"))
+    keep = False
+    try:
+        (work / "spec.json").write_text(spec.model_dump_json())
+        (work / "errors").mkdir()
+        argv = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+                "--log-dir", str(work / "logs"), "--redirects", ",".join(f"{r}:3" for r in range(1, nproc)),
+                "-m", WORKER, "--spec", str(work / "spec.json"), "--out", str(run_dir), "--work", str(work)]
+        argv += ["--overwrite"] if overwrite else []
+        for stage in force or []:
+            argv += ["--force", stage]
+        console.print(f"[bold]→[/] training with {nproc} processes (torchrun, DistributedDataParallel over "
+                      f"{'NCCL, one GPU each' if kind == 'cuda' else 'gloo on CPU'}); rank 0 writes the build")
+        env = {"OMP_NUM_THREADS": str(max(1, available_cpus() // nproc))} if kind == "cpu" else {}
+        with _quiet_torchrun(), _environ(env):
+            try:
+                torchrun.run(torchrun.parse_args(argv))
+            except SignalException as exc:  # Ctrl-C or SIGTERM to this process: torchrun stopped the ranks
+                raise KeyboardInterrupt from exc
+            except ChildFailedError as exc:
+                err = _failure(exc, work, run_dir, nproc)
+                keep = "see its log" in (err.fix or "")  # no rank said why: its log is all there is
+                raise err from None
+        return _read_result(work / "result.json")
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
+    """One line for a failed torchrun: the failing rank's own error when it wrote one."""
+    # the first error written is the cause: a rank whose peer died may fail at its next collective, later
+    errors = sorted((json.loads(f.read_text()) for f in (work / "errors").glob("rank-*.json")),
+                    key=lambda e: e["time"])
+    first = min(exc.failures.items(), key=lambda kv: kv[1].timestamp)[0] if getattr(exc, "failures", None) else 0
+    _mark_failed(run_dir)
+    if errors:  # rank 0 runs the build: its errors read as a single process's; another rank's says which
+        err = errors[0]
+        problem = err["problem"] if err["rank"] == 0 else f"training process rank {err['rank']} of {nproc}: " \
+            f"{err['problem']}"
+        return EdgeTLError(problem, err.get("fix"), exit_code=err.get("exit_code", 2))
+    fail = exc.failures.get(first) if getattr(exc, "failures", None) else None
+    how = f"exit code {fail.exitcode}" if fail is not None else "an unknown cause"
+    if fail is not None and fail.exitcode < 0:
+        how = f"signal {-fail.exitcode}"
+    return EdgeTLError(f"training process rank {first} of {nproc} stopped with {how}",
+                       f"see its log under {work / 'logs'}; --nproc 1 trains in one process")
+
+
+def _mark_failed(run_dir: Path) -> None:
+    """After every rank stopped: a run that rank 0 left 'running' (it was stopped because another rank failed)
+    is marked failed, and stage folders it was writing are removed; the next run resumes from the last stage."""
+    import time
+
+    from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
+
+    folder = RunFolder(run_dir)
+    state = folder.state
+    if state and state.get("status") == "running":
+        folder.mark("failed", error="a training process failed (see the error printed by edge-tl build)",
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if (run_dir / "stages").is_dir():
+        StageCache(run_dir)  # removes .<stage>.partial-* folders
+
+
+def _read_result(path: Path) -> BuildResult:
+    if not path.is_file():
+        raise EdgeTLError("the torchrun processes ended without a build result", "run again; --nproc 1 trains in one "
+                          "process")
+    d = json.loads(path.read_text())
+    for key in ("run_dir", "bundle_dir", "tarball", "report"):
+        d[key] = Path(d[key])
+    d["targets"] = [tuple(t) for t in d["targets"]]
+    return BuildResult(**d)
+
+
+class _quiet_torchrun:  # noqa: N801 - a context manager used like a function
+    """torchrun's agent logs every start and, on a failed rank, a traceback: this process prints one line."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger("torch.distributed.elastic")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+class _environ:  # noqa: N801
+    def __init__(self, values: dict[str, str]):
+        self.values = {k: v for k, v in values.items() if k not in os.environ}
+
+    def __enter__(self) -> None:
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc: object) -> None:
+        for k in self.values:
+            os.environ.pop(k, None)
+
+
+# -- the worker: one per rank, started by torchrun ------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m {WORKER}", description="one rank of edge-tl build --nproc")
+    ap.add_argument("--spec", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--force", action="append", default=[])
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from edge_tl.workstation.pipeline.run import follow_build, run_build
+        from edge_tl.workstation.train import distributed
+
+        spec = BuildSpec.model_validate_json(args.spec.read_text())
+        distributed.setup(spec.train.device)
+        if distributed.is_writer():
+            res = run_build(spec, args.out, overwrite=args.overwrite, force=args.force,
+                            console=Console(stderr=True, highlight=False))
+            data = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items()}
+            atomic_write_text(args.work / "result.json", json.dumps(data, default=float))
+        else:
+            follow_build()
+        distributed.teardown()
+        return 0
+    except EdgeTLError as exc:
+        _report(args.work, rank, exc.problem, exc.fix, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: the traceback goes to this rank's log, one line to the launcher
+        import traceback
+
+        traceback.print_exc()
+        _report(args.work, rank, f"internal error (a bug in edge-tl): {type(exc).__name__}: {exc}",
+                "please report it with the rank's log (edge-tl build --nproc 1 trains in one process)", 70)
+        return 70
+
+
+def _report(work: Path, rank: int, problem: str, fix: str | None, exit_code: int) -> None:
+    import time
+
+    atomic_write_text(work / "errors" / f"rank-{rank}.json", json.dumps(
+        {"rank": rank, "problem": problem, "fix": fix, "exit_code": exit_code, "time": time.time()}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
