@@ -148,6 +148,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                    "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
                    "comparison": comparison, "paired_tests": (stats or {}).get("paired"),
                    "test_images": (stats or {}).get("test_images"), "mode": s.train.mode,
+                   "training_processes": ctx.processes,
                    "preprocess": pre.model_dump(mode="json"), **_transfer_choices(ctx)},
         )
         return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)

@@ -108,20 +108,29 @@ def run_build_distributed(spec: BuildSpec, out: str | Path, nproc: int, *, overw
 
 def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
     """One line for a failed torchrun: the failing rank's own error when it wrote one."""
-    # the first error written is the cause: a rank whose peer died may fail at its next collective, later
-    errors = sorted((json.loads(f.read_text()) for f in (work / "errors").glob("rank-*.json")),
-                    key=lambda e: e["time"])
-    first = min(exc.failures.items(), key=lambda kv: kv[1].timestamp)[0] if getattr(exc, "failures", None) else 0
+    reports = {e["rank"]: e for e in (json.loads(f.read_text()) for f in (work / "errors").glob("rank-*.json"))}
+    failures = dict(getattr(exc, "failures", None) or {})
     _mark_failed(run_dir)
+    # the cause: a rank's own error first; else a rank that died without one (killed, out of memory); a rank
+    # that only lost its peers (gloo/NCCL "connection reset" at its next collective) is the echo, not the cause
+    own = sorted((e for e in reports.values() if not e.get("peer_lost")), key=lambda e: e["time"])
+    silent = sorted(r for r in failures if r not in reports)
+    errors = own or ([] if silent else sorted(reports.values(), key=lambda e: e["time"]))
+    first = silent[0] if silent else min(failures, default=0)
     if errors:  # rank 0 runs the build: its errors read as a single process's; another rank's says which
         err = errors[0]
         problem = err["problem"] if err["rank"] == 0 else f"training process rank {err['rank']} of {nproc}: " \
             f"{err['problem']}"
         return EdgeTLError(problem, err.get("fix"), exit_code=err.get("exit_code", 2))
-    fail = exc.failures.get(first) if getattr(exc, "failures", None) else None
+    fail = failures.get(first)
     how = f"exit code {fail.exitcode}" if fail is not None else "an unknown cause"
     if fail is not None and fail.exitcode < 0:
-        how = f"signal {-fail.exitcode}"
+        import signal
+
+        try:
+            how = f"signal {-fail.exitcode} ({signal.Signals(-fail.exitcode).name})"
+        except ValueError:
+            how = f"signal {-fail.exitcode}"
     return EdgeTLError(f"training process rank {first} of {nproc} stopped with {how}",
                        f"see its log under {work / 'logs'}; --nproc 1 trains in one process")
 
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             data = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items()}
             atomic_write_text(args.work / "result.json", json.dumps(data, default=float))
         else:
-            follow_build()
+            follow_build(args.work)
         distributed.teardown()
         return 0
     except EdgeTLError as exc:
@@ -213,16 +222,32 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        _report(args.work, rank, f"internal error (a bug in edge-tl): {type(exc).__name__}: {exc}",
-                "please report it with the rank's log (edge-tl build --nproc 1 trains in one process)", 70)
+        if _lost_peer(exc):
+            _report(args.work, rank, f"lost contact with the other training processes ({' '.join(str(exc).split())})",
+                    "see the other ranks' errors; --nproc 1 trains in one process", 70, peer_lost=True)
+        else:
+            _report(args.work, rank, f"internal error (a bug in edge-tl): {type(exc).__name__}: {exc}",
+                    "please report it with the rank's log (edge-tl build --nproc 1 trains in one process)", 70)
         return 70
 
 
-def _report(work: Path, rank: int, problem: str, fix: str | None, exit_code: int) -> None:
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo: "Connection reset by peer", NCCL: a
+    DistBackendError), rather than a failure of this rank's own."""
+    import torch.distributed
+
+    if isinstance(exc, getattr(torch.distributed, "DistBackendError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("gloo" in text or "Connection" in text or "NCCL" in text)
+
+
+def _report(work: Path, rank: int, problem: str, fix: str | None, exit_code: int, *, peer_lost: bool = False) -> None:
     import time
 
     atomic_write_text(work / "errors" / f"rank-{rank}.json", json.dumps(
-        {"rank": rank, "problem": problem, "fix": fix, "exit_code": exit_code, "time": time.time()}))
+        {"rank": rank, "problem": problem, "fix": fix, "exit_code": exit_code, "time": time.time(),
+         "peer_lost": peer_lost}))
 
 
 if __name__ == "__main__":

@@ -277,8 +277,9 @@ def _trained_together(ctx: Context, stages: list[str]) -> list[str]:
     return [st for st in stages if trains.get(st) and not ctx.cache.is_done(st, ctx.keys[st])]
 
 
-def follow_build() -> None:
-    """A torchrun rank other than 0: train along with rank 0 (see above); writes nothing."""
+def follow_build(scratch: Path | None = None) -> None:
+    """A torchrun rank other than 0: train along with rank 0 (see above); writes nothing in the run folder (the
+    stage functions get a throwaway folder under ``scratch``, the launcher's own temporary folder)."""
     import tempfile
 
     from edge_tl.workstation.data import DataSplit
@@ -294,5 +295,5 @@ def follow_build() -> None:
     ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
     for stage in info["trained"]:
         distributed.barrier()
-        with tempfile.TemporaryDirectory(prefix=f"edge-tl-rank{distributed.rank()}-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"rank{distributed.rank()}-", dir=scratch) as tmp:
             RUNNERS[stage](ctx, Path(tmp))

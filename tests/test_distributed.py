@@ -1,0 +1,142 @@
+"""`edge-tl build --nproc N`: the build under the real torchrun with DistributedDataParallel over gloo, two CPU
+processes, through the CLI as a user runs it (issue 15 item 2). The accuracy against the single-process seed
+spread of the full demo is measured by ``benchmarks/bench_build.py --only ddp`` (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_tl.core.bundle import Bundle
+
+pytest.importorskip("torch", reason="the workstation extra (torch) is not installed")
+
+from test_build_e2e import EDGE_TL, SMALL, edge_tl  # noqa: E402
+
+WORKER = "edge_tl.workstation.pipeline.launch"
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return " ".join(proc.stderr.split("error:", 1)[1].split())
+
+
+@pytest.fixture(scope="module")
+def ddp_built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    proc = edge_tl("build", "--out", str(run), "--nproc", "2", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_build_a_valid_bundle(ddp_built):
+    run, proc = ddp_built
+    assert "training with 2 processes (torchrun, DistributedDataParallel over gloo on CPU)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "bundle:" in proc.stdout
+    b = Bundle.open(run / "bundle")
+    b.verify()
+    Bundle.open(run / "bundle.tar.gz").verify()
+    m = b.manifest
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "done" and state["bundle_id"] == m.bundle_id
+    assert m.build["training_processes"] == 2
+    for stage in ("finetune", "prune"):  # both training loops ran in 2 processes, on CPU
+        fit = json.loads(next(run.glob(f"stages/{stage}-*/fit.json")).read_text())
+        assert fit["processes"] == 2 and fit["device"] == "cpu"
+        assert fit["epochs_run"] == len(fit["history"]) > 0
+    ft, pr, q = m.stages["finetune"], m.stages["prune"], m.stages["quantize"]
+    assert ft.chance_check["passed"] and pr.chance_check["passed"]  # it learned (chance is 0.2)
+    assert ft.top1 > 0.4 and q.top1 is not None and q.top1 > 0.4
+    # one writer: no stage folder half-written, nothing else in the cache
+    assert not list((run / "stages").glob(".*")) and sorted(p.name.split("-")[0] for p in (run / "stages").iterdir()) \
+        == ["data", "export", "finetune", "prune", "quantize"]
+    # a resumed / repeated build in 2 processes reuses what rank 0 cached
+    again = edge_tl("build", "--out", str(run), "--nproc", "2", "--overwrite", *SMALL)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stages run: none" in again.stdout
+
+
+def _rank_pid(rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if WORKER.encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_fails_the_build_in_one_line(tmp_path):
+    """Rank 1 killed in the middle of training (as the OOM killer would): the build exits non-zero with one
+    line, the run is marked failed, no bundle and no half-written stage folder; the next run resumes."""
+    run, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    build = subprocess.Popen([*EDGE_TL, "build", "--out", str(run), "--nproc", "2", *SMALL], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp)})
+    deadline, pid = time.monotonic() + 240, None
+    while time.monotonic() < deadline and build.poll() is None:
+        pid = _rank_pid(1)
+        if pid and list((run / "stages").glob("data-*")):  # the data stage is written: training starts
+            time.sleep(1.5)
+            break
+        time.sleep(0.2)
+    assert pid, "rank 1 never started"
+    os.kill(pid, signal.SIGKILL)
+    out, err = build.communicate(timeout=240)
+    proc = subprocess.CompletedProcess(build.args, build.returncode, out, err)
+    assert proc.returncode == 2
+    line = _one_error_line(proc)
+    assert line.startswith("training process rank 1 of 2 stopped with signal 9 (SIGKILL); see its log under "), line
+    assert Path(line.split("see its log under ")[1].split(";")[0]).is_dir()  # kept: the rank said nothing else
+    state = json.loads((run / "run.json").read_text())
+    assert state["status"] == "failed"
+    assert not (run / "bundle").exists() and not (run / "bundle.tar.gz").exists()
+    assert not list((run / "stages").glob(".*")) and not list((run / "stages").glob("finetune-*"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--nproc", "1000"], "--nproc 1000 is more than the"),
+    (["--nproc", "0"], "--nproc 0 is not a number of processes; pass --nproc 1 (one process) or more"),
+    (["--nproc", "2", "--batch-size", "15"],
+     "train.batch_size 15 does not split evenly over 2 processes; choose a batch size divisible by 2"),
+])
+def test_bad_nproc_is_one_line_and_touches_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = edge_tl("build", "--out", str(out), *args, timeout=120)
+    assert proc.returncode == 2
+    assert message in _one_error_line(proc)
+    assert not out.exists()
+
+
+def test_nproc_more_than_the_cpus_names_the_fix(tmp_path):
+    from edge_tl.workstation.pipeline.launch import available_cpus
+
+    n = available_cpus()
+    proc = edge_tl("build", "--out", str(tmp_path / "run"), "--nproc", str(n + 1), "--device", "cpu", timeout=120)
+    assert proc.returncode == 2
+    assert _one_error_line(proc) == (f"--nproc {n + 1} is more than the {n} CPU core(s) available here; use --nproc "
+                                     f"{n} or fewer (one training process per core)")
+
+
+def test_nproc_on_cuda_without_a_gpu_is_refused(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: the refusal is for machines without one")
+    proc = edge_tl("build", "--out", str(tmp_path / "run"), "--nproc", "2", "--device", "cuda", timeout=120)
+    assert proc.returncode == 2
+    assert _one_error_line(proc).startswith("train.device is 'cuda' but no CUDA GPU is visible to torch")
