@@ -114,7 +114,11 @@ def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
     # the cause: a rank's own error first; else a rank that died without one (killed, out of memory); a rank
     # that only lost its peers (gloo/NCCL "connection reset" at its next collective) is the echo, not the cause
     own = sorted((e for e in reports.values() if not e.get("peer_lost")), key=lambda e: e["time"])
-    silent = sorted(r for r in failures if r not in reports)
+    import signal
+
+    # torchrun stops the other ranks with SIGTERM once one failed: those are the echo, not the cause
+    silent = sorted((r for r in failures if r not in reports),
+                    key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].timestamp, r))
     errors = own or ([] if silent else sorted(reports.values(), key=lambda e: e["time"]))
     first = silent[0] if silent else min(failures, default=0)
     if errors:  # rank 0 runs the build: its errors read as a single process's; another rank's says which
@@ -125,8 +129,6 @@ def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
     fail = failures.get(first)
     how = f"exit code {fail.exitcode}" if fail is not None else "an unknown cause"
     if fail is not None and fail.exitcode < 0:
-        import signal
-
         try:
             how = f"signal {-fail.exitcode} ({signal.Signals(-fail.exitcode).name})"
         except ValueError:
