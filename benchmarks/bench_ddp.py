@@ -146,7 +146,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--work", type=Path, help="keep run folders here (a rerun resumes from it)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: the first seed only")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds = args.seeds[:1]
     console = Console(stderr=True)
     single = recorded_single()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-ddp-"))
