@@ -140,3 +140,20 @@ def test_nproc_on_cuda_without_a_gpu_is_refused(tmp_path):
     proc = edge_tl("build", "--out", str(tmp_path / "run"), "--nproc", "2", "--device", "cuda", timeout=120)
     assert proc.returncode == 2
     assert _one_error_line(proc).startswith("train.device is 'cuda' but no CUDA GPU is visible to torch")
+
+
+def test_a_balanced_sampler_is_shared_out_over_the_ranks():
+    """train.balance = "sampler" under torchrun: every rank draws the same weighted order from its own copy of
+    the sampler (seeded alike) and keeps every N-th index, padded so that all ranks step the same number of times."""
+    import numpy as np
+
+    from edge_tl.workstation.train.balance import make_sampler
+    from edge_tl.workstation.train.distributed import ShardedSampler
+
+    labels = np.array([0] * 40 + [1] * 7 + [2] * 4)
+    whole = list(make_sampler(labels, 3, seed=5))
+    for n in (2, 3, 4):
+        shards = [list(ShardedSampler(make_sampler(labels, 3, seed=5), n, r)) for r in range(n)]
+        assert {len(s) for s in shards} == {-(-len(whole) // n)}
+        padded = whole + whole[:n * len(shards[0]) - len(whole)]
+        assert [i for step in zip(*shards, strict=True) for i in step] == padded
