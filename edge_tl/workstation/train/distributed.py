@@ -159,12 +159,14 @@ def wrap(model: nn.Module, dev: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dev.index] if dev.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, output_device=dev.index if ids else None)
+    # buffers: not broadcast before every forward; fit calls sync_buffers after each epoch, before validation
+    return DistributedDataParallel(model, device_ids=ids, output_device=dev.index if ids else None,
+                                   broadcast_buffers=False)
 
 
 def sync_buffers(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank, so all ranks evaluate the same model.
-    DDP broadcasts them before each forward; the last training forward of an epoch updates them per rank."""
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, so all ranks evaluate the same model
+    (:func:`wrap` leaves them to this: where BatchNorm trains, each rank's forwards update its own)."""
     if world_size() == 1:
         return
     for buf in model.buffers():
