@@ -99,6 +99,12 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert cal["ece_bins"] == 15 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9  # T = 1 was among the candidates
     assert "## Calibration (shipped INT8 model)" in report and "calibration: temperature" in proc.stderr
+    # Grad-CAM (issue 14 item 6, report.explain on by default): the figure is in the report, one number per class
+    assert "![Grad-CAM overlays](plots/gradcam.png)" in report and "before quantization" in report
+    assert (run / "plots" / "gradcam.png").stat().st_size > 1000
+    gradcam = json.loads((run / "plots" / "gradcam.json").read_text())
+    assert gradcam["layer"] == "features.6" and [r["class"] for r in gradcam["per_class"]] == m.classes
+    assert all(r["correlation"] is None or -1 <= r["correlation"] <= 1 for r in gradcam["per_class"])
 
 
 @pytest.mark.slow

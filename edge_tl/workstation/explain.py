@@ -216,6 +216,14 @@ def report_section(ctx: Any, plots: Path) -> list[str]:
                 max_images=s.report.explain_images)
     ctx.console.print(f"explanations: Grad-CAM at {e.layer} for {len(e.examples)} test images and the per-class "
                       f"agreement ({e.seconds:.1f} s)")
+    import json
+
+    from edge_tl.core.fsutil import atomic_write_text
+
+    atomic_write_text(plots / "gradcam.json", json.dumps({"layer": e.layer, "examples": e.examples,
+                                                          "per_class": e.per_class, "seconds": round(e.seconds, 3),
+                                                          "pruned_model": "pruned + recovered PyTorch model, before "
+                                                          "quantization"}, indent=2) + "\n")
     lines = ["", "## Explanations: where the models look (Grad-CAM)", "",
              f"Grad-CAM (Captum `LayerGradCam`) at `{e.layer}`, the last conv block of the backbone with a map of at "
              "least 4x4 cells, for the fine-tuned model and the shipped pruned model (the pruned + recovered PyTorch "
