@@ -23,6 +23,7 @@ from edge_tl.core.bundle import (
     GOLDEN_OUTPUTS,
     INT8_MODEL,
     LABELS,
+    POSTPROCESS,
     PREPROCESS,
     DataSummary,
     GoldenInfo,
@@ -33,6 +34,7 @@ from edge_tl.core.bundle import (
     utc_now,
     write_bundle,
 )
+from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
 CLASSES = ["circle", "square", "triangle", "cross"]
@@ -92,9 +94,10 @@ def make_images(n: int, seed: int = 0, size: int = 24) -> list[Image.Image]:
 
 
 def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
-                     broken_int8: bool = False, tarball: bool = True) -> Path:
+                     broken_int8: bool = False, tarball: bool = True, temperature: float | None = None) -> Path:
     """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` swaps in an INT8 model
-    with other weights, so a parity gate on it must fail while every hash still matches."""
+    with other weights, so a parity gate on it must fail while every hash still matches. ``temperature``: a
+    calibrated temperature in postprocess.json (None: write_bundle's default, temperature 1, not fitted)."""
     import onnxruntime as ort
 
     pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -108,6 +111,8 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
         quantize_qdq(src, staging / INT8_MODEL, calib)
         (staging / LABELS).write_text("\n".join(CLASSES) + "\n")
         pre_cfg.save(staging / PREPROCESS)
+        if temperature is not None:
+            PostprocessConfig(temperature=temperature, fitted_on="tests").save(staging / POSTPROCESS)
         images = make_images(golden, seed=seed)
         index = []
         for i, img in enumerate(images):

@@ -91,8 +91,20 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     verdicts = [line.rsplit("|", 2)[1].strip(" *") for line in report.split("## Targets")[1].split("\n\n")[1]
                 .splitlines()[2:]]
     assert verdicts and set(verdicts) <= {"met", "missed", "not distinguishable from the target at this test size"}
-    for png in ("curves", "accuracy_vs_macs", "confusion_int8"):
+    for png in ("curves", "accuracy_vs_macs", "confusion_int8", "reliability"):
         assert (run / "plots" / f"{png}.png").stat().st_size > 1000
+    # calibration (issue 14 item 7): the fitted temperature is the one the bundle's runtimes apply
+    cal = q.calibration
+    assert b.postprocess.temperature == pytest.approx(cal["temperature"], rel=1e-5) and b.postprocess.calibrated
+    assert cal["ece_bins"] == 15 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
+    assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9  # T = 1 was among the candidates
+    assert "## Calibration (shipped INT8 model)" in report and "calibration: temperature" in proc.stderr
+    # Grad-CAM (issue 14 item 6, report.explain on by default): the figure is in the report, one number per class
+    assert "![Grad-CAM overlays](plots/gradcam.png)" in report and "before quantization" in report
+    assert (run / "plots" / "gradcam.png").stat().st_size > 1000
+    gradcam = json.loads((run / "plots" / "gradcam.json").read_text())
+    assert gradcam["layer"] == "features.6" and [r["class"] for r in gradcam["per_class"]] == m.classes
+    assert all(r["correlation"] is None or -1 <= r["correlation"] <= 1 for r in gradcam["per_class"])
 
 
 @pytest.mark.slow

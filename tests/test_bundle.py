@@ -20,7 +20,7 @@ def test_bundle_opens_and_verifies(tiny_bundle_src):
     b = Bundle.open(tiny_bundle_src)
     b.verify()
     m = b.manifest
-    assert m.schema_version == 1
+    assert m.schema_version == 2  # 2: postprocess.json (the calibrated temperature)
     assert len(m.bundle_id) == 16
     assert b.labels == m.classes == ["circle", "square", "triangle", "cross"]
     assert b.golden_inputs().shape == (6, 3, 16, 16)

@@ -81,7 +81,9 @@ def infer_cmd(
         if out is not None:
             stream.close()
     err.print(f"{summary.classified} classified, {summary.errors} error record(s)"
-              + (f", written to {escape(str(out))}" if out else ""))
+              + (f", written to {escape(str(out))}" if out else "")
+              + (f"; scores: softmax(logits / {summary.temperature:g}), the bundle's calibrated temperature"
+                 if summary.calibrated else "; scores: plain softmax (the bundle has no calibrated temperature)"))
     if summary.errors:  # some pictures (files, frames, folders) failed: say so in the exit code
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ A bundle is a directory (and a ``.tar.gz`` of it) holding::
     labels.txt           one class name per line, in output order (for people: the manifest's ``classes``
                          is what every command reads)
     preprocess.json      edge_tl.core.preprocess.PreprocessConfig
+    postprocess.json     edge_tl.core.postprocess.PostprocessConfig: the temperature of the scores (schema 2 on)
     golden/inputs.npy    N x C x H x W float32, already preprocessed
     golden/outputs.npy   N x num_classes float32: model.onnx's outputs for those inputs (ONNX Runtime CPU)
     golden/images/*.png  the N source images, so a device can check preprocessing too
@@ -50,15 +51,20 @@ from edge_tl.core.fsutil import (
     safe_extract,
     sha256_file,
 )
+from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
-SCHEMA_VERSION = 1
+#: 2: postprocess.json (the calibrated temperature of the scores). Schema 1 bundles are still read: no
+#: postprocess.json there, so temperature 1 (plain softmax), what they always meant.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
 LABELS = "labels.txt"
 PREPROCESS = "preprocess.json"
+POSTPROCESS = "postprocess.json"
 GOLDEN_INPUTS = "golden/inputs.npy"
 GOLDEN_OUTPUTS = "golden/outputs.npy"
 GOLDEN_INDEX = "golden/golden.json"
@@ -270,6 +276,9 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
     for required in (FP32_MODEL, LABELS, PREPROCESS, GOLDEN_INPUTS, GOLDEN_OUTPUTS):
         if not (staging / required).is_file():
             raise EdgeTLError(f"bundle is missing {required}", "this is a bug in the build pipeline")
+    if not (staging / POSTPROCESS).is_file():  # not calibrated: say so in the bundle (temperature 1)
+        PostprocessConfig().save(staging / POSTPROCESS)
+    PostprocessConfig.load(staging / POSTPROCESS)  # a bad temperature is refused before anything is sealed
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for item in staging.iterdir():
@@ -327,9 +336,10 @@ class Bundle:
         except OSError as exc:
             raise EdgeTLError(f"cannot read {mpath} ({exc.strerror or exc})", "check the file's permissions") from exc
         version = data.get("schema_version") if isinstance(data, dict) else None
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             made_by = data.get("edge_tl_version", "?") if isinstance(data, dict) else "?"
-            raise EdgeTLError(f"{mpath} has schema_version {version}, this edge-tl reads {SCHEMA_VERSION}",
+            raise EdgeTLError(f"{mpath} has schema_version {version}, this edge-tl reads "
+                              f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
                               f"use the edge-tl version that built it ({made_by})")
         try:
             manifest = Manifest.model_validate(data)
@@ -363,6 +373,13 @@ class Bundle:
     @cached_property
     def preprocessor(self) -> Preprocessor:
         return Preprocessor(self.preprocess)
+
+    @cached_property
+    def postprocess(self) -> PostprocessConfig:
+        """How logits become scores (the calibrated temperature). A schema 1 bundle has none: temperature 1."""
+        if POSTPROCESS not in self.manifest.artifacts and self.manifest.schema_version < 2:
+            return PostprocessConfig()
+        return PostprocessConfig.load(self.root / POSTPROCESS)
 
     @property
     def labels(self) -> list[str]:
@@ -435,7 +452,7 @@ class Bundle:
         problems += [f"{rel} is not in the manifest" for rel in sorted(extra)]
         if not self.manifest.artifacts:
             problems.append("the manifest lists no artifacts")
-        for required in (FP32_MODEL, PREPROCESS):
+        for required in (FP32_MODEL, PREPROCESS) + ((POSTPROCESS,) if self.manifest.schema_version >= 2 else ()):
             if required not in self.manifest.artifacts:
                 problems.append(f"the manifest does not list {required}")
         expected_id = bundle_id_of(self.manifest.artifacts)
@@ -454,6 +471,7 @@ class Bundle:
         where = f"bundle {self.root}"
         fix = "the manifest was edited or is corrupt; rebuild the bundle"
         h, w = self.preprocess.input_size
+        self.postprocess  # noqa: B018  (a bad temperature is refused when the bundle is opened, in one line)
         want_in = [3, h, w]
         if len(m.input.shape) != 4 or list(m.input.shape[1:]) != want_in or isinstance(m.input.shape[0], int) \
                 and m.input.shape[0] < 1:

@@ -21,6 +21,7 @@ INSTALL_HINTS: dict[str, str] = {
     "torch_pruning": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "onnxslim": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "sklearn": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
+    "captum": "install the workstation extra: pip install 'edge-tl[workstation,cpu]' (or set report.explain = false)",
     "onnxruntime": "install ONNX Runtime: pip install 'edge-tl[cpu]' (or the Jetson wheel of onnxruntime-gpu)",
     "tensorrt": "TensorRT's Python bindings come with JetPack: sudo apt install python3-libnvinfer "
     "(in a venv, create it with --system-site-packages)",

@@ -6,7 +6,9 @@ Each record (one line of JSON)::
      "top_k": [{"label": "cat", "index": 3, "score": 0.91}, ...], "latency_ms": 4.2, "infer_ms": 3.1,
      "model_version": "<bundle_id>"}
 
-``frame`` is the frame index for videos and streams; ``latency_ms`` covers preprocessing and inference,
+``score`` is the bundle's calibrated probability, ``softmax(logits / temperature)`` with the temperature of its
+``postprocess.json`` (1 for bundles built before calibration; edge_tl.core.postprocess). ``frame`` is the frame
+index for videos and streams; ``latency_ms`` covers preprocessing and inference,
 ``infer_ms`` the runner alone. A picture that cannot be read gives ``{"source", "frame", "timestamp",
 "error", "model_version"}`` instead, and processing goes on. Preprocessing is the bundle's own
 ``preprocess.json`` (``Bundle.preprocessor``); the backend is the best one installed unless chosen.
@@ -28,18 +30,11 @@ import numpy as np
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.core.postprocess import softmax  # noqa: F401  (re-exported: plain softmax, temperature 1)
 from edge_tl.device.engine.cache import EngineCache
 from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
 from edge_tl.device.sources import Item, SourceSpec, open_source, parse_source
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of a (N, C) array, computed stably in float64, returned as float32."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def top_k(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[str, Any]]:
@@ -95,9 +90,13 @@ class Classifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.runner.infer({self.input_name: batch})[self.output_name]
 
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """The bundle's calibrated probabilities: softmax(logits / temperature) (edge_tl.core.postprocess)."""
+        return self.bundle.postprocess.scores(logits)
+
     def classify(self, images: Sequence[Any], k: int = 5) -> list[list[dict[str, Any]]]:
         batch = np.stack([self.preprocess(img) for img in images])
-        probs = softmax(self.logits(batch))
+        probs = self.scores(self.logits(batch))
         return [top_k(p, self.bundle.labels, k) for p in probs]
 
     def close(self) -> None:
@@ -113,7 +112,7 @@ def records(classifier: Classifier, items: Iterator[Item], k: int = 5) -> Iterat
                 start = time.perf_counter()
                 x = classifier.preprocess(item.image)[None]
                 t_inf = time.perf_counter()
-                probs = softmax(classifier.logits(x))[0]
+                probs = classifier.scores(classifier.logits(x))[0]
                 end = time.perf_counter()
                 rec["top_k"] = top_k(probs, classifier.bundle.labels, k)
                 rec["latency_ms"] = round((end - start) * 1e3, 3)
@@ -131,6 +130,8 @@ class InferSummary:
     classified: int = 0
     errors: int = 0
     reconnects: int = 0
+    temperature: float = 1.0  # the scores' temperature (the bundle's postprocess.json)
+    calibrated: bool = False  # False: the bundle has no fitted temperature (plain softmax)
 
 
 def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, root: str | Path | None = None,
@@ -145,7 +146,7 @@ def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, roo
     b, engine_dir = resolve_bundle(bundle, root)
     out = out or sys.stdout
     classifier = Classifier.load(b, backend, precision, threads=threads, engine_dir=engine_dir)
-    summary = InferSummary()
+    summary = InferSummary(temperature=b.postprocess.temperature, calibrated=b.postprocess.calibrated)
     try:
         items = open_source(spec, every=every, max_fps=max_fps, max_reconnects=max_reconnects)
         for rec in records(classifier, items, k):

@@ -21,7 +21,7 @@ from edge_tl import __version__
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.importer import require
 from edge_tl.core.layout import DeviceLayout
-from edge_tl.device.infer import softmax, top_k
+from edge_tl.device.infer import top_k
 from edge_tl.device.serve.config import ServeConfig
 from edge_tl.device.serve.images import decode_image
 from edge_tl.device.serve.metrics import Metrics
@@ -356,7 +356,7 @@ class ServeHandlers:
             start = time.perf_counter()
             x = await asyncio.get_running_loop().run_in_executor(None, self._prepare, model, body)
             logits = (await model.infer({model.input_name: x}))[model.output_name]
-            preds = top_k(softmax(logits)[0], model.labels, k)
+            preds = top_k(model.bundle.postprocess.scores(logits)[0], model.labels, k)  # calibrated
             result = {"model_name": self.manager.name_of(model), "model_version": model.version,
                       "predictions": preds, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
         finally:

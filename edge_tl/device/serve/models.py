@@ -132,8 +132,10 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
         raise
     precision = config.precision or m.default_precision
     model = LoadedModel(bundle, runner, config, metrics, precision)
-    log.info("model %s (%s, version %s) loaded on %s, %s", m.name, bundle.root, model.version, runner.backend,
-             precision)
+    post = bundle.postprocess
+    log.info("model %s (%s, version %s) loaded on %s, %s; /classify scores softmax(logits / %g)%s", m.name,
+             bundle.root, model.version, runner.backend, precision, post.temperature,
+             "" if post.calibrated else " (no calibrated temperature in this bundle: plain softmax)")
     return model
 
 

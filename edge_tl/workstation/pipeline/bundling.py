@@ -20,6 +20,7 @@ from edge_tl.core.bundle import (
     GOLDEN_OUTPUTS,
     INT8_MODEL,
     LABELS,
+    POSTPROCESS,
     PREPROCESS,
     GoldenInfo,
     Manifest,
@@ -29,6 +30,7 @@ from edge_tl.core.bundle import (
     utc_now,
     write_bundle,
 )
+from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import Preprocessor, to_rgb
 from edge_tl.core.targets import get_target
 from edge_tl.workstation.pipeline.context import Context
@@ -69,6 +71,8 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
         m = dict(ctx.read(stage, "metrics.json"))
         m.pop("confusion", None)
         m.pop("op_types", None)
+        if isinstance(m.get("calibration"), dict):  # the manifest line; the reliability bins stay in the report
+            m["calibration"] = {k: v for k, v in m["calibration"].items() if not k.startswith("reliability")}
         if stage in ci:
             m["top1_ci95"] = [round(v, 4) for v in ci[stage]]
         if stage == "quantize" and "quantize_ort_cpu_kernels" in ci:
@@ -78,6 +82,14 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
                                 "quantize": "onnxruntime-cpu (its INT8 CPU kernels)"}[stage]
         out[stage] = StageMetrics.model_validate(m)
     return out
+
+
+def postprocess_config(quant_metrics: dict[str, Any]) -> PostprocessConfig:
+    """The bundle's postprocess.json: the temperature the quantize stage fitted (edge_tl.workstation.calibrate)."""
+    cal = quant_metrics.get("calibration")
+    if not cal:
+        return PostprocessConfig()
+    return PostprocessConfig(temperature=round(float(cal["temperature"]), 6), fitted_on=cal["fitted_on"])
 
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
@@ -105,6 +117,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         shutil.copyfile(ctx.folder("quantize") / "model.int8.onnx", staging / INT8_MODEL)
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
+        postprocess_config(quant).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         labels = split.labels("test")
         paths = split.paths("test")

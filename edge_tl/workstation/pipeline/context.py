@@ -118,7 +118,8 @@ class Context:
                                  [k["data"]])
         k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed}, [k["finetune"]])
         k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
-        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed, "eval": 2},
+        # quantize eval 3: + temperature scaling fitted on validation, ECE on test (calibrate.py)
+        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed, "eval": 3},
                                   [k["export"], k["data"]])
         self.keys = k
         return k

@@ -336,6 +336,12 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     if split.summary.skipped:
         lines += ["", "Skipped files:", ""] + [f"- `{x['file']}`: {x['reason']}" for x in split.summary.skipped]
     lines += class_section(ctx, result) + ranking_section(ctx)
+    from edge_tl.workstation.calibrate import report_section as calibration_section
+
+    lines += calibration_section(q.get("calibration"), result.run_dir / "plots")
+    from edge_tl.workstation.explain import report_section as explain_section
+
+    lines += explain_section(ctx, result.run_dir / "plots")
     lines += ["", "## Plots", "", f"![training curves]({plots['curves']})", "",
               f"![accuracy against MACs]({plots['accuracy_vs_macs']})", "",
               f"![confusion matrix]({plots['confusion']})", ""]

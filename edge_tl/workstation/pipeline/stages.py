@@ -262,13 +262,18 @@ def run_export(ctx: Context, out: Path) -> dict[str, Any]:
 def onnx_predictions(path: Path, x: np.ndarray, batch: int = 64, qdq: str = "float") -> np.ndarray:
     """Top-1 predictions with ONNX Runtime CPU; ``qdq="float"`` evaluates Q/DQ as written (TensorRT's maths),
     ``"kernels"`` with ORT's fused integer CPU kernels."""
+    return onnx_logits(path, x, batch, qdq).argmax(1)
+
+
+def onnx_logits(path: Path, x: np.ndarray, batch: int = 64, qdq: str = "float") -> np.ndarray:
+    """The logits (N, classes) of an ONNX model with ONNX Runtime CPU (``qdq`` as in :func:`onnx_predictions`)."""
     from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
-    preds = []
+    out = []
     with OnnxRuntimeRunner.from_path(path, "ort-cpu", qdq=qdq) as runner:
         for i in range(0, len(x), batch):
-            preds.append(runner.infer({"input": np.ascontiguousarray(x[i:i + batch])})["logits"].argmax(1))
-    return np.concatenate(preds)
+            out.append(runner.infer({"input": np.ascontiguousarray(x[i:i + batch])})["logits"])
+    return np.concatenate(out).astype(np.float32)
 
 
 def confusion(y: np.ndarray, pred: np.ndarray, n: int) -> list[list[int]]:
@@ -284,7 +289,8 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
     res = quantize_int8(ctx.folder("export") / "model.onnx", out / "model.int8.onnx", ctx.calibration(),
                         method=q.method, per_channel=q.per_channel)
     x, y = ctx.arrays("test")
-    pred = onnx_predictions(out / "model.int8.onnx", x, qdq="float")
+    logits = onnx_logits(out / "model.int8.onnx", x, qdq="float")
+    pred = logits.argmax(1)
     kernel_pred = onnx_predictions(out / "model.int8.onnx", x, qdq="kernels")
     top1, kernel_top1 = float((pred == y).mean()), float((kernel_pred == y).mean())
     em = ctx.read("export", "metrics.json")
@@ -298,10 +304,25 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
                "quantized_nodes": len(res.quantized_nodes), "confusion": confusion(y, pred, len(ctx.classes)),
                "fp32_onnx_top1": em["top1"]}
     metrics["balanced_top1"] = balanced_top1(y, pred)
+    metrics["calibration"] = _calibration(ctx, out, logits, y)
     np.save(out / "test_predictions.npy", pred)
     np.save(out / "test_predictions_ort_cpu_kernels.npy", kernel_pred)
     _write(out, "metrics.json", metrics)
     return metrics
+
+
+def _calibration(ctx: Context, out: Path, test_logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Temperature scaling of the shipped INT8 model (Q/DQ in float) fitted on validation, ECE on test
+    (edge_tl.workstation.calibrate); the bundle's postprocess.json takes the temperature."""
+    from edge_tl.workstation.calibrate import calibrate, summary_line
+
+    xv, yv = ctx.arrays("val")
+    val_logits = onnx_logits(out / "model.int8.onnx", xv, qdq="float")
+    np.save(out / "val_logits.npy", val_logits)
+    np.save(out / "test_logits.npy", test_logits)
+    cal = calibrate(val_logits, yv, test_logits, y)
+    ctx.console.print(summary_line(cal))
+    return cal
 
 
 QDQ_FLOAT_EVAL = "onnxruntime-cpu, Q/DQ evaluated in float (session.disable_quant_qdq=1), as TensorRT computes it"

@@ -1,0 +1,134 @@
+"""Calibration of the shipped model's scores: temperature scaling (Guo et al., "On Calibration of Modern Neural
+Networks", ICML 2017) and the expected calibration error.
+
+The build fits one temperature T on the validation split's logits of the shipped model (INT8 Q/DQ evaluated in
+float, as TensorRT computes it) by minimising the negative log-likelihood of ``softmax(logits / T)`` (SciPy's
+bounded scalar minimiser on log T), measures the ECE on the test split before (T = 1) and after, and stores T in
+the bundle's ``postprocess.json`` (edge_tl.core.postprocess), which ``infer`` and ``serve`` apply without torch.
+Dividing the logits by one positive number changes no prediction, only the confidence.
+
+ECE: the test images are put into ``bins`` equal-width bins by their top-1 score; ECE = sum over bins of
+(images in bin / all images) * |accuracy in bin - mean top-1 score in bin| (Naeini et al., AAAI 2015; Guo et al.
+use 15 bins, as here by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edge_tl.core.postprocess import softmax
+
+ECE_BINS = 15
+#: the temperature is searched on a log scale in exp(-5) .. exp(5), i.e. 0.0067 .. 148
+LOG_T_BOUNDS = (-5.0, 5.0)
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true class under ``softmax(logits / temperature)`` (float64)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 that minimises the NLL of ``softmax(logits / T)`` on (logits, labels)."""
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
+        raise ValueError(f"need (N, C) logits and N labels, got {logits.shape} and {labels.shape}")
+    res = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))), bounds=LOG_T_BOUNDS,
+                          method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(res.x))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Per equal-width confidence bin: images, accuracy and mean confidence (top-1 score); and the ECE."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    correct = pred == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)  # bin i: (edges[i], edges[i+1]]
+    count = np.bincount(which, minlength=bins)
+    acc = np.bincount(which, weights=correct, minlength=bins) / np.maximum(count, 1)
+    mean_conf = np.bincount(which, weights=conf, minlength=bins) / np.maximum(count, 1)
+    ece = float((count / max(len(labels), 1) * np.abs(acc - mean_conf)).sum())
+    return {"bins": bins, "edges": edges.tolist(), "count": count.tolist(), "accuracy": acc.tolist(),
+            "confidence": mean_conf.tolist(), "ece": ece}
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error with ``bins`` equal-width bins of the top-1 score."""
+    return reliability(probs, labels, bins)["ece"]
+
+
+def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
+              bins: int = ECE_BINS) -> dict[str, Any]:
+    """Fit T on validation; ECE and NLL on test before (T = 1) and after. What the quantize stage records."""
+    t = fit_temperature(val_logits, val_labels)
+    before, after = softmax(test_logits), softmax(np.asarray(test_logits, dtype=np.float64) / t)
+    rb, ra = reliability(before, test_labels, bins), reliability(after, test_labels, bins)
+    return {"temperature": t, "fitted_on": "validation split, NLL, INT8 Q/DQ in float", "ece_bins": bins,
+            "val_images": int(len(val_labels)), "test_images": int(len(test_labels)),
+            "ece_before": rb["ece"], "ece_after": ra["ece"],
+            "nll_before": nll(test_logits, test_labels), "nll_after": nll(test_logits, test_labels, t),
+            "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels, t),
+            "reliability_before": rb, "reliability_after": ra}
+
+
+def summary_line(cal: dict[str, Any]) -> str:
+    """One line for the build's console and the report."""
+    return (f"calibration: temperature {cal['temperature']:.3f} (fitted on {cal['val_images']} validation images, "
+            f"NLL); test ECE ({cal['ece_bins']} bins) {100 * cal['ece_before']:.2f}% before, "
+            f"{100 * cal['ece_after']:.2f}% after; test NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f}")
+
+
+def reliability_plot(cal: dict[str, Any], path: Any) -> None:
+    """The reliability diagram (accuracy against confidence per bin, before and after) as a PNG."""
+    from edge_tl.core.importer import require
+
+    mpl = require("matplotlib", "the build report's plots")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharey=True)
+    for ax, key, title in ((axes[0], "reliability_before", "before (T = 1)"),
+                           (axes[1], "reliability_after", f"after (T = {cal['temperature']:.2f})")):
+        r = cal[key]
+        edges, count = np.asarray(r["edges"]), np.asarray(r["count"])
+        mids, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        filled = count > 0
+        ax.bar(mids[filled], np.asarray(r["accuracy"])[filled], width=width * 0.95, color="tab:blue",
+               edgecolor="k", label="accuracy")
+        ax.bar(mids[filled], (np.asarray(r["confidence"]) - np.asarray(r["accuracy"]))[filled],
+               bottom=np.asarray(r["accuracy"])[filled], width=width * 0.95, color="tab:red", alpha=0.35,
+               label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(xlabel="confidence (top-1 score)", xlim=(0, 1), ylim=(0, 1),
+               title=f"{title}: ECE {100 * r['ece']:.2f}%")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"Shipped INT8 model, test split, {cal['ece_bins']} bins", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_section(cal: dict[str, Any] | None, plots: Any) -> list[str]:
+    """The report's calibration section (markdown lines); draws ``plots/reliability.png``."""
+    from pathlib import Path
+
+    if not cal:
+        return []
+    reliability_plot(cal, Path(plots) / "reliability.png")
+    return ["", "## Calibration (shipped INT8 model)", "",
+            f"Temperature **{cal['temperature']:.3f}**, fitted on the {cal['val_images']} validation images by "
+            "minimising the negative log-likelihood (temperature scaling), stored in the bundle's "
+            "`postprocess.json`: `edge-tl infer` and `serve` report `softmax(logits / T)`. It changes no prediction.",
+            "", f"| test split | ECE ({cal['ece_bins']} bins) | NLL |", "|---|---|---|",
+            f"| before (T = 1) | {100 * cal['ece_before']:.2f}% | {cal['nll_before']:.3f} |",
+            f"| after (T = {cal['temperature']:.3f}) | {100 * cal['ece_after']:.2f}% | {cal['nll_after']:.3f} |",
+            "", "![reliability diagram](plots/reliability.png)"]
