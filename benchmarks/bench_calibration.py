@@ -38,7 +38,7 @@ def one_seed(seed: int, runs: Path) -> dict:
     spec.seed = seed
     spec.report.compare_scratch = False
     start = time.perf_counter()
-    res = run_build(spec, runs / f"demo-seed{seed}", overwrite=True, console=Console(stderr=True, quiet=True))
+    res = run_build(spec, runs / f"demo-s{seed}", overwrite=True, console=Console(stderr=True, quiet=True))
     seconds = time.perf_counter() - start
     b = Bundle.open(res.bundle_dir)
     cal = b.manifest.stages["quantize"].calibration
@@ -96,11 +96,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as td:
         runs = args.runs or Path(td)
         rows = []
-        for seed in args.seeds:
+        for seed in args.seeds:  # the section is rewritten after each seed: an interrupted run keeps what it has
             rows.append(one_seed(seed, runs))
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("reliability")}, default=float))
-    path = write_section("calibration", render(rows, time.perf_counter() - start))
-    print(f"wrote {path}")
+            path = write_section("calibration", render(rows, time.perf_counter() - start))
+            print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

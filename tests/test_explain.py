@@ -104,6 +104,9 @@ def test_map_agreement_and_picks():
     pred = np.array([0, 1, 0, 1, 1, 0])
     assert pick_examples(y, pred, per_class=1, max_images=12) == [0, 1, 3, 5]
     assert pick_examples(y, pred, per_class=1, max_images=3) == [0, 1, 3]
+    # a class with no wrong answer (or no right one) gives what it has
+    assert pick_examples(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0]), per_class=2) == [0, 1, 2, 3]
+    assert pick_examples(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1]), per_class=1) == [0, 2, 3]
 
 
 def test_explain_writes_the_figure_and_per_class_numbers(tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,7 @@ def pick_examples(y: np.ndarray, pred: np.ndarray, per_class: int = 1, max_image
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         right, wrong = idx[pred[idx] == c][:per_class], idx[pred[idx] != c][:per_class]
-        picks.append([int(i) for pair in zip(list(right) + [None] * per_class, list(wrong) + [None] * per_class,
-                                             strict=True) for i in pair if i is not None])
+        picks.append([int(i) for pair in zip_longest(right, wrong) for i in pair if i is not None])
     out: list[int] = []
     while len(out) < max_images and any(picks):
         for row in picks:
