@@ -62,6 +62,7 @@ def main() -> None:
     points: list[ParetoPoint] = []
     asked: dict[tuple[int, str], float] = {}
     size = (32, 32)
+    done: list[int] = []
     for seed in seeds:
         base = {**(QUICK if args.quick else {}), "seed": seed, "report.compare_scratch": False,
                 "report.latency_iters": 5}
@@ -88,12 +89,17 @@ def main() -> None:
             try:
                 res, pred = build(over, work / f"s{seed}" / f"lat-{level}", ref_dir, console)
             except Exception as exc:  # noqa: BLE001 - record a refused target (e.g. below the smallest net) and go on
-                console.print(f"seed {seed} level {level}: {exc}")
+                print(f"seed {seed} level {level}: latency-targeted build refused: {exc}", flush=True)
                 continue
             q = ParetoPoint("latency", level, seed, f"{asked[(seed, level)]:.4f} ms ort-cpu", pred == y,
                             res.stages["prune"]["macs"], res.bundle_dir / "model.onnx", target_ms=asked[(seed, level)])
             _keep(q, work)
             points.append(q)
+        done.append(seed)
+        write(points, done, size, start, args.quick, work)  # after every seed: a partial run still reports
+
+
+def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick: bool, work: Path) -> None:
     ms = measure_interleaved([p.onnx for p in points], size)
     for p, v in zip(points, ms, strict=True):
         p.latency_ms = v
@@ -101,8 +107,8 @@ def main() -> None:
     wall = time.perf_counter() - start
     png = figure(points, Path(__file__).with_name("pareto.png"))
     (work / "pareto.json").write_text(json.dumps([p.as_dict() for p in points], indent=1, default=str))
-    write_section("bench_pareto", report(points, seeds, wall, args.quick, png.name))
-    print(f"wrote {png} and the bench_pareto section; run folders in {work}")
+    write_section("bench_pareto", report(points, seeds, wall, quick, png.name))
+    print(f"wrote {png} and the bench_pareto section (seeds {seeds}); run folders in {work}", flush=True)
 
 
 def _labels(res) -> np.ndarray:

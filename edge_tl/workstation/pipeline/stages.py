@@ -214,7 +214,7 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     recalibrate_bn(pruned, ctx.train_dataset(), batch_size=s.train.batch_size, seed=s.seed, device=s.train.device)
     recal, _, _ = evaluate(pruned.cpu(), *ctx.arrays("test"))
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
-                               "global_pruning": p.global_pruning, **res.summary()}
+                               "global_pruning": p.global_pruning or p.latency_target is not None, **res.summary()}
     if p.recovery_epochs:
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
