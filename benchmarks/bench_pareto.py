@@ -6,8 +6,9 @@ For each seed, the shipped demo spec (scratch comparison off) is built:
   - MACs-targeted: prune.target = {macs = 0.3 | 0.5 | 0.7};
   - latency-targeted: prune.target = {latency_ms = L, backend = "ort-cpu"}, L = the measured ONNX Runtime CPU
     latency of the MACs-targeted model at the same level (so the two are compared at equal latency).
-All variants share the seed's data and fine-tune stages (copied cache folders). At the end every model's batch-1
-ONNX Runtime CPU latency is measured in one interleaved session (edge_tl.workstation.pareto.measure_interleaved).
+All variants of a seed are built in one run folder, so they share its data and fine-tune stages (cached). At the
+end every model's batch-1 ONNX Runtime CPU latency is measured in one interleaved session
+(edge_tl.workstation.pareto.measure_interleaved).
 
     python benchmarks/bench_pareto.py                 # seeds 0-4
     python benchmarks/bench_pareto.py --seeds 0 --quick
@@ -37,12 +38,10 @@ MACS_LEVELS = {"a": 0.3, "b": 0.5, "c": 0.7}
 QUICK = {"train.epochs": 12, "prune.recovery_epochs": 8}
 
 
-def build(over: dict, run: Path, share: Path | None, console: Console):
-    if share is not None:  # reuse the seed's data and fine-tune stages (same cache keys)
-        for stage in list((share / "stages").glob("data-*")) + list((share / "stages").glob("finetune-*")):
-            dest = run / "stages" / stage.name
-            if not dest.exists():
-                shutil.copytree(stage, dest)
+def build(over: dict, run: Path, console: Console):
+    """One variant in the seed's run folder: the data and fine-tune stages are cached there (the demo data is
+    unpacked inside the run folder, so its cache key is per folder); the bundle is rewritten, so the caller copies
+    the variant's ONNX out (_keep) before the next build."""
     res = run_build(load_spec(None, over), run, console=console, overwrite=True)
     keys = json.loads((run / "run.json").read_text())["stage_keys"]
     y = np.load(run / "stages" / f"prune-{keys['prune']}" / "test_predictions.npy")
@@ -66,8 +65,8 @@ def main() -> None:
     for seed in seeds:
         base = {**(QUICK if args.quick else {}), "seed": seed, "report.compare_scratch": False,
                 "report.latency_iters": 5}
-        ref_dir = work / f"s{seed}" / "unpruned"
-        res, pred = build({**base, "prune.enabled": False}, ref_dir, None, console)
+        ref_dir = work / f"s{seed}" / "unpruned"  # the seed's run folder (named so a restarted run reuses it)
+        res, pred = build({**base, "prune.enabled": False}, ref_dir, console)
         y = _labels(res)
         size = tuple(load_spec(None, base).model.preprocess().input_size)
         points.append(ParetoPoint("unpruned", "-", seed, "none", pred == y, res.stages["prune"]["macs"],
@@ -75,8 +74,7 @@ def main() -> None:
         _keep(points[-1], work)
         macs_pts = {}
         for level, share in MACS_LEVELS.items():
-            res, pred = build({**base, "prune.target": {"macs": share}}, work / f"s{seed}" / f"macs-{level}", ref_dir,
-                              console)
+            res, pred = build({**base, "prune.target": {"macs": share}}, ref_dir, console)
             p = ParetoPoint("macs", level, seed, f"{share:.0%} MACs", pred == y, res.stages["prune"]["macs"],
                             res.bundle_dir / "model.onnx")
             _keep(p, work)
@@ -87,7 +85,7 @@ def main() -> None:
             asked[(seed, level)] = round(ms, 4)
             over = {**base, "prune.target": {"latency_ms": asked[(seed, level)], "backend": "ort-cpu"}}
             try:
-                res, pred = build(over, work / f"s{seed}" / f"lat-{level}", ref_dir, console)
+                res, pred = build(over, ref_dir, console)
             except Exception as exc:  # noqa: BLE001 - record a refused target (e.g. below the smallest net) and go on
                 print(f"seed {seed} level {level}: latency-targeted build refused: {exc}", flush=True)
                 continue
