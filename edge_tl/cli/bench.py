@@ -48,9 +48,16 @@ def run_cmd(
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench/<model>-<backend>-<time>)."),
     label: str = typer.Option(None, help="Short name for compare tables."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
+    layer_profile: Path = typer.Option(None, "--layer-profile", help="Instead: write TensorRT's per-layer batch-1 "
+                                       "times (trtexec --exportProfile) to this latency table (JSON, "
+                                       "docs/latency-table.md) for edge-tl build's prune.target.latency_ms."),
+    trtexec: Path = typer.Option(None, help="--layer-profile: the trtexec to run (default: PATH, then JetPack's)."),
 ) -> None:
     """Measure latency percentiles, throughput, power and energy per inference."""
     import datetime as dt
+
+    if layer_profile is not None:
+        return _layer_profile(model, layer_profile, _v(precision), iterations, root, trtexec)
 
     from rich.console import Console
     from rich.markup import escape
@@ -92,6 +99,28 @@ def run_cmd(
     console.print(f"results: {escape(str(path))}")
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _layer_profile(model: Path, out: Path, precision: str | None, iterations: int | None, root: Path,
+                   trtexec: Path | None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.device.bench.layer_profile import layer_profile, summary
+
+    if not model.exists():
+        raise EdgeTLError(f"model {model} does not exist", "give a bundle folder or .tar.gz, or an .onnx file")
+    if out.is_dir():
+        raise EdgeTLError(f"--layer-profile {out} is a folder", "give the table's file name, e.g. table.json")
+    onnx = model
+    if model.is_dir() or model.name.endswith(".tar.gz"):
+        bundle = Bundle.open(model)
+        onnx = bundle.model_path("fp32")
+        precision = precision or bundle.manifest.default_precision
+    table = layer_profile(onnx, out, precision=precision or "fp16", trtexec=trtexec, root=root,
+                          iterations=iterations or 200)
+    Console().print(f"latency table: {escape(str(out))} {summary(table)}")
 
 
 def compare_cmd(

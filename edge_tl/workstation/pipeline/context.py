@@ -116,7 +116,8 @@ class Context:
         # "eval": what a stage measures; bumped when that changes (2: predictions saved, Q/DQ in float)
         k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr, "eval": 2},
                                  [k["data"]])
-        k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed}, [k["finetune"]])
+        k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **_table_key(s)},
+                               [k["finetune"]])
         k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
         # quantize eval 3: + temperature scaling fitted on validation, ECE on test (calibrate.py)
         k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed, "eval": 3},
@@ -159,3 +160,14 @@ class Context:
                                f"(quantize.calib_count asks for {self.spec.quantize.calib_count})")
         idx = np.sort(np.random.default_rng(self.spec.seed).permutation(len(x))[:n])
         return x[idx]
+
+
+def _table_key(spec: BuildSpec) -> dict[str, Any]:
+    """A latency table's content is an input of the prune stage (checked here, before any stage runs)."""
+    t = spec.prune.latency_target
+    if t is None or t.backend != "table":
+        return {}
+    from edge_tl.core.latency_table import load_table, table_digest
+
+    load_table(t.table)  # a missing or malformed table fails now, one line, nothing run or cached
+    return {"table": table_digest(t.table)}

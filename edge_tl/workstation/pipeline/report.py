@@ -94,7 +94,14 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
     pairs = (stats or {}).get("paired", {})
     ft, pr, ex, q = (stages[k] for k in ("finetune", "prune", "export", "quantize"))
     out = []
-    if pr.get("enabled", True) and ft.get("macs"):
+    if pr.get("target") == "latency":  # issue 13: a latency target replaces the MACs one
+        out.append((f"pruned model meets the latency target ({pr['target_ms']:g} ms, {pr['backend']})",
+                    f"{pr['latency_ms']:.4g} ms ({'measured' if pr['backend'] == 'ort-cpu' else 'table prediction'}"
+                    f"; {100 * pr['macs_removed']:.1f}% of the MACs removed)",
+                    MET if pr["latency_ms"] <= pr["target_ms"] else MISSED))
+        out.append(_cost_check("pruning costs <= 1 point after recovery", pairs.get("pruning_cost"),
+                               100 * (ft["top1"] - pr["top1"]), 1.0, "fine-tuned - pruned"))
+    elif pr.get("enabled", True) and ft.get("macs"):
         removed = 1 - pr["macs"] / ft["macs"]
         out.append(("pruning removes >= 50% of the MACs", f"{100 * removed:.1f}% removed",
                     MET if removed >= 0.5 else MISSED))
@@ -316,7 +323,11 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"pruning, {_pct(pr.get('top1_after_bn_recalibration'))} after re-estimating BatchNorm statistics, "
                   f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
                   f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
-                  f"unpruned model with weight {pr.get('distill_weight', 0)}.", ""]
+                  f"unpruned model with weight {pr.get('distill_weight', 0)}."
+                  + (f" Latency target {pr['target_ms']:g} ms ({pr['backend']}): channels ranked by importance per ms "
+                     f"of measured latency; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
+                     f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else ""),
+                  ""]
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]
     if result.comparison:

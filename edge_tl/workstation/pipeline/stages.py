@@ -210,14 +210,22 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         x, y = ctx.arrays("train")
         idx = np.sort(np.random.default_rng(s.seed).permutation(len(x))[:64])
         taylor = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
-    res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.ratio, round_to=p.round_to,
-                        importance=p.importance, global_pruning=p.global_pruning, taylor_batch=taylor)
+    if p.latency_target is not None:  # issue 13: channels by importance per unit of measured latency
+        from edge_tl.core.targets import TARGETS
+        from edge_tl.workstation.latency import prune_for_target
+
+        res = prune_for_target(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt, out=out,
+                               round_to=p.round_to, importance=p.importance, taylor_batch=taylor)
+    else:
+        res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio,
+                            round_to=p.round_to, importance=p.importance, global_pruning=p.global_pruning,
+                            taylor_batch=taylor)
     pruned = res.model
     before, _, _ = evaluate(pruned, *ctx.arrays("test"))
     recalibrate_bn(pruned, ctx.train_dataset(), batch_size=s.train.batch_size, seed=s.seed, device=s.train.device)
     recal, _, _ = evaluate(pruned.cpu(), *ctx.arrays("test"))
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
-                               "global_pruning": p.global_pruning, **res.summary()}
+                               "global_pruning": p.global_pruning or p.latency_target is not None, **res.summary()}
     if p.recovery_epochs:
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),

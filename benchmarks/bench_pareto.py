@@ -1,0 +1,169 @@
+"""Pruning Pareto report (issue 13 item 4, targets of items 3 and the pruning target); writes the ``bench_pareto``
+section of benchmarks/RESULTS.md and benchmarks/pareto.png.
+
+For each seed, the shipped demo spec (scratch comparison off) is built:
+  - unpruned (prune.enabled = false): the reference;
+  - MACs-targeted: prune.target = {macs = 0.3 | 0.5 | 0.7};
+  - latency-targeted: prune.target = {latency_ms = L, backend = "ort-cpu"}, L = the measured ONNX Runtime CPU
+    latency of the MACs-targeted model at the same level (so the two are compared at equal latency).
+All variants of a seed are built in one run folder, so they share its data and fine-tune stages (cached). At the
+end every model's batch-1 ONNX Runtime CPU latency is measured in one interleaved session
+(edge_tl.workstation.pareto.measure_interleaved).
+
+    python benchmarks/bench_pareto.py                 # seeds 0-4
+    python benchmarks/bench_pareto.py --seeds 0 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from _results import machine_line, write_section  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from edge_tl.workstation.pareto import ParetoPoint, figure, margins, measure_interleaved, table, with_intervals  # noqa: E402
+from edge_tl.workstation.pipeline.run import run_build  # noqa: E402
+from edge_tl.workstation.spec import load_spec  # noqa: E402
+
+MACS_LEVELS = {"a": 0.3, "b": 0.5, "c": 0.7}
+QUICK = {"train.epochs": 12, "prune.recovery_epochs": 8}
+
+
+def build(over: dict, run: Path, console: Console):
+    """One variant in the seed's run folder: the data and fine-tune stages are cached there (the demo data is
+    unpacked inside the run folder, so its cache key is per folder); the bundle is rewritten, so the caller copies
+    the variant's ONNX out (_keep) before the next build."""
+    res = run_build(load_spec(None, over), run, console=console, overwrite=True)
+    keys = json.loads((run / "run.json").read_text())["stage_keys"]
+    y = np.load(run / "stages" / f"prune-{keys['prune']}" / "test_predictions.npy")
+    return res, y
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--quick", action="store_true", help="fewer epochs (smoke run; numbers not comparable)")
+    ap.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    console = Console(stderr=True, quiet=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="edge-tl-pareto-"))
+    start = time.perf_counter()
+    points: list[ParetoPoint] = []
+    asked: dict[tuple[int, str], float] = {}
+    size = (32, 32)
+    done: list[int] = []
+    for seed in seeds:
+        base = {**(QUICK if args.quick else {}), "seed": seed, "report.compare_scratch": False,
+                "report.latency_iters": 5}
+        ref_dir = work / f"s{seed}" / "unpruned"  # the seed's run folder (named so a restarted run reuses it)
+        res, pred = build({**base, "prune.enabled": False}, ref_dir, console)
+        y = _labels(res)
+        size = tuple(load_spec(None, base).model.preprocess().input_size)
+        points.append(ParetoPoint("unpruned", "-", seed, "none", pred == y, res.stages["prune"]["macs"],
+                                  res.bundle_dir / "model.onnx"))
+        _keep(points[-1], work)
+        for level in ("b", "a", "c"):  # 50% first: the pruning target; results are written after every level
+            share = MACS_LEVELS[level]
+            res, pred = build({**base, "prune.target": {"macs": share}}, ref_dir, console)
+            p = ParetoPoint("macs", level, seed, f"{share:.0%} MACs", pred == y, res.stages["prune"]["macs"],
+                            res.bundle_dir / "model.onnx")
+            _keep(p, work)
+            points.append(p)
+            asked[(seed, level)] = round(measure_interleaved([p.onnx], size)[0], 4)
+            over = {**base, "prune.target": {"latency_ms": asked[(seed, level)], "backend": "ort-cpu"}}
+            try:
+                res, pred = build(over, ref_dir, console)
+            except Exception as exc:  # noqa: BLE001 - record a refused target (e.g. below the smallest net) and go on
+                print(f"seed {seed} level {level}: latency-targeted build refused: {exc}", flush=True)
+            else:
+                q = ParetoPoint("latency", level, seed, f"{asked[(seed, level)]:.4f} ms ort-cpu", pred == y,
+                                res.stages["prune"]["macs"], res.bundle_dir / "model.onnx",
+                                target_ms=asked[(seed, level)])
+                _keep(q, work)
+                points.append(q)
+            write(points, [*done, seed], size, start, args.quick, work)
+        done.append(seed)
+
+
+def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick: bool, work: Path) -> None:
+    ms = measure_interleaved([p.onnx for p in points], size)
+    for p, v in zip(points, ms, strict=True):
+        p.latency_ms = v
+    with_intervals(points)
+    wall = time.perf_counter() - start
+    png = figure(points, Path(__file__).with_name("pareto.png"))
+    (work / "pareto.json").write_text(json.dumps([p.as_dict() for p in points], indent=1, default=str))
+    write_section("bench_pareto", report(points, seeds, wall, quick, png.name))
+    print(f"wrote {png} and the bench_pareto section (seeds {seeds}); run folders in {work}", flush=True)
+
+
+def _labels(res) -> np.ndarray:
+    """Test labels in the order the stages predicted them (the data stage's split.json)."""
+    split = json.loads(next((res.run_dir / "stages").glob("data-*")).joinpath("split.json").read_text())
+    return np.asarray([int(label) for _, label in split["items"]["test"]])
+
+
+def _keep(p: ParetoPoint, work: Path) -> None:
+    """Copy the variant's ONNX out of its bundle (the next build of the run folder rewrites the bundle)."""
+    dest = work / "onnx" / f"s{p.seed}-{p.method}-{p.level}.onnx"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(p.onnx, dest)
+    p.onnx = dest
+
+
+def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool, png: str) -> str:
+    ref = {p.seed: p for p in points if p.method == "unpruned"}
+    half = [p for p in points if p.method == "macs" and p.level == "b"]
+    costs = {p.seed: 100 * (ref[p.seed].top1 - p.top1) for p in half}
+    lat = [p for p in points if p.method == "latency"]
+    offs = [100 * (p.latency_ms / p.target_ms - 1) for p in lat]
+    m = margins(points)
+    lines = [f"## Pruning: accuracy against measured latency and MACs (`benchmarks/bench_pareto.py`, issue 13)"
+             f"{' (QUICK smoke run)' if quick else ''}", "", machine_line(1), "",
+             f"The shipped demo spec (mobilenet_v2 at 32x32, digits 5-9, 10 images per class), seeds {seeds}, scratch "
+             "comparison off; per seed one unpruned build and six pruned + recovered ones sharing its fine-tune: "
+             "MACs-targeted (`prune.target = {macs = 0.3 | 0.5 | 0.7}`) and latency-targeted "
+             "(`prune.target = {latency_ms = L, backend = \"ort-cpu\"}` with L = the measured latency of the "
+             "MACs-targeted model of the same level, so both are compared at equal latency). Top-1 on the 400 test "
+             "images (FP32, the pruned model) with its 95% Wilson interval. Latency: batch 1, ONNX Runtime CPU, 1 "
+             "intra-op thread, every model measured in ONE interleaved session at the end (7 rounds x 100 runs "
+             "round-robin, median of the round medians). The 2 cores were shared with other jobs (load average "
+             "well above 2): latencies are noisy, compare them within this table only. Whole run "
+             f"{wall:.0f} s.", "", f"![pareto]({png})", "", table(points), ""]
+    if costs:
+        worst = max(costs.values())
+        lines += ["**Pruning cost at 50% of MACs** (unpruned - pruned, points) per seed: "
+                  + ", ".join(f"s{s} {c:+.2f}" for s, c in sorted(costs.items()))
+                  + f"; mean {np.mean(list(costs.values())):+.2f}, worst {worst:+.2f} (target <= 1.0 on the worst "
+                  f"seed: **{'met' if worst <= 1.0 else 'missed'}**).", ""]
+    if offs:
+        ok = all(abs(o) <= 10 for o in offs)
+        lines += ["**Latency-targeted: measured against requested** (this session's measurement vs the target the "
+                  "build met with its own measurements): " + ", ".join(f"{o:+.1f}%" for o in offs)
+                  + f" (target within 10%: **{'met' if ok else 'missed'}**, worst {max(offs, key=abs):+.1f}%).", ""]
+    if m:
+        lines += ["**Latency-targeted minus MACs-targeted top-1 at equal latency** (same test images; paired "
+                  "bootstrap 95% interval, exact McNemar p):", "",
+                  "| seed | level | margin (points) [95%] | McNemar p | latency-targeted ms | MACs-targeted ms |",
+                  "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {r['seed']} | {r['level']} | {r['diff_points']:+.2f} [{r['ci_points'][0]:+.2f}, "
+                  f"{r['ci_points'][1]:+.2f}] | {r['mcnemar_p']:.3g} | {r['latency_ms']:.4f} | "
+                  f"{r['macs_latency_ms']:.4f} |" for r in m]
+        d = [r["diff_points"] for r in m]
+        lines += ["", f"Mean margin {np.mean(d):+.2f} points, worst {min(d):+.2f} (target: latency-targeted at least "
+                  f"as accurate: **{'met' if min(d) >= 0 else 'missed on some pairs'}**)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
