@@ -78,6 +78,9 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     forced = _check_force(force)
     folder = RunFolder(out)
     weights, weights_label = resolve_weights(spec)
+    from edge_tl.workstation.qat import check_available
+
+    check_available(spec.quantize.mode)  # QAT asked without ModelOpt: refused before the run folder is touched
     if not spec.is_demo:
         resolve_data(spec, folder.path)  # a missing data folder fails before the run folder is touched
     how = folder.claim(overwrite)

@@ -315,7 +315,7 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
     _, y = ctx.arrays("test")
     n = len(y)
     correct: dict[str, np.ndarray] = {}
-    for stage in ("finetune", "scratch", "prune", "export", "quantize"):
+    for stage in ("finetune", "scratch", "prune", "export", "quantize", "qat"):
         f = ctx.folder(stage) / "test_predictions.npy" if stage in stages else None
         if f is not None and f.is_file():
             pred = np.load(f)
@@ -323,10 +323,11 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
                 correct[stage] = pred == y
     ci = {stage: list(wilson(int(round(m["top1"] * n)), n)) for stage, m in stages.items()
           if stage != "data" and m.get("top1") is not None}
-    kf = ctx.folder("quantize") / "test_predictions_ort_cpu_kernels.npy"
-    if kf.is_file():
-        correct["quantize_ort_cpu_kernels"] = np.load(kf) == y
-        ci["quantize_ort_cpu_kernels"] = list(wilson(int(correct["quantize_ort_cpu_kernels"].sum()), n))
+    for stage in ("quantize", "qat"):
+        kf = ctx.folder(stage) / "test_predictions_ort_cpu_kernels.npy" if stage in stages else None
+        if kf is not None and kf.is_file():
+            correct[f"{stage}_ort_cpu_kernels"] = np.load(kf) == y
+            ci[f"{stage}_ort_cpu_kernels"] = list(wilson(int(correct[f"{stage}_ort_cpu_kernels"].sum()), n))
     pairs = {}
     for name, (a, b) in PAIRS.items():
         if a in correct and b in correct:
@@ -338,11 +339,20 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
 PAIRS = {"pruning_cost": ("finetune", "prune"), "export_cost": ("prune", "export"),
          "int8_cost_vs_fp32_onnx": ("export", "quantize"), "int8_cost_vs_finetuned": ("finetune", "quantize"),
          "transfer_gain_vs_scratch": ("finetune", "scratch"),
-         "ort_cpu_kernels_vs_float_qdq": ("quantize", "quantize_ort_cpu_kernels")}
+         "ort_cpu_kernels_vs_float_qdq": ("quantize", "quantize_ort_cpu_kernels"),
+         # the shipped INT8 model (stage qat: PTQ, QAT or mixed precision, pipeline.qat_stage)
+         "shipped_int8_cost_vs_fp32_onnx": ("export", "qat"), "shipped_int8_cost_vs_finetuned": ("finetune", "qat"),
+         "shipped_int8_gain_vs_ptq": ("qat", "quantize")}
+
+
+def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
+    from edge_tl.workstation.pipeline.qat_stage import run_qat as run
+
+    return run(ctx, out)
 
 
 RUNNERS = {"data": run_data, "finetune": run_finetune, "scratch": run_scratch, "prune": run_prune,
-           "export": run_export, "quantize": run_quantize}
+           "export": run_export, "quantize": run_quantize, "qat": run_qat}
 
 
 def measure_latency(ctx: Context) -> dict[str, float]:
@@ -359,4 +369,11 @@ def measure_latency(ctx: Context) -> dict[str, float]:
                                     threads=r.latency_threads)
     lat["quantize"] = onnx_latency_ms(ctx.folder("quantize") / "model.int8.onnx", ctx.size, iters=r.latency_iters,
                                       threads=r.latency_threads)
+    lat["qat"] = lat["quantize"]  # the shipped INT8 model: PTQ's file unless QAT or mixed precision replaced it
+    shipped = ctx.folder("qat") / "model.int8.onnx"
+    if shipped.read_bytes() != (ctx.folder("quantize") / "model.int8.onnx").read_bytes():
+        lat["qat"] = onnx_latency_ms(shipped, ctx.size, iters=r.latency_iters, threads=r.latency_threads)
+    qat_only = ctx.folder("qat") / "model.qat.onnx"  # QAT's all-INT8 model (the base of mixed precision)
+    if qat_only.is_file():
+        lat["qat_all_int8"] = onnx_latency_ms(qat_only, ctx.size, iters=r.latency_iters, threads=r.latency_threads)
     return lat
