@@ -27,7 +27,7 @@ FLAGS = {
     "prune_importance": ("prune.importance", "--prune-importance"),
     "distill_weight": ("prune.distill_weight", "--distill-weight"),
     "calib_count": ("quantize.calib_count", "--calib-count"), "calib_method": ("quantize.method", "--calib-method"),
-    "quantize_mode": ("quantize.mode", "--quantize-mode"),
+    "quantize_mode": ("quantize.mode", "--quantize-mode"), "qat_epochs": ("quantize.qat_epochs", "--qat-epochs"),
     "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
     "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
     "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
@@ -110,6 +110,7 @@ def build(
     quantize_mode: QuantMode | None = typer.Option(None, help="ptq, qat (quantization-aware training with NVIDIA "
                                                    "ModelOpt) or auto (QAT only when PTQ costs more than "
                                                    "quantize.max_cost_points on validation).", show_default=False),
+    qat_epochs: int | None = typer.Option(None, help="Quantization-aware training epochs.", show_default=False),
     target: str | None = typer.Option(None, help="Device software: jetpack5, jetpack6.0, jetpack6 (bounds the "
                                          "ONNX opset).", show_default=False),
     opset: int | None = typer.Option(None, help="ONNX opset (default: the target's).", show_default=False),

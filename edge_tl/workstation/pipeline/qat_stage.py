@@ -201,7 +201,13 @@ def report_lines(stages: dict[str, dict[str, Any]], latency: dict[str, float],
         lines += [f"QAT: {qa['implementation']}, {qa['epochs_run']} epochs (best on validation: epoch "
                   f"{qa['best_epoch']}), {qa['folded_batchnorms']} BatchNorms folded, {qa['quantizers']} quantizers, "
                   f"{qa['train_seconds']:.1f} s; ONNX Runtime (Q/DQ in float) vs the fake-quantized PyTorch model: "
-                  f"max |diff| {qa['max_abs_diff']:.2e}.", ""]
+                  f"max |diff| {qa['max_abs_diff']:.2e}." + (
+                      f" ONNX Runtime CPU latency (its INT8 kernels): QAT {latency['qat_all_int8']:.3f} ms, PTQ "
+                      f"{latency['quantize']:.3f} ms. ModelOpt places Q/DQ on the inputs of weighted layers only "
+                      "(NVIDIA's placement for TensorRT, which fuses the following activation and quantization); "
+                      "ONNX Runtime's CPU provider fuses fewer integer kernels with it, so this CPU figure says "
+                      "little about the Jetson." if "qat_all_int8" in latency and "quantize" in latency else ""),
+                  ""]
     mx = m.get("mixed")
     if mx:
         lines += [f"Mixed precision (base {mx['base'].upper()}): sets tried smallest first, the top k of the "
