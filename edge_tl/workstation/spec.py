@@ -150,9 +150,9 @@ class QuantizeSpec(_Section):
     qat_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of QAT (all layers)")
     qat_distill_weight: float = Field(0.7, ge=0, le=1, description="QAT loss: share of knowledge distillation from "
                                       "the FP32 fine-tuned model (0 = labels only)")
-    mixed_max_layers: int = Field(8, ge=0, description="mixed precision: when the INT8 model still costs more than "
-                                  "max_cost_points, keep up to this many of the most sensitive layers in float, the "
-                                  "fewest that meet it (0 = off)")
+    mixed_max_layers: int = Field(8, ge=0, description="mixed precision (modes qat and auto): when the INT8 model "
+                                  "still costs more than max_cost_points, keep up to this many of the most "
+                                  "sensitive layers in float, the fewest that meet it (0 = off)")
 
 
 class ExportSpec(_Section):

@@ -8,8 +8,9 @@ the FP32 ONNX model (the same network: quantization's own cost). The test split 
   (:mod:`edge_tl.workstation.qat`); ``"auto"``: QAT runs only when PTQ's validation cost exceeds
   ``quantize.max_cost_points``.
 - Of PTQ and QAT, the higher validation top-1 is kept (PTQ on a tie: nothing was gained by training).
-- When that model still costs more than ``quantize.max_cost_points`` and ``quantize.mixed_max_layers > 0``,
-  the most sensitive layers are kept in float (:mod:`edge_tl.workstation.mixed`), the fewest that meet it.
+- When that model still costs more than ``quantize.max_cost_points``, ``quantize.mixed_max_layers > 0`` and the
+  mode is not ``"ptq"`` (which means post-training quantization only), the most sensitive layers are kept in
+  float (:mod:`edge_tl.workstation.mixed`), the fewest that meet it.
 
 Writes ``model.int8.onnx`` (the shipped model), ``model.qat.onnx`` when QAT ran, test predictions (Q/DQ in float
 and on ONNX Runtime's CPU kernels) and ``metrics.json`` (same keys as the ``quantize`` stage's, plus ``selected``,
@@ -102,8 +103,10 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
     qat_info = None
     if run:
         from edge_tl.workstation.pipeline.stages import MODEL_PT
-        from edge_tl.workstation.qat import train_qat
+        from edge_tl.workstation.qat import require_modelopt, train_qat
         from edge_tl.workstation.train import load_state
+
+        require_modelopt(f"quantize.mode = \"{q.mode}\"")  # one line naming the fix; nothing is cached
 
         n = len(ctx.classes)
         student = load_state(s.model.backbone, n, ctx.folder("prune") / MODEL_PT, s.model.dropout)
@@ -119,7 +122,7 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         cands["qat"] = candidate(out / "model.qat.onnx")
     chosen = pick(cands)
     mixed = None
-    if cands[chosen]["val_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
+    if q.mode != "ptq" and cands[chosen]["val_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
         from edge_tl.workstation.mixed import keep_sensitive
 
         ctx.console.print(f"  {chosen.upper()} still costs {cands[chosen]['val_cost_points']:+.2f} points on "
@@ -135,6 +138,11 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
                 mixed["note"] = "no kept-in-float set scored higher on validation: not shipped"
     ship = cands[chosen]
     shutil.copyfile(ship["path"], out / "model.int8.onnx")
+    import onnx
+
+    from edge_tl.workstation.quantize import check_tensorrt_qdq
+
+    check_tensorrt_qdq(onnx.load(str(out / "model.int8.onnx")))  # whichever ships: the form TensorRT builds
     pred = ship["test_pred"]
     if chosen == "ptq":
         kernel_pred = np.load(ctx.folder("quantize") / "test_predictions_ort_cpu_kernels.npy")
