@@ -18,7 +18,7 @@ pytest.importorskip("torch", reason="the workstation extra (torch) is not instal
 
 EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
 SMALL = ["--demo-shots", "10", "--epochs", "12", "--warmup-epochs", "1", "--recovery-epochs", "8", "--no-scratch",
-         "--golden-count", "6"]
+         "--golden-count", "6", "--quantize-mode", "ptq"]  # QAT: test_qat_mode_ships_the_better_int8_model
 
 
 def edge_tl(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -64,6 +64,11 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert ft.chance_check["passed"] and pr.chance_check["passed"] and ft.recipe == "finetune"
     assert "NOT better than guessing" not in " ".join(proc.stderr.split())
     assert q.top1 is not None and q.top1 > 0.4
+    # quantize.mode = "ptq": the qat stage ships PTQ's model as it is, and says why
+    shipped = m.stages["qat"]
+    assert shipped.selected == "ptq" and shipped.top1 == q.top1 and "qat" not in shipped.candidates
+    assert (b.root / "model.int8.onnx").read_bytes() == next(run.glob("stages/quantize-*/model.int8.onnx")).read_bytes()
+    assert m.export["int8"]["selected"] == "ptq" and m.export["int8"]["kept_float_layers"] == []
     assert pr.macs <= 0.5 * ft.macs and pr.params < ft.params  # pruning removed at least half the MACs
     assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch
     assert all(s.cpu_latency_ms > 0 for s in m.stages.values())
@@ -116,7 +121,7 @@ def test_rerun_skips_finished_stages_and_force_redoes_one(built):
     proc = edge_tl("build", "--out", str(run), *SMALL, "--overwrite", "--force", "quantize")
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((run / "run.json").read_text())
-    assert state["ran"] == ["quantize"] and state["skipped"] == ["data", "finetune", "prune", "export"]
+    assert state["ran"] == ["quantize", "qat"] and state["skipped"] == ["data", "finetune", "prune", "export"]
     Bundle.open(run / "bundle").verify()
     assert _model_hashes(run) == before  # INT8 quantization is deterministic: the same bytes again
 
@@ -145,6 +150,34 @@ def test_interrupted_run_resumes_at_the_lost_stage(built):
     assert after["ran"] == ["export", "quantize"] and after["status"] == "done"
     assert _model_hashes(run) == before  # export (torch.onnx + onnxslim) and quantization: byte-identical again
     assert not list((run / "stages").glob(".*partial*"))
+
+
+@pytest.mark.slow
+def test_qat_mode_ships_the_better_int8_model_side_by_side(built):
+    """quantize.mode = "qat" on the same run folder: only the qat stage runs (real ModelOpt QAT, 2 epochs); the
+    manifest and report show PTQ and QAT side by side and the bundle ships the one better on validation."""
+    pytest.importorskip("modelopt", reason="QAT needs nvidia-modelopt (workstation extra)")
+    import onnx
+
+    from edge_tl.workstation.quantize import check_tensorrt_qdq
+
+    run, _ = built
+    args = [a if a != "ptq" else "qat" for a in SMALL]
+    proc = edge_tl("build", "--out", str(run), *args, "--qat-epochs", "2", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["ran"] == ["qat"] and "quantize" in state["skipped"]
+    b = Bundle.open(run / "bundle")
+    b.verify()
+    q = b.manifest.stages["qat"]
+    assert set(q.candidates) >= {"ptq", "qat"} and q.qat["epochs_run"] == 2 and q.qat["qdq_pairs"] > 50
+    best = max(("ptq", "qat"), key=lambda k: (q.candidates[k]["val_top1"], k == "ptq"))
+    assert q.selected in (best, "mixed") and b.manifest.export["int8"]["selected"] == q.selected
+    assert q.top1_ci95[0] <= q.top1 <= q.top1_ci95[1]
+    check_tensorrt_qdq(onnx.load(str(b.root / "model.int8.onnx")))  # what the device's TensorRT build takes
+    report = (run / "report.md").read_text()
+    assert "## INT8: PTQ and QAT" in report and "| QAT (NVIDIA ModelOpt" in report and "| PTQ (ORT" in report
+    assert "shipped INT8 (" in report.split("## Targets")[1]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -109,7 +109,7 @@ def test_the_stage_list_is_written_once():
     """spec.STAGES is the list; the pipeline's per-stage tables (runners, cache versions, dependencies) cover
     exactly it, in its order, and every dependency comes earlier."""
     from edge_tl.workstation.pipeline.cache import DEPENDS, STAGE_VERSIONS
-    from edge_tl.workstation.pipeline.stages import RUNNERS
+    from edge_tl.workstation.pipeline.run import RUNNERS
     from edge_tl.workstation.spec import STAGES
 
     assert tuple(RUNNERS) == tuple(STAGE_VERSIONS) == tuple(DEPENDS) == STAGES

@@ -27,6 +27,7 @@ FLAGS = {
     "prune_importance": ("prune.importance", "--prune-importance"),
     "distill_weight": ("prune.distill_weight", "--distill-weight"),
     "calib_count": ("quantize.calib_count", "--calib-count"), "calib_method": ("quantize.method", "--calib-method"),
+    "quantize_mode": ("quantize.mode", "--quantize-mode"), "qat_epochs": ("quantize.qat_epochs", "--qat-epochs"),
     "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
     "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
     "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
@@ -52,6 +53,12 @@ class Calib(str, Enum):
     percentile = "percentile"
 
 
+class QuantMode(str, Enum):
+    ptq = "ptq"
+    qat = "qat"
+    auto = "auto"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -68,7 +75,7 @@ def build(
     overwrite: bool = typer.Option(False, help="Reuse a run folder holding a finished build: finished stages are "
                                    "kept, the bundle and report are rewritten."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and those after it (data, finetune, "
-                                    "scratch, prune, export, quantize, all). Repeatable.", show_default=False),
+                                    "scratch, prune, export, quantize, qat, all). Repeatable.", show_default=False),
     backbone: str | None = typer.Option(None, help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large or "
                                            "squeezenet1_1.", show_default=False),
     weights: str | None = typer.Option(None, help="imagenet (torchvision's weights), none (from scratch), demo, or "
@@ -100,6 +107,10 @@ def build(
     calib_count: int | None = typer.Option(None, help="INT8 calibration images from the training split.",
                                               show_default=False),
     calib_method: Calib | None = typer.Option(None, help="INT8 calibration method.", show_default=False),
+    quantize_mode: QuantMode | None = typer.Option(None, help="ptq, qat (quantization-aware training with NVIDIA "
+                                                   "ModelOpt) or auto (QAT only when PTQ costs more than "
+                                                   "quantize.max_cost_points on validation).", show_default=False),
+    qat_epochs: int | None = typer.Option(None, help="Quantization-aware training epochs.", show_default=False),
     target: str | None = typer.Option(None, help="Device software: jetpack5, jetpack6.0, jetpack6 (bounds the "
                                          "ONNX opset).", show_default=False),
     opset: int | None = typer.Option(None, help="ONNX opset (default: the target's).", show_default=False),
@@ -179,7 +190,7 @@ def _print_result(result) -> None:  # type: ignore[no-untyped-def]
         c = result.comparison
         out.print(f"transfer {100 * c['transfer_top1']:.1f}% vs scratch {100 * c['scratch_top1']:.1f}% "
                   f"({c['train_images']} training images)")
-    speed = result.latency_ms["finetune"] / result.latency_ms["quantize"]
+    speed = result.latency_ms["finetune"] / result.latency_ms.get("qat", result.latency_ms["quantize"])
     out.print(f"INT8 ONNX is {speed:.1f}x faster than PyTorch eager FP32 of the unpruned model (batch 1, CPU)")
     out.print(f"stages run: {', '.join(result.ran) or 'none'}; reused: {', '.join(result.skipped) or 'none'}; "
               f"{result.seconds:.0f} s")

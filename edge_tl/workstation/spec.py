@@ -26,7 +26,7 @@ else:  # pragma: no cover - Python 3.10 (the Jetson's system Python)
     import tomli as tomllib
 
 BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1")
-STAGES = ("data", "finetune", "scratch", "prune", "export", "quantize")
+STAGES = ("data", "finetune", "scratch", "prune", "export", "quantize", "qat")
 
 
 class _Section(BaseModel):
@@ -176,6 +176,20 @@ class QuantizeSpec(_Section):
                              "(all of them if it has fewer)")
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = Field(True, description="per-channel symmetric weight scales")
+    mode: Literal["ptq", "qat", "auto"] = Field(
+        "auto", description="ptq: post-training quantization only; qat: also quantization-aware training (NVIDIA "
+        "ModelOpt, from the PTQ calibration); auto: QAT only when PTQ's INT8 cost on the validation split (Q/DQ in "
+        "float, against the FP32 ONNX model) exceeds max_cost_points. The better of PTQ and QAT on validation ships")
+    max_cost_points: float = Field(0.5, ge=0, description="INT8 accuracy cost (points, validation split, against "
+                                   "the FP32 ONNX model) above which auto runs QAT and mixed precision keeps layers "
+                                   "in float")
+    qat_epochs: int = Field(10, ge=1, le=1000, description="QAT fine-tune epochs (the best on validation is kept)")
+    qat_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of QAT (all layers)")
+    qat_distill_weight: float = Field(0.7, ge=0, le=1, description="QAT loss: share of knowledge distillation from "
+                                      "the FP32 fine-tuned model (0 = labels only)")
+    mixed_max_layers: int = Field(8, ge=0, description="mixed precision (modes qat and auto): when the INT8 model "
+                                  "still costs more than max_cost_points, keep up to this many of the most "
+                                  "sensitive layers in float, the fewest that meet it (0 = off)")
 
 
 class ExportSpec(_Section):

@@ -35,9 +35,9 @@ from edge_tl.core.preprocess import Preprocessor, to_rgb
 from edge_tl.core.targets import get_target
 from edge_tl.workstation.pipeline.context import Context
 
-SOFTWARE = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "numpy",
-            "pillow", "scikit-learn", "pydantic")
-MANIFEST_STAGES = ("finetune", "prune", "export", "quantize")
+SOFTWARE = ("torch", "torchvision", "torch-pruning", "nvidia-modelopt", "onnx", "onnxruntime", "onnxruntime-gpu",
+            "onnxslim", "numpy", "pillow", "scikit-learn", "pydantic")
+MANIFEST_STAGES = ("finetune", "prune", "export", "quantize", "qat")
 
 
 def build_software() -> dict[str, str]:
@@ -75,18 +75,20 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
             m["calibration"] = {k: v for k, v in m["calibration"].items() if not k.startswith("reliability")}
         if stage in ci:
             m["top1_ci95"] = [round(v, 4) for v in ci[stage]]
-        if stage == "quantize" and "quantize_ort_cpu_kernels" in ci:
-            m["top1_ort_cpu_kernels_ci95"] = [round(v, 4) for v in ci["quantize_ort_cpu_kernels"]]
+        if f"{stage}_ort_cpu_kernels" in ci:
+            m["top1_ort_cpu_kernels_ci95"] = [round(v, 4) for v in ci[f"{stage}_ort_cpu_kernels"]]
         m["cpu_latency_ms"] = round(latency[stage], 4)
         m["latency_runtime"] = {"finetune": "torch-eager", "prune": "torch-eager", "export": "onnxruntime-cpu",
-                                "quantize": "onnxruntime-cpu (its INT8 CPU kernels)"}[stage]
+                                "quantize": "onnxruntime-cpu (its INT8 CPU kernels)",
+                                "qat": "onnxruntime-cpu (its INT8 CPU kernels)"}[stage]
         out[stage] = StageMetrics.model_validate(m)
     return out
 
 
-def postprocess_config(quant_metrics: dict[str, Any]) -> PostprocessConfig:
-    """The bundle's postprocess.json: the temperature the quantize stage fitted (edge_tl.workstation.calibrate)."""
-    cal = quant_metrics.get("calibration")
+def postprocess_config(shipped_metrics: dict[str, Any]) -> PostprocessConfig:
+    """The bundle's postprocess.json: the temperature the ``qat`` stage fitted for the shipped INT8 model
+    (edge_tl.workstation.calibrate)."""
+    cal = shipped_metrics.get("calibration")
     if not cal:
         return PostprocessConfig()
     return PostprocessConfig(temperature=round(float(cal["temperature"]), 6), fitted_on=cal["fitted_on"])
@@ -111,13 +113,14 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
     tgt = get_target(s.target)
     export_metrics = ctx.read("export", "metrics.json")
     quant = ctx.read("quantize", "metrics.json")
+    shipped = ctx.read("qat", "metrics.json")  # the INT8 model shipped: PTQ, QAT or mixed (pipeline.qat_stage)
     with tempfile.TemporaryDirectory(prefix=".bundle-staging-", dir=ctx.run_dir) as td:
         staging = Path(td)
         shutil.copyfile(ctx.folder("export") / "model.onnx", staging / FP32_MODEL)
-        shutil.copyfile(ctx.folder("quantize") / "model.int8.onnx", staging / INT8_MODEL)
+        shutil.copyfile(ctx.folder("qat") / "model.int8.onnx", staging / INT8_MODEL)
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
-        postprocess_config(quant).save(staging / POSTPROCESS)
+        postprocess_config(shipped).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         labels = split.labels("test")
         paths = split.paths("test")
@@ -140,7 +143,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         np.save(staging / GOLDEN_OUTPUTS, outputs)
         (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         h, w = pre.input_size
-        speedup = latency["finetune"] / latency["quantize"] if latency.get("quantize") else None
+        speedup = latency["finetune"] / latency["qat"] if latency.get("qat") else None
         manifest = Manifest(
             created=utc_now(), name=s.name,
             target=TargetInfo(name=tgt.name, jetpack=tgt.jetpack, tensorrt=tgt.tensorrt, max_opset=tgt.max_opset,
@@ -154,7 +157,10 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                     "slimmed": export_metrics["slimmed"], "checked_batches": export_metrics["checked_batches"],
                     "op_types": export_metrics["op_types"], "int8": {k: quant[k] for k in
                                                                      ("method", "calib_count", "per_channel",
-                                                                      "quantized_nodes")}},
+                                                                      "quantized_nodes")}
+                    | {"selected": shipped["selected"], "mode": shipped["mode"], "decision": shipped["decision"],
+                       "quantized_nodes": shipped["quantized_nodes"],
+                       "kept_float_layers": shipped["kept_float_layers"]}},
             golden=GoldenInfo(count=len(index)),
             build={"stage_keys": ctx.keys, "latency_threads": s.report.latency_threads,
                    "latency_iters": s.report.latency_iters,

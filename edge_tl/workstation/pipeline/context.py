@@ -59,6 +59,10 @@ def resolve_weights(spec: BuildSpec) -> tuple[str, str]:
     return str(path), f"{path.name}@sha256:{file_digest(path)[:16]}"
 
 
+#: the quantize section's keys the PTQ stage uses (the rest are the qat stage's)
+PTQ_SETTINGS = ("calib_count", "method", "per_channel")
+
+
 @dataclass
 class Context:
     spec: BuildSpec
@@ -119,9 +123,13 @@ class Context:
         k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **_table_key(s)},
                                [k["finetune"]])
         k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
-        # quantize eval 3: + temperature scaling fitted on validation, ECE on test (calibrate.py)
-        k["quantize"] = stage_key("quantize", {"quantize": d["quantize"], "seed": s.seed, "eval": 3},
+        ptq = {key: d["quantize"][key] for key in PTQ_SETTINGS}  # QAT's settings do not change the PTQ model
+        k["quantize"] = stage_key("quantize", {"quantize": ptq, "seed": s.seed, "eval": 2},
                                   [k["export"], k["data"]])
+        # qat: QAT (its training settings), mixed precision and the shipped INT8 model's choice (pipeline.qat_stage)
+        # qat eval 2: + temperature scaling of the shipped model fitted on validation, ECE on test (calibrate.py)
+        k["qat"] = stage_key("qat", {"quantize": d["quantize"], "train": train, "seed": s.seed, "eval": 2},
+                             [k["quantize"], k["prune"], k["finetune"]])
         self.keys = k
         return k
 

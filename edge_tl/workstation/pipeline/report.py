@@ -10,13 +10,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_tl.core.fsutil import atomic_write_text
+from edge_tl.workstation.pipeline.qat_stage import report_lines as qat_report_lines
 
 if TYPE_CHECKING:
     from edge_tl.workstation.pipeline.context import Context
     from edge_tl.workstation.pipeline.run import BuildResult
 
 ROWS = (("finetune", "fine-tuned (PyTorch FP32)"), ("prune", "pruned + recovered (PyTorch FP32)"),
-        ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (Q/DQ in float, as TensorRT computes it)"))
+        ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (Q/DQ in float, as TensorRT computes it)"),
+        ("qat", "shipped INT8 (PTQ, QAT or mixed precision; Q/DQ in float)"))
 #: the INT8 model on ONNX Runtime's CPU integer kernels: its own row, its own name (CPU-dependent numerics)
 KERNEL_ROW = "ONNX INT8 on ONNX Runtime's CPU integer kernels"
 
@@ -24,7 +26,10 @@ KERNEL_ROW = "ONNX INT8 on ONNX Runtime's CPU integer kernels"
 PAIR_LABELS = {"pruning_cost": "fine-tuned - pruned", "export_cost": "pruned (PyTorch) - ONNX FP32",
                "int8_cost_vs_fp32_onnx": "ONNX FP32 - INT8", "int8_cost_vs_finetuned": "fine-tuned - INT8",
                "transfer_gain_vs_scratch": "transfer - scratch",
-               "ort_cpu_kernels_vs_float_qdq": "INT8 as written - INT8 on ORT CPU kernels"}
+               "ort_cpu_kernels_vs_float_qdq": "INT8 as written - INT8 on ORT CPU kernels",
+               "shipped_int8_cost_vs_fp32_onnx": "ONNX FP32 - shipped INT8",
+               "shipped_int8_cost_vs_finetuned": "fine-tuned - shipped INT8", "shipped_int8_gain_vs_ptq":
+               "shipped INT8 - PTQ INT8"}
 
 
 def _mb(n: int | None) -> str:
@@ -52,6 +57,8 @@ def stage_rows(stages: dict[str, dict[str, Any]], latency: dict[str, float],
     ci = (stats or {}).get("top1_ci95", {})
     rows = []
     for key, label in ROWS:
+        if key not in stages and key == "qat":
+            continue
         m = stages.get(key, {})
         kernels = key == "quantize" and m.get("top1_ort_cpu_kernels") is not None
         lat = f"{latency[key]:.3f} ms" if key in latency and not kernels else "-"
@@ -111,6 +118,11 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                            100 * (ex["top1"] - q["top1"]), 1.0, "FP32 - INT8"))
     out.append(_cost_check("INT8 within 1.0 point of the FP32 fine-tuned model", pairs.get("int8_cost_vs_finetuned"),
                            100 * (ft["top1"] - q["top1"]), 1.0, "fine-tuned - INT8"))
+    if "qat" in stages:  # the shipped INT8 model (issue 13: QAT or mixed precision within 0.5 point)
+        sh = stages["qat"]
+        out.append(_cost_check(f"shipped INT8 ({sh.get('selected', '?')}) within 0.5 point of the FP32 fine-tuned "
+                               "model", pairs.get("shipped_int8_cost_vs_finetuned"), 100 * (ft["top1"] - sh["top1"]),
+                               0.5, "fine-tuned - shipped INT8"))
     for key, who in (("finetune", "fine-tuned"), ("prune", "pruned + recovered")):
         c = stages[key].get("chance_check")
         if c:
@@ -118,7 +130,7 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                         "binomial)", f"{100 * c['val_top1']:.1f}% ({c['val_correct']}/{c['val_images']}) vs "
                         f"{100 * c['baseline']:.1f}%, p = {c['p_value']:.2g} (needs < {c.get('level', 0.05):.2g})",
                         MET if c["passed"] else MISSED))
-    speed = latency["finetune"] / latency["quantize"]
+    speed = latency["finetune"] / latency.get("qat", latency["quantize"])
     out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x (ONNX Runtime CPU)",
                 MET if speed >= 5 else MISSED))
     if comparison:
@@ -177,7 +189,7 @@ def class_metrics(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[s
 
 def class_section(ctx: Context, result: BuildResult) -> list[str]:
     """The shipped (INT8) model's per-class metrics on the test split, and how classes were balanced."""
-    pred_file = ctx.folder("quantize") / "test_predictions.npy"
+    pred_file = ctx.folder("qat" if "qat" in result.stages else "quantize") / "test_predictions.npy"
     if not pred_file.is_file():
         return []
     cm = class_metrics(ctx.data_split.labels("test"), np.load(pred_file), ctx.classes)
@@ -250,7 +262,7 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
     plt.close(fig)
     made["accuracy_vs_macs"] = "plots/accuracy_vs_macs.png"
 
-    cm = result.stages["quantize"]["confusion"]
+    cm = result.stages.get("qat", result.stages["quantize"])["confusion"]
     classes = ctx.classes
     fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
     ax.imshow(cm, cmap="Blues")
@@ -259,7 +271,7 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="INT8 model (Q/DQ in float), test split")
+    ax.set(xlabel="predicted", ylabel="true", title="shipped INT8 model (Q/DQ in float), test split")
     fig.tight_layout()
     fig.savefig(plots / "confusion_int8.png", dpi=100)
     plt.close(fig)
@@ -328,6 +340,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                      f"of measured latency; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
                      f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else ""),
                   ""]
+    lines += qat_report_lines(st, lat, result.stats)
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]
     if result.comparison:
@@ -349,7 +362,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     lines += class_section(ctx, result) + ranking_section(ctx)
     from edge_tl.workstation.calibrate import report_section as calibration_section
 
-    lines += calibration_section(q.get("calibration"), result.run_dir / "plots")
+    lines += calibration_section(st.get("qat", q).get("calibration"), result.run_dir / "plots")
     from edge_tl.workstation.explain import report_section as explain_section
 
     lines += explain_section(ctx, result.run_dir / "plots")

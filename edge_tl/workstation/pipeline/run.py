@@ -25,7 +25,11 @@ from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text
 from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
 from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
+from edge_tl.workstation.pipeline.qat_stage import run_qat
+from edge_tl.workstation.pipeline.stages import RUNNERS as _STAGE_RUNNERS
 from edge_tl.workstation.spec import STAGES, BuildSpec, to_toml
+
+RUNNERS = {**_STAGE_RUNNERS, "qat": run_qat}  # every stage's function, by name (spec.STAGES)
 
 
 @dataclass
@@ -78,6 +82,9 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     forced = _check_force(force)
     folder = RunFolder(out)
     weights, weights_label = resolve_weights(spec)
+    from edge_tl.workstation.qat import check_available
+
+    check_available(spec.quantize.mode)  # QAT asked without ModelOpt: refused before the run folder is touched
     if not spec.is_demo:
         resolve_data(spec, folder.path)  # a missing data folder fails before the run folder is touched
     how = folder.claim(overwrite)
@@ -179,7 +186,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     folder.mark("running", stage_keys=keys)
     # deferred: torch and the stage code load only after the cheap checks above passed
     from edge_tl.workstation.data import DataSplit
-    from edge_tl.workstation.pipeline.stages import RUNNERS, TRAINED, accuracy_stats, measure_latency
+    from edge_tl.workstation.pipeline.stages import TRAINED, accuracy_stats, measure_latency
 
     stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
     trained = _trained_together(ctx, stages)
@@ -283,7 +290,6 @@ def follow_build(scratch: Path | None = None) -> None:
     import tempfile
 
     from edge_tl.workstation.data import DataSplit
-    from edge_tl.workstation.pipeline.stages import RUNNERS
     from edge_tl.workstation.train import distributed
 
     info = distributed.share()

@@ -297,8 +297,7 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
     res = quantize_int8(ctx.folder("export") / "model.onnx", out / "model.int8.onnx", ctx.calibration(),
                         method=q.method, per_channel=q.per_channel)
     x, y = ctx.arrays("test")
-    logits = onnx_logits(out / "model.int8.onnx", x, qdq="float")
-    pred = logits.argmax(1)
+    pred = onnx_predictions(out / "model.int8.onnx", x, qdq="float")
     kernel_pred = onnx_predictions(out / "model.int8.onnx", x, qdq="kernels")
     top1, kernel_top1 = float((pred == y).mean()), float((kernel_pred == y).mean())
     em = ctx.read("export", "metrics.json")
@@ -312,16 +311,16 @@ def run_quantize(ctx: Context, out: Path) -> dict[str, Any]:
                "quantized_nodes": len(res.quantized_nodes), "confusion": confusion(y, pred, len(ctx.classes)),
                "fp32_onnx_top1": em["top1"]}
     metrics["balanced_top1"] = balanced_top1(y, pred)
-    metrics["calibration"] = _calibration(ctx, out, logits, y)
     np.save(out / "test_predictions.npy", pred)
     np.save(out / "test_predictions_ort_cpu_kernels.npy", kernel_pred)
     _write(out, "metrics.json", metrics)
     return metrics
 
 
-def _calibration(ctx: Context, out: Path, test_logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Temperature scaling of the shipped INT8 model (Q/DQ in float) fitted on validation, ECE on test
-    (edge_tl.workstation.calibrate); the bundle's postprocess.json takes the temperature."""
+def calibration(ctx: Context, out: Path, test_logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Temperature scaling of the shipped INT8 model ``out/model.int8.onnx`` (Q/DQ in float) fitted on validation,
+    ECE on test (edge_tl.workstation.calibrate); the bundle's postprocess.json takes the temperature. Run by the
+    ``qat`` stage, which picks the model that ships."""
     from edge_tl.workstation.calibrate import calibrate, summary_line
 
     xv, yv = ctx.arrays("val")
@@ -357,7 +356,7 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
     _, y = ctx.arrays("test")
     n = len(y)
     correct: dict[str, np.ndarray] = {}
-    for stage in ("finetune", "scratch", "prune", "export", "quantize"):
+    for stage in ("finetune", "scratch", "prune", "export", "quantize", "qat"):
         f = ctx.folder(stage) / "test_predictions.npy" if stage in stages else None
         if f is not None and f.is_file():
             pred = np.load(f)
@@ -365,10 +364,11 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
                 correct[stage] = pred == y
     ci = {stage: list(wilson(int(round(m["top1"] * n)), n)) for stage, m in stages.items()
           if stage != "data" and m.get("top1") is not None}
-    kf = ctx.folder("quantize") / "test_predictions_ort_cpu_kernels.npy"
-    if kf.is_file():
-        correct["quantize_ort_cpu_kernels"] = np.load(kf) == y
-        ci["quantize_ort_cpu_kernels"] = list(wilson(int(correct["quantize_ort_cpu_kernels"].sum()), n))
+    for stage in ("quantize", "qat"):
+        kf = ctx.folder(stage) / "test_predictions_ort_cpu_kernels.npy" if stage in stages else None
+        if kf is not None and kf.is_file():
+            correct[f"{stage}_ort_cpu_kernels"] = np.load(kf) == y
+            ci[f"{stage}_ort_cpu_kernels"] = list(wilson(int(correct[f"{stage}_ort_cpu_kernels"].sum()), n))
     pairs = {}
     for name, (a, b) in PAIRS.items():
         if a in correct and b in correct:
@@ -380,9 +380,13 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
 PAIRS = {"pruning_cost": ("finetune", "prune"), "export_cost": ("prune", "export"),
          "int8_cost_vs_fp32_onnx": ("export", "quantize"), "int8_cost_vs_finetuned": ("finetune", "quantize"),
          "transfer_gain_vs_scratch": ("finetune", "scratch"),
-         "ort_cpu_kernels_vs_float_qdq": ("quantize", "quantize_ort_cpu_kernels")}
+         "ort_cpu_kernels_vs_float_qdq": ("quantize", "quantize_ort_cpu_kernels"),
+         # the shipped INT8 model (stage qat: PTQ, QAT or mixed precision, pipeline.qat_stage)
+         "shipped_int8_cost_vs_fp32_onnx": ("export", "qat"), "shipped_int8_cost_vs_finetuned": ("finetune", "qat"),
+         "shipped_int8_gain_vs_ptq": ("qat", "quantize")}
 
 
+# The ``qat`` stage's function lives in pipeline.qat_stage (it builds on these); pipeline.run joins both lists.
 RUNNERS = {"data": run_data, "finetune": run_finetune, "scratch": run_scratch, "prune": run_prune,
            "export": run_export, "quantize": run_quantize}
 
@@ -401,4 +405,11 @@ def measure_latency(ctx: Context) -> dict[str, float]:
                                     threads=r.latency_threads)
     lat["quantize"] = onnx_latency_ms(ctx.folder("quantize") / "model.int8.onnx", ctx.size, iters=r.latency_iters,
                                       threads=r.latency_threads)
+    lat["qat"] = lat["quantize"]  # the shipped INT8 model: PTQ's file unless QAT or mixed precision replaced it
+    shipped = ctx.folder("qat") / "model.int8.onnx"
+    if shipped.read_bytes() != (ctx.folder("quantize") / "model.int8.onnx").read_bytes():
+        lat["qat"] = onnx_latency_ms(shipped, ctx.size, iters=r.latency_iters, threads=r.latency_threads)
+    qat_only = ctx.folder("qat") / "model.qat.onnx"  # QAT's all-INT8 model (the base of mixed precision)
+    if qat_only.is_file():
+        lat["qat_all_int8"] = onnx_latency_ms(qat_only, ctx.size, iters=r.latency_iters, threads=r.latency_threads)
     return lat

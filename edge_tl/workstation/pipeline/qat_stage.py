@@ -1,0 +1,239 @@
+"""The ``qat`` stage (after ``quantize``): quantization-aware training when asked or needed, sensitivity-guided
+mixed precision when INT8 still costs too much, and the choice of the INT8 model the bundle ships.
+
+Decisions are taken on the validation split, with Q/DQ evaluated in float (what TensorRT computes), against
+the FP32 ONNX model (the same network: quantization's own cost). The test split only reports.
+
+- ``quantize.mode = "ptq"``: the PTQ model (stage ``quantize``) is the candidate; ``"qat"``: QAT runs
+  (:mod:`edge_tl.workstation.qat`); ``"auto"``: QAT runs only when PTQ's validation cost exceeds
+  ``quantize.max_cost_points``.
+- Of PTQ and QAT, the higher validation top-1 is kept (PTQ on a tie: nothing was gained by training).
+- When that model still costs more than ``quantize.max_cost_points``, ``quantize.mixed_max_layers > 0`` and the
+  mode is not ``"ptq"`` (which means post-training quantization only), the most sensitive layers are kept in
+  float (:mod:`edge_tl.workstation.mixed`), the fewest that meet it.
+
+Writes ``model.int8.onnx`` (the shipped model), ``model.qat.onnx`` when QAT ran, test predictions (Q/DQ in float
+and on ONNX Runtime's CPU kernels) and ``metrics.json`` (same keys as the ``quantize`` stage's, plus ``selected``,
+``candidates``, ``decision`` and ``mixed``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_tl.workstation.pipeline.context import Context
+from edge_tl.workstation.pipeline.stages import (
+    MODEL_PT,
+    QDQ_FLOAT_EVAL,
+    _fit_kwargs,
+    _write,
+    balanced_top1,
+    calibration,
+    confusion,
+    kernel_gap_note,
+)
+
+
+def _onnx_logits(path: Path, x: np.ndarray, qdq: str = "float", batch: int = 256) -> np.ndarray:
+    from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner.from_path(path, "ort-cpu", qdq=qdq) as runner:
+        return np.concatenate([runner.infer({"input": np.ascontiguousarray(x[i:i + batch])})["logits"]
+                               for i in range(0, len(x), batch)])
+
+
+def _qdq_pairs(path: Path) -> int:
+    import onnx
+
+    return sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "QuantizeLinear")
+
+
+def _quantized_nodes(path: Path) -> int:
+    import onnx
+
+    from edge_tl.workstation.quantize import quantized_node_names
+
+    return len(quantized_node_names(onnx.load(str(path))))
+
+
+def needs_qat(mode: str, ptq_cost_points: float, threshold: float) -> tuple[bool, str]:
+    """(run QAT?, why) for ``quantize.mode`` and PTQ's validation cost."""
+    if mode == "ptq":
+        return False, "quantize.mode = \"ptq\": post-training quantization only"
+    if mode == "qat":
+        return True, "quantize.mode = \"qat\""
+    if ptq_cost_points > threshold:
+        return True, (f"quantize.mode = \"auto\": PTQ costs {ptq_cost_points:+.2f} points on the validation split "
+                      f"(Q/DQ in float), more than quantize.max_cost_points = {threshold:g}")
+    return False, (f"quantize.mode = \"auto\": PTQ costs {ptq_cost_points:+.2f} points on the validation split "
+                   f"(Q/DQ in float), within quantize.max_cost_points = {threshold:g}: QAT not needed")
+
+
+def pick(candidates: dict[str, dict[str, Any]]) -> str:
+    """The candidate with the best validation top-1; earlier candidates (PTQ first) win ties."""
+    best = None
+    for name, c in candidates.items():
+        if best is None or c["val_top1"] > candidates[best]["val_top1"]:
+            best = name
+    return best
+
+
+def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
+    s, q = ctx.spec, ctx.spec.quantize
+    xv, yv = ctx.arrays("val")
+    xt, yt = ctx.arrays("test")
+    fp32_path = ctx.folder("export") / "model.onnx"
+    ptq_path = ctx.folder("quantize") / "model.int8.onnx"
+    fp32_val_logits = _onnx_logits(fp32_path, xv)
+    fp32_val = float((fp32_val_logits.argmax(1) == yv).mean())
+    pm = ctx.read("quantize", "metrics.json")
+
+    def candidate(path: Path, test_pred: np.ndarray | None = None) -> dict[str, Any]:
+        val_top1 = float((_onnx_logits(path, xv).argmax(1) == yv).mean())
+        if test_pred is None:
+            test_pred = _onnx_logits(path, xt).argmax(1)
+        return {"path": path, "val_top1": val_top1, "val_cost_points": 100 * (fp32_val - val_top1),
+                "top1": float((test_pred == yt).mean()), "qdq_pairs": _qdq_pairs(path), "test_pred": test_pred}
+
+    cands = {"ptq": candidate(ptq_path, np.load(ctx.folder("quantize") / "test_predictions.npy"))}
+    run, why = needs_qat(q.mode, cands["ptq"]["val_cost_points"], q.max_cost_points)
+    ctx.console.print(f"  {why}")
+    qat_info = None
+    if run:
+        from edge_tl.workstation.qat import require_modelopt, train_qat
+        from edge_tl.workstation.train import load_state
+
+        require_modelopt(f"quantize.mode = \"{q.mode}\"")  # one line naming the fix; nothing is cached
+
+        n = len(ctx.classes)
+        student = load_state(s.model.backbone, n, ctx.folder("prune") / MODEL_PT, s.model.dropout)
+        teacher = load_state(s.model.backbone, n, ctx.folder("finetune") / MODEL_PT, s.model.dropout)
+        kw = _fit_kwargs(ctx, "qat")
+        for k in ("label", "patience", "label_smoothing", "seed", "device", "workers", "batch_size", "weight_decay"):
+            kw.pop(k, None)
+        res = train_qat(student, teacher if q.qat_distill_weight else None, s.model.backbone, ctx.calibration(),
+                        ctx.train_dataset(), (xv, yv), out / "model.qat.onnx", ctx.size, epochs=q.qat_epochs,
+                        lr=q.qat_lr, opset=s.opset(), target=s.target, distill_weight=q.qat_distill_weight,
+                        batch_size=s.train.batch_size, seed=s.seed, device=s.train.device, fit_kwargs=kw)
+        qat_info = res.summary()
+        cands["qat"] = candidate(out / "model.qat.onnx")
+    chosen = pick(cands)
+    mixed = None
+    if q.mode != "ptq" and cands[chosen]["val_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
+        from edge_tl.workstation.mixed import keep_sensitive
+
+        ctx.console.print(f"  {chosen.upper()} still costs {cands[chosen]['val_cost_points']:+.2f} points on "
+                          f"validation: ranking layers to keep in float (at most {q.mixed_max_layers})")
+        mres = keep_sensitive(cands[chosen]["path"], xv, yv, fp32_val_logits, q.max_cost_points,
+                              q.mixed_max_layers, out / "model.mixed.onnx", seed=s.seed)
+        mixed = {"base": chosen, **mres.summary()}
+        if mres.layers:
+            cands["mixed"] = candidate(out / "model.mixed.onnx")
+            if cands["mixed"]["val_top1"] > cands[chosen]["val_top1"]:
+                chosen = "mixed"
+            else:
+                mixed["note"] = "no kept-in-float set scored higher on validation: not shipped"
+    ship = cands[chosen]
+    shutil.copyfile(ship["path"], out / "model.int8.onnx")
+    import onnx
+
+    from edge_tl.workstation.quantize import check_tensorrt_qdq
+
+    check_tensorrt_qdq(onnx.load(str(out / "model.int8.onnx")))  # whichever ships: the form TensorRT builds
+    pred = ship["test_pred"]
+    if chosen == "ptq":
+        kernel_pred = np.load(ctx.folder("quantize") / "test_predictions_ort_cpu_kernels.npy")
+    else:
+        kernel_pred = _onnx_logits(out / "model.int8.onnx", xt, qdq="kernels").argmax(1)
+    top1, kernel_top1 = float((pred == yt).mean()), float((kernel_pred == yt).mean())
+    gap = kernel_gap_note(top1, kernel_top1)
+    if gap and chosen != "ptq":
+        ctx.console.print(f"[yellow]warning:[/] {gap}")
+    np.save(out / "test_predictions.npy", pred)
+    np.save(out / "test_predictions_ort_cpu_kernels.npy", kernel_pred)
+    for name, c in cands.items():
+        np.save(out / f"test_predictions_{name}.npy", c["test_pred"])
+    em = ctx.read("export", "metrics.json")
+    metrics: dict[str, Any] = {
+        "top1": top1, "top1_eval": QDQ_FLOAT_EVAL, "top1_ort_cpu_kernels": kernel_top1, "ort_cpu_kernels_note": gap,
+        "macs": em["macs"], "params": em["params"], "file_bytes": (out / "model.int8.onnx").stat().st_size,
+        "selected": chosen, "mode": q.mode, "decision": why, "max_cost_points": q.max_cost_points,
+        "fp32_onnx_val_top1": fp32_val, "val_images": len(yv),
+        "candidates": {k: {kk: v for kk, v in c.items() if kk not in ("path", "test_pred")} | {"file": c["path"].name}
+                       for k, c in cands.items()},
+        "qat": qat_info, "mixed": mixed, "kept_float_layers": mixed["layers"] if chosen == "mixed" else [],
+        "quantized_nodes": pm["quantized_nodes"] if chosen == "ptq" else _quantized_nodes(out / "model.int8.onnx"),
+        "confusion": confusion(yt, pred, len(ctx.classes)), "fp32_onnx_top1": em["top1"],
+        "balanced_top1": balanced_top1(yt, pred),
+    }
+    metrics["calibration"] = calibration(ctx, out, _onnx_logits(out / "model.int8.onnx", xt), yt)
+    _write(out, "metrics.json", metrics)
+    return metrics
+
+
+LABELS = {"ptq": "PTQ (ORT quantize_static, MinMax/Entropy/Percentile calibration)",
+          "qat": "QAT (NVIDIA ModelOpt, from max calibration, distilled)", "mixed": "mixed precision"}
+
+
+def report_lines(stages: dict[str, dict[str, Any]], latency: dict[str, float],
+                 stats: dict[str, Any] | None) -> list[str]:
+    """The report's section on the INT8 candidates: PTQ and QAT side by side, mixed precision's layers."""
+    from edge_tl.workstation.stats import wilson
+
+    m = stages.get("qat")
+    if not m or "candidates" not in m:
+        return []
+    n = (stats or {}).get("test_images") or 0
+    ft = stages["finetune"]["top1"]
+    head = ["INT8 model", "val top-1 (Q/DQ in float)", "val cost vs FP32 ONNX", "test top-1 (95% CI)",
+            "test cost vs fine-tuned FP32", "Q/DQ pairs", "shipped"]
+    lines = ["## INT8: PTQ and QAT", "", f"Decision: {m['decision']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c in m["candidates"].items():
+        ci = wilson(int(round(c["top1"] * n)), n) if n else None
+        label = LABELS.get(name, name) + (f" of {m['mixed']['base'].upper()}" if name == "mixed" else "")
+        lines.append(f"| {label} | {100 * c['val_top1']:.2f}% | {c['val_cost_points']:+.2f} points | "
+                     f"{100 * c['top1']:.2f}%" + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
+                     + f" | {100 * (ft - c['top1']):+.2f} points | {c['qdq_pairs']} | "
+                     f"{'**yes**' if name == m['selected'] else 'no'} |")
+    lines += ["", f"Validation: {m['val_images']} images, FP32 ONNX {100 * m['fp32_onnx_val_top1']:.2f}%; the "
+              f"candidate with the best validation top-1 ships (PTQ on a tie); target quantize.max_cost_points = "
+              f"{m['max_cost_points']:g}. Test costs are differences of two accuracies on the same test images "
+              "(their paired intervals are in the differences table).", ""]
+    if m.get("qat"):
+        qa = m["qat"]
+        lines += [f"QAT: {qa['implementation']}, {qa['epochs_run']} epochs (best on validation: epoch "
+                  f"{qa['best_epoch']}), {qa['folded_batchnorms']} BatchNorms folded, {qa['quantizers']} quantizers, "
+                  f"{qa['train_seconds']:.1f} s; ONNX Runtime (Q/DQ in float) vs the fake-quantized PyTorch model: "
+                  f"max |diff| {qa['max_abs_diff']:.2e}." + (
+                      f" ONNX Runtime CPU latency (its INT8 kernels): QAT {latency['qat_all_int8']:.3f} ms, PTQ "
+                      f"{latency['quantize']:.3f} ms. ModelOpt places Q/DQ on the inputs of weighted layers only "
+                      "(NVIDIA's placement for TensorRT, which fuses the following activation and quantization); "
+                      "ONNX Runtime's CPU provider fuses fewer integer kernels with it, so this CPU figure says "
+                      "little about the Jetson." if "qat_all_int8" in latency and "quantize" in latency else ""),
+                  ""]
+    mx = m.get("mixed")
+    if mx:
+        lines += [f"Mixed precision (base {mx['base'].upper()}): sets tried smallest first, the top k of the "
+                  "sensitivity ranking (each quantized Conv/Gemm alone in float, error against the FP32 ONNX "
+                  "outputs on validation images; the device's fallback ranking)" + (
+                      f"; {mx['note']}" if mx.get("note") else "") + ":", "",
+                  "| k | layers kept in float | val top-1 | val cost vs FP32 ONNX |", "|---|---|---|---|"]
+        lines += [f"| {t['k']} | {', '.join(f'`{x}`' for x in t['layers'])} | {100 * t['val_top1']:.2f}% | "
+                  f"{t['val_cost_points']:+.2f} points |" for t in mx["tried"]]
+        if m["selected"] == "mixed":
+            base = latency.get("qat_all_int8" if mx["base"] == "qat" else "quantize")
+            share = sum(mx["macs_share"].values())
+            lat = (f"{latency['qat'] - base:+.3f} ms ({latency['qat']:.3f} against {base:.3f} ms all-INT8)"
+                   if base and "qat" in latency else "not measured")
+            lines += ["", f"Shipped with {len(m['kept_float_layers'])} layer(s) in float "
+                      f"({'meets' if mx['met'] else '**does not meet**'} the target on validation). Their cost: "
+                      f"{100 * share:.1f}% of the model's Conv/Gemm MACs (share computed from ONNX shapes); latency "
+                      f"{lat} on ONNX Runtime CPU (its INT8 kernels, batch 1, this machine; TensorRT on the Jetson "
+                      "differs)."]
+        lines += [""]
+    return lines
