@@ -98,7 +98,7 @@ def test_a_rank_that_dies_fails_the_build_in_one_line(tmp_path):
     os.kill(pid, signal.SIGKILL)
     out, err = build.communicate(timeout=240)
     proc = subprocess.CompletedProcess(build.args, build.returncode, out, err)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr[-3000:]
     line = _one_error_line(proc)
     assert line.startswith("training process rank 1 of 2 stopped with signal 9 (SIGKILL); see its log under "), line
     assert Path(line.split("see its log under ")[1].split(";")[0]).is_dir()  # kept: the rank said nothing else

@@ -111,16 +111,21 @@ def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
     reports = {e["rank"]: e for e in (json.loads(f.read_text()) for f in (work / "errors").glob("rank-*.json"))}
     failures = dict(getattr(exc, "failures", None) or {})
     _mark_failed(run_dir)
-    # the cause: a rank's own error first; else a rank that died without one (killed, out of memory); a rank
-    # that only lost its peers (gloo/NCCL "connection reset" at its next collective) is the echo, not the cause
-    own = sorted((e for e in reports.values() if not e.get("peer_lost")), key=lambda e: e["time"])
+    # the cause, in this order: a rank's own user error (EdgeTLError); a rank that died without a word (killed,
+    # out of memory: any signal but torchrun's SIGTERM, or an exit without a report); a rank's internal error; a
+    # rank that only lost its peers (the echo of another's failure at its next collective); torchrun's SIGTERMs
     import signal
 
-    # torchrun stops the other ranks with SIGTERM once one failed: those are the echo, not the cause
+    def order(e: dict) -> tuple:
+        return (e.get("peer_lost", False), e["exit_code"] == 70, e["time"])
+
+    reported = sorted(reports.values(), key=order)
     silent = sorted((r for r in failures if r not in reports),
                     key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].timestamp, r))
-    errors = own or ([] if silent else sorted(reports.values(), key=lambda e: e["time"]))
-    first = silent[0] if silent else min(failures, default=0)
+    died = [r for r in silent if failures[r].exitcode != -signal.SIGTERM]
+    user = [e for e in reported if not e.get("peer_lost") and e["exit_code"] != 70]
+    errors = user or ([] if died else reported)
+    first = died[0] if died else (silent[0] if silent else min(failures, default=0))
     if errors:  # rank 0 runs the build: its errors read as a single process's; another rank's says which
         err = errors[0]
         problem = err["problem"] if err["rank"] == 0 else f"training process rank {err['rank']} of {nproc}: " \
@@ -238,10 +243,10 @@ def _lost_peer(exc: BaseException) -> bool:
     DistBackendError), rather than a failure of this rank's own."""
     import torch.distributed
 
-    if isinstance(exc, getattr(torch.distributed, "DistBackendError", ())):
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):  # DistBackendError, DistNetworkError, ...
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("gloo" in text or "Connection" in text or "NCCL" in text)
+    return isinstance(exc, RuntimeError) and any(w in text for w in ("gloo", "Connection", "NCCL", "peer", "recv"))
 
 
 def _report(work: Path, rank: int, problem: str, fix: str | None, exit_code: int, *, peer_lost: bool = False) -> None:
