@@ -18,7 +18,7 @@ pytest.importorskip("torch", reason="the workstation extra (torch) is not instal
 
 EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
 SMALL = ["--demo-shots", "10", "--epochs", "12", "--warmup-epochs", "1", "--recovery-epochs", "8", "--no-scratch",
-         "--golden-count", "6", "--quantize-mode", "ptq"]  # QAT: test_qat_mode_ships_the_better_int8_model
+         "--golden-count", "6", "--quantize-mode", "ptq", "--explain"]  # QAT: test_qat_mode_ships_the_better_int8_model
 
 
 def edge_tl(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -59,6 +59,9 @@ def test_fit_recovers_a_known_temperature(true_t):
     cal = calibrate(logits, labels, *held_out)
     assert cal["temperature"] == pytest.approx(t) and cal["ece_bins"] == 15
     assert cal["ece_after"] < 0.03
+    for when in ("before", "after"):  # every ECE carries its 95% bootstrap interval
+        lo, hi = cal[f"ece_{when}_ci95"]
+        assert lo <= cal[f"ece_{when}"] <= hi
     if true_t != 1.0:  # the raw logits were over- or under-confident: temperature scaling helps on held-out data
         assert cal["ece_after"] < cal["ece_before"] and cal["nll_after"] < cal["nll_before"]
 

@@ -30,6 +30,7 @@ FLAGS = {
     "quantize_mode": ("quantize.mode", "--quantize-mode"), "qat_epochs": ("quantize.qat_epochs", "--qat-epochs"),
     "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
     "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
+    "explain": ("report.explain", "--explain/--no-explain"),
     "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
 }
 
@@ -118,6 +119,8 @@ def build(
                                                "checks on the device.", show_default=False),
     scratch: bool | None = typer.Option(None, "--scratch/--no-scratch", help="Also train from scratch and "
                                            "report transfer against scratch (on in the demo).", show_default=False),
+    explain: bool | None = typer.Option(None, "--explain/--no-explain", help="Grad-CAM overlays of the fine-tuned "
+                                        "and the pruned model in the report (report.explain).", show_default=False),
     demo_shots: str | None = typer.Option(None, help="Demo only: training images per class (e.g. 5, 10, all).",
                                              show_default=False),
     threads: int | None = typer.Option(None, help="CPU threads for the latency measurements.", show_default=False),

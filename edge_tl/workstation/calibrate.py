@@ -65,6 +65,23 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     return reliability(probs, labels, bins)["ece"]
 
 
+def ece_bootstrap(logits: np.ndarray, labels: np.ndarray, temperature: float, bins: int = ECE_BINS,
+                  resamples: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95% paired-bootstrap intervals (percentile; test images resampled, seeded) of the ECE before (T = 1), after
+    (``temperature``) and of their difference (before - after)."""
+    before, after = softmax(logits), softmax(np.asarray(logits, dtype=np.float64) / temperature)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, 2))
+    for i in range(resamples):
+        idx = rng.integers(0, len(labels), len(labels))
+        draws[i] = ece(before[idx], labels[idx], bins), ece(after[idx], labels[idx], bins)
+    lo, hi = np.percentile(draws, [2.5, 97.5], axis=0)
+    dlo, dhi = np.percentile(draws[:, 0] - draws[:, 1], [2.5, 97.5])
+    return {"ece_before_ci95": [float(lo[0]), float(hi[0])], "ece_after_ci95": [float(lo[1]), float(hi[1])],
+            "ece_diff_ci95": [float(dlo), float(dhi)]}
+
+
 def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
               bins: int = ECE_BINS) -> dict[str, Any]:
     """Fit T on validation; ECE and NLL on test before (T = 1) and after. What the quantize stage records."""
@@ -76,7 +93,7 @@ def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.nd
             "ece_before": rb["ece"], "ece_after": ra["ece"],
             "nll_before": nll(test_logits, test_labels), "nll_after": nll(test_logits, test_labels, t),
             "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels, t),
-            "reliability_before": rb, "reliability_after": ra}
+            **ece_bootstrap(test_logits, test_labels, t, bins), "reliability_before": rb, "reliability_after": ra}
 
 
 def summary_line(cal: dict[str, Any]) -> str:
@@ -128,7 +145,15 @@ def report_section(cal: dict[str, Any] | None, plots: Any) -> list[str]:
             f"Temperature **{cal['temperature']:.3f}**, fitted on the {cal['val_images']} validation images by "
             "minimising the negative log-likelihood (temperature scaling), stored in the bundle's "
             "`postprocess.json`: `edge-tl infer` and `serve` report `softmax(logits / T)`. It changes no prediction.",
-            "", f"| test split | ECE ({cal['ece_bins']} bins) | NLL |", "|---|---|---|",
-            f"| before (T = 1) | {100 * cal['ece_before']:.2f}% | {cal['nll_before']:.3f} |",
-            f"| after (T = {cal['temperature']:.3f}) | {100 * cal['ece_after']:.2f}% | {cal['nll_after']:.3f} |",
+            "", f"| test split | ECE ({cal['ece_bins']} bins, 95% CI) | NLL |", "|---|---|---|",
+            f"| before (T = 1) | {_ece(cal, 'before')} | {cal['nll_before']:.3f} |",
+            f"| after (T = {cal['temperature']:.3f}) | {_ece(cal, 'after')} | {cal['nll_after']:.3f} |", "",
+            *([f"ECE before - after: 95% paired-bootstrap interval {100 * cal['ece_diff_ci95'][0]:+.2f} to "
+               f"{100 * cal['ece_diff_ci95'][1]:+.2f} points (2000 resamples of the test images)."]
+              if "ece_diff_ci95" in cal else []),
             "", "![reliability diagram](plots/reliability.png)"]
+
+
+def _ece(cal: dict[str, Any], when: str) -> str:
+    ci = cal.get(f"ece_{when}_ci95")
+    return f"{100 * cal[f'ece_{when}']:.2f}%" + (f" ({100 * ci[0]:.2f}–{100 * ci[1]:.2f})" if ci else "")
