@@ -99,7 +99,7 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     for png in ("curves", "accuracy_vs_macs", "confusion_int8", "reliability"):
         assert (run / "plots" / f"{png}.png").stat().st_size > 1000
     # calibration (issue 14 item 7): the fitted temperature is the one the bundle's runtimes apply
-    cal = q.calibration
+    cal = m.stages["qat"].calibration  # fitted for the shipped model, in the stage that picks it
     assert b.postprocess.temperature == pytest.approx(cal["temperature"], rel=1e-5) and b.postprocess.calibrated
     assert cal["ece_bins"] == 15 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9  # T = 1 was among the candidates
