@@ -4,7 +4,8 @@ For each seed the shipped demo spec is built with `seed` changed (the scratch co
 calibration) through the real pipeline (`run_build`, the same code as `edge-tl build`). From each build:
 the temperature fitted on the validation split (NLL, INT8 Q/DQ in float), the test split's expected calibration
 error (15 equal-width bins) and NLL before (T = 1) and after temperature scaling (manifest
-`stages.quantize.calibration`), and the seconds the Grad-CAM section took (`plots/gradcam.json`) with its
+`stages.qat.calibration`: the stage that picks the shipped INT8 model), and the seconds the Grad-CAM
+section took (`plots/gradcam.json`) with its
 per-class map correlation between the fine-tuned and the pruned model.
 
     .venv/bin/python benchmarks/bench_calibration.py                # seeds 0-4
@@ -42,17 +43,9 @@ def one_seed(seed: int, runs: Path) -> dict:
     res = run_build(spec, runs / f"demo-s{seed}", overwrite=True, console=Console(stderr=True, quiet=True))
     seconds = time.perf_counter() - start
     b = Bundle.open(res.bundle_dir)
-    cal = b.manifest.stages["quantize"].calibration
+    cal = b.manifest.stages["qat"].calibration
     gradcam = json.loads((res.run_dir / "plots" / "gradcam.json").read_text())
-    if "ece_diff_ci95" not in cal:  # a quantize stage cached before the intervals: from its saved test logits
-        from edge_tl.workstation.calibrate import ece_bootstrap
-        from edge_tl.workstation.data import DataSplit
-
-        keys = b.manifest.build["stage_keys"]
-        split = DataSplit.from_json((res.run_dir / "stages" / f"data-{keys['data']}" / "split.json").read_text())
-        logits = np.load(res.run_dir / "stages" / f"quantize-{keys['quantize']}" / "test_logits.npy")
-        cal = {**cal, **ece_bootstrap(logits, np.asarray(split.labels("test")), cal["temperature"], cal["ece_bins"])}
-    return {"seed": seed, "build_s": seconds, "ran": res.ran, "top1": b.manifest.stages["quantize"].top1,
+    return {"seed": seed, "build_s": seconds, "ran": res.ran, "top1": b.manifest.stages["qat"].top1,
             "postprocess_temperature": b.postprocess.temperature, **cal, "gradcam": gradcam}
 
 
