@@ -99,4 +99,4 @@ def test_signal_free_build_warns_records_and_fails_with_require_targets(signal_f
     assert again.returncode == 0, again.stderr[-3000:]
     assert "NOT better than guessing" in " ".join(again.stderr.split())
     assert json.loads((run / "run.json").read_text())["skipped"] == ["data", "finetune", "prune", "export",
-                                                                     "quantize"]
+                                                                     "quantize", "qat"]
