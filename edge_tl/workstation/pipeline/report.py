@@ -224,6 +224,10 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
         name = {"prune": "recovery"}.get(stage, stage)
         ax.plot(ep, [h["val_top1"] for h in hist], color=color, label=f"{name} val")
         ax.plot(ep, [h["train_top1"] for h in hist], color=color, ls="--", alpha=0.6, label=f"{name} train")
+        if stage == "finetune":  # mode = auto: the mode that was tried and not kept, beside it
+            from edge_tl.workstation.train.modes import plot_tried
+
+            plot_tried(ax, ctx.folder(stage), result.stages[stage])
     ax.set(xlabel="epoch", ylabel="top-1", title="Training curves", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -283,6 +287,9 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     for key in ("finetune", "scratch", "prune"):
         if st.get(key, {}).get("chance_warning"):
             lines += [f"**WARNING: training failed.** {st[key]['chance_warning']}", ""]
+    from edge_tl.workstation.pipeline.guard import report_lines
+
+    lines += report_lines(ctx)
     if st["finetune"].get("recipe") == "scratch":
         from edge_tl.workstation.pipeline.stages import scratch_recipe_note
 

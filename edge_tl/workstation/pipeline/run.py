@@ -178,13 +178,16 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     folder.mark("running", stage_keys=keys)
     # deferred: torch and the stage code load only after the cheap checks above passed
     from edge_tl.workstation.data import DataSplit
+    from edge_tl.workstation.pipeline.guard import decide, needs_scratch
     from edge_tl.workstation.pipeline.stages import RUNNERS, TRAINED, accuracy_stats, measure_latency
 
-    stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
+    stages = [s for s in STAGES if s != "scratch" or needs_scratch(ctx)]
     metrics: dict[str, dict[str, Any]] = {}
     ran, skipped = [], []
     for stage in stages:
-        key = keys[stage]
+        if stage == "prune":  # negative-transfer guard; may send the scratch model on (re-keys what follows)
+            decide(ctx, metrics)
+        key = keys[stage] = ctx.keys[stage]
         if ctx.cache.is_done(stage, key):
             skipped.append(stage)
             console.print(f"[green]✓[/] {stage:<9} cached  ({escape(str(ctx.folder(stage).relative_to(run_dir)))})")
@@ -209,7 +212,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")
     latency = measure_latency(ctx)
     comparison = None
-    if spec.report.compare_scratch:
+    if "scratch" in metrics:
         comparison = {"transfer_top1": metrics["finetune"]["top1"], "scratch_top1": metrics["scratch"]["top1"],
                       "train_images": metrics["data"]["train_images"], "weights": weights_label}
     stats = accuracy_stats(ctx, metrics)
@@ -227,6 +230,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     write_report(ctx, result)
     atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
                                                            "comparison": comparison, "stats": stats,
+                                                           "transfer": ctx.transfer,
                                                            "targets": [{"target": w, "measured": m, "verdict": v}
                                                                        for w, m, v in result.targets]},
                                                           indent=2, default=float) + "\n")
