@@ -7,8 +7,8 @@ the label of another image (a seeded permutation of the training labels), and no
 memorises noise: its features carry no knowledge about digits and its later layers are tuned to arbitrary
 image-to-class pairings. Transferring it to the demo's target task (digits 5-9) is the test case of the
 negative-transfer guard (edge_tl.workstation.train.transfer): the build must say the pretrained start is not
-better than training from scratch. The "best" epoch is picked on 128 of the training images themselves (with
-their shuffled labels), i.e. the most memorised state is kept.
+better than training from scratch. The "best" epoch is picked on the training images themselves (with their
+shuffled labels), i.e. the most memorised state is kept.
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ def main() -> None:
         true = np.asarray(split.labels("train"))
         shuffled = np.random.default_rng(args.seed).permutation(true)
         train = TrainDataset(split.paths("train"), shuffled, pre, augment="none", hflip=False)
-        pick = np.sort(np.random.default_rng(args.seed).permutation(true.size)[:128])  # memorisation probe
-        memorised = eval_arrays([split.paths("train")[i] for i in pick], shuffled[pick], pre)
+        memorised = eval_arrays(split.paths("train"), shuffled, pre)
         model = build(spec.model.backbone, len(split.classes), spec.model.dropout, seed=args.seed)
         res = fit(model, spec.model.backbone, train, memorised, scratch_phases(args.epochs, args.lr), batch_size=32,
                   seed=args.seed, label="pretrain digits 0-4, shuffled labels")
