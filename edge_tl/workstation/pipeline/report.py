@@ -222,6 +222,8 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
         hist = json.loads(f.read_text())["history"]
         ep = [h["epoch"] for h in hist]
         name = {"prune": "recovery"}.get(stage, stage)
+        if stage == "finetune" and result.stages[stage].get("mode_auto"):  # mode = auto: the mode it kept
+            name = f"{result.stages[stage]['mode_auto']['chosen']} (kept)"
         ax.plot(ep, [h["val_top1"] for h in hist], color=color, label=f"{name} val")
         ax.plot(ep, [h["train_top1"] for h in hist], color=color, ls="--", alpha=0.6, label=f"{name} train")
         if stage == "finetune":  # mode = auto: the mode that was tried and not kept, beside it
