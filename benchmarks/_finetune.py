@@ -32,7 +32,11 @@ def finetune(spec: BuildSpec, split, arrays, backbone: str, weights: str, seed: 
     early stopping): the fine-tune recipe keeps a random net's BatchNorm frozen and stays at chance."""
     t = spec.train
     labels = split.labels("train")
-    ds = TrainDataset(split.paths("train"), labels, spec.model.preprocess(), augment=t.augment, hflip=t.hflip)
+    from edge_tl.workstation.train.augment import resolve as resolve_augment
+
+    aug = resolve_augment(t.augment, t.hflip, spec.data.kind)
+    ds = TrainDataset(split.paths("train"), labels, spec.model.preprocess(), augment=aug["policy"],
+                      hflip=aug["hflip"])
     model = create_model(backbone, len(split.classes), weights, spec.model.dropout, seed=seed)
     setup = resolve(balance, labels, len(split.classes), spec.data.imbalance_ratio, balance_loss, t.focal_gamma)
     extra = fit_kwargs(setup, labels, len(split.classes), seed, t.label_smoothing)

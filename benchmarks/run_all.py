@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py",
-           "bench_rank.py", "bench_imbalance.py", "bench_ddp.py")
+           "bench_rank.py", "bench_imbalance.py", "bench_ddp.py", "bench_transfer.py", "bench_augment.py")
 
 
 def main() -> int:

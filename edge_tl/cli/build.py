@@ -31,6 +31,7 @@ FLAGS = {
     "opset": ("export.opset", "--opset"), "golden_count": ("export.golden_count", "--golden-count"),
     "scratch": ("report.compare_scratch", "--scratch/--no-scratch"), "threads": ("report.latency_threads", "--threads"),
     "explain": ("report.explain", "--explain/--no-explain"),
+    "continue_with": ("train.continue_with", "--continue-with"),
     "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
 }
 
@@ -38,6 +39,13 @@ FLAGS = {
 class Mode(str, Enum):
     finetune = "finetune"
     feature_extract = "feature-extract"
+    auto = "auto"
+
+
+class ContinueWith(str, Enum):
+    finetuned = "finetuned"
+    scratch = "scratch"
+    auto = "auto"
 
 
 class Importance(str, Enum):
@@ -82,7 +90,9 @@ def build(
     weights: str | None = typer.Option(None, help="imagenet (torchvision's weights), none (from scratch), demo, or "
                                           "a state_dict file (loaded with weights_only).", show_default=False),
     mode: Mode | None = typer.Option(None, help="finetune (head warm-up, then all layers with a lower backbone "
-                                        "lr) or feature-extract (frozen backbone).", show_default=False),
+                                        "lr), feature-extract (frozen backbone) or auto (both, the better on "
+                                        "validation kept).",
+                                        show_default=False),
     epochs: int | None = typer.Option(None, help="Most training epochs after the warm-up.", show_default=False),
     warmup_epochs: int | None = typer.Option(None, help="Head-only epochs before unfreezing.", show_default=False),
     lr_head: float | None = typer.Option(None, help="Learning rate of the new head.", show_default=False),
@@ -93,6 +103,10 @@ def build(
                                            show_default=False),
     input_size: int | None = typer.Option(None, help="Square network input in pixels.", show_default=False),
     resize: int | None = typer.Option(None, help="Shorter side before the center crop.", show_default=False),
+    continue_with: ContinueWith | None = typer.Option(
+        None, help="Model pruned and shipped: finetuned, scratch, or auto (scratch only when the negative-transfer "
+        "guard finds the pretrained start no better than scratch on validation and scratch is ahead).",
+        show_default=False),
     device: Device | None = typer.Option(None, help="Training device (auto: CUDA when present).",
                                             show_default=False),
     prune: bool | None = typer.Option(None, "--prune/--no-prune", help="Structured channel pruning.",

@@ -42,6 +42,10 @@ class DataSpec(_Section):
     strict: bool = Field(False, description="fail on unreadable or non-image files instead of skipping them")
     imbalance_ratio: float = Field(3.0, gt=1, description="warn when the largest class has this many times "
                                    "the smallest one's training images")
+    kind: Literal["photos", "digits", "text"] = Field(
+        "photos", description="what the images show; sets the augmentation defaults (train.augment = 'auto', "
+        "train.hflip unset): photos -> random resized crop, colour jitter, flips; digits and text -> a small "
+        "random affine, no flips")
 
     @field_validator("demo_shots")
     @classmethod
@@ -84,9 +88,10 @@ class ModelSpec(_Section):
 
 
 class TrainSpec(_Section):
-    mode: Literal["finetune", "feature-extract"] = Field(
+    mode: Literal["finetune", "feature-extract", "auto"] = Field(
         "finetune", description="finetune: head warm-up, then the whole net with a lower backbone lr; "
-        "feature-extract: frozen backbone, only the new head trains")
+        "feature-extract: frozen backbone, only the new head trains; auto: both from the same start under the "
+        "same epoch budget (warmup_epochs + epochs), the better one on validation kept, both curves in the report")
     epochs: int = Field(30, ge=1, le=10_000, description="most epochs after the warm-up "
                         "(early stopping may end sooner)")
     warmup_epochs: int = Field(5, ge=0, description="finetune: head-only epochs before the backbone unfreezes")
@@ -96,9 +101,13 @@ class TrainSpec(_Section):
     batch_size: int = Field(32, ge=1, le=4096)
     patience: int = Field(8, ge=1, description="early stopping: epochs without a better val accuracy")
     freeze_bn: bool = Field(True, description="keep BatchNorm statistics frozen (right for small datasets)")
-    augment: Literal["none", "light"] = Field("light", description="light: small random affine (rotation "
-                                              "<= 10 deg, shift <= 8%, scale 0.9-1.1), optional flips")
-    hflip: bool = Field(True, description="random horizontal flips (turn off for digits and text)")
+    augment: Literal["auto", "none", "light", "crop-flip-color", "trivialaugment", "randaugment"] = Field(
+        "auto", description="training augmentation (torchvision transforms v2; edge_tl.workstation.train.augment): "
+        "light (small random affine: rotation <= 10 deg, shift <= 8%, scale 0.9-1.1), crop-flip-color "
+        "(RandomResizedCrop 50-100% + ColorJitter), trivialaugment (TrivialAugmentWide), randaugment (RandAugment "
+        "2 ops, magnitude 9), none; auto: by data.kind (photos -> crop-flip-color, digits/text -> light)")
+    hflip: bool | None = Field(None, description="random horizontal flips; unset: by data.kind (on for photos, "
+                               "off for digits and text: a mirrored digit is another symbol)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
@@ -109,10 +118,16 @@ class TrainSpec(_Section):
     balance_loss: Literal["weighted-ce", "focal"] = Field("weighted-ce", description="balance = 'loss': "
                                                           "class-weighted cross-entropy or class-weighted focal loss")
     focal_gamma: float = Field(2.0, ge=0, description="focal loss focusing parameter (Lin et al. 2017)")
+    continue_with: Literal["finetuned", "scratch", "auto"] = Field(
+        "auto", description="which model goes on to pruning and ships: finetuned (the pretrained start), scratch "
+        "(the from-scratch baseline; trains it even without report.compare_scratch), auto: the from-scratch one "
+        "only when the negative-transfer guard fires (the pretrained start is not better than scratch on "
+        "validation, one-sided exact McNemar test) and scratch is ahead, else the fine-tuned one. The guard needs "
+        "the scratch baseline (report.compare_scratch = true); its verdict is printed, reported and recorded")
 
     @model_validator(mode="after")
     def _backbone_lr_lower(self) -> TrainSpec:
-        if self.mode == "finetune" and self.lr_backbone > self.lr_head:
+        if self.mode != "feature-extract" and self.lr_backbone > self.lr_head:
             raise ValueError(f"lr_backbone ({self.lr_backbone}) must not exceed lr_head ({self.lr_head})")
         return self
 
@@ -269,7 +284,7 @@ class BuildSpec(BaseModel):
 DEMO_SETTINGS: dict[str, Any] = {
     "name": "digits-demo",
     "seed": 0,
-    "data": {"root": None, "demo_shots": 10},
+    "data": {"root": None, "demo_shots": 10, "kind": "digits"},
     "model": {"backbone": "mobilenet_v2", "weights": "demo", "input_size": 32, "resize": 32,
               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     "train": {"mode": "finetune", "epochs": 60, "warmup_epochs": 2, "lr_head": 2e-3, "lr_backbone": 1e-3,

@@ -96,9 +96,12 @@ def postprocess_config(shipped_metrics: dict[str, Any]) -> PostprocessConfig:
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
     """The backbone ranking (backbone = "auto") and the class balancing the fine-tune used, for the manifest."""
-    out: dict[str, Any] = {"balance": ctx.read("finetune", "metrics.json").get("balance")}
+    out: dict[str, Any] = {"balance": ctx.read("finetune", "metrics.json").get("balance"),
+                           "augmentation": ctx.augmentation()}
     if ctx.ranking is not None:
         out["backbone_ranking"] = ctx.ranking
+    if ctx.transfer is not None:  # the negative-transfer guard and which model was pruned (pipeline.guard)
+        out["transfer"] = ctx.transfer
     return out
 
 

@@ -79,6 +79,8 @@ class Context:
     _train_ds: Any = None
     ranking: dict[str, Any] | None = None  # backbone = "auto": the ranking that picked it (edge_tl.workstation.rank)
     processes: int = 1  # training processes (edge-tl build --nproc: torchrun, edge_tl.workstation.train.distributed)
+    parent: str = "finetune"  # the stage whose model is pruned: finetune or scratch (pipeline.guard)
+    transfer: dict[str, Any] | None = None  # the negative-transfer guard's record (pipeline.guard)
 
     @property
     def pre(self) -> PreprocessConfig:
@@ -108,20 +110,25 @@ class Context:
     def compute_keys(self) -> dict[str, str]:
         s = self.spec
         d = s.model_dump(mode="json")
-        train = {k: v for k, v in d["train"].items() if k not in ("device", "workers")}
+        # continue_with picks the pruned model after training (self.parent): it changes no training stage
+        train = {k: v for k, v in d["train"].items() if k not in ("device", "workers", "continue_with")}
         if self.processes > 1:  # the data order differs from one process's (same global batch): another result
             train["processes"] = self.processes
-        k = {"data": stage_key("data", {"data": {**d["data"], "root": str(self.data_root)}, "seed": s.seed,
+        # data.kind only sets the augmentation defaults: the resolved augmentation keys the training stages
+        data = {key: v for key, v in d["data"].items() if key != "kind"}
+        k = {"data": stage_key("data", {"data": {**data, "root": str(self.data_root)}, "seed": s.seed,
                                         "files": quick_fingerprint(self.data_root)}, [])}
-        common = {"model": d["model"], "train": train, "seed": s.seed}
+        common = {"model": d["model"], "train": train, "seed": s.seed, "augmentation": self.augmentation()}
         # weights = none trains with the from-scratch recipe (stages.run_finetune): its rate is an input then
         recipe = {"recipe": "scratch", "lr": s.report.scratch_lr} if self.weights == "none" else {}
         k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label, **recipe}, [k["data"]])
         # "eval": what a stage measures; bumped when that changes (2: predictions saved, Q/DQ in float)
         k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr, "eval": 2},
                                  [k["data"]])
-        k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **_table_key(s)},
-                               [k["finetune"]])
+        start = {"from": "scratch"} if self.parent == "scratch" else {}
+        k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **start,
+                                         "augmentation": self.augmentation(), **_table_key(s)},
+                               [k[self.parent]])
         k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
         ptq = {key: d["quantize"][key] for key in PTQ_SETTINGS}  # QAT's settings do not change the PTQ model
         k["quantize"] = stage_key("quantize", {"quantize": ptq, "seed": s.seed, "eval": 2},
@@ -129,7 +136,7 @@ class Context:
         # qat: QAT (its training settings), mixed precision and the shipped INT8 model's choice (pipeline.qat_stage)
         # qat eval 2: + temperature scaling of the shipped model fitted on validation, ECE on test (calibrate.py)
         k["qat"] = stage_key("qat", {"quantize": d["quantize"], "train": train, "seed": s.seed, "eval": 2},
-                             [k["quantize"], k["prune"], k["finetune"]])
+                             [k["quantize"], k["prune"], k[self.parent]])
         self.keys = k
         return k
 
@@ -150,13 +157,20 @@ class Context:
             self._arrays[split] = eval_arrays(data.paths(split), data.labels(split), self.pre)
         return self._arrays[split]
 
+    def augmentation(self) -> dict[str, Any]:
+        """train.augment / train.hflip resolved by data.kind (edge_tl.workstation.train.augment.resolve)."""
+        from edge_tl.workstation.train.augment import resolve
+
+        t = self.spec.train
+        return resolve(t.augment, t.hflip, self.spec.data.kind)
+
     def train_dataset(self) -> Any:
         if self._train_ds is None:
             from edge_tl.workstation.train.datasets import TrainDataset
 
-            data, t = self.data_split, self.spec.train
+            data, aug = self.data_split, self.augmentation()
             self._train_ds = TrainDataset(data.paths("train"), data.labels("train"), self.pre,
-                                          augment=t.augment, hflip=t.hflip)
+                                          augment=aug["policy"], hflip=aug["hflip"])
         return self._train_ds
 
     def calibration(self) -> np.ndarray:

@@ -34,6 +34,7 @@ from edge_tl.workstation.pipeline.stages import (
     balanced_top1,
     calibration,
     confusion,
+    is_writer,
     kernel_gap_note,
 )
 
@@ -111,7 +112,8 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
 
         n = len(ctx.classes)
         student = load_state(s.model.backbone, n, ctx.folder("prune") / MODEL_PT, s.model.dropout)
-        teacher = load_state(s.model.backbone, n, ctx.folder("finetune") / MODEL_PT, s.model.dropout)
+        # the model that was pruned (fine-tuned, or from scratch after the negative-transfer guard) teaches
+        teacher = load_state(s.model.backbone, n, ctx.folder(ctx.parent) / MODEL_PT, s.model.dropout)
         kw = _fit_kwargs(ctx, "qat")
         for k in ("label", "patience", "label_smoothing", "seed", "device", "workers", "batch_size", "weight_decay"):
             kw.pop(k, None)
@@ -121,6 +123,8 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
                         batch_size=s.train.batch_size, seed=s.seed, device=s.train.device, fit_kwargs=kw)
         qat_info = res.summary()
         cands["qat"] = candidate(out / "model.qat.onnx")
+    if not is_writer():  # torchrun: the other ranks only train QAT along; rank 0 decides and writes
+        return {}
     chosen = pick(cands)
     mixed = None
     if q.mode != "ptq" and cands[chosen]["val_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:

@@ -241,8 +241,14 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
         hist = json.loads(f.read_text())["history"]
         ep = [h["epoch"] for h in hist]
         name = {"prune": "recovery"}.get(stage, stage)
+        if stage == "finetune" and result.stages[stage].get("mode_auto"):  # mode = auto: the mode it kept
+            name = f"{result.stages[stage]['mode_auto']['chosen']} (kept)"
         ax.plot(ep, [h["val_top1"] for h in hist], color=color, label=f"{name} val")
         ax.plot(ep, [h["train_top1"] for h in hist], color=color, ls="--", alpha=0.6, label=f"{name} train")
+        if stage == "finetune":  # mode = auto: the mode that was tried and not kept, beside it
+            from edge_tl.workstation.train.modes import plot_tried
+
+            plot_tried(ax, ctx.folder(stage), result.stages[stage])
     ax.set(xlabel="epoch", ylabel="top-1", title="Training curves", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -302,6 +308,9 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     for key in ("finetune", "scratch", "prune"):
         if st.get(key, {}).get("chance_warning"):
             lines += [f"**WARNING: training failed.** {st[key]['chance_warning']}", ""]
+    from edge_tl.workstation.pipeline.guard import report_lines
+
+    lines += report_lines(ctx)
     if st["finetune"].get("recipe") == "scratch":
         from edge_tl.workstation.pipeline.stages import scratch_recipe_note
 

@@ -25,6 +25,7 @@ from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text
 from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
 from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
+from edge_tl.workstation.pipeline.guard import decide, needs_scratch
 from edge_tl.workstation.pipeline.qat_stage import run_qat
 from edge_tl.workstation.pipeline.stages import RUNNERS as _STAGE_RUNNERS
 from edge_tl.workstation.spec import STAGES, BuildSpec, to_toml
@@ -188,14 +189,16 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     from edge_tl.workstation.data import DataSplit
     from edge_tl.workstation.pipeline.stages import TRAINED, accuracy_stats, measure_latency
 
-    stages = [s for s in STAGES if s != "scratch" or spec.report.compare_scratch]
-    trained = _trained_together(ctx, stages)
+    stages = [s for s in STAGES if s != "scratch" or needs_scratch(ctx)]
     metrics: dict[str, dict[str, Any]] = {}
     ran, skipped = [], []
     for stage in stages:
-        key = keys[stage]
-        if stage in trained:
-            _sync().barrier()  # the other ranks start this stage with every stage before it written
+        if stage == "prune":  # negative-transfer guard; may send the scratch model on (re-keys what follows)
+            decide(ctx, metrics)
+        key = keys[stage] = ctx.keys[stage]
+        if ctx.processes > 1 and stage in _trains(ctx):  # the other ranks train this stage along (follow_build)
+            _sync().share({"stage": stage, "run": not ctx.cache.is_done(stage, key), "keys": ctx.keys,
+                           "parent": ctx.parent})
         if ctx.cache.is_done(stage, key):
             skipped.append(stage)
             console.print(f"[green]✓[/] {stage:<9} cached  ({escape(str(ctx.folder(stage).relative_to(run_dir)))})")
@@ -213,18 +216,20 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
         if stage == "data" and ctx.processes > 1:  # what the other ranks need to train along (follow_build)
             _sync().share({"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "keys": keys,
                            "data_root": str(data_root), "data_label": data_label, "weights": weights,
-                           "weights_label": weights_label, "trained": trained})
+                           "weights_label": weights_label})
         if stage == "data":
             for note in ctx.split.warnings:
                 console.print(f"[yellow]warning:[/] {escape(note)}")
         metrics[stage] = ctx.read(stage, "metrics.json")
         if stage in TRAINED:
             _say_chance(ctx, stage, metrics[stage])
+    if ctx.processes > 1:
+        _sync().share({"stage": None})  # the other ranks' training is over (follow_build returns)
     console.print("[bold]→[/] measuring CPU latency (batch 1, "
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")
     latency = measure_latency(ctx)
     comparison = None
-    if spec.report.compare_scratch:
+    if "scratch" in metrics:
         comparison = {"transfer_top1": metrics["finetune"]["top1"], "scratch_top1": metrics["scratch"]["top1"],
                       "train_images": metrics["data"]["train_images"], "weights": weights_label}
     stats = accuracy_stats(ctx, metrics)
@@ -242,6 +247,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     write_report(ctx, result)
     atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
                                                            "comparison": comparison, "stats": stats,
+                                                           "transfer": ctx.transfer,
                                                            "targets": [{"target": w, "measured": m, "verdict": v}
                                                                        for w, m, v in result.targets]},
                                                           indent=2, default=float) + "\n")
@@ -256,9 +262,10 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
 
 # -- torchrun (edge-tl build --nproc N, edge_tl.workstation.pipeline.launch) ----------------------------------
 # Rank 0 runs the build above and is the only writer (run folder, stage cache, bundle). The other ranks run
-# follow_build: they receive what rank 0 decided after the data stage, and run only the training stages with
-# it (fit under DistributedDataParallel), each after a barrier that rank 0 passes once the stages before are
-# written; their stage functions return before writing anything (stages.is_writer).
+# follow_build: they receive what rank 0 decided after the data stage, then rank 0 announces each training stage
+# (broadcast, once every stage before it is written and after the negative-transfer guard chose the model to
+# prune) and they train it along (fit under DistributedDataParallel); their stage functions return before
+# writing anything (stages.is_writer).
 
 
 def training_processes() -> int:
@@ -274,14 +281,11 @@ def _sync() -> Any:
     return distributed
 
 
-def _trained_together(ctx: Context, stages: list[str]) -> list[str]:
-    """The stages every rank trains, decided by rank 0 before any runs (they then all run them in this order)."""
-    if ctx.processes == 1:
-        return []
-    s = ctx.spec
-    trains = {"finetune": True, "scratch": True,
-              "prune": s.prune.enabled and s.prune.ratio > 0 and s.prune.recovery_epochs > 0}
-    return [st for st in stages if trains.get(st) and not ctx.cache.is_done(st, ctx.keys[st])]
+def _trains(ctx: Context) -> tuple[str, ...]:
+    """The stages that train a network (with the other ranks, under torchrun)."""
+    p, q = ctx.spec.prune, ctx.spec.quantize
+    return (("finetune", "scratch") + (("prune",) if p.enabled and p.ratio > 0 and p.recovery_epochs > 0 else ())
+            + (("qat",) if q.mode != "ptq" else ()))  # auto: every rank takes the same decision on the same files
 
 
 def follow_build(scratch: Path | None = None) -> None:
@@ -297,9 +301,10 @@ def follow_build(scratch: Path | None = None) -> None:
     run_dir = Path(info["run_dir"])
     ctx = Context(spec, run_dir, StageCache(run_dir, writer=False), Console(quiet=True), Path(info["data_root"]),
                   info["data_label"], info["weights"], info["weights_label"], processes=distributed.world_size())
-    ctx.keys = info["keys"]
     ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
-    for stage in info["trained"]:
-        distributed.barrier()
+    while (step := distributed.share())["stage"] is not None:  # rank 0 announces each training stage, in order,
+        if not step["run"]:  # once every stage before it is written; cached there: cached here too
+            continue
+        ctx.keys, ctx.parent = step["keys"], step["parent"]  # after the negative-transfer guard (pipeline.guard)
         with tempfile.TemporaryDirectory(prefix=f"rank{distributed.rank()}-", dir=scratch) as tmp:
-            RUNNERS[stage](ctx, Path(tmp))
+            RUNNERS[step["stage"]](ctx, Path(tmp))

@@ -135,7 +135,7 @@ def run_data(ctx: Context, out: Path) -> dict[str, Any]:
 def scratch_epochs(ctx: Context) -> int:
     """The from-scratch budget: the fine-tune's epochs plus its warm-up (the same number of epochs in all)."""
     t = ctx.spec.train
-    return t.epochs + (t.warmup_epochs if t.mode == "finetune" else 0)
+    return t.epochs + (t.warmup_epochs if t.mode != "feature-extract" else 0)
 
 
 def scratch_recipe_note(ctx: Context) -> str:
@@ -151,15 +151,21 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
     from edge_tl.workstation.train import create_model, finetune_phases, fit, scratch_phases
 
     s, t = ctx.spec, ctx.spec.train
-    model = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
+    auto = None
     if ctx.weights == "none":  # random weights: nothing to protect with a warm-up or a low backbone rate
         recipe = "scratch"
         ctx.console.print(f"[yellow]note:[/] {scratch_recipe_note(ctx)}")
         phases = scratch_phases(scratch_epochs(ctx), s.report.scratch_lr)
+    elif t.mode == "auto":  # both modes under the same budget, the better on validation kept (train.modes)
+        model, res, phases, auto = _fit_auto(ctx, out)
+        recipe = auto["chosen"]
     else:
         recipe = t.mode
         phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
-    res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases, **_fit_kwargs(ctx, "fine-tune"))
+    if auto is None:
+        model = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
+        res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases,
+                  **_fit_kwargs(ctx, "fine-tune"))
     if not is_writer():  # torchrun: rank 0 writes the stage (edge_tl.workstation.train.distributed)
         return {}
     _write(out, "fit.json", res.as_dict())
@@ -167,14 +173,45 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
                "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode, "recipe": recipe,
                "phases": [p.__dict__ for p in phases]}
     metrics["balance"] = balance_setup(ctx)
+    metrics["augmentation"] = ctx.augmentation()
+    if auto is not None:
+        metrics["mode_auto"] = auto
     metrics["chance_check"] = chance_check(ctx, res.best_val_top1, res.epochs_run)
+    save_val_predictions(ctx, model, out)
     metrics = _torch_outputs(ctx, model, out, metrics)
     _write(out, "metrics.json", metrics)
     return metrics
 
 
+def save_val_predictions(ctx: Context, model, out: Path) -> None:
+    """The validation predictions (``val_predictions.npy``) the negative-transfer guard pairs up."""
+    from edge_tl.workstation.train import evaluate
+
+    _, _, preds = evaluate(model.cpu(), *ctx.arrays("val"))
+    np.save(out / "val_predictions.npy", preds)
+
+
+def _fit_auto(ctx: Context, out: Path) -> tuple[Any, Any, list, dict[str, Any]]:
+    """train.mode = "auto": feature extraction and fine-tuning from the same start, the better one on validation
+    kept (edge_tl.workstation.train.modes); each run's curves saved as ``fit_<mode>.json``."""
+    from edge_tl.workstation.train import create_model, fit
+    from edge_tl.workstation.train.modes import candidates, pick, summary
+
+    s, t = ctx.spec, ctx.spec.train
+    phases = candidates(t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
+    models, results = {}, {}
+    for mode, ph in phases.items():
+        models[mode] = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
+        results[mode] = fit(models[mode], s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), ph,
+                            **_fit_kwargs(ctx, f"auto: {mode}"))
+        _write(out, f"fit_{mode}.json", results[mode].as_dict())
+    chosen, why = pick(results)
+    ctx.console.print(f"[cyan]mode auto:[/] keeping {chosen} ({why})")
+    return models[chosen], results[chosen], phases[chosen], summary(results, chosen, why, phases)
+
+
 def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
-    from edge_tl.workstation.train import build, evaluate, fit, scratch_phases
+    from edge_tl.workstation.train import build, evaluate, fit, save_state, scratch_phases
 
     s = ctx.spec
     model = build(s.model.backbone, len(ctx.classes), s.model.dropout, seed=s.seed)
@@ -185,6 +222,8 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     _write(out, "fit.json", res.as_dict())
     top1, _, preds = evaluate(model.cpu(), *ctx.arrays("test"))
     np.save(out / "test_predictions.npy", preds)
+    save_val_predictions(ctx, model, out)
+    save_state(model, out / MODEL_PT)  # train.continue_with may send it on to pruning
     metrics = {"top1": top1, "val_top1": res.best_val_top1, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2)}
     metrics["balanced_top1"] = balanced_top1(ctx.arrays("test")[1], preds)
@@ -199,7 +238,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     from edge_tl.workstation.train import evaluate, fit, load_state, recalibrate_bn, recovery_phases
 
     s, p = ctx.spec, ctx.spec.prune
-    model = load_state(s.model.backbone, len(ctx.classes), ctx.folder("finetune") / MODEL_PT, s.model.dropout)
+    # the fine-tuned model, or the from-scratch one (train.continue_with; edge_tl.workstation.pipeline.guard)
+    model = load_state(s.model.backbone, len(ctx.classes), ctx.folder(ctx.parent) / MODEL_PT, s.model.dropout)
     if not p.enabled or p.ratio == 0:
         metrics = {"enabled": False}
         return _finish(ctx, model, out, metrics)
@@ -371,6 +411,8 @@ def accuracy_stats(ctx: Context, stages: dict[str, dict[str, Any]]) -> dict[str,
             ci[f"{stage}_ort_cpu_kernels"] = list(wilson(int(correct[f"{stage}_ort_cpu_kernels"].sum()), n))
     pairs = {}
     for name, (a, b) in PAIRS.items():
+        if name in ("pruning_cost", "int8_cost_vs_finetuned"):  # costs against the model that was pruned
+            a = ctx.parent
         if a in correct and b in correct:
             pairs[name] = paired(correct[a], correct[b]).as_dict()
     return {"test_images": n, "top1_ci95": ci, "paired": pairs}

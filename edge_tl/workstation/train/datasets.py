@@ -33,18 +33,16 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths: list[Path], labels: np.ndarray, pre: PreprocessConfig, augment: str = "light",
                  hflip: bool = True):
+        """``augment``: a policy of :mod:`edge_tl.workstation.train.augment` (not 'auto': resolve it first)."""
         from torchvision.transforms import v2
+
+        from edge_tl.workstation.train.augment import steps as augment_steps
 
         self.pre = Preprocessor(pre)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.images = [torch.from_numpy(np.asarray(self.pre.resize_crop(_open(p))).copy()).permute(2, 0, 1)
                        for p in paths]
-        steps: list = []
-        if augment == "light":
-            steps.append(v2.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1),
-                                         interpolation=v2.InterpolationMode.BILINEAR))
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
+        steps = augment_steps(augment, hflip, tuple(pre.input_size))
         self.augment = v2.Compose(steps) if steps else None
         cfg = pre
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)

@@ -1,0 +1,79 @@
+"""A source checkpoint that really hurts: the demo's backbone pretrained on digits 0-4 with SHUFFLED labels.
+
+    python models/pretrain_shuffled.py        # about 1-2 minutes on 2 CPU cores; writes models/demo_shuffled.pt + .json
+
+Same network, preprocessing, optimiser and seed as ``models/pretrain_demo.py``, but every training image gets
+the label of another image (a seeded permutation of the training labels), and no augmentation, so the net
+memorises noise: its features carry no knowledge about digits and its later layers are tuned to arbitrary
+image-to-class pairings. Transferring it to the demo's target task (digits 5-9) is the test case of the
+negative-transfer guard (edge_tl.workstation.train.transfer): the build must say the pretrained start is not
+better than training from scratch. The "best" epoch is picked on the training images themselves (with their
+shuffled labels), i.e. the most memorised state is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_tl.core.fsutil import atomic_write_text, sha256_file
+from edge_tl.workstation import demo
+from edge_tl.workstation.data import scan
+from edge_tl.workstation.spec import BuildSpec
+from edge_tl.workstation.train import build, fit, scratch_phases
+from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays
+
+HERE = Path(__file__).resolve().parent
+SHUFFLED_CHECKPOINT = "demo_shuffled.pt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / SHUFFLED_CHECKPOINT)
+    args = ap.parse_args()
+
+    spec = BuildSpec.demo()
+    pre = spec.model.preprocess()
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        root = demo.source_task(td, seed=args.seed)
+        split = scan(root, seed=args.seed)
+        true = np.asarray(split.labels("train"))
+        shuffled = np.random.default_rng(args.seed).permutation(true)
+        train = TrainDataset(split.paths("train"), shuffled, pre, augment="none", hflip=False)
+        memorised = eval_arrays(split.paths("train"), shuffled, pre)
+        model = build(spec.model.backbone, len(split.classes), spec.model.dropout, seed=args.seed)
+        res = fit(model, spec.model.backbone, train, memorised, scratch_phases(args.epochs, args.lr), batch_size=32,
+                  seed=args.seed, label="pretrain digits 0-4, shuffled labels")
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.cpu().state_dict().items()}
+    tmp = args.out.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(args.out)
+    info = {
+        "what": "torchvision mobilenet_v2, 5-class head, trained from scratch on sklearn digits 0-4 with the "
+                "training labels shuffled (a seeded permutation): a deliberately hurtful source checkpoint",
+        "command": "python models/pretrain_shuffled.py",
+        "classes": split.classes, "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "optimizer": "AdamW",
+        "augment": "none", "labels_kept": int((shuffled == true).sum()), "train_images": int(true.size),
+        "best_epoch": res.best_epoch, "memorised_top1": round(res.best_val_top1, 4),
+        "preprocess": pre.model_dump(mode="json"), "seconds": round(time.perf_counter() - start, 1),
+        "dtype": "float16 (float tensors)", "sha256": sha256_file(args.out), "bytes": args.out.stat().st_size,
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    print(json.dumps({k: info[k] for k in ("memorised_top1", "labels_kept", "seconds", "bytes")}))
+
+
+if __name__ == "__main__":
+    main()
