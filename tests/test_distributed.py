@@ -57,7 +57,7 @@ def test_two_gloo_processes_build_a_valid_bundle(ddp_built):
     assert ft.top1 > 0.4 and q.top1 is not None and q.top1 > 0.4
     # one writer: no stage folder half-written, nothing else in the cache
     assert not list((run / "stages").glob(".*")) and sorted(p.name.split("-")[0] for p in (run / "stages").iterdir()) \
-        == ["data", "export", "finetune", "prune", "quantize"]
+        == ["data", "export", "finetune", "prune", "qat", "quantize"]
     # a resumed / repeated build in 2 processes reuses what rank 0 cached
     again = edge_tl("build", "--out", str(run), "--nproc", "2", "--overwrite", *SMALL)
     assert again.returncode == 0, again.stderr[-3000:]

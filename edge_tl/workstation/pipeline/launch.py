@@ -98,7 +98,8 @@ def run_build_distributed(spec: BuildSpec, out: str | Path, nproc: int, *, overw
                 raise KeyboardInterrupt from exc
             except ChildFailedError as exc:
                 err = _failure(exc, work, run_dir, nproc)
-                keep = "see its log" in (err.fix or "")  # no rank said why: its log is all there is
+                # no rank said why (its log is all there is), or a bug's traceback: kept for the user to read
+                keep = any(w in (err.fix or "") for w in ("see its log", ".traceback.txt"))
                 raise err from None
         return _read_result(work / "result.json")
     finally:
@@ -225,16 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: the traceback goes to this rank's log, one line to the launcher
+    except Exception as exc:  # a bug: the traceback goes to a file, one line to the launcher
         import traceback
 
-        traceback.print_exc()
+        # not to stderr: rank 0's stderr is the user's terminal (the other ranks' goes to their logs)
+        (args.work / "errors").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.work / "errors" / f"rank-{rank}.traceback.txt", traceback.format_exc())
         if _lost_peer(exc):
             _report(args.work, rank, f"lost contact with the other training processes ({' '.join(str(exc).split())})",
                     "see the other ranks' errors; --nproc 1 trains in one process", 70, peer_lost=True)
         else:
             _report(args.work, rank, f"internal error (a bug in edge-tl): {type(exc).__name__}: {exc}",
-                    "please report it with the rank's log (edge-tl build --nproc 1 trains in one process)", 70)
+                    f"please report it with {args.work / 'errors' / f'rank-{rank}.traceback.txt'} (edge-tl build "
+                    "--nproc 1 trains in one process)", 70)
         return 70
 
 

@@ -301,6 +301,7 @@ def follow_build(scratch: Path | None = None) -> None:
     run_dir = Path(info["run_dir"])
     ctx = Context(spec, run_dir, StageCache(run_dir, writer=False), Console(quiet=True), Path(info["data_root"]),
                   info["data_label"], info["weights"], info["weights_label"], processes=distributed.world_size())
+    ctx.keys = info["keys"]
     ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
     while (step := distributed.share())["stage"] is not None:  # rank 0 announces each training stage, in order,
         if not step["run"]:  # once every stage before it is written; cached there: cached here too
