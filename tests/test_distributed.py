@@ -64,7 +64,9 @@ def test_two_gloo_processes_build_a_valid_bundle(ddp_built):
     assert "stages run: none" in again.stdout
 
 
-def _rank_pid(rank: int) -> int | None:
+def _rank_pid(rank: int, tmp: Path) -> int | None:
+    """The pid of this test's own rank: its environment holds the test's TMPDIR (another build's ranks on the
+    same machine, e.g. a benchmark, must never be touched)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -73,7 +75,7 @@ def _rank_pid(rank: int) -> int | None:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if WORKER.encode() in cmd and f"RANK={rank}".encode() in env:
+        if WORKER.encode() in cmd and f"RANK={rank}".encode() in env and f"TMPDIR={tmp}".encode() in env:
             return int(proc.name)
     return None
 
@@ -89,7 +91,7 @@ def test_a_rank_that_dies_fails_the_build_in_one_line(tmp_path):
                              env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp)})
     deadline, pid = time.monotonic() + 240, None
     while time.monotonic() < deadline and build.poll() is None:
-        pid = _rank_pid(1)
+        pid = _rank_pid(1, tmp)
         if pid and list((run / "stages").glob("data-*")):  # the data stage is written: training starts
             time.sleep(1.5)
             break
