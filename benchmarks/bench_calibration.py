@@ -95,7 +95,10 @@ def render(rows: list[dict], seconds: float) -> str:
     for r in rows:
         cells = ["-" if c["correlation"] is None else f"{c['correlation']:.2f}" for c in r["gradcam"]["per_class"]]
         lines.append(f"| {r['seed']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Total {seconds:.0f} s (wall clock, a shared and busy 2-core machine)."]
+    lines += ["", "The Grad-CAM column is the wall-clock time of the report's Grad-CAM section (`plots/gradcam.json`: "
+              "both models, 20 test images per class for the agreement plus the figure's images, and the figure) on "
+              "this machine at the time of the run; `report.explain` stays off by default while that is over ~5 s.",
+              "", f"Total {seconds:.0f} s (wall clock, a shared and busy 2-core machine)."]
     return "\n".join(lines)
 
 

@@ -145,7 +145,8 @@ def report_section(cal: dict[str, Any] | None, plots: Any) -> list[str]:
             f"Temperature **{cal['temperature']:.3f}**, fitted on the {cal['val_images']} validation images by "
             "minimising the negative log-likelihood (temperature scaling), stored in the bundle's "
             "`postprocess.json`: `edge-tl infer` and `serve` report `softmax(logits / T)`. It changes no prediction.",
-            "", f"| test split | ECE ({cal['ece_bins']} bins, 95% CI) | NLL |", "|---|---|---|",
+            "", f"| test split | ECE ({cal['ece_bins']} bins{', 95% CI' if 'ece_before_ci95' in cal else ''}) | NLL |",
+            "|---|---|---|",
             f"| before (T = 1) | {_ece(cal, 'before')} | {cal['nll_before']:.3f} |",
             f"| after (T = {cal['temperature']:.3f}) | {_ece(cal, 'after')} | {cal['nll_after']:.3f} |", "",
             *([f"ECE before - after: 95% paired-bootstrap interval {100 * cal['ece_diff_ci95'][0]:+.2f} to "
