@@ -170,8 +170,10 @@ class PruneSpec(_Section):
     global_pruning: bool = Field(False, description="rank channels across layers (each layer loses what it can "
                                  "spare) instead of the same share in every layer. Off by default: on the demo the "
                                  "global LAMP ranking removed 83% of the parameters for 50% of the MACs, leaving "
-                                 "8-channel bottlenecks, and cost 4.5 points on seed 0 (benchmarks/RESULTS.md, "
-                                 "bench_pareto). A latency target always ranks globally (importance per ms)")
+                                 "8-channel bottlenecks, and cost 4.5 points on seed 0 (85.5% vs 90.0%); the same "
+                                 "share per layer "
+                                 "recovered to 90.0% (one run, 2026-11-30). A latency target always ranks globally "
+                                 "(importance per ms, at most 75% of a layer)")
     distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
                                   "from the unpruned model (0 = labels only)")
     distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")
