@@ -2,8 +2,8 @@
 (seeds 0-4), and what does mode = "auto" pick on the demo?
 
 Guard: for each seed, the demo build (`edge-tl build`'s own `run_build`, the shipped demo spec, scratch baseline
-on) runs twice in one run folder: from `models/demo_shuffled.pt` (digits 0-4 with shuffled labels,
-`python models/pretrain_shuffled.py`) and from `models/demo_source.pt` (digits 0-4, true labels); the data and
+on) runs twice in one run folder: from `models/demo_dead.pt` (the good source with every ReLU6 unit dead,
+`python models/make_dead_checkpoint.py`) and from `models/demo_source.pt` (digits 0-4, true labels); the data and
 scratch stages are shared. Pruning is off (the guard decides before it). Target: detected on the hurtful
 checkpoint on every seed, never on the good one.
 
@@ -37,7 +37,7 @@ from edge_tl.workstation.spec import BuildSpec  # noqa: E402
 from edge_tl.workstation.stats import wilson  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-HURTFUL = REPO / "models" / "demo_shuffled.pt"
+HURTFUL = REPO / "models" / "demo_dead.pt"
 
 
 def _spec(seed: int, **train) -> BuildSpec:
@@ -85,7 +85,7 @@ def guard(seeds: list[int], work: Path) -> str:
         "item 3)", "", machine_line(), f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads.", "",
         "The shipped demo build (digits 5-9, 10 training images per class, mobilenet_v2 at 32x32, 60 epochs + 2 "
         "warm-up, scratch baseline on, `train.continue_with = \"auto\"`), pruning off, per seed from two sources: "
-        "*hurtful* = `models/demo_shuffled.pt` (digits 0-4 with shuffled labels, `models/pretrain_shuffled.py`), "
+        "*hurtful* = `models/demo_dead.pt` (the good source with every ReLU6 unit dead, `models/make_dead_checkpoint.py`), "
         "*good* = `models/demo_source.pt` (digits 0-4). The guard pairs the fine-tuned and the from-scratch model "
         "on the 100 validation images: it stays quiet only when a one-sided exact McNemar test says the pretrained "
         "start is better (p < 0.05). Validation top-1 of the best epoch; difference with its paired-bootstrap 95% "

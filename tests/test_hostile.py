@@ -743,7 +743,7 @@ def test_non_finite_weights_or_loss_are_not_cached(tmp_path):
 
 def test_interrupted_build_says_interrupted(tmp_path, monkeypatch, tiny_bundle_src):
     pytest.importorskip("torch")
-    from edge_tl.workstation.pipeline import stages as stage_code
+    from edge_tl.workstation.pipeline import run as run_code
     from edge_tl.workstation.pipeline.run import run_build
     from edge_tl.workstation.spec import load_spec
 
@@ -758,7 +758,7 @@ def test_interrupted_build_says_interrupted(tmp_path, monkeypatch, tiny_bundle_s
     def ctrl_c(ctx, out):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(stage_code.RUNNERS, "data", ctrl_c)
+    monkeypatch.setitem(run_code.RUNNERS, "data", ctrl_c)
     spec = load_spec(None, {"data.root": str(data), "model.weights": "none"}, {})
     with pytest.raises(KeyboardInterrupt):
         run_build(spec, run, overwrite=True)

@@ -24,7 +24,7 @@ from edge_tl.workstation.train.fit import FitResult  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
-HURTFUL = REPO / "models" / "demo_shuffled.pt"
+HURTFUL = REPO / "models" / "demo_dead.pt"
 
 
 def _correct(both: int, a_only: int, b_only: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,14 +138,14 @@ FAST = ["--recovery-epochs", "1", "--golden-count", "2", "--calib-count", "32"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HURTFUL.is_file(), reason="models/demo_shuffled.pt missing: python models/pretrain_shuffled.py")
+@pytest.mark.skipif(not HURTFUL.is_file(), reason="models/demo_dead.pt missing: python models/make_dead_checkpoint.py")
 def test_guard_fires_on_the_hurtful_checkpoint_and_not_on_the_good_one(tmp_path):
     run = tmp_path / "run"
-    # the hurtful source (digits 0-4 with shuffled labels): warned, recorded, the scratch model goes on (auto)
+    # the hurtful source (every unit dead, models/make_dead_checkpoint.py): warned, recorded, the scratch model goes on (auto)
     bad = _build(run, "--weights", str(HURTFUL), *FAST)
     assert bad.returncode == 0, bad.stderr[-3000:]
     said = " ".join(bad.stderr.split())
-    assert "WARNING: negative transfer: the pretrained start (weights demo_shuffled.pt@sha256:" in said
+    assert "WARNING: negative transfer: the pretrained start (weights demo_dead.pt@sha256:" in said
     assert "source domain" in said and "Continuing with the from-scratch model" in said
     m = Bundle.open(run / "bundle").manifest
     t = m.build["transfer"]

@@ -175,11 +175,12 @@ class _quiet:
 
 
 def export_qat_onnx(qmodel, path: str | Path, input_size: tuple[int, int], *, opset: int, target: str | None,
-                    check_inputs: np.ndarray, min_agreement: float = 0.99) -> tuple[dict[str, int], float]:
+                    check_inputs: np.ndarray, min_agreement: float = 0.9) -> tuple[dict[str, int], float]:
     """Export the fake-quantized ``qmodel`` to Q/DQ ONNX at ``path`` (atomically) and check it (see the module
     doc) on ``check_inputs`` (real preprocessed images: on random inputs far outside the calibrated ranges the
     two differ by design, ModelOpt clamping to [-127, 127] where QuantizeLinear saturates at -128). Returns (op
-    counts, largest |ONNX Runtime - torch| on those images); refuses top-1 agreement below ``min_agreement``."""
+    counts, largest |ONNX Runtime - torch| on those images); refuses top-1 agreement below ``min_agreement`` on the
+    images that are not near-ties, or when fewer than half of them are decided."""
     import torch
 
     from edge_tl.core.qdq import check_float_qdq
@@ -205,11 +206,19 @@ def export_qat_onnx(qmodel, path: str | Path, input_size: tuple[int, int], *, op
         if got.shape != ref.shape:
             raise CheckFailed(f"the QAT model's ONNX output has shape {got.shape}, PyTorch's {ref.shape}",
                               "report this export bug")
-        worst = float(np.max(np.abs(got - ref)))
-        agree = float((got.argmax(1) == ref.argmax(1)).mean())
-        if agree < min_agreement:
-            raise CheckFailed(f"the QAT model's ONNX export agrees with PyTorch on only {100 * agree:.1f}% of "
-                              f"{len(x)} images (max |diff| {worst:.3g})", "report this export bug")
+        diff = np.abs(got - ref).max(axis=1)
+        worst = float(diff.max())
+        # near-ties (PyTorch's top-1/top-2 margin within twice the typical |diff|: one rounding step of a
+        # borderline activation) may flip either way and say nothing about the export; of the rest, 90% must agree
+        # (an activation at the range's end is clamped to -127 by ModelOpt but -128 by QuantizeLinear: one step,
+        # enough to flip a close image of a weak model; a broken export agrees on about 1/classes)
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        decided = (top2[:, 1] - top2[:, 0]) > 2 * float(np.median(diff))
+        agree = float((got.argmax(1) == ref.argmax(1))[decided].mean()) if decided.any() else 0.0
+        if agree < min_agreement or decided.mean() < 0.5:
+            raise CheckFailed(f"the QAT model's ONNX export agrees with PyTorch on only {100 * agree:.1f}% of the "
+                              f"{int(decided.sum())} of {len(x)} images that are not near-ties (max |diff| "
+                              f"{worst:.3g})", "report this export bug")
     except BaseException:
         Path(path).unlink(missing_ok=True)
         raise

@@ -123,7 +123,10 @@ class Context:
         recipe = {"recipe": "scratch", "lr": s.report.scratch_lr} if self.weights == "none" else {}
         k["finetune"] = stage_key("finetune", {**common, "weights": self.weights_label, **recipe}, [k["data"]])
         # "eval": what a stage measures; bumped when that changes (2: predictions saved, Q/DQ in float)
-        k["scratch"] = stage_key("scratch", {**common, "weights": "none", "lr": s.report.scratch_lr, "eval": 2},
+        # scratch: the pretrained weights are not an input (one scratch model serves any --weights)
+        model = {key: v for key, v in d["model"].items() if key != "weights"}
+        k["scratch"] = stage_key("scratch", {**common, "model": model, "weights": "none", "lr": s.report.scratch_lr,
+                                             "eval": 2},
                                  [k["data"]])
         start = {"from": "scratch"} if self.parent == "scratch" else {}
         k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **start,
