@@ -85,7 +85,8 @@ def guard(seeds: list[int], work: Path) -> str:
         "item 3)", "", machine_line(), f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads.", "",
         "The shipped demo build (digits 5-9, 10 training images per class, mobilenet_v2 at 32x32, 60 epochs + 2 "
         "warm-up, scratch baseline on, `train.continue_with = \"auto\"`), pruning off, per seed from two sources: "
-        "*hurtful* = `models/demo_dead.pt` (the good source with every ReLU6 unit dead, `models/make_dead_checkpoint.py`), "
+        "*hurtful* = `models/demo_dead.pt` (the good source with every ReLU6 unit dead, "
+        "`models/make_dead_checkpoint.py`), "
         "*good* = `models/demo_source.pt` (digits 0-4). The guard pairs the fine-tuned and the from-scratch model "
         "on the 100 validation images: it stays quiet only when a one-sided exact McNemar test says the pretrained "
         "start is better (p < 0.05). Validation top-1 of the best epoch; difference with its paired-bootstrap 95% "

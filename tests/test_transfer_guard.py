@@ -141,7 +141,7 @@ FAST = ["--recovery-epochs", "1", "--golden-count", "2", "--calib-count", "32"]
 @pytest.mark.skipif(not HURTFUL.is_file(), reason="models/demo_dead.pt missing: python models/make_dead_checkpoint.py")
 def test_guard_fires_on_the_hurtful_checkpoint_and_not_on_the_good_one(tmp_path):
     run = tmp_path / "run"
-    # the hurtful source (every unit dead, models/make_dead_checkpoint.py): warned, recorded, the scratch model goes on (auto)
+    # the hurtful source (every unit dead, models/make_dead_checkpoint.py): warned, recorded, scratch goes on (auto)
     bad = _build(run, "--weights", str(HURTFUL), *FAST)
     assert bad.returncode == 0, bad.stderr[-3000:]
     said = " ".join(bad.stderr.split())
