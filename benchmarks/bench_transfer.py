@@ -62,6 +62,10 @@ def _acc(top1: float, n: int) -> str:
 
 
 def guard(seeds: list[int], work: Path) -> str:
+    import subprocess
+
+    if not HURTFUL.is_file():  # derived from models/demo_source.pt in a second, not stored
+        subprocess.run([sys.executable, str(HURTFUL.with_name("make_dead_checkpoint.py"))], check=True)
     rows, fired = [], {"hurtful": [], "good": []}
     for seed in seeds:
         run = work / f"guard-s{seed}"

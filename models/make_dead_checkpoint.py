@@ -1,6 +1,8 @@
 """A source checkpoint that really hurts: the demo's good source with every ReLU6 unit dead.
 
-    python models/make_dead_checkpoint.py     # a second; writes models/demo_dead.pt + .json
+    python models/make_dead_checkpoint.py [--out PATH]    # a second; writes models/demo_dead.pt + .json
+
+Not stored in the repository (it is 4.6 MB and derived in a second): the test and the benchmark make it.
 
 Diverged or badly quantized pretraining leaves networks whose units never fire. This makes one on purpose from
 ``models/demo_source.pt`` (the demo's real source checkpoint): every BatchNorm's bias (beta) is set to -10, so
@@ -32,18 +34,23 @@ BETA = -10.0
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=DEAD)
+    out = ap.parse_args().out
     state = torch.load(SOURCE, map_location="cpu", weights_only=True)
     bns = [k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")]
     for bn in bns:
         state[f"{bn}.bias"] = torch.full_like(state[f"{bn}.bias"], BETA)
-    tmp = DEAD.with_suffix(".tmp")
+    tmp = out.with_suffix(".tmp")
     torch.save(state, tmp)
-    tmp.replace(DEAD)
+    tmp.replace(out)
     info = {"what": "models/demo_source.pt with every BatchNorm bias set to -10: every ReLU6 unit dead (a "
                     "deliberately hurtful source checkpoint)", "command": "python models/make_dead_checkpoint.py",
             "source_sha256": sha256_file(SOURCE), "batchnorms": len(bns), "beta": BETA,
-            "sha256": sha256_file(DEAD), "bytes": DEAD.stat().st_size}
-    atomic_write_text(DEAD.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+            "sha256": sha256_file(out), "bytes": out.stat().st_size}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     print(json.dumps(info))
 
 

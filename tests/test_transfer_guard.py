@@ -138,11 +138,13 @@ FAST = ["--recovery-epochs", "1", "--golden-count", "2", "--calib-count", "32"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HURTFUL.is_file(), reason="models/demo_dead.pt missing: python models/make_dead_checkpoint.py")
 def test_guard_fires_on_the_hurtful_checkpoint_and_not_on_the_good_one(tmp_path):
     run = tmp_path / "run"
+    hurtful = tmp_path / HURTFUL.name  # made from models/demo_source.pt in a second, not stored
+    subprocess.run([sys.executable, str(REPO / "models" / "make_dead_checkpoint.py"), "--out", str(hurtful)],
+                   check=True, capture_output=True, timeout=120)
     # the hurtful source (every unit dead, models/make_dead_checkpoint.py): warned, recorded, scratch goes on (auto)
-    bad = _build(run, "--weights", str(HURTFUL), *FAST)
+    bad = _build(run, "--weights", str(hurtful), *FAST)
     assert bad.returncode == 0, bad.stderr[-3000:]
     said = " ".join(bad.stderr.split())
     assert "WARNING: negative transfer: the pretrained start (weights demo_dead.pt@sha256:" in said
@@ -158,7 +160,7 @@ def test_guard_fires_on_the_hurtful_checkpoint_and_not_on_the_good_one(tmp_path)
     report = (run / "report.md").read_text()
     assert "## Negative-transfer guard" in report and "Pruned and shipped: the **from-scratch** model" in report
     # continue_with = finetuned: still warned, the fine-tuned model is pruned; nothing is retrained
-    again = _build(run, "--weights", str(HURTFUL), *FAST, "--continue-with", "finetuned", "--overwrite")
+    again = _build(run, "--weights", str(hurtful), *FAST, "--continue-with", "finetuned", "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "WARNING: negative transfer" in " ".join(again.stderr.split())
     state = json.loads((run / "run.json").read_text())
