@@ -313,7 +313,7 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
     """
     import torch_pruning as tp
 
-    from edge_tl.workstation.prune import _ignored_names, _importance
+    from edge_tl.workstation.prune import _ignored_names, _importance, _prune_copy
 
     if not target_ms > 0:
         raise EdgeTLError(f"latency target {target_ms} ms is not positive", "give prune.target.latency_ms > 0")
@@ -324,19 +324,12 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
     trials: list[tuple[float, float]] = []
 
     def trial(ratio: float) -> tuple[nn.Module, float]:
-        m = copy.deepcopy(model).eval()
         if ratio > 0:
-            mods = dict(m.named_modules())
-            imp = LatencyImportance(_importance(importance), m, lat.ms)
-            pruner = tp.pruner.MetaPruner(m, example, importance=imp, pruning_ratio=ratio,
-                                          ignored_layers=[mods[n] for n in ignored], round_to=round_to or None,
-                                          global_pruning=True, max_pruning_ratio=max_layer_ratio)
-            if importance == "taylor":
-                x, y = taylor_batch
-                m.zero_grad()
-                nn.functional.cross_entropy(m(x), y).backward()
-            pruner.step()
-            m.zero_grad(set_to_none=True)
+            m = _prune_copy(model.eval(), example, ratio, ignored, round_to, importance, True, taylor_batch,
+                            wrap_importance=lambda imp, copy_: LatencyImportance(imp, copy_, lat.ms),
+                            max_pruning_ratio=max_layer_ratio)
+        else:
+            m = copy.deepcopy(model)
         ms = float(timing(m.eval()))
         trials.append((round(ratio, 5), ms))
         return m, ms

@@ -102,14 +102,20 @@ def _ignored_names(model: nn.Module, ignored_layers: Sequence[str | nn.Module] |
 
 
 def _prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, ignored: list[str], round_to: int,
-                importance: str, global_pruning: bool, taylor_batch) -> nn.Module:
+                importance: str, global_pruning: bool, taylor_batch, *, wrap_importance=None,
+                max_pruning_ratio: float = 1.0) -> nn.Module:
+    """A pruned deep copy of ``model``. ``wrap_importance(imp, copy)`` may replace the criterion with one built on
+    the copy (edge_tl.workstation.latency: importance per ms); ``max_pruning_ratio`` caps any one layer."""
     import torch_pruning as tp
 
     m = copy.deepcopy(model)
     modules = dict(m.named_modules())
-    pruner = tp.pruner.MetaPruner(m, example, importance=_importance(importance), pruning_ratio=ratio,
+    imp = _importance(importance)
+    if wrap_importance is not None:
+        imp = wrap_importance(imp, m)
+    pruner = tp.pruner.MetaPruner(m, example, importance=imp, pruning_ratio=ratio,
                                   ignored_layers=[modules[n] for n in ignored], round_to=round_to or None,
-                                  global_pruning=global_pruning)
+                                  global_pruning=global_pruning, max_pruning_ratio=max_pruning_ratio)
     if importance == "taylor":
         x, y = taylor_batch
         m.zero_grad()
