@@ -39,37 +39,46 @@ from edge_tl.workstation.spec import BACKBONES, BuildSpec
 
 
 # -- LogME ----------------------------------------------------------------------------------------------------
-def logme_evidence(features: np.ndarray, target: np.ndarray, max_iter: int = 100,
-                   tol: float = 1e-3) -> tuple[float, float, float]:
+def logme_evidence(features: np.ndarray, target: np.ndarray, max_iter: int = 100, tol: float = 1e-3, *,
+                   svd: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, float]:
     """(evidence / N, alpha, beta) for one real-valued target column (You et al. 2021, Algorithm 1).
 
-    Model: ``y = F w + e``, ``w ~ N(0, alpha^-1 I)``, ``e ~ N(0, beta^-1 I)``. With ``F^T F = V diag(sigma) V^T``
-    the posterior mean is ``m = beta V diag(1 / (alpha + beta sigma)) V^T F^T y`` and the MacKay fixed point
-    updates ``gamma = sum(beta sigma / (alpha + beta sigma))``, ``alpha = gamma / m^T m``,
+    Model: ``y = F w + e``, ``w ~ N(0, alpha^-1 I)``, ``e ~ N(0, beta^-1 I)``. With the thin SVD
+    ``F = U diag(s) V^T`` (k = min(N, D) components; the other D - k eigenvalues of ``F^T F`` are 0) and
+    ``z = U^T y``, the posterior mean ``m`` has ``m^T m = sum((beta s z / (alpha + beta s^2))^2)`` and
+    ``F m = U (beta s^2 z / (alpha + beta s^2))``; the MacKay fixed point updates
+    ``gamma = sum(beta s^2 / (alpha + beta s^2))``, ``alpha = gamma / m^T m``,
     ``beta = (N - gamma) / ||F m - y||^2`` until alpha / beta settles. The returned evidence is
-    ``log p(y | F, alpha, beta) / N``.
+    ``log p(y | F, alpha, beta) / N``. Working in the k-dimensional space costs O(N D k) once (``svd`` = (U, s)
+    passes it in, shared by every class: :func:`logme`) instead of a D x D eigendecomposition per class: with
+    1280 features and 150 images that is seconds against half a minute.
     """
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64).reshape(-1)
     n, d = f.shape
-    sigma, v = np.linalg.eigh(f.T @ f)
-    sigma = np.clip(sigma, 0.0, None)
-    vty = v.T @ (f.T @ y)
+    u, sv = svd if svd is not None else np.linalg.svd(f, full_matrices=False)[:2]
+    s2 = sv**2
+    z = u.T @ y
+    outside = max(float(y @ y - z @ z), 0.0)  # the part of y no feature direction reaches (N > D)
+
+    def fit(alpha: float, beta: float) -> tuple[float, float, float]:
+        shrink = beta * s2 / (alpha + beta * s2)
+        mm = float(np.sum((beta * sv * z / (alpha + beta * s2)) ** 2))
+        res = float(np.sum(((shrink - 1.0) * z) ** 2)) + outside
+        return float(np.sum(shrink)), mm, res
+
     alpha, beta = 1.0, 1.0
     for _ in range(max_iter):
-        m = v @ (beta * vty / (alpha + beta * sigma))
-        gamma = float(np.sum(beta * sigma / (alpha + beta * sigma)))
-        mm = float(m @ m)
-        res = float(np.sum((f @ m - y) ** 2))
+        gamma, mm, res = fit(alpha, beta)
         new_alpha = gamma / max(mm, 1e-12)
         new_beta = max(n - gamma, 1e-12) / max(res, 1e-12)
         converged = abs(new_alpha / new_beta - alpha / beta) <= tol * (alpha / beta)
         alpha, beta = new_alpha, new_beta
         if converged:
             break
-    m = v @ (beta * vty / (alpha + beta * sigma))
-    mm, res = float(m @ m), float(np.sum((f @ m - y) ** 2))
-    evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - 0.5 * float(np.sum(np.log(alpha + beta * sigma)))
+    _, mm, res = fit(alpha, beta)
+    logdet = float(np.sum(np.log(alpha + beta * s2))) + (d - len(s2)) * math.log(alpha)
+    evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - 0.5 * logdet
                 - beta / 2 * res - alpha / 2 * mm - n / 2 * math.log(2 * math.pi))
     return evidence / n, alpha, beta
 
@@ -81,8 +90,10 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
     if features.ndim != 2 or len(features) != len(labels):
         raise EdgeTLError(f"LogME needs N x D features and N labels, got {features.shape} and {labels.shape}",
                           "pass one feature row per image")
+    f = np.asarray(features, dtype=np.float64)
+    u, sv = np.linalg.svd(f, full_matrices=False)[:2]  # once: it does not depend on the class
     classes = np.unique(labels)
-    return float(np.mean([logme_evidence(features, (labels == c).astype(np.float64))[0] for c in classes]))
+    return float(np.mean([logme_evidence(f, (labels == c).astype(np.float64), svd=(u, sv))[0] for c in classes]))
 
 
 # -- linear probe ---------------------------------------------------------------------------------------------
