@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/edge-tl build --out runs/demo --overwrite
 
 test: lint device-venv
-	EDGE_TL_DEVICE_VENV=$(DEVICE_VENV) $(BIN)/python -m pytest -q -ra
+	EDGE_TL_DEVICE_VENV=$(DEVICE_VENV) $(BIN)/python -m pytest -q -ra --durations=15
 
 # Style (ruff) and architecture (import-linter's contracts in pyproject.toml; see docs/architecture.md).
 lint: install

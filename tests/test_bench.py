@@ -202,7 +202,10 @@ def test_cli_ctrl_c_mid_run_restores_clocks_and_writes_results(tiny_bundle, tmp_
     out = tmp_path / "out"
     proc = subprocess.Popen([EDGE_TL, "bench", str(tiny_bundle), "--backend", "ort-cpu", "--lock-clocks",
                              "--duration", "60", "--power", "none", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            # a shell without job control starts background jobs with SIGINT ignored, and Python
+                            # then installs no KeyboardInterrupt handler: give the child the terminal's default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "jetson_clocks\n" not in (tools.read_text() if tools.exists() else ""):
         time.sleep(0.05)
