@@ -4,14 +4,16 @@ section of benchmarks/RESULTS.md and benchmarks/pareto.png.
 For each seed, the shipped demo spec (scratch comparison off) is built:
   - unpruned (prune.enabled = false): the reference;
   - MACs-targeted: prune.target = {macs = 0.3 | 0.5 | 0.7};
-  - latency-targeted: prune.target = {latency_ms = L, backend = "ort-cpu"}, L = the measured ONNX Runtime CPU
-    latency of the MACs-targeted model at the same level (so the two are compared at equal latency).
+  - latency-targeted: prune.target = {latency_ms = L, backend = "ort-cpu"}, L = the ONNX Runtime CPU latency of
+    the MACs-targeted model at the same level, measured the way the build checks an ort-cpu target
+    (edge_tl.workstation.latency.ort_file_latency_ms), so the two are compared at equal latency.
 All variants of a seed are built in one run folder, so they share its data and fine-tune stages (cached). At the
 end every model's batch-1 ONNX Runtime CPU latency is measured in one interleaved session
 (edge_tl.workstation.pareto.measure_interleaved).
 
     python benchmarks/bench_pareto.py                 # seeds 0-4
     python benchmarks/bench_pareto.py --seeds 0 --quick
+    python benchmarks/bench_pareto.py --work DIR --report-only   # re-measure the kept models, rewrite the section
 """
 
 from __future__ import annotations
@@ -30,7 +32,16 @@ import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from edge_tl.workstation.pareto import ParetoPoint, figure, margins, measure_interleaved, table, with_intervals  # noqa: E402
+from edge_tl.workstation.latency import ort_file_latency_ms  # noqa: E402
+from edge_tl.workstation.pareto import (  # noqa: E402
+    EQUAL_LATENCY,
+    ParetoPoint,
+    figure,
+    margins,
+    measure_interleaved,
+    table,
+    with_intervals,
+)
 from edge_tl.workstation.pipeline.run import run_build  # noqa: E402
 from edge_tl.workstation.spec import load_spec  # noqa: E402
 
@@ -53,7 +64,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--quick", action="store_true", help="fewer epochs (smoke run; numbers not comparable)")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-measure the models kept in --work (pareto.json) in one session and rewrite the section")
     args = ap.parse_args()
+    if args.report_only:
+        if args.work is None or not (args.work / "pareto.json").is_file():
+            sys.exit("--report-only needs --work DIR holding a pareto.json from an earlier run")
+        saved = json.loads((args.work / "pareto.json").read_text())
+        points = [ParetoPoint.from_dict(d) for d in saved["points"]]
+        size = tuple(saved["size"])
+        write(points, saved["seeds"], size, time.perf_counter() - saved["seconds"], saved["quick"], args.work)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     console = Console(stderr=True, quiet=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-tl-pareto-"))
@@ -79,7 +100,7 @@ def main() -> None:
                             res.bundle_dir / "model.onnx")
             _keep(p, work)
             points.append(p)
-            asked[(seed, level)] = round(measure_interleaved([p.onnx], size)[0], 4)
+            asked[(seed, level)] = round(ort_file_latency_ms(p.onnx, size), 4)
             over = {**base, "prune.target": {"latency_ms": asked[(seed, level)], "backend": "ort-cpu"}}
             try:
                 res, pred = build(over, ref_dir, console)
@@ -102,7 +123,8 @@ def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick
     with_intervals(points)
     wall = time.perf_counter() - start
     png = figure(points, Path(__file__).with_name("pareto.png"))
-    (work / "pareto.json").write_text(json.dumps([p.as_dict() for p in points], indent=1, default=str))
+    (work / "pareto.json").write_text(json.dumps({"seeds": seeds, "size": list(size), "quick": quick, "seconds": wall,
+                                                  "points": [p.as_dict() for p in points]}, default=str))
     write_section("bench_pareto", report(points, seeds, wall, quick, png.name))
     print(f"wrote {png} and the bench_pareto section (seeds {seeds}); run folders in {work}", flush=True)
 
@@ -133,12 +155,12 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
              f"The shipped demo spec (mobilenet_v2 at 32x32, digits 5-9, 10 images per class), seeds {seeds}, scratch "
              "comparison off; per seed one unpruned build and six pruned + recovered ones sharing its fine-tune: "
              "MACs-targeted (`prune.target = {macs = 0.3 | 0.5 | 0.7}`) and latency-targeted "
-             "(`prune.target = {latency_ms = L, backend = \"ort-cpu\"}` with L = the measured latency of the "
-             "MACs-targeted model of the same level, so both are compared at equal latency). Top-1 on the 400 test "
+             "(`prune.target = {latency_ms = L, backend = \"ort-cpu\"}` with L = the MACs-targeted model of the "
+             "same level measured right after its build the way the build checks an ort-cpu target: median of 3 x "
+             "300 runs), so both aim at equal latency. Top-1 on the 400 test "
              "images (FP32, the pruned model) with its 95% Wilson interval. Latency: batch 1, ONNX Runtime CPU, 1 "
              "intra-op thread, every model measured in ONE interleaved session at the end (7 rounds x 100 runs "
-             "round-robin, median of the round medians). The 2 cores were shared with other jobs (load average "
-             "well above 2): latencies are noisy, compare them within this table only. Whole run "
+             "round-robin, median of the round medians); compare them within this table only. Whole run "
              f"{wall:.0f} s.", "", f"![pareto]({png})", "", table(points), ""]
     if costs:
         worst = max(costs.values())
@@ -154,14 +176,22 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
     if m:
         lines += ["**Latency-targeted minus MACs-targeted top-1 at equal latency** (same test images; paired "
                   "bootstrap 95% interval, exact McNemar p):", "",
-                  "| seed | level | margin (points) [95%] | McNemar p | latency-targeted ms | MACs-targeted ms |",
-                  "|---|---|---|---:|---:|---:|"]
+                  "| seed | level | margin (points) [95%] | McNemar p | latency-targeted ms | MACs-targeted ms | "
+                  "equal latency |", "|---|---|---|---:|---:|---:|---|"]
         lines += [f"| {r['seed']} | {r['level']} | {r['diff_points']:+.2f} [{r['ci_points'][0]:+.2f}, "
                   f"{r['ci_points'][1]:+.2f}] | {r['mcnemar_p']:.3g} | {r['latency_ms']:.4f} | "
-                  f"{r['macs_latency_ms']:.4f} |" for r in m]
-        d = [r["diff_points"] for r in m]
-        lines += ["", f"Mean margin {np.mean(d):+.2f} points, worst {min(d):+.2f} (target: latency-targeted at least "
-                  f"as accurate: **{'met' if min(d) >= 0 else 'missed on some pairs'}**)."]
+                  f"{r['macs_latency_ms']:.4f} | {'yes' if r['equal_latency'] else 'no'} |" for r in m]
+        eq = [r for r in m if r["equal_latency"]]
+        d = [r["diff_points"] for r in eq]
+        if d:
+            worse = [r for r in eq if r["ci_points"][1] < 0]
+            lines += ["", f"Over the {len(eq)} of {len(m)} pairs at equal latency (within {EQUAL_LATENCY:.0%} of "
+                      f"each other here): mean margin {np.mean(d):+.2f} points, worst {min(d):+.2f}; "
+                      f"{len(worse)} pair(s) significantly worse (interval below 0). Target (latency-targeted at least "
+                      f"as accurate): **{'met' if min(d) >= 0 else 'missed on some pairs'}**"
+                      + (" (every shortfall is inside its interval)" if min(d) < 0 and not worse else "") + "."]
+        else:
+            lines += ["", "No pair was at equal latency in this session: the comparison is not made."]
     return "\n".join(lines)
 
 

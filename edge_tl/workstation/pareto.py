@@ -36,10 +36,18 @@ class ParetoPoint:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.pop("correct")
+        d["correct"] = [int(v) for v in self.correct]
         d["onnx"] = str(self.onnx) if self.onnx else None
         d["top1"] = self.top1
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParetoPoint:
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        keep["correct"] = np.asarray(d["correct"], dtype=bool)
+        keep["onnx"] = Path(d["onnx"]) if d.get("onnx") else None
+        keep["ci"] = tuple(d.get("ci", (0.0, 0.0)))
+        return cls(**keep)
 
 
 def with_intervals(points: list[ParetoPoint]) -> list[ParetoPoint]:
@@ -81,8 +89,12 @@ def measure_interleaved(paths: list[Path], size: tuple[int, int], *, threads: in
     return [float(statistics.median(v)) for v in per]
 
 
+EQUAL_LATENCY = 0.10  # two models measured within 10% of each other in one session count as "equal latency"
+
+
 def margins(points: list[ParetoPoint]) -> list[dict]:
-    """Latency-targeted minus MACs-targeted top-1 at each (seed, level), with the paired interval."""
+    """Latency-targeted minus MACs-targeted top-1 at each (seed, level), with the paired interval, and whether the
+    two were at equal latency when measured side by side (:data:`EQUAL_LATENCY`)."""
     from edge_tl.workstation.stats import paired
 
     out = []
@@ -92,8 +104,11 @@ def margins(points: list[ParetoPoint]) -> list[dict]:
         if method != "latency" or mac is None:
             continue
         pr = paired(lat.correct, mac.correct)
+        equal = (lat.latency_ms is not None and mac.latency_ms is not None
+                 and abs(lat.latency_ms / mac.latency_ms - 1) <= EQUAL_LATENCY)
         out.append({"seed": seed, "level": level, "diff_points": pr.diff_points, "ci_points": pr.ci_points,
-                    "mcnemar_p": pr.mcnemar_p, "latency_ms": lat.latency_ms, "macs_latency_ms": mac.latency_ms})
+                    "mcnemar_p": pr.mcnemar_p, "latency_ms": lat.latency_ms, "macs_latency_ms": mac.latency_ms,
+                    "equal_latency": equal})
     return out
 
 
