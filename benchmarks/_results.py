@@ -17,7 +17,16 @@ HEADER = "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; each s
 def machine_line(threads: int | None = None) -> str:
     threads_txt = f", {threads} inference thread(s)" if threads else ""
     return (f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs{threads_txt}, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.")
+            f"{platform.system()} {platform.release()}. Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC."
+            f"{_load()}")
+
+
+def _load() -> str:
+    """The 1/5/15-minute load average when the section is written (how busy the machine was for its timings)."""
+    try:
+        return " Load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min).".format(*os.getloadavg())
+    except OSError:
+        return ""
 
 
 def write_section(name: str, body: str) -> Path:

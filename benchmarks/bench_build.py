@@ -193,7 +193,7 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
         f"## (d) The demo across seeds{' (QUICK smoke run: fewer epochs)' if quick else ''}", "", machine_line(), "",
         f"`python benchmarks/bench_build.py --only seeds` (seeds {seeds}): the shipped demo spec with `seed` changed "
         "(it draws the 10 training images per class and seeds training), scratch comparison off."
-        + (f" Each build took {min(walls):.0f}-{max(walls):.0f} s here (wall clock, on a shared, busy machine)."
+        + (f" Each build took {min(walls):.0f}-{max(walls):.0f} s here (wall clock)."
            if walls else "") + status + f" Top-1 on the {recs[0]['test_images'] if recs else '?'} test images with "
         "its 95% Wilson interval (one image is 0.25 points). Every INT8 accuracy is the Q/DQ model as written, Q/DQ "
         "evaluated in float (what TensorRT computes): *PTQ* (ONNX Runtime quantize_static, the manifest's "

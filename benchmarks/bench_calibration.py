@@ -98,7 +98,7 @@ def render(rows: list[dict], seconds: float) -> str:
     lines += ["", "The Grad-CAM column is the wall-clock time of the report's Grad-CAM section (`plots/gradcam.json`: "
               "both models, 20 test images per class for the agreement plus the figure's images, and the figure) on "
               "this machine at the time of the run; `report.explain` stays off by default while that is over ~5 s.",
-              "", f"Total {seconds:.0f} s (wall clock, a shared and busy 2-core machine)."]
+              "", f"Total {seconds:.0f} s (wall clock)."]
     return "\n".join(lines)
 
 
