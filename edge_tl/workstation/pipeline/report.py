@@ -1,5 +1,6 @@
 """``report.md`` in the run folder: the stage table, transfer against scratch, data notes, and PNG plots
-(training curves, accuracy against MACs per stage, the INT8 model's confusion matrix) drawn with matplotlib."""
+(training curves, accuracy against MACs and measured latency per stage, the INT8 model's confusion matrix) drawn
+with matplotlib."""
 
 from __future__ import annotations
 
@@ -256,13 +257,24 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
     plt.close(fig)
     made["curves"] = "plots/curves.png"
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in ROWS:
-        m = result.stages[key]
-        ax.scatter(m["macs"] / 1e6, 100 * m["top1"], s=50)
-        ax.annotate(label.split(" (")[0], (m["macs"] / 1e6, 100 * m["top1"]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
-    ax.set(xlabel="MACs (millions)", ylabel="top-1 on test (%)", title="Accuracy against MACs per stage")
+    # the build's own Pareto view: every stage's accuracy (95% Wilson bar) against its MACs and against the CPU
+    # latency measured in this run (benchmarks/bench_pareto.py draws the same across pruning targets)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, xlabel, value in ((axes[0], "MACs (millions)", lambda k, m: m["macs"] / 1e6),
+                              (axes[1], "CPU latency, batch 1 (ms; eager for PyTorch, ONNX Runtime for ONNX)",
+                               lambda k, m: result.latency_ms.get(k))):
+        for key, label in ROWS:
+            m, x = result.stages[key], value(key, result.stages[key])
+            if x is None:
+                continue
+            lo, hi = (result.stats or {}).get("top1_ci95", {}).get(key, (m["top1"], m["top1"]))
+            ax.errorbar(x, 100 * m["top1"], yerr=[[100 * (m["top1"] - lo)], [100 * (hi - m["top1"])]], fmt="o",
+                        capsize=3)
+            ax.annotate(label.split(" (")[0], (x, 100 * m["top1"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel=xlabel)
+    axes[0].set(ylabel="top-1 on test (%, 95% interval)", title="Accuracy against MACs per stage")
+    axes[1].set(title="Accuracy against measured latency per stage", xscale="log")
     fig.tight_layout()
     fig.savefig(plots / "accuracy_vs_macs.png", dpi=100)
     plt.close(fig)
@@ -376,7 +388,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
 
     lines += explain_section(ctx, result.run_dir / "plots")
     lines += ["", "## Plots", "", f"![training curves]({plots['curves']})", "",
-              f"![accuracy against MACs]({plots['accuracy_vs_macs']})", "",
+              f"![accuracy against MACs and measured latency]({plots['accuracy_vs_macs']})", "",
               f"![confusion matrix]({plots['confusion']})", ""]
     atomic_write_text(result.report, "\n".join(lines))
     return result.report
