@@ -49,6 +49,7 @@ class ContinueWith(str, Enum):
 
 
 class Importance(str, Enum):
+    auto = "auto"
     lamp = "lamp"
     taylor = "taylor"
     l1 = "l1"
@@ -114,9 +115,10 @@ def build(
     prune_ratio: float | None = typer.Option(None, help="Share of the MACs to remove (0.5 = half).",
                                                 show_default=False),
     recovery_epochs: int | None = typer.Option(None, help="Fine-tune epochs after pruning.", show_default=False),
-    prune_importance: Importance | None = typer.Option(None, help="How channels are ranked (taylor, the default: "
-                                                       "first-order loss change on training images; lamp: "
-                                                       "layer-adaptive magnitude; l1/l2: weight magnitude).",
+    prune_importance: Importance | None = typer.Option(None, help="How channels are ranked (auto, the default: "
+                                                       "taylor and lamp both tried, the better on validation "
+                                                       "kept; taylor: first-order loss change on training images; "
+                                                       "lamp: layer-adaptive magnitude; l1/l2: weight magnitude).",
                                                        show_default=False),
     distill_weight: float | None = typer.Option(None, help="Recovery: share of distillation from the unpruned "
                                                 "model (0 = labels only).", show_default=False),

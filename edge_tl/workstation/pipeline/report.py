@@ -297,6 +297,17 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
     return made
 
 
+def _importance_auto_line(pr: dict) -> str:
+    """prune.importance = "auto": what each criterion reached, and which one was kept."""
+    auto = pr.get("importance_auto")
+    if not auto:
+        return ""
+    tried = "; ".join(f"{k}: validation {_pct(c['val_top1'])}, test {_pct(c['top1'])}"
+                      for k, c in auto["candidates"].items())
+    return (f" `prune.importance = \"auto\"` pruned and recovered with each criterion ({tried}) and kept "
+            f"**{auto['chosen']}** ({auto['rule']}).")
+
+
 def write_report(ctx: Context, result: BuildResult) -> Path:
     s, split = ctx.spec, ctx.data_split
     plots = _plots(ctx, result, result.run_dir / "plots")
@@ -359,8 +370,8 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"unpruned model with weight {pr.get('distill_weight', 0)}."
                   + (f" Latency target {pr['target_ms']:g} ms ({pr['backend']}): channels ranked by importance per ms "
                      f"of measured latency; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
-                     f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else ""),
-                  ""]
+                     f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else "")
+                  + _importance_auto_line(pr), ""]
     lines += qat_report_lines(st, lat, result.stats)
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]

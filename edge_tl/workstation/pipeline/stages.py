@@ -232,10 +232,12 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     return metrics
 
 
-def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
-    import torch
+#: prune.importance = "auto" tries these and keeps the one better on validation after recovery
+AUTO_IMPORTANCES = ("taylor", "lamp")
 
-    from edge_tl.workstation.train import evaluate, fit, load_state, recalibrate_bn, recovery_phases
+
+def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
+    from edge_tl.workstation.train import load_state
 
     s, p = ctx.spec, ctx.spec.prune
     # the fine-tuned model, or the from-scratch one (train.continue_with; edge_tl.workstation.pipeline.guard)
@@ -243,10 +245,39 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     if not p.enabled or p.ratio == 0:
         metrics = {"enabled": False}
         return _finish(ctx, model, out, metrics)
-    from edge_tl.workstation.prune import prune_to_macs
+    importances = AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
+    tried = {imp: _prune_and_recover(ctx, model, imp, out) for imp in importances}
+    if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
+        return {}
+    # the better on validation after recovery (ties: the lower validation loss, then the order above)
+    chosen = max(importances, key=lambda k: (tried[k]["val_top1"], -tried[k]["val_loss"], -importances.index(k)))
+    pruned, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
+    if fit_res is not None:
+        _write(out, "fit.json", fit_res.as_dict())
+    if len(importances) > 1:
+        for imp in importances:
+            if tried[imp]["fit"] is not None:
+                _write(out, f"fit_{imp}.json", tried[imp]["fit"].as_dict())
+        metrics["importance_auto"] = {
+            "chosen": chosen, "rule": "higher validation top-1 after recovery (ties: lower validation loss)",
+            "candidates": {imp: {"val_top1": t["val_top1"], "val_loss": round(t["val_loss"], 5),
+                                 "top1": t["test_top1"], "macs": t["metrics"]["macs_after"]}
+                           for imp, t in tried.items()}}
+    return _finish(ctx, pruned, out, metrics)
 
+
+def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[str, Any]:
+    """Prune ``model`` (a copy) with one channel importance, re-estimate BatchNorm and recover (distillation from
+    ``model``). Returns the pruned model, its stage metrics, the recovery's FitResult (None without recovery) and
+    its validation top-1 and loss (what prune.importance = "auto" compares) and test top-1 (for the record)."""
+    import torch
+
+    from edge_tl.workstation.prune import prune_to_macs
+    from edge_tl.workstation.train import evaluate, fit, recalibrate_bn, recovery_phases
+
+    s, p = ctx.spec, ctx.spec.prune
     taylor = None
-    if p.importance == "taylor":  # one gradient pass on up to 64 training images (a seeded draw) ranks channels
+    if importance == "taylor":  # one gradient pass on up to 64 training images (a seeded draw) ranks channels
         x, y = ctx.arrays("train")
         idx = np.sort(np.random.default_rng(s.seed).permutation(len(x))[:64])
         taylor = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
@@ -255,10 +286,10 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         from edge_tl.workstation.latency import prune_for_target
 
         res = prune_for_target(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt, out=out,
-                               round_to=p.round_to, importance=p.importance, taylor_batch=taylor)
+                               round_to=p.round_to, importance=importance, taylor_batch=taylor)
     else:
         res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio,
-                            round_to=p.round_to, importance=p.importance, global_pruning=p.global_pruning,
+                            round_to=p.round_to, importance=importance, global_pruning=p.global_pruning,
                             taylor_batch=taylor)
     pruned = res.model
     before, _, _ = evaluate(pruned, *ctx.arrays("test"))
@@ -266,19 +297,20 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     recal, _, _ = evaluate(pruned.cpu(), *ctx.arrays("test"))
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
                                "global_pruning": p.global_pruning or p.latency_target is not None, **res.summary()}
+    fit_res = None
     if p.recovery_epochs:
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
-                      distill_temperature=p.distill_temperature, **_fit_kwargs(ctx, "recovery"))
-        if not is_writer():
-            return {}
-        _write(out, "fit.json", fit_res.as_dict())
+                      distill_temperature=p.distill_temperature, **_fit_kwargs(ctx, f"recovery ({importance})"))
         metrics.update(val_top1=fit_res.best_val_top1, recovery_epochs_run=fit_res.epochs_run,
-                       distill_weight=p.distill_weight,
-                       train_seconds=round(fit_res.seconds, 2))
+                       distill_weight=p.distill_weight, train_seconds=round(fit_res.seconds, 2))
         metrics["chance_check"] = chance_check(ctx, fit_res.best_val_top1, fit_res.epochs_run)
-    return _finish(ctx, pruned, out, metrics)
+    pruned.cpu()
+    val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))
+    test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
+    return {"model": pruned, "metrics": metrics, "fit": fit_res, "val_top1": val_top1, "val_loss": val_loss,
+            "test_top1": test_top1}
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
