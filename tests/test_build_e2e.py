@@ -72,6 +72,15 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert (b.root / "model.int8.onnx").read_bytes() == next(run.glob("stages/quantize-*/model.int8.onnx")).read_bytes()
     assert m.export["int8"]["selected"] == "ptq" and m.export["int8"]["kept_float_layers"] == []
     assert pr.macs <= 0.5 * ft.macs and pr.params < ft.params  # pruning removed at least half the MACs
+    # prune.importance = "auto" (the default): both criteria pruned and recovered, the better on validation kept
+    pm = json.loads(next(run.glob("stages/prune-*/metrics.json")).read_text())
+    auto = pm["importance_auto"]
+    assert set(auto["candidates"]) == {"taylor", "lamp"} and pm["importance"] == auto["chosen"]
+    kept = auto["candidates"][auto["chosen"]]
+    assert kept["val_top1"] == max(c["val_top1"] for c in auto["candidates"].values())
+    assert pr.top1 == pytest.approx(kept["top1"], abs=1e-4)
+    files = {f.name for f in next(run.glob("stages/prune-*")).iterdir()}
+    assert {"fit_taylor.json", "fit_lamp.json", "fit.json"} <= files
     assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch
     assert all(s.cpu_latency_ms > 0 for s in m.stages.values())
     assert {"torch", "onnxruntime", "torchvision"} <= set(m.software)
