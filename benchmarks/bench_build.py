@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
 from rich.console import Console  # noqa: E402
 
@@ -190,7 +191,9 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
     int8 = costs["INT8 cost vs ONNX FP32"]
     kept = "; ".join(f"seed {r['seed']}: " + ", ".join(r["kept_float_layers"]) for r in recs if r["kept_float_layers"])
     lines = [
-        f"## (d) The demo across seeds{' (QUICK smoke run: fewer epochs)' if quick else ''}", "", machine_line(), "",
+        f"## (d) The demo across seeds{' (QUICK smoke run: fewer epochs)' if quick else ''}", "", machine_line()
+        + f" torch intra-op threads {torch.get_num_threads()} (training numerics depend on it: the same seed trains "
+        "to other weights with another thread count).", "",
         f"`python benchmarks/bench_build.py --only seeds` (seeds {seeds}): the shipped demo spec with `seed` changed "
         "(it draws the 10 training images per class and seeds training), scratch comparison off."
         + (f" Each build took {min(walls):.0f}-{max(walls):.0f} s here (wall clock)."

@@ -1,6 +1,10 @@
 """Pretrain the demo's backbone on the source task (digits 0-4) and write models/demo_source.pt + .json.
 
     python models/pretrain_demo.py            # about 2-3 minutes on 2 CPU cores
+    python models/pretrain_demo.py --backbone squeezenet1_1 --out /tmp/squeezenet1_1.pt   # another backbone
+
+Other backbones are pretrained the same way (benchmarks/bench_rank.py makes one per backbone to compare the
+ranking with fine-tuning over four pretrained backbones); only the mobilenet_v2 checkpoint is stored.
 
 The checkpoint is a plain state_dict of torchvision's mobilenet_v2 with a 5-class head (float tensors stored
 as float16 to keep it small; loading casts them back), loadable with ``torch.load(..., weights_only=True)``.
@@ -35,10 +39,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--backbone", default=None, help="torchvision backbone (default: the demo spec's, mobilenet_v2)")
     ap.add_argument("--out", type=Path, default=HERE / demo.DEMO_CHECKPOINT)
     args = ap.parse_args()
 
     spec = BuildSpec.demo()
+    backbone = args.backbone or spec.model.backbone
     pre = spec.model.preprocess()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -48,8 +54,8 @@ def main() -> None:
         train = TrainDataset(split.paths("train"), split.labels("train"), pre, augment="light", hflip=False)
         val = eval_arrays(split.paths("val"), split.labels("val"), pre)
         test = eval_arrays(split.paths("test"), split.labels("test"), pre)
-        model = build(spec.model.backbone, len(split.classes), spec.model.dropout, seed=args.seed)
-        res = fit(model, spec.model.backbone, train, val, scratch_phases(args.epochs, args.lr), batch_size=32,
+        model = build(backbone, len(split.classes), spec.model.dropout, seed=args.seed)
+        res = fit(model, backbone, train, val, scratch_phases(args.epochs, args.lr), batch_size=32,
                   patience=8, seed=args.seed, label="pretrain digits 0-4",
                   label_smoothing=args.label_smoothing)
         model.cpu()
@@ -59,8 +65,8 @@ def main() -> None:
     torch.save(state, tmp)
     tmp.replace(args.out)
     info = {
-        "what": "torchvision mobilenet_v2, 5-class head, trained from scratch on sklearn digits 0-4",
-        "command": "python models/pretrain_demo.py",
+        "what": f"torchvision {backbone}, 5-class head, trained from scratch on sklearn digits 0-4",
+        "command": "python models/pretrain_demo.py" + (f" --backbone {backbone}" if args.backbone else ""),
         "classes": split.classes, "counts": split.summary.counts, "seed": args.seed, "epochs": args.epochs,
         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "lr": args.lr, "optimizer": "AdamW",
         "label_smoothing": args.label_smoothing,

@@ -22,6 +22,7 @@ batch-1 runs; it says nothing about the Jetson).
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 import time
@@ -247,10 +248,39 @@ class Ranking:
         return d
 
 
+@functools.lru_cache(maxsize=8)
+def _skeleton_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
+    from edge_tl.workstation.train.backbones import build
+
+    return {k: tuple(v.shape) for k, v in build(backbone, 2).state_dict().items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    from edge_tl.workstation.train.backbones import checkpoint_state_dict
+
+    return {k: tuple(v.shape) for k, v in checkpoint_state_dict(path).items()}
+
+
+def _misfit(backbone: str, weights: str) -> bool:
+    """True when a checkpoint file plainly belongs to another architecture (other tensor names or shapes outside
+    the head): skipped without building and loading the model, as create_model would refuse it."""
+    if weights in ("none", "imagenet"):
+        return False
+    from edge_tl.workstation.train.backbones import head_name
+
+    own, state, head = _skeleton_shapes(backbone), _checkpoint_shapes(weights), head_name(backbone) + "."
+    return (any(k not in own for k in state if not k.startswith(head))
+            or any(state.get(k) != shape for k, shape in own.items() if not k.startswith(head)))
+
+
 def _score(c: Candidate, num_classes: int, x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> None:
     from edge_tl.workstation.train import create_model
 
     t0 = time.perf_counter()
+    if _misfit(c.backbone, _weights_path(c.weights)):
+        c.skipped = "weights do not fit this backbone"
+        return
     try:
         model = create_model(c.backbone, num_classes, _weights_path(c.weights), seed=seed)
     except EdgeTLError as exc:
