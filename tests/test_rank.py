@@ -179,3 +179,18 @@ def test_untrained_pairs_never_rank_above_pretrained_ones():
     assert notes and "listed after the pretrained ones" in notes[0]
     only_none, notes = order_candidates([c for c in cands if c.weights == "none"])  # weights = none asked: by score
     assert [c.backbone for c in only_none] == ["mobilenet_v3_small", "squeezenet1_1"] and notes == []
+
+
+def test_a_checkpoint_of_another_architecture_is_skipped_without_building_it():
+    """_misfit agrees with create_model, which refuses the same pairs (backbones.load_backbone_weights)."""
+    from edge_tl.workstation.demo import demo_checkpoint
+    from edge_tl.workstation.rank import _misfit
+    from edge_tl.workstation.train import create_model
+
+    ckpt = str(demo_checkpoint())  # mobilenet_v2 with a 5-class head
+    assert not _misfit("mobilenet_v2", ckpt) and not _misfit("squeezenet1_1", "none")
+    create_model("mobilenet_v2", 3, ckpt)  # another head size still fits
+    for other in ("mobilenet_v3_small", "squeezenet1_1"):
+        assert _misfit(other, ckpt)
+        with pytest.raises(EdgeTLError, match="do not fit"):
+            create_model(other, 3, ckpt)
