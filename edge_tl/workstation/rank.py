@@ -132,7 +132,9 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed:
     if k < 2:
         raise EdgeTLError(f"a class has only {smallest} image(s) in train+val: the linear probe needs >= 2",
                           "add images to the smallest class")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+    # tol 1e-3 (scikit-learn's default is 1e-4): on the demo's features it cut the probe's time 2-4x, and the
+    # accuracy moved by at most 2 of 150 images, inside the Wilson band it is reported with
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, tol=1e-3))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     pred = cross_val_predict(clf, features, labels, cv=cv)
     correct = int((pred == labels).sum())
