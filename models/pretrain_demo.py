@@ -60,24 +60,28 @@ def main() -> None:
                   label_smoothing=args.label_smoothing)
         model.cpu()
         test_top1, _, _ = evaluate(model, *test)
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    tmp = args.out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(args.out)
-    info = {
+    info = write_checkpoint(model, args.out, {
         "what": f"torchvision {backbone}, 5-class head, trained from scratch on sklearn digits 0-4",
         "command": "python models/pretrain_demo.py" + (f" --backbone {backbone}" if args.backbone else ""),
         "classes": split.classes, "counts": split.summary.counts, "seed": args.seed, "epochs": args.epochs,
         "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "lr": args.lr, "optimizer": "AdamW",
         "label_smoothing": args.label_smoothing,
         "preprocess": pre.model_dump(mode="json"), "val_top1": round(res.best_val_top1, 4),
-        "test_top1": round(test_top1, 4), "seconds": round(time.perf_counter() - start, 1),
-        "dtype": "float16 (float tensors)", "sha256": sha256_file(args.out), "bytes": args.out.stat().st_size,
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+        "test_top1": round(test_top1, 4), "seconds": round(time.perf_counter() - start, 1)})
     print(json.dumps({k: info[k] for k in ("val_top1", "test_top1", "seconds", "bytes")}))
 
+
+def write_checkpoint(model: torch.nn.Module, out: Path, info: dict) -> dict:
+    """Save ``model``'s state_dict (float tensors as float16) to ``out`` through a temporary file, and ``info``
+    with the file's dtype note, sha256, size and software versions beside it as ``out.json``. Returns the info."""
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.cpu().state_dict().items()}
+    tmp = out.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(out)
+    info = {**info, "dtype": "float16 (float tensors)", "sha256": sha256_file(out), "bytes": out.stat().st_size,
+            "software": {"torch": torch.__version__, "python": platform.python_version()}}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    return info
 
 if __name__ == "__main__":
     main()

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from pretrain_demo import write_checkpoint  # models/ is sys.path[0] when this script runs
 
-from edge_tl.core.fsutil import atomic_write_text, sha256_file
 from edge_tl.workstation import demo
 from edge_tl.workstation.data import scan
 from edge_tl.workstation.spec import BuildSpec
@@ -78,11 +77,7 @@ def main() -> None:
         model = build(spec.model.backbone, len(split.classes), spec.model.dropout, seed=args.seed)
         res = fit(model, spec.model.backbone, train, memorised, scratch_phases(args.epochs, args.lr), batch_size=32,
                   seed=args.seed, label="pretrain digits 0-4, shuffled labels")
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.cpu().state_dict().items()}
-    tmp = args.out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(args.out)
-    info = {
+    info = write_checkpoint(model, args.out, {
         "what": "torchvision mobilenet_v2, 5-class head, trained from scratch on the demo's source task (sklearn "
                 "digits 0-4) with the training labels shuffled (a seeded permutation) and, with images = noise, "
                 "every training image replaced by seeded uniform noise: a deliberately hurtful source checkpoint",
@@ -91,11 +86,7 @@ def main() -> None:
         "classes": split.classes, "seed": args.seed, "epochs": args.epochs, "lr": args.lr, "optimizer": "AdamW",
         "augment": "none", "labels_kept": int((shuffled == true).sum()), "train_images": int(true.size),
         "best_epoch": res.best_epoch, "memorised_top1": round(res.best_val_top1, 4),
-        "preprocess": pre.model_dump(mode="json"), "seconds": round(time.perf_counter() - start, 1),
-        "dtype": "float16 (float tensors)", "sha256": sha256_file(args.out), "bytes": args.out.stat().st_size,
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+        "preprocess": pre.model_dump(mode="json"), "seconds": round(time.perf_counter() - start, 1)})
     print(json.dumps({k: info[k] for k in ("memorised_top1", "labels_kept", "seconds", "bytes")}))
 
 
