@@ -36,6 +36,18 @@ def tiny_bundle(tiny_bundle_src, tmp_path) -> Path:
     return dst
 
 
+@pytest.fixture
+def fake_trtexec(tmp_path) -> Path:
+    """tests/data/fake_bin/trtexec (replays recorded trtexec output) as an executable run by this Python and
+    reading its recordings from tests/data wherever the copy lives."""
+    exe = tmp_path / "bin" / "trtexec"
+    exe.parent.mkdir()
+    text = (FIXTURES / "fake_bin" / "trtexec").read_text().replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1)
+    exe.write_text(text.replace("Path(__file__).resolve().parent.parent", f"Path({str(FIXTURES)!r})"))
+    exe.chmod(0o755)
+    return exe
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

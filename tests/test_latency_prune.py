@@ -49,15 +49,6 @@ def model_onnx(tmp_path_factory):
     return m, path
 
 
-@pytest.fixture
-def fake_trtexec(tmp_path) -> Path:
-    exe = tmp_path / "bin" / "trtexec"
-    exe.parent.mkdir()
-    text = (DATA / "fake_bin" / "trtexec").read_text().replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1)
-    exe.write_text(text.replace('Path(__file__).resolve().parent.parent', f'Path({str(DATA)!r})'))
-    exe.chmod(0o755)
-    return exe
-
 
 def _profile(model_onnx, fake_trtexec, tmp_path, env_extra=None) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "table.json"

@@ -122,15 +122,6 @@ def test_command_lines(tiny_bundle_src):
         _spec(tiny_bundle_src, "fp32", dla_core=0)
 
 
-@pytest.fixture
-def fake_trtexec(tmp_path) -> Path:
-    exe = tmp_path / "bin" / "trtexec"
-    exe.parent.mkdir()
-    text = (DATA / "fake_bin" / "trtexec").read_text().replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1)
-    exe.write_text(text.replace('Path(__file__).resolve().parent.parent', f'Path({str(DATA)!r})'))
-    exe.chmod(0o755)
-    return exe
-
 
 def test_build_via_trtexec_logs_command_and_parses(tiny_bundle_src, fake_trtexec, tmp_path):
     shown = []
