@@ -120,9 +120,13 @@ def _seed_record(res, seed: int, wall: float) -> dict:
     hashes.update({name: manifest["artifacts"][name]["sha256"] for name in ("model.onnx", "model.int8.onnx")})
     return {"seed": seed, "wall_s": wall, "test_images": res.stats["test_images"], "acc": acc,
             "qat_top1": 100 * qat["top1"] if qat else None, "selected": q["selected"],
-            "ptq_val_cost": q["candidates"]["ptq"]["val_cost_points"], "val_images": q["val_images"],
+            "ptq_val_cost": q["candidates"]["ptq"].get("decision_cost_points",
+                                                       q["candidates"]["ptq"]["val_cost_points"]),
+            "val_images": q["val_images"],
             "kept_float_layers": q["kept_float_layers"], "qat_seconds": (q.get("qat") or {}).get("train_seconds"),
-            "macs_removed": st["prune"]["macs_removed"], "manifest_int8": 100 * manifest["stages"]["qat"]["top1"],
+            "macs_removed": st["prune"]["macs_removed"], "importance": st["prune"].get("importance"),
+            "importance_auto": st["prune"].get("importance_auto"),
+            "manifest_int8": 100 * manifest["stages"]["qat"]["top1"],
             "reference_int8": 100 * ref_top1, "reference_n": ref_n, "hashes": hashes}
 
 
@@ -143,25 +147,59 @@ def _build_once(work: Path, name: str, seed: int, quick: bool, console: Console)
     return rec
 
 
-def seeds_table(work: Path, quick: bool, seeds: list[int], console: Console) -> str:
+def seeds_table(work: Path, quick: bool, seeds: list[int], console: Console, heldout: bool = False) -> str:
     """The demo at each seed: each stage's top-1 (95% Wilson interval) and cost, mean and worst; the INT8 model
     as written (Q/DQ in float) and on ONNX Runtime's CPU kernels; the manifest's INT8 top-1 against an
     independent re-measurement; and a second build of the first seed for the model hashes. The section is
-    rewritten after every build (a long run shows what it has so far; ``--work`` resumes it)."""
+    rewritten after every build (a long run shows what it has so far; ``--work`` resumes it). ``heldout``: seeds
+    that no design choice looked at, in their own section, without the second build."""
     recs, again = [], None
     # every seed first, the reproducibility build last (on a busy machine the accuracy columns come first)
-    order = [(f"seed-{sd}", sd) for sd in seeds] + [(f"seed-{seeds[0]}-again", seeds[0])]
+    order = [(f"seed-{sd}", sd) for sd in seeds] + ([] if heldout else [(f"seed-{seeds[0]}-again", seeds[0])])
+    section = "build-seeds-heldout" if heldout else "build-seeds"
     for name, seed in order:
         rec = _build_once(work, name, seed, quick, console)
         if name.endswith("-again"):
             again = rec
         else:
             recs.append(rec)
-        write_section("build-seeds", _seeds_text(recs, again, seeds, quick))
-    return _seeds_text(recs, again, seeds, quick)
+        write_section(section, _seeds_text(recs, again, seeds, quick, heldout))
+    return _seeds_text(recs, again, seeds, quick, heldout)
 
 
-def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: bool) -> str:
+def _importance_cell(r: dict) -> str:
+    """prune.importance = "auto": the criterion kept, and each criterion's test top-1 (was the better kept?)."""
+    auto = r.get("importance_auto")
+    if not auto:
+        return r.get("importance") or "?"
+    c = auto["candidates"]
+    return f"{auto['chosen']} (" + " / ".join(f"{k} {100 * v['top1']:.2f}%" for k, v in c.items()) + ")"
+
+
+def _importance_summary(recs: list[dict]) -> list[str]:
+    """How prune.importance = "auto" chose, against what the validation images alone would have chosen: test
+    points lost against the better criterion on test (regret), per rule."""
+    rows = [r["importance_auto"] for r in recs if r.get("importance_auto")]
+    if not rows or "decision_top1" not in next(iter(rows[0]["candidates"].values())):
+        return []
+
+    def regret(rule: str) -> list[float]:
+        out = []
+        for a in rows:
+            c = a["candidates"]
+            pick = max(c, key=lambda k: (c[k][rule], c[k]["val_top1"], -c[k]["val_loss"]))
+            out.append(100 * (max(v["top1"] for v in c.values()) - c[pick]["top1"]))
+        return out
+
+    dec, val = regret("decision_top1"), regret("val_top1")
+    return ["", f"Pruning criterion (`prune.importance = \"auto\"`, {rows[0]['decision_images']} decision images): "
+            f"the criterion kept was the better one on test on {sum(r == 0 for r in dec)} of {len(dec)} seeds; test "
+            "points lost against the better one: " + ", ".join(f"{r:.2f}" for r in dec) + f" (total {sum(dec):.2f}). "
+            "Choosing on the validation images alone (the rule before 2026-11-30 afternoon) would have lost "
+            + ", ".join(f"{r:.2f}" for r in val) + f" (total {sum(val):.2f})."]
+
+
+def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: bool, heldout: bool = False) -> str:
     from edge_tl.workstation.stats import wilson
 
     rows, costs = [], {k: [] for k in COSTS}
@@ -180,38 +218,45 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
                                                                          else ""))
         rows.append(f"| {r['seed']} | " + " | ".join(cells) + " | "
                     + " | ".join(f"{costs[k][-1]:+.2f}" for k in COSTS) + f" | {100 * r['macs_removed']:.1f}% | "
+                    f"{_importance_cell(r)} | "
                     f"{r['ptq_val_cost']:+.2f} | {r['wall_s']:.0f} |")
     mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
     worst = lambda v: max(v) if v else float("nan")  # noqa: E731
     blank = "| " * 8
     done = [r["seed"] for r in recs]
     walls = [r["wall_s"] for r in recs + ([again] if again else [])]
-    status = ("" if len(done) == len(seeds) and again else
+    status = ("" if len(done) == len(seeds) and (again or heldout) else
               f" **Partial: seeds {done} of {seeds} done{'' if again else ', second build not yet done'}.**")
     int8 = costs["INT8 cost vs ONNX FP32"]
     kept = "; ".join(f"seed {r['seed']}: " + ", ".join(r["kept_float_layers"]) for r in recs if r["kept_float_layers"])
     lines = [
-        f"## (d) The demo across seeds{' (QUICK smoke run: fewer epochs)' if quick else ''}", "", machine_line()
+        ("## (d') The demo at held-out seeds (no design choice looked at them)" if heldout else
+         "## (d) The demo across seeds") + f"{' (QUICK smoke run: fewer epochs)' if quick else ''}", "",
+        machine_line()
         + f" torch intra-op threads {torch.get_num_threads()} (training numerics depend on it: the same seed trains "
         "to other weights with another thread count).", "",
-        f"`python benchmarks/bench_build.py --only seeds` (seeds {seeds}): the shipped demo spec with `seed` changed "
+        f"`python benchmarks/bench_build.py --only seeds{' --heldout' if heldout else ''}` (seeds {seeds}): the "
+        "shipped demo spec with `seed` changed "
         "(it draws the 10 training images per class and seeds training), scratch comparison off."
         + (f" Each build took {min(walls):.0f}-{max(walls):.0f} s here (wall clock)."
            if walls else "") + status + f" Top-1 on the {recs[0]['test_images'] if recs else '?'} test images with "
         "its 95% Wilson interval (one image is 0.25 points). Every INT8 accuracy is the Q/DQ model as written, Q/DQ "
         "evaluated in float (what TensorRT computes): *PTQ* (ONNX Runtime quantize_static, the manifest's "
-        "`stages.quantize.top1`), *QAT* (NVIDIA ModelOpt, `quantize.mode = \"auto\"` runs it only when PTQ costs "
-        "more than 0.5 point on the validation split; *not run* otherwise) and *shipped* (the better of the two on "
-        "validation, or mixed precision; the manifest's `stages.qat.top1`, the bundle's `model.int8.onnx`, with "
+        "`stages.quantize.top1`), *QAT* (NVIDIA ModelOpt, `quantize.mode = \"auto\"` runs it unless PTQ's cost on "
+        "the decision set, the validation images and 20 augmented copies of each, is within 0.5 point with 95% "
+        "confidence; *not run* otherwise) and *shipped* (the better of the two on the decision set, or mixed "
+        "precision; the manifest's "
+        "`stages.qat.top1`, the bundle's `model.int8.onnx`, with "
         "which one in bold). *PTQ, ORT CPU kernels* is the PTQ model on ONNX Runtime's fused CPU integer kernels, "
         f"whose numerics depend on the CPU (this one: {cpu_flags()}). Cost = earlier stage minus later stage, in "
-        "points (negative: the later stage scored higher). *PTQ val cost* is what auto decides on (FP32 ONNX - PTQ "
-        "on the validation split); *build s* the build's wall time.", "",
+        "points (negative: the later stage scored higher). *PTQ decision cost* is what auto decides on (FP32 ONNX - "
+        "PTQ on the decision set); *importance* the pruning criterion `auto` kept on the decision set, with each "
+        "criterion's test top-1 after recovery; *build s* the build's wall time.", "",
         "| seed | fine-tuned | pruned + recovered | ONNX FP32 | PTQ INT8 | QAT INT8 | shipped INT8 | "
-        "PTQ, ORT CPU kernels | " + " | ".join(COSTS) + " | MACs removed | PTQ val cost | build s |",
-        "|---|" + "---|" * (10 + len(COSTS)), *rows,
-        f"| mean {blank}" + " | ".join(f"{mean(costs[k]):+.2f}" for k in COSTS) + " | | | |",
-        f"| worst {blank}" + " | ".join(f"{worst(costs[k]):+.2f}" for k in COSTS) + " | | | |", "",
+        "PTQ, ORT CPU kernels | " + " | ".join(COSTS) + " | MACs removed | importance | PTQ decision cost | build s |",
+        "|---|" + "---|" * (11 + len(COSTS)), *rows,
+        f"| mean {blank}" + " | ".join(f"{mean(costs[k]):+.2f}" for k in COSTS) + " | | | | |",
+        f"| worst {blank}" + " | ".join(f"{worst(costs[k]):+.2f}" for k in COSTS) + " | | | | |", "",
         "Target *INT8 cost vs FP32 ONNX <= 0.5 point (mean of seeds), <= 1.0 (worst)*: "
         f"mean {mean(int8):+.2f}, worst {worst(int8):+.2f} -> "
         + ("met" if int8 and mean(int8) <= 0.5 and worst(int8) <= 1.0 else "missed" if int8 else "not measured")
@@ -229,6 +274,7 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
         "| seed | manifest `stages.qat.top1` (shipped) | onnx.reference | difference (points) |", "|---|---|---|---|",
         *[f"| {r['seed']} | {r['manifest_int8']:.2f}% | {r['reference_int8']:.2f}% | "
           f"{r['manifest_int8'] - r['reference_int8']:+.2f} |" for r in recs]]
+    lines += _importance_summary(recs)
     if again and recs:
         first = recs[0]
         lines += ["", f"Reproducibility: seed {seeds[0]} built twice on this machine, each in a fresh run folder "
@@ -263,6 +309,8 @@ def main() -> None:
     ap.add_argument("--seed-runs", type=int, nargs="+", default=[0, 1, 2, 3, 4],
                     help="seeds of the across-seeds table (the first is built twice: model hashes)")
     ap.add_argument("--only", choices=["demo", "transfer", "seeds"], help="run one section")
+    ap.add_argument("--heldout", action="store_true", help="seeds section: write it as the held-out seeds' section "
+                    "(default seeds 5-9, no second build)")
     ap.add_argument("--work", type=Path, help="keep run folders here (the seeds section resumes from it); "
                                               "default: a temporary folder")
     args = ap.parse_args()
@@ -275,7 +323,9 @@ def main() -> None:
         if args.only in (None, "transfer"):
             write_section("build-transfer", transfer_table(work, args.quick, args.seeds, console))
         if args.only in (None, "seeds"):
-            write_section("build-seeds", seeds_table(work, args.quick, args.seed_runs, console))
+            seeds = args.seed_runs if args.seed_runs != [0, 1, 2, 3, 4] or not args.heldout else [5, 6, 7, 8, 9]
+            section = "build-seeds-heldout" if args.heldout else "build-seeds"
+            write_section(section, seeds_table(work, args.quick, seeds, console, heldout=args.heldout))
         print("wrote benchmarks/RESULTS.md")
 
 

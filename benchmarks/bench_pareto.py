@@ -173,9 +173,21 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
                   f"seed: **{'met' if worst <= 1.0 else 'missed'}**).", ""]
     if offs:
         ok = all(abs(o) <= 10 for o in offs)
-        lines += ["**Latency-targeted: measured against requested** (this session's measurement vs the target the "
-                  "build met with its own measurements): " + ", ".join(f"{o:+.1f}%" for o in offs)
-                  + f" (target within 10%: **{'met' if ok else 'missed'}**, worst {max(offs, key=abs):+.1f}%).", ""]
+        lines += ["**Latency-targeted: measured against requested** (this session's measurement vs the number the "
+                  "build was given, which was measured in another session): " + ", ".join(f"{o:+.1f}%" for o in offs)
+                  + f" (within 10%: **{'met' if ok else 'missed'}**, worst {max(offs, key=abs):+.1f}%).", ""]
+        macs = {(p.seed, p.level): p for p in points if p.method == "macs"}
+        pairs = [(p, macs[(p.seed, p.level)]) for p in lat if (p.seed, p.level) in macs]
+        if pairs:
+            drift = [100 * (q.latency_ms / p.target_ms - 1) for p, q in pairs]
+            same = [100 * (p.latency_ms / q.latency_ms - 1) for p, q in pairs]
+            ok2 = all(abs(o) <= 10 for o in same)
+            lines += ["The request is the latency of the MACs-targeted model of the same seed and level. That "
+                      "reference model itself measured " + ", ".join(f"{o:+.1f}%" for o in drift) + " here against "
+                      "the number it gave (the machine's drift between two sessions, nothing was rebuilt). Measured "
+                      "in the same session as its reference, the latency-targeted model lands at "
+                      + ", ".join(f"{o:+.1f}%" for o in same) + f" of the requested latency (within 10%: "
+                      f"**{'met' if ok2 else 'missed'}**, worst {max(same, key=abs):+.1f}%).", ""]
     if m:
         lines += ["**Latency-targeted minus MACs-targeted top-1 at equal latency** (same test images; paired "
                   "bootstrap 95% interval, exact McNemar p):", "",

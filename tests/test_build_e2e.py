@@ -72,12 +72,14 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert (b.root / "model.int8.onnx").read_bytes() == next(run.glob("stages/quantize-*/model.int8.onnx")).read_bytes()
     assert m.export["int8"]["selected"] == "ptq" and m.export["int8"]["kept_float_layers"] == []
     assert pr.macs <= 0.5 * ft.macs and pr.params < ft.params  # pruning removed at least half the MACs
-    # prune.importance = "auto" (the default): both criteria pruned and recovered, the better on validation kept
+    # prune.importance = "auto" (the default): both criteria pruned and recovered, the better on the decision set
+    # (the validation images and data.val_views = 20 augmented copies of each) kept
     pm = json.loads(next(run.glob("stages/prune-*/metrics.json")).read_text())
     auto = pm["importance_auto"]
     assert set(auto["candidates"]) == {"taylor", "lamp"} and pm["importance"] == auto["chosen"]
+    assert auto["decision_images"] == 21 * sum(m.data.counts["val"].values())
     kept = auto["candidates"][auto["chosen"]]
-    assert kept["val_top1"] == max(c["val_top1"] for c in auto["candidates"].values())
+    assert kept["decision_top1"] == max(c["decision_top1"] for c in auto["candidates"].values())
     assert pr.top1 == pytest.approx(kept["top1"], abs=1e-4)
     files = {f.name for f in next(run.glob("stages/prune-*")).iterdir()}
     assert {"fit_taylor.json", "fit_lamp.json", "fit.json"} <= files
@@ -166,7 +168,8 @@ def test_interrupted_run_resumes_at_the_lost_stage(built):
 @pytest.mark.slow
 def test_qat_mode_ships_the_better_int8_model_side_by_side(built):
     """quantize.mode = "qat" on the same run folder: only the qat stage runs (real ModelOpt QAT, 2 epochs); the
-    manifest and report show PTQ and QAT side by side and the bundle ships the one better on validation."""
+    manifest and report show PTQ and QAT side by side and the bundle ships the one better on the decision set
+    (validation + augmented copies)."""
     pytest.importorskip("modelopt", reason="QAT needs nvidia-modelopt (workstation extra)")
     import onnx
 
@@ -182,12 +185,14 @@ def test_qat_mode_ships_the_better_int8_model_side_by_side(built):
     b.verify()
     q = b.manifest.stages["qat"]
     assert set(q.candidates) >= {"ptq", "qat"} and q.qat["epochs_run"] == 2 and q.qat["qdq_pairs"] > 50
-    best = max(("ptq", "qat"), key=lambda k: (q.candidates[k]["val_top1"], k == "ptq"))
+    best = max(("ptq", "qat"), key=lambda k: (q.candidates[k]["decision_top1"], k == "ptq"))
     assert q.selected in (best, "mixed") and b.manifest.export["int8"]["selected"] == q.selected
+    assert q.decision_images == 21 * q.val_images and q.val_views == 20
     assert q.top1_ci95[0] <= q.top1 <= q.top1_ci95[1]
     check_tensorrt_qdq(onnx.load(str(b.root / "model.int8.onnx")))  # what the device's TensorRT build takes
     report = (run / "report.md").read_text()
     assert "## INT8: PTQ and QAT" in report and "| QAT (NVIDIA ModelOpt" in report and "| PTQ (ORT" in report
+    assert "decision-set top-1" in report and f"({q.decision_images} images)" in report
     assert "shipped INT8 (" in report.split("## Targets")[1]
 
 

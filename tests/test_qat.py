@@ -83,8 +83,9 @@ def test_auto_runs_qat_only_when_ptq_costs_more_than_the_threshold():
     assert run and "+0.75 points" in why and "max_cost_points = 0.5" in why
     assert needs_qat("ptq", 30.0, 0.5)[0] is False and needs_qat("qat", -1.0, 0.5)[0] is True
     # the better model on validation ships; PTQ wins a tie (training gained nothing)
-    assert pick({"ptq": {"val_top1": 0.9}, "qat": {"val_top1": 0.9}}) == "ptq"
-    assert pick({"ptq": {"val_top1": 0.9}, "qat": {"val_top1": 0.92}}) == "qat"
+    assert pick({"ptq": {"decision_top1": 0.9}, "qat": {"decision_top1": 0.9}}) == "ptq"
+    assert pick({"ptq": {"decision_top1": 0.9}, "qat": {"decision_top1": 0.92}}) == "qat"
+    assert pick({"ptq": {"val_top1": 0.93}, "qat": {"val_top1": 0.92}}, key="val_top1") == "ptq"
 
 
 def test_mixed_precision_keeps_the_smallest_set_that_meets_the_target(tmp_path):
@@ -148,3 +149,30 @@ def test_qat_asked_without_modelopt_fails_in_one_line_and_writes_nothing(tmp_pat
     assert "nvidia-modelopt' is not installed" in err and "pip install 'edge-tl[workstation,cpu]'" in err
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not run.exists()  # refused before the run folder (and any stage) was written
+
+
+def test_auto_runs_qat_unless_ptq_is_confidently_within_the_threshold():
+    """The cost on the decision set is counted per validation image (its copies are not independent): 100
+    images, 3 copies each. Two images lost outright: cost +2.00 points, bound above it; nothing lost: cost and
+    bound 0; one copy of one image lost: cost +0.25 points, within 0.5, yet its one-sided 95% bound is not (one
+    image in a hundred), so auto runs QAT."""
+    from edge_tl.workstation.pipeline.qat_stage import cost_bound
+
+    ref = np.ones(400, dtype=bool)  # the FP32 model right on every image and copy
+    lost_two = ref.copy()
+    lost_two[[3, 103, 203, 303, 7, 107, 207, 307]] = False  # images 3 and 7: every copy wrong
+    cost, upper = cost_bound(ref, lost_two, 100)
+    assert cost == pytest.approx(2.0) and upper > cost
+    assert cost_bound(ref, ref, 100) == (0.0, 0.0)
+    one = ref.copy()
+    one[205] = False  # image 5, its second copy
+    cost, upper = cost_bound(ref, one, 100)
+    assert cost == pytest.approx(0.25) and upper == pytest.approx(0.25 + 1.645 * 25 / np.sqrt(100 * 100))
+    run, why = needs_qat("auto", cost, 0.5, "the decision set", upper)
+    assert run and f"upper bound {upper:+.2f}" in why and "possibly more than" in why
+    worse_ref = ref.copy()
+    worse_ref[[205, 305]] = False  # the reference misses two copies of image 5, the model one of them
+    cost, upper = cost_bound(worse_ref, one, 100)
+    assert cost == pytest.approx(-0.25) and upper < 0.5
+    run, why = needs_qat("auto", cost, 0.5, "the decision set", upper)
+    assert not run and "QAT not needed" in why

@@ -12,7 +12,7 @@ from edge_tl.core.preprocess import PreprocessConfig  # noqa: E402
 from edge_tl.workstation.spec import BACKBONES  # noqa: E402
 from edge_tl.workstation.train import build, create_model, evaluate, finetune_phases, fit, load_state, save_state  # noqa: E402
 from edge_tl.workstation.train.backbones import checkpoint_state_dict, head_name, imagenet_state_dict  # noqa: E402
-from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays  # noqa: E402
+from edge_tl.workstation.train.datasets import TrainDataset, decision_views, eval_arrays  # noqa: E402
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -160,3 +160,28 @@ def test_distillation_pulls_the_student_towards_the_teacher(tmp_path):
     with pytest.raises(EdgeTLError, match="distill weight"):
         fit(student(), "mobilenet_v2", ds, val, recovery_phases(1, 1e-3, True), device="cpu", teacher=teacher,
             distill_weight=1.5)
+
+
+def test_decision_set_is_validation_then_seeded_augmented_copies(tmp_path):
+    """The build's choices between candidates are scored on the validation images followed by ``views`` lightly
+    augmented copies of each: same labels, the same draw for the same seed, another for another seed, and
+    torch's global generator left where it was (training after it must not change)."""
+    import torch
+
+    paths, labels = _tiny_task(tmp_path, n=6)
+    pre = PreprocessConfig(input_size=(20, 20), resize=20, mean=(0.5,) * 3, std=(0.5,) * 3)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    x, y = decision_views(paths, labels, pre, 3, hflip=False, seed=0)
+    assert torch.equal(torch.rand(3), before)
+    plain, _ = eval_arrays(paths, labels, pre)
+    assert x.shape == (24, 3, 20, 20) and x.dtype == np.float32
+    assert np.array_equal(y, np.tile(labels, 4))
+    np.testing.assert_allclose(x[:6], plain, atol=1e-5)  # the validation images as the device preprocesses them
+    assert all(np.abs(x[6 * k:6 * (k + 1)] - plain).mean() > 1e-3 for k in range(1, 4))  # each copy moved
+    again, _ = decision_views(paths, labels, pre, 3, hflip=False, seed=0)
+    other, _ = decision_views(paths, labels, pre, 3, hflip=False, seed=1)
+    assert np.array_equal(x, again) and not np.array_equal(x[6:], other[6:])
+    x0, y0 = decision_views(paths, labels, pre, 0, hflip=False, seed=0)
+    assert np.array_equal(x0, plain) and np.array_equal(y0, labels)

@@ -116,9 +116,10 @@ def build(
                                                 show_default=False),
     recovery_epochs: int | None = typer.Option(None, help="Fine-tune epochs after pruning.", show_default=False),
     prune_importance: Importance | None = typer.Option(None, help="How channels are ranked (auto, the default: "
-                                                       "taylor and lamp both tried, the better on validation "
-                                                       "kept; taylor: first-order loss change on training images; "
-                                                       "lamp: layer-adaptive magnitude; l1/l2: weight magnitude).",
+                                                       "taylor and lamp both tried, the better on the "
+                                                       "decision set kept; taylor: first-order loss change on "
+                                                       "training images; lamp: layer-adaptive magnitude; "
+                                                       "l1/l2: weight magnitude).",
                                                        show_default=False),
     distill_weight: float | None = typer.Option(None, help="Recovery: share of distillation from the unpruned "
                                                 "model (0 = labels only).", show_default=False),

@@ -42,6 +42,11 @@ class DataSpec(_Section):
     strict: bool = Field(False, description="fail on unreadable or non-image files instead of skipping them")
     imbalance_ratio: float = Field(3.0, gt=1, description="warn when the largest class has this many times "
                                    "the smallest one's training images")
+    val_views: int = Field(20, ge=0, le=200, description="the build's choices between candidates (pruning "
+                           "importance, PTQ / QAT / mixed precision) are scored on the validation images plus this "
+                           "many lightly augmented copies of each (small random affine; flips as in training), so a "
+                           "choice does not hang on the 1-2 images that separate two candidates; 0 = the validation "
+                           "images only")
     kind: Literal["photos", "digits", "text"] = Field(
         "photos", description="what the images show; sets the augmentation defaults (train.augment = 'auto', "
         "train.hflip unset): photos -> random resized crop, colour jitter, flips; digits and text -> a small "
@@ -166,10 +171,11 @@ class PruneSpec(_Section):
     recovery_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the recovery fine-tune")
     importance: Literal["auto", "lamp", "taylor", "l1", "l2", "fpgm"] = Field(
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "
-        "lamp and keeps the better on validation; taylor (first-order loss change, one gradient pass on up to 64 "
-        "training images), lamp (layer-adaptive magnitude), l1/l2 (weight magnitude), fpgm. On the demo neither "
-        "criterion won every seed: Taylor kept 93.25/94.25/90.50/96.50% where LAMP kept 87.75/90.75/88.50/93.75% "
-        "(seeds 0-3) but lost 85.75% against 94.00% on seed 4 (benchmarks/RESULTS.md (d), 2026-11-30)")
+        "lamp and keeps the better on the decision set (data.val_views); taylor (first-order loss change, one "
+        "gradient pass on up to 64 training images), lamp (layer-adaptive magnitude), l1/l2 (weight magnitude), "
+        "fpgm. On the demo neither criterion won every seed: Taylor kept 93.25/94.25/90.50/96.50% where LAMP "
+        "kept 87.75/90.75/88.50/93.75% (seeds 0-3) but lost 85.75% against 94.00% on seed 4 "
+        "(benchmarks/RESULTS.md (d), 2026-11-30)")
     global_pruning: bool = Field(False, description="rank channels across layers (each layer loses what it can "
                                  "spare) instead of the same share in every layer. Off by default: on the demo the "
                                  "global LAMP ranking removed 83% of the parameters for 50% of the MACs, leaving "
@@ -198,9 +204,11 @@ class QuantizeSpec(_Section):
     per_channel: bool = Field(True, description="per-channel symmetric weight scales")
     mode: Literal["ptq", "qat", "auto"] = Field(
         "auto", description="ptq: post-training quantization only; qat: also quantization-aware training (NVIDIA "
-        "ModelOpt, from the PTQ calibration); auto: QAT only when PTQ's INT8 cost on the validation split (Q/DQ in "
-        "float, against the FP32 ONNX model) exceeds max_cost_points. The better of PTQ and QAT on validation ships")
-    max_cost_points: float = Field(0.5, ge=0, description="INT8 accuracy cost (points, validation split, against "
+        "ModelOpt, from the PTQ calibration); auto: QAT unless PTQ's INT8 cost on the decision set (validation + "
+        "data.val_views copies; Q/DQ in float, against the FP32 ONNX model) is within max_cost_points with 95% "
+        "confidence (one-sided upper bound, by validation image). The better of "
+        "PTQ and QAT on the decision set ships")
+    max_cost_points: float = Field(0.5, ge=0, description="INT8 accuracy cost (points, decision set, against "
                                    "the FP32 ONNX model) above which auto runs QAT and mixed precision keeps layers "
                                    "in float")
     qat_epochs: int = Field(10, ge=1, le=1000, description="QAT fine-tune epochs (the best on validation is kept)")

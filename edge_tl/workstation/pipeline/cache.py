@@ -24,7 +24,8 @@ from edge_tl.core.fsutil import atomic_dir, atomic_write_text
 # Bump a stage's number when its code changes what it produces: old cache entries then stop matching.
 # scratch 2: BatchNorm momentum 0.1 in the from-scratch recipe (train.fit.scratch_phases)
 # finetune 2, scratch 3: validation predictions saved (negative-transfer guard), scratch saves its model
-STAGE_VERSIONS = {"data": 1, "finetune": 2, "scratch": 3, "prune": 5, "export": 1, "quantize": 1, "qat": 1}
+# prune 6, qat 2: choices between candidates scored on the decision set (validation + data.val_views copies)
+STAGE_VERSIONS = {"data": 1, "finetune": 2, "scratch": 3, "prune": 6, "export": 1, "quantize": 1, "qat": 2}
 DEPENDS = {"data": (), "finetune": ("data",), "scratch": ("data",), "prune": ("finetune",), "export": ("prune",),
            "quantize": ("export",), "qat": ("quantize",)}
 RUN_FILE = "run.json"

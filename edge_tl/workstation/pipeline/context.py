@@ -115,7 +115,9 @@ class Context:
         if self.processes > 1:  # the data order differs from one process's (same global batch): another result
             train["processes"] = self.processes
         # data.kind only sets the augmentation defaults: the resolved augmentation keys the training stages
-        data = {key: v for key, v in d["data"].items() if key != "kind"}
+        # data.val_views only changes the choices scored on validation: it keys the prune and qat stages
+        data = {key: v for key, v in d["data"].items() if key not in ("kind", "val_views")}
+        views = {"val_views": s.data.val_views}
         k = {"data": stage_key("data", {"data": {**data, "root": str(self.data_root)}, "seed": s.seed,
                                         "files": quick_fingerprint(self.data_root)}, [])}
         common = {"model": d["model"], "train": train, "seed": s.seed, "augmentation": self.augmentation()}
@@ -130,7 +132,7 @@ class Context:
                                  [k["data"]])
         start = {"from": "scratch"} if self.parent == "scratch" else {}
         k["prune"] = stage_key("prune", {"prune": d["prune"], "train": train, "seed": s.seed, **start,
-                                         "augmentation": self.augmentation(), **_table_key(s)},
+                                         "augmentation": self.augmentation(), **views, **_table_key(s)},
                                [k[self.parent]])
         k["export"] = stage_key("export", {"opset": s.opset(), "target": s.target, "eval": 2}, [k["prune"]])
         ptq = {key: d["quantize"][key] for key in PTQ_SETTINGS}  # QAT's settings do not change the PTQ model
@@ -138,7 +140,7 @@ class Context:
                                   [k["export"], k["data"]])
         # qat: QAT (its training settings), mixed precision and the shipped INT8 model's choice (pipeline.qat_stage)
         # qat eval 2: + temperature scaling of the shipped model fitted on validation, ECE on test (calibrate.py)
-        k["qat"] = stage_key("qat", {"quantize": d["quantize"], "train": train, "seed": s.seed, "eval": 2},
+        k["qat"] = stage_key("qat", {"quantize": d["quantize"], "train": train, "seed": s.seed, "eval": 2, **views},
                              [k["quantize"], k["prune"], k[self.parent]])
         self.keys = k
         return k
@@ -159,6 +161,18 @@ class Context:
             data = self.data_split
             self._arrays[split] = eval_arrays(data.paths(split), data.labels(split), self.pre)
         return self._arrays[split]
+
+    def decision_set(self) -> tuple[np.ndarray, np.ndarray]:
+        """The validation images and ``data.val_views`` lightly augmented copies of each (seeded): what the
+        build's choices between candidates are scored on (edge_tl.workstation.train.datasets.decision_views)."""
+        if "decision" not in self._arrays:
+            from edge_tl.workstation.train.datasets import decision_views
+
+            data = self.data_split
+            self._arrays["decision"] = decision_views(data.paths("val"), data.labels("val"), self.pre,
+                                                      self.spec.data.val_views, hflip=self.augmentation()["hflip"],
+                                                      seed=self.spec.seed)
+        return self._arrays["decision"]
 
     def augmentation(self) -> dict[str, Any]:
         """train.augment / train.hflip resolved by data.kind (edge_tl.workstation.train.augment.resolve)."""

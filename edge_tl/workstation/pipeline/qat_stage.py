@@ -1,13 +1,14 @@
 """The ``qat`` stage (after ``quantize``): quantization-aware training when asked or needed, sensitivity-guided
 mixed precision when INT8 still costs too much, and the choice of the INT8 model the bundle ships.
 
-Decisions are taken on the validation split, with Q/DQ evaluated in float (what TensorRT computes), against
-the FP32 ONNX model (the same network: quantization's own cost). The test split only reports.
+Decisions are taken on the decision set (the validation images plus ``data.val_views`` lightly augmented copies
+of each: :meth:`Context.decision_set`), with Q/DQ evaluated in float (what TensorRT computes), against the FP32
+ONNX model (the same network: quantization's own cost). The test split only reports.
 
 - ``quantize.mode = "ptq"``: the PTQ model (stage ``quantize``) is the candidate; ``"qat"``: QAT runs
-  (:mod:`edge_tl.workstation.qat`); ``"auto"``: QAT runs only when PTQ's validation cost exceeds
-  ``quantize.max_cost_points``.
-- Of PTQ and QAT, the higher validation top-1 is kept (PTQ on a tie: nothing was gained by training).
+  (:mod:`edge_tl.workstation.qat`); ``"auto"``: QAT runs unless PTQ's cost on the decision set is within
+  ``quantize.max_cost_points`` with 95% confidence (its one-sided upper bound, by validation image).
+- Of PTQ and QAT, the higher top-1 on the decision set is kept (PTQ on a tie: nothing was gained by training).
 - When that model still costs more than ``quantize.max_cost_points``, ``quantize.mixed_max_layers > 0`` and the
   mode is not ``"ptq"`` (which means post-training quantization only), the most sensitive layers are kept in
   float (:mod:`edge_tl.workstation.mixed`), the fewest that meet it.
@@ -61,24 +62,47 @@ def _quantized_nodes(path: Path) -> int:
     return len(quantized_node_names(onnx.load(str(path))))
 
 
-def needs_qat(mode: str, ptq_cost_points: float, threshold: float) -> tuple[bool, str]:
-    """(run QAT?, why) for ``quantize.mode`` and PTQ's validation cost."""
+def cost_bound(reference_correct: np.ndarray, correct: np.ndarray, images: int) -> tuple[float, float]:
+    """(cost, one-sided 95% upper bound), in points, of a model against a reference on the decision set.
+
+    The decision set holds ``images`` validation images followed by copies of them (entry ``j`` is image
+    ``j % images``): copies of one image are not independent, so the per-image cost (the share of its copies the
+    reference gets right and the model not, minus the reverse) is the unit, and the bound is its mean + 1.645
+    standard errors."""
+    d = reference_correct.astype(np.float64) - correct.astype(np.float64)
+    per_image = np.bincount(np.arange(len(d)) % images, weights=d, minlength=images) / np.bincount(
+        np.arange(len(d)) % images, minlength=images)
+    mean = float(per_image.mean())
+    se = float(per_image.std(ddof=1) / np.sqrt(images)) if images > 1 else 0.0
+    return 100 * mean, 100 * (mean + 1.645 * se)
+
+
+def needs_qat(mode: str, ptq_cost_points: float, threshold: float, where: str = "the validation split",
+              upper_points: float | None = None) -> tuple[bool, str]:
+    """(run QAT?, why) for ``quantize.mode`` and PTQ's cost on the decision set (``where`` names it).
+
+    With ``upper_points`` (the cost's one-sided 95% upper bound, :func:`cost_bound`), auto runs QAT unless PTQ is
+    within the threshold with that confidence: QAT costs training time only, and a cost measured just under the
+    threshold on a hundred images is not a cost known to be under it."""
     if mode == "ptq":
         return False, "quantize.mode = \"ptq\": post-training quantization only"
     if mode == "qat":
         return True, "quantize.mode = \"qat\""
-    if ptq_cost_points > threshold:
-        return True, (f"quantize.mode = \"auto\": PTQ costs {ptq_cost_points:+.2f} points on the validation split "
-                      f"(Q/DQ in float), more than quantize.max_cost_points = {threshold:g}")
-    return False, (f"quantize.mode = \"auto\": PTQ costs {ptq_cost_points:+.2f} points on the validation split "
-                   f"(Q/DQ in float), within quantize.max_cost_points = {threshold:g}: QAT not needed")
+    bound = upper_points if upper_points is not None else ptq_cost_points
+    said = f"PTQ costs {ptq_cost_points:+.2f} points on {where} (Q/DQ in float" + (
+        f"; one-sided 95% upper bound {upper_points:+.2f})" if upper_points is not None else ")")
+    if bound > threshold:
+        return True, (f"quantize.mode = \"auto\": {said}, "
+                      f"{'possibly ' if ptq_cost_points <= threshold else ''}more than quantize.max_cost_points = "
+                      f"{threshold:g}")
+    return False, f"quantize.mode = \"auto\": {said}, within quantize.max_cost_points = {threshold:g}: QAT not needed"
 
 
-def pick(candidates: dict[str, dict[str, Any]]) -> str:
-    """The candidate with the best validation top-1; earlier candidates (PTQ first) win ties."""
+def pick(candidates: dict[str, dict[str, Any]], key: str = "decision_top1") -> str:
+    """The candidate with the best ``key`` (top-1 on the decision set); earlier candidates (PTQ first) win ties."""
     best = None
     for name, c in candidates.items():
-        if best is None or c["val_top1"] > candidates[best]["val_top1"]:
+        if best is None or c[key] > candidates[best][key]:
             best = name
     return best
 
@@ -89,19 +113,29 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
     xt, yt = ctx.arrays("test")
     fp32_path = ctx.folder("export") / "model.onnx"
     ptq_path = ctx.folder("quantize") / "model.int8.onnx"
-    fp32_val_logits = _onnx_logits(fp32_path, xv)
-    fp32_val = float((fp32_val_logits.argmax(1) == yv).mean())
+    xd, yd = ctx.decision_set()  # validation + its augmented copies: what the choices below are scored on
+    where = f"the {len(yd)} decision images (validation + {s.data.val_views} augmented copies of each)"
+    fp32_val = float((_onnx_logits(fp32_path, xv).argmax(1) == yv).mean())
+    fp32_dec_logits = _onnx_logits(fp32_path, xd)
+    fp32_dec_correct = fp32_dec_logits.argmax(1) == yd
+    fp32_dec = float(fp32_dec_correct.mean())
     pm = ctx.read("quantize", "metrics.json")
 
     def candidate(path: Path, test_pred: np.ndarray | None = None) -> dict[str, Any]:
         val_top1 = float((_onnx_logits(path, xv).argmax(1) == yv).mean())
+        dec_correct = _onnx_logits(path, xd).argmax(1) == yd
+        dec_top1 = float(dec_correct.mean())
         if test_pred is None:
             test_pred = _onnx_logits(path, xt).argmax(1)
-        return {"path": path, "val_top1": val_top1, "val_cost_points": 100 * (fp32_val - val_top1),
+        _, upper = cost_bound(fp32_dec_correct, dec_correct, len(yv))
+        return {"path": path, "decision_top1": dec_top1, "decision_cost_points": 100 * (fp32_dec - dec_top1),
+                "decision_cost_upper_points": upper,
+                "val_top1": val_top1, "val_cost_points": 100 * (fp32_val - val_top1),
                 "top1": float((test_pred == yt).mean()), "qdq_pairs": _qdq_pairs(path), "test_pred": test_pred}
 
     cands = {"ptq": candidate(ptq_path, np.load(ctx.folder("quantize") / "test_predictions.npy"))}
-    run, why = needs_qat(q.mode, cands["ptq"]["val_cost_points"], q.max_cost_points)
+    run, why = needs_qat(q.mode, cands["ptq"]["decision_cost_points"], q.max_cost_points, where,
+                         cands["ptq"]["decision_cost_upper_points"])
     ctx.console.print(f"  {why}")
     qat_info = None
     if run:
@@ -127,20 +161,20 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         return {}
     chosen = pick(cands)
     mixed = None
-    if q.mode != "ptq" and cands[chosen]["val_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
+    if q.mode != "ptq" and cands[chosen]["decision_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
         from edge_tl.workstation.mixed import keep_sensitive
 
-        ctx.console.print(f"  {chosen.upper()} still costs {cands[chosen]['val_cost_points']:+.2f} points on "
-                          f"validation: ranking layers to keep in float (at most {q.mixed_max_layers})")
-        mres = keep_sensitive(cands[chosen]["path"], xv, yv, fp32_val_logits, q.max_cost_points,
+        ctx.console.print(f"  {chosen.upper()} still costs {cands[chosen]['decision_cost_points']:+.2f} points on "
+                          f"the decision set: ranking layers to keep in float (at most {q.mixed_max_layers})")
+        mres = keep_sensitive(cands[chosen]["path"], xd, yd, fp32_dec_logits, q.max_cost_points,
                               q.mixed_max_layers, out / "model.mixed.onnx", seed=s.seed)
         mixed = {"base": chosen, **mres.summary()}
         if mres.layers:
             cands["mixed"] = candidate(out / "model.mixed.onnx")
-            if cands["mixed"]["val_top1"] > cands[chosen]["val_top1"]:
+            if cands["mixed"]["decision_top1"] > cands[chosen]["decision_top1"]:
                 chosen = "mixed"
             else:
-                mixed["note"] = "no kept-in-float set scored higher on validation: not shipped"
+                mixed["note"] = "no kept-in-float set scored higher on the decision set: not shipped"
     ship = cands[chosen]
     shutil.copyfile(ship["path"], out / "model.int8.onnx")
     import onnx
@@ -166,7 +200,8 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         "top1": top1, "top1_eval": QDQ_FLOAT_EVAL, "top1_ort_cpu_kernels": kernel_top1, "ort_cpu_kernels_note": gap,
         "macs": em["macs"], "params": em["params"], "file_bytes": (out / "model.int8.onnx").stat().st_size,
         "selected": chosen, "mode": q.mode, "decision": why, "max_cost_points": q.max_cost_points,
-        "fp32_onnx_val_top1": fp32_val, "val_images": len(yv),
+        "fp32_onnx_val_top1": fp32_val, "val_images": len(yv), "fp32_onnx_decision_top1": fp32_dec,
+        "decision_images": len(yd), "val_views": s.data.val_views,
         "candidates": {k: {kk: v for kk, v in c.items() if kk not in ("path", "test_pred")} | {"file": c["path"].name}
                        for k, c in cands.items()},
         "qat": qat_info, "mixed": mixed, "kept_float_layers": mixed["layers"] if chosen == "mixed" else [],
@@ -193,21 +228,28 @@ def report_lines(stages: dict[str, dict[str, Any]], latency: dict[str, float],
         return []
     n = (stats or {}).get("test_images") or 0
     ft = stages["finetune"]["top1"]
-    head = ["INT8 model", "val top-1 (Q/DQ in float)", "val cost vs FP32 ONNX", "test top-1 (95% CI)",
+    dec = "decision_top1" in next(iter(m["candidates"].values()))
+    head = ["INT8 model", *(["decision-set top-1 (Q/DQ in float)", "decision-set cost vs FP32 ONNX"] if dec else []),
+            "val top-1 (Q/DQ in float)", "val cost vs FP32 ONNX", "test top-1 (95% CI)",
             "test cost vs fine-tuned FP32", "Q/DQ pairs", "shipped"]
     lines = ["## INT8: PTQ and QAT", "", f"Decision: {m['decision']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c in m["candidates"].items():
         ci = wilson(int(round(c["top1"] * n)), n) if n else None
         label = LABELS.get(name, name) + (f" of {m['mixed']['base'].upper()}" if name == "mixed" else "")
-        lines.append(f"| {label} | {100 * c['val_top1']:.2f}% | {c['val_cost_points']:+.2f} points | "
+        cells = [f"{100 * c['decision_top1']:.2f}%", f"{c['decision_cost_points']:+.2f} points"] if dec else []
+        cells += [f"{100 * c['val_top1']:.2f}%", f"{c['val_cost_points']:+.2f} points"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
                      f"{100 * c['top1']:.2f}%" + (f" ({100 * ci[0]:.1f}–{100 * ci[1]:.1f})" if ci else "")
                      + f" | {100 * (ft - c['top1']):+.2f} points | {c['qdq_pairs']} | "
                      f"{'**yes**' if name == m['selected'] else 'no'} |")
-    lines += ["", f"Validation: {m['val_images']} images, FP32 ONNX {100 * m['fp32_onnx_val_top1']:.2f}%; the "
-              f"candidate with the best validation top-1 ships (PTQ on a tie); target quantize.max_cost_points = "
-              f"{m['max_cost_points']:g}. Test costs are differences of two accuracies on the same test images "
-              "(their paired intervals are in the differences table).", ""]
+    basis = (f"Decision set: the {m['val_images']} validation images and {m['val_views']} lightly augmented copies "
+             f"of each ({m['decision_images']} images), FP32 ONNX {100 * m['fp32_onnx_decision_top1']:.2f}%; the "
+             "candidate with the best top-1 on it ships (PTQ on a tie)" if dec else
+             f"Validation: {m['val_images']} images; the candidate with the best validation top-1 ships (PTQ on a tie)")
+    lines += ["", f"{basis}. Validation alone: FP32 ONNX {100 * m['fp32_onnx_val_top1']:.2f}%. Target "
+              f"quantize.max_cost_points = {m['max_cost_points']:g}. Test costs are differences of two accuracies "
+              "on the same test images (their paired intervals are in the differences table).", ""]
     if m.get("qat"):
         qa = m["qat"]
         lines += [f"QAT: {qa['implementation']}, {qa['epochs_run']} epochs (best on validation: epoch "
@@ -226,7 +268,8 @@ def report_lines(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                   "sensitivity ranking (each quantized Conv/Gemm alone in float, error against the FP32 ONNX "
                   "outputs on validation images; the device's fallback ranking)" + (
                       f"; {mx['note']}" if mx.get("note") else "") + ":", "",
-                  "| k | layers kept in float | val top-1 | val cost vs FP32 ONNX |", "|---|---|---|---|"]
+                  f"| k | layers kept in float | {'decision-set' if dec else 'val'} top-1 | cost vs FP32 ONNX |",
+                  "|---|---|---|---|"]
         lines += [f"| {t['k']} | {', '.join(f'`{x}`' for x in t['layers'])} | {100 * t['val_top1']:.2f}% | "
                   f"{t['val_cost_points']:+.2f} points |" for t in mx["tried"]]
         if m["selected"] == "mixed":

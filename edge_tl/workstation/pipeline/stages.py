@@ -232,7 +232,7 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     return metrics
 
 
-#: prune.importance = "auto" tries these and keeps the one better on validation after recovery
+#: prune.importance = "auto" tries these and keeps the one better on the decision set after recovery
 AUTO_IMPORTANCES = ("taylor", "lamp")
 
 
@@ -245,12 +245,14 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     if not p.enabled or p.ratio == 0:
         metrics = {"enabled": False}
         return _finish(ctx, model, out, metrics)
-    importances = AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
+    importances = importances_of(p)
     tried = {imp: _prune_and_recover(ctx, model, imp, out) for imp in importances}
     if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
         return {}
-    # the better on validation after recovery (ties: the lower validation loss, then the order above)
-    chosen = max(importances, key=lambda k: (tried[k]["val_top1"], -tried[k]["val_loss"], -importances.index(k)))
+    # the better on the decision set (validation + its augmented copies, data.val_views) after recovery (ties:
+    # validation top-1, then the lower validation loss, then the order above)
+    chosen = max(importances, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"], -tried[k]["val_loss"],
+                                             -importances.index(k)))
     pruned, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
     if fit_res is not None:
         _write(out, "fit.json", fit_res.as_dict())
@@ -259,8 +261,11 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
             if tried[imp]["fit"] is not None:
                 _write(out, f"fit_{imp}.json", tried[imp]["fit"].as_dict())
         metrics["importance_auto"] = {
-            "chosen": chosen, "rule": "higher validation top-1 after recovery (ties: lower validation loss)",
-            "candidates": {imp: {"val_top1": t["val_top1"], "val_loss": round(t["val_loss"], 5),
+            "chosen": chosen, "decision_images": len(ctx.decision_set()[1]),
+            "rule": (f"higher top-1 after recovery on the {len(ctx.decision_set()[1])} decision images (validation "
+                     f"+ {s.data.val_views} augmented copies of each; ties: validation top-1, then loss)"),
+            "candidates": {imp: {"decision_top1": t["decision_top1"], "val_top1": t["val_top1"],
+                                 "val_loss": round(t["val_loss"], 5),
                                  "top1": t["test_top1"], "macs": t["metrics"]["macs_after"]}
                            for imp, t in tried.items()}}
     return _finish(ctx, pruned, out, metrics)
@@ -308,9 +313,15 @@ def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[
         metrics["chance_check"] = chance_check(ctx, fit_res.best_val_top1, fit_res.epochs_run)
     pruned.cpu()
     val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))
+    decision_top1 = evaluate(pruned, *ctx.decision_set())[0] if len(importances_of(p)) > 1 else val_top1
     test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "val_top1": val_top1, "val_loss": val_loss,
-            "test_top1": test_top1}
+            "decision_top1": decision_top1, "test_top1": test_top1}
+
+
+def importances_of(p) -> tuple[str, ...]:
+    """The channel importances the prune stage tries for ``prune.importance`` (auto: both, the better kept)."""
+    return AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:

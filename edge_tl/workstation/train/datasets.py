@@ -65,3 +65,22 @@ class TrainDataset(torch.utils.data.Dataset):
     def as_arrays(self) -> np.ndarray:
         """The un-augmented images, preprocessed exactly like the device does (for calibration)."""
         return np.stack([self.pre.normalize(img.permute(1, 2, 0).numpy()) for img in self.images])
+
+
+def decision_views(paths: list[Path], labels: np.ndarray, pre: PreprocessConfig, views: int, *, hflip: bool,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images of ``paths`` as the device preprocesses them, followed by ``views`` copies of each drawn with the
+    ``light`` augmentation (a small random affine; flips when ``hflip``): the set on which the build chooses
+    between candidates (pruning importance, PTQ / QAT / mixed precision).
+
+    Two candidates that differ on 2 of 100 validation images are otherwise decided by those 2 images; on a few
+    slightly moved copies of each, every image scores a share of its copies right instead of 0 or 1. The draw
+    is seeded (torch's global generator is left as it was)."""
+    x, y = eval_arrays(paths, labels, pre)
+    if views <= 0 or not len(x):
+        return x, y
+    ds = TrainDataset(paths, labels, pre, augment="light", hflip=hflip)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        extra = np.stack([ds[i][0].numpy() for _ in range(views) for i in range(len(ds))])
+    return np.concatenate([x, extra.astype(np.float32)]), np.concatenate([y, np.tile(y, views)])
