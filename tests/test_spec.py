@@ -115,3 +115,23 @@ def test_the_stage_list_is_written_once():
     assert tuple(RUNNERS) == tuple(STAGE_VERSIONS) == tuple(DEPENDS) == STAGES
     for stage, deps in DEPENDS.items():
         assert all(STAGES.index(d) < STAGES.index(stage) for d in deps)
+
+
+def test_val_views_re_keys_the_deciding_stages_only(tmp_path):
+    """data.val_views changes what the prune and qat stages choose, nothing the data or training stages make:
+    a new value must re-run those two (and what follows them), and reuse the data split and the fine-tune."""
+    from rich.console import Console
+
+    from edge_tl.workstation.pipeline.cache import StageCache
+    from edge_tl.workstation.pipeline.context import Context, resolve_data
+    from edge_tl.workstation.spec import load_spec
+
+    keys = {}
+    for views in (20, 0):
+        spec = load_spec(None, {"data.val_views": views})
+        root, label = resolve_data(spec, tmp_path)
+        ctx = Context(spec, tmp_path, StageCache(tmp_path), Console(quiet=True), root, label, "demo", "demo")
+        keys[views] = ctx.compute_keys()
+    same = {k for k in keys[20] if keys[20][k] == keys[0][k]}
+    assert same == {"data", "finetune", "scratch"}
+    assert {"prune", "export", "quantize", "qat"} == set(keys[20]) - same

@@ -307,9 +307,13 @@ class LatencyPruneResult:
 def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, lat: LatencyModel, *,
                      measure: Callable[[nn.Module], float] | None = None, backend: str = "table",
                      round_to: int = 8, importance: str = "lamp", max_layer_ratio: float = 0.75,
-                     max_channel_ratio: float = 0.9, max_trials: int = 8, tolerance: float = 0.02,
-                     taylor_batch=None) -> LatencyPruneResult:
+                     max_channel_ratio: float = 0.9, max_trials: int = 10, tolerance: float = 0.02,
+                     noise: float = 0.02, taylor_batch=None) -> LatencyPruneResult:
     """Prune a copy of ``model`` until its latency is <= ``target_ms``, least pruning that does.
+
+    Measured latencies (``measure``) are noisy: a candidate within ``noise`` above the target meets it (the
+    median of 3 x 300 runs moves by about that much from one measurement to the next; without it the search
+    rejected a candidate 0.03% over and kept one 6.5% under). Table predictions are exact: strictly <= target.
 
     ``measure(model) -> ms`` times a candidate (ort-cpu); without it ``lat.predict`` is used (table). Channels
     are ranked ACROSS layers by :class:`LatencyImportance` (importance per ms); no layer loses more than
@@ -326,6 +330,7 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
     _importance(importance)
     ignored = _ignored_names(model, None)
     timing = measure or (lambda m: lat.predict(m, example))
+    limit = target_ms * (1 + (noise if measure is not None else 0.0))  # what counts as meeting the target
     was = model.training
     trials: list[tuple[float, float]] = []
 
@@ -343,12 +348,12 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
     with torch.no_grad():
         macs0, params0 = (int(v) for v in tp.utils.count_ops_and_params(model.eval(), example))
     _, ms0 = trial(0.0)
-    if ms0 <= target_ms:
+    if ms0 <= limit:
         model.train(was)
         raise EdgeTLError(f"the unpruned model already runs in {ms0:.4g} ms ({backend}), within the latency target "
                           f"{target_ms:g} ms", "lower prune.target.latency_ms, or set prune.enabled = false")
     smallest, ms_min = trial(max_channel_ratio)
-    if ms_min > target_ms:
+    if ms_min > limit:
         model.train(was)
         raise EdgeTLError(f"latency target {target_ms:g} ms is below the {ms_min:.4g} ms that the smallest allowed "
                           f"network reaches ({backend}; channel ratio {max_channel_ratio}, at most "
@@ -362,9 +367,9 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
         frac = (lo_ms - target_ms) / max(lo_ms - best[1], 1e-12)
         r = lo + min(0.8, max(0.2, frac)) * (hi - lo)
         m, ms = trial(r)
-        if ms <= target_ms:
+        if ms <= limit:
             hi, best = r, (m, ms)
-            if (target_ms - ms) / target_ms <= 0.02:
+            if (target_ms - ms) / target_ms <= tolerance:  # within 2% under (or up to ``noise`` over): done
                 break
         else:
             lo, lo_ms = r, ms
