@@ -147,12 +147,20 @@ def _paired_costs(run_dir: Path) -> dict:
     return out
 
 
+def _int8_candidates(run_dir: Path) -> dict:
+    """The qat stage's INT8 candidates (PTQ, QAT, mixed) with what each rule would have scored them on."""
+    keys = json.loads((run_dir / "run.json").read_text())["stage_keys"]
+    m = json.loads((run_dir / "stages" / f"qat-{keys['qat']}" / "metrics.json").read_text())
+    return {k: {f: c.get(f) for f in ("decision_top1", "val_top1", "top1")} for k, c in m["candidates"].items()}
+
+
 def _build_once(work: Path, name: str, seed: int, quick: bool, console: Console) -> dict:
     done = work / f"{name}.json"
     if done.is_file():
         rec = json.loads(done.read_text())
-        if "paired" not in rec and (work / name / "run.json").is_file():  # a record from before the intervals
+        if "int8_candidates" not in rec and (work / name / "run.json").is_file():  # a record from before these
             rec["paired"] = _paired_costs(work / name)
+            rec["int8_candidates"] = _int8_candidates(work / name)
             done.write_text(json.dumps(rec, indent=1))
         return rec
     over = {**(QUICK if quick else {}), "seed": seed, "report.compare_scratch": False, "report.latency_iters": 5}
@@ -165,6 +173,7 @@ def _build_once(work: Path, name: str, seed: int, quick: bool, console: Console)
         wall = float(prior.get("seconds", wall))
     rec = _seed_record(res, seed, wall)
     rec["paired"] = _paired_costs(res.run_dir)
+    rec["int8_candidates"] = _int8_candidates(res.run_dir)
     done.write_text(json.dumps(rec, indent=1))
     return rec
 
@@ -203,6 +212,26 @@ def _intervals(recs: list[dict], cost: str) -> str:
     cells = [f"s{r['seed']} {r['paired'][cost]['diff']:+.2f} [{r['paired'][cost]['ci'][0]:+.2f}, "
              f"{r['paired'][cost]['ci'][1]:+.2f}]" for r in recs if "paired" in r]
     return f" (per seed, paired bootstrap 95% interval: {'; '.join(cells)})" if cells else ""
+
+
+def _int8_choice_summary(recs: list[dict]) -> list[str]:
+    """The PTQ / QAT choice on the seeds where QAT ran: test points lost against the better of the two, for
+    the decision set (what ships) and for the validation images alone (PTQ on a tie in both)."""
+    rows = [r["int8_candidates"] for r in recs if "qat" in (r.get("int8_candidates") or {})]
+    if not rows:
+        return []
+
+    def regret(rule: str) -> list[float]:
+        out = []
+        for c in rows:
+            pick = "qat" if c["qat"][rule] > c["ptq"][rule] else "ptq"
+            out.append(100 * (max(c["ptq"]["top1"], c["qat"]["top1"]) - c[pick]["top1"]))
+        return out
+
+    dec, val = regret("decision_top1"), regret("val_top1")
+    return ["", f"PTQ or QAT (the {len(rows)} seeds where QAT ran): test points lost against the better of the two "
+            "when choosing on the decision set: " + ", ".join(f"{r:.2f}" for r in dec) + f" (total {sum(dec):.2f}); "
+            "on the validation images alone: " + ", ".join(f"{r:.2f}" for r in val) + f" (total {sum(val):.2f})."]
 
 
 def _importance_summary(recs: list[dict]) -> list[str]:
@@ -308,7 +337,7 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
         "| seed | manifest `stages.qat.top1` (shipped) | onnx.reference | difference (points) |", "|---|---|---|---|",
         *[f"| {r['seed']} | {r['manifest_int8']:.2f}% | {r['reference_int8']:.2f}% | "
           f"{r['manifest_int8'] - r['reference_int8']:+.2f} |" for r in recs]]
-    lines += _importance_summary(recs)
+    lines += _importance_summary(recs) + _int8_choice_summary(recs)
     if again and recs:
         first = recs[0]
         lines += ["", f"Reproducibility: seed {seeds[0]} built twice on this machine, each in a fresh run folder "

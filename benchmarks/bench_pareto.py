@@ -159,11 +159,11 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
              "recover each twice); per seed one unpruned build and six pruned + recovered ones sharing its fine-tune: "
              "MACs-targeted (`prune.target = {macs = 0.3 | 0.5 | 0.7}`) and latency-targeted "
              "(`prune.target = {latency_ms = L, backend = \"ort-cpu\"}` with L = the MACs-targeted model of the "
-             "same level measured right after its build the way the build checks an ort-cpu target: median of 3 x "
-             "300 runs), so both aim at equal latency. Top-1 on the 400 test "
+             "same level measured right after its build the way the build checks an ort-cpu target: the fastest of "
+             "5 medians of 200 runs), so both aim at equal latency. Top-1 on the 400 test "
              "images (FP32, the pruned model) with its 95% Wilson interval. Latency: batch 1, ONNX Runtime CPU, 1 "
              "intra-op thread, every model measured in ONE interleaved session at the end (7 rounds x 100 runs "
-             "round-robin, median of the round medians); compare them within this table only. Whole run "
+             "round-robin, the fastest round's median); compare them within this table only. Whole run "
              f"{wall:.0f} s.", "", f"![pareto]({png})", "", table(points), ""]
     if costs:
         worst = max(costs.values())

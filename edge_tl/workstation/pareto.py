@@ -2,8 +2,8 @@
 
 Each point is one pruned + recovered model (``prune.target = {macs = ...}`` or ``{latency_ms = ...}``) with its
 test top-1 and 95% Wilson interval, its MACs and its batch-1 ONNX Runtime CPU latency. Latencies of all points
-are measured in ONE interleaved session (:func:`measure_interleaved`: round-robin over the models, median of the
-per-round medians, pinned intra-op threads), so drift on a shared machine hits every model alike.
+are measured in ONE interleaved session (:func:`measure_interleaved`: round-robin over the models, the fastest
+per-round median, pinned intra-op threads), so drift on a shared machine hits every model alike.
 :func:`margins` compares latency-targeted against MACs-targeted pruning at the same level on the same test images
 (paired bootstrap interval, exact McNemar; :func:`edge_tl.workstation.stats.paired`).
 """
@@ -61,7 +61,8 @@ def with_intervals(points: list[ParetoPoint]) -> list[ParetoPoint]:
 def measure_interleaved(paths: list[Path], size: tuple[int, int], *, threads: int = 1, rounds: int = 7,
                         iters: int = 100, warmup: int = 20) -> list[float]:
     """Batch-1 ONNX Runtime CPU latency (ms) of each model: ``rounds`` round-robin passes of ``iters`` timed runs
-    per model (one warm-up per session), the median of the per-round medians."""
+    per model (one warm-up per session), the fastest of the per-round medians (other work on a shared machine
+    only adds time; the least disturbed round is the best estimate)."""
     from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
 
     h, w = size
@@ -86,7 +87,7 @@ def measure_interleaved(paths: list[Path], size: tuple[int, int], *, threads: in
         for r in runners:
             if r.is_active:
                 r.deactivate()
-    return [float(statistics.median(v)) for v in per]
+    return [float(min(v)) for v in per]
 
 
 EQUAL_LATENCY = 0.10  # two models measured within 10% of each other in one session count as "equal latency"
