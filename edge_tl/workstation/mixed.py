@@ -3,10 +3,12 @@ Q/DQ model within its accuracy target.
 
 The ranking is the device's INT8 fallback ranking (:func:`edge_tl.device.engine.fallback.sensitivity`: each
 quantized Conv/Gemm alone in float, Q/DQ evaluated in float as TensorRT computes it, scored by how much the error
-against the FP32 model's outputs drops), here on validation images with the FP32 ONNX model's outputs as the
-reference. Sets are tried smallest first, the top 1, 2, ... layers of the ranking
+against the FP32 model's outputs drops), here on the images it is given (the build passes its decision set:
+validation images and their augmented copies) with the FP32 ONNX model's outputs as the reference. Sets are
+tried smallest first, the top 1, 2, ... layers of the ranking
 (:func:`edge_tl.device.engine.fallback.keep_layers_in_float`, the same rewrite the device applies), until the
-validation accuracy (Q/DQ in float) is within the target of the FP32 model's. Torch-free (onnx + ONNX Runtime).
+accuracy on those images (Q/DQ in float) is within the target of the FP32 model's. Torch-free (onnx + ONNX
+Runtime).
 """
 
 from __future__ import annotations
