@@ -214,6 +214,21 @@ def _intervals(recs: list[dict], cost: str) -> str:
     return f" (per seed, paired bootstrap 95% interval: {'; '.join(cells)})" if cells else ""
 
 
+def _keep_summary(recs: list[dict]) -> list[str]:
+    """prune.recovery_keep = "last": each criterion's recovered model as kept (the last epoch) against the best
+    epoch on validation (what "best" would have kept), test top-1 difference in points."""
+    diffs = [(r["seed"], k, 100 * (c["top1"] - c["best_epoch_top1"]))
+             for r in recs if r.get("importance_auto")
+             for k, c in r["importance_auto"]["candidates"].items() if c.get("best_epoch_top1") is not None]
+    if not diffs:
+        return []
+    d = [x for _, _, x in diffs]
+    return ["", "Recovery keeps the last epoch (`prune.recovery_keep = \"last\"`): its test top-1 minus that of the "
+            "best epoch on validation, per seed and criterion: " + ", ".join(f"s{s} {k} {x:+.2f}" for s, k, x in diffs)
+            + f"; mean {np.mean(d):+.2f}, {sum(x > 0 for x in d)} higher, {sum(x < 0 for x in d)} lower, "
+            f"{sum(x == 0 for x in d)} equal."]
+
+
 def _int8_choice_summary(recs: list[dict]) -> list[str]:
     """The PTQ / QAT choice on the seeds where QAT ran: test points lost against the better of the two, for
     the decision set (what ships) and for the validation images alone (PTQ on a tie in both)."""
@@ -337,7 +352,7 @@ def _seeds_text(recs: list[dict], again: dict | None, seeds: list[int], quick: b
         "| seed | manifest `stages.qat.top1` (shipped) | onnx.reference | difference (points) |", "|---|---|---|---|",
         *[f"| {r['seed']} | {r['manifest_int8']:.2f}% | {r['reference_int8']:.2f}% | "
           f"{r['manifest_int8'] - r['reference_int8']:+.2f} |" for r in recs]]
-    lines += _importance_summary(recs) + _int8_choice_summary(recs)
+    lines += _importance_summary(recs) + _keep_summary(recs) + _int8_choice_summary(recs)
     if again and recs:
         first = recs[0]
         lines += ["", f"Reproducibility: seed {seeds[0]} built twice on this machine, each in a fresh run folder "

@@ -185,3 +185,20 @@ def test_decision_set_is_validation_then_seeded_augmented_copies(tmp_path):
     assert np.array_equal(x, again) and not np.array_equal(x[6:], other[6:])
     x0, y0 = decision_views(paths, labels, pre, 0, hflip=False, seed=0)
     assert np.array_equal(x0, plain) and np.array_equal(y0, labels)
+
+
+def test_fit_keeps_the_last_epoch_when_asked(tmp_path):
+    """keep = "last" (the recovery after pruning): the model ends with the final epoch's weights, whose validation
+    top-1 is the history's last entry; the best epoch's weights are still handed back for the record."""
+    paths, labels = _tiny_task(tmp_path)
+    pre = PreprocessConfig(input_size=(40, 40), resize=40, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds, val = TrainDataset(paths, labels, pre, augment="light", hflip=True), eval_arrays(paths, labels, pre)
+    model = build("squeezenet1_1", 2, seed=1)
+    res = fit(model, "squeezenet1_1", ds, val, finetune_phases("finetune", 4, 0, 1e-3, 1e-3, True),
+              batch_size=4, seed=1, device="cpu", keep="last")
+    assert res.kept == "last" and res.as_dict()["kept"] == "last" and "best_state" not in res.as_dict()
+    top1, loss, _ = evaluate(model, *val)
+    assert top1 == pytest.approx(res.history[-1]["val_top1"]) and loss == pytest.approx(res.history[-1]["val_loss"])
+    best = build("squeezenet1_1", 2, seed=1)
+    best.load_state_dict(res.best_state)
+    assert evaluate(best, *val)[0] == pytest.approx(res.best_val_top1)

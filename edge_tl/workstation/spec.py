@@ -166,8 +166,13 @@ class PruneSpec(_Section):
                                        "'ort-cpu' | 'table', table = PATH}; when set it replaces ratio")
     ratio: float = Field(0.5, ge=0, lt=0.95, description="share of the MACs to remove (0.5 = half)")
     round_to: int = Field(8, ge=1, description="channel counts rounded to multiples of this (TensorRT likes 8)")
-    recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (all of them run; the best "
-                                 "epoch on validation is kept)")
+    recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (all of them run; "
+                                 "recovery_keep says which epoch's weights are kept)")
+    recovery_keep: Literal["last", "best"] = Field(
+        "last", description="the recovered weights kept: last (the final epoch; the cosine schedule ends at a "
+        "learning rate of 0) or best (the best epoch on validation). On the demo, keeping the last epoch scored "
+        "higher on test than the best-on-validation one for both criteria on most of seeds 0-9: the best of 60 "
+        "epochs on 100 validation images is partly noise (benchmarks/RESULTS.md (d), (d'))")
     recovery_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the recovery fine-tune")
     importance: Literal["auto", "lamp", "taylor", "l1", "l2", "fpgm"] = Field(
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "

@@ -11,6 +11,7 @@ test predictions (``test_predictions.npy``) for the report's intervals and paire
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,7 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
                      f"+ {s.data.val_views} augmented copies of each; ties: validation top-1, then loss)"),
             "candidates": {imp: {"decision_top1": t["decision_top1"], "val_top1": t["val_top1"],
                                  "val_loss": round(t["val_loss"], 5),
+                                 "best_epoch_top1": t["metrics"].get("best_epoch_top1"),
                                  "top1": t["test_top1"], "macs": t["metrics"]["macs_after"]}
                            for imp, t in tried.items()}}
     return _finish(ctx, pruned, out, metrics)
@@ -307,12 +309,19 @@ def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
-                      distill_temperature=p.distill_temperature, **_fit_kwargs(ctx, f"recovery ({importance})"))
-        metrics.update(val_top1=fit_res.best_val_top1, recovery_epochs_run=fit_res.epochs_run,
-                       distill_weight=p.distill_weight, train_seconds=round(fit_res.seconds, 2))
-        metrics["chance_check"] = chance_check(ctx, fit_res.best_val_top1, fit_res.epochs_run)
+                      distill_temperature=p.distill_temperature, keep=p.recovery_keep,
+                      **_fit_kwargs(ctx, f"recovery ({importance})"))
     pruned.cpu()
-    val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))
+    val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))  # the weights kept (prune.recovery_keep)
+    if fit_res is not None:
+        metrics.update(val_top1=val_top1, recovery_epochs_run=fit_res.epochs_run, recovery_keep=fit_res.kept,
+                       best_val_top1=fit_res.best_val_top1, best_epoch=fit_res.best_epoch,
+                       distill_weight=p.distill_weight, train_seconds=round(fit_res.seconds, 2))
+        metrics["chance_check"] = chance_check(ctx, val_top1, fit_res.epochs_run)
+        if fit_res.kept == "last" and getattr(fit_res, "best_state", None) is not None:  # the other choice's score
+            best = copy.deepcopy(pruned)
+            best.load_state_dict(fit_res.best_state)
+            metrics["best_epoch_top1"] = evaluate(best.cpu(), *ctx.arrays("test"))[0]
     decision_top1 = evaluate(pruned, *ctx.decision_set())[0] if len(importances_of(p)) > 1 else val_top1
     test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "val_top1": val_top1, "val_loss": val_loss,

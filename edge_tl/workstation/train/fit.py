@@ -44,6 +44,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     #: processes that trained it (torchrun, edge-tl build --nproc); the global batch is the same for any number
     processes: int = 1
+    #: which weights the model holds at the end: "best" (the best epoch on validation) or "last"
+    kept: str = "best"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -120,8 +122,10 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         label_smoothing: float = 0.0, seed: int = 0, device: str = "auto", workers: int = 0,
         label: str = "train", teacher: nn.Module | None = None, distill_weight: float = 0.0,
         distill_temperature: float = 4.0, sampler: torch.utils.data.Sampler | None = None,
-        loss_fn: nn.Module | None = None) -> FitResult:
-    """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights.
+        loss_fn: nn.Module | None = None, keep: str = "best") -> FitResult:
+    """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights (``keep =
+    "best"``) or those of the last epoch (``keep = "last"``: the recovery after pruning, whose cosine schedule
+    ends at a learning rate of zero; the best of its epochs on a hundred validation images is partly noise).
 
     With a ``teacher`` (the unpruned model, for the recovery after pruning) the loss blends the labels'
     cross-entropy with knowledge distillation (Hinton et al. 2015): ``distill_weight`` x T^2 x
@@ -208,14 +212,16 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                     break
             if stopped:
                 break
-    if best_state is not None:
+    if best_state is not None and keep == "best":
         model.load_state_dict(best_state)
     for p in model.parameters():
         p.requires_grad = True
     model.eval()
-    return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
-                     seconds=time.perf_counter() - start, device=str(dev), history=history,
-                     processes=dist.world_size())
+    res = FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
+                    seconds=time.perf_counter() - start, device=str(dev), history=history,
+                    processes=dist.world_size(), kept=keep)
+    res.best_state = best_state  # not a field (as_dict leaves it out): the best epoch's weights, for the record
+    return res
 
 
 def _distill_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -271,6 +277,7 @@ def scratch_phases(epochs: int, lr: float) -> list[Phase]:
 
 
 def recovery_phases(epochs: int, lr: float, freeze_bn: bool) -> list[Phase]:
-    """The recovery after pruning runs its whole budget (the best val epoch is kept): on small validation
-    sets early stopping fired on noise and kept an under-recovered net (benchmarks/RESULTS.md, demo seeds)."""
+    """The recovery after pruning runs its whole budget: on small validation sets early stopping fired on noise
+    and kept an under-recovered net (benchmarks/RESULTS.md, demo seeds). Which epoch's weights it keeps is
+    ``prune.recovery_keep`` (:func:`fit`'s ``keep``)."""
     return [Phase("recovery", epochs, lr, lr, train_bn=not freeze_bn, early_stop=False)]
