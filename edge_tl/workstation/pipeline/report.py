@@ -303,9 +303,7 @@ def _importance_auto_line(pr: dict) -> str:
     if not auto:
         return ""
     tried = "; ".join(f"{k}: decision set {_pct(c['decision_top1'])}, validation {_pct(c['val_top1'])}, "
-                      f"test {_pct(c['top1'])}" if "decision_top1" in c else
-                      f"{k}: validation {_pct(c['val_top1'])}, test {_pct(c['top1'])}"
-                      for k, c in auto["candidates"].items())
+                      f"test {_pct(c['top1'])}" for k, c in auto["candidates"].items())
     return (f" `prune.importance = \"auto\"` pruned and recovered with each criterion ({tried}) and kept "
             f"**{auto['chosen']}** ({auto['rule']}).")
 

@@ -238,7 +238,7 @@ AUTO_IMPORTANCES = ("taylor", "lamp")
 
 
 def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
-    from edge_tl.workstation.train import load_state
+    from edge_tl.workstation.train import evaluate, load_state
 
     s, p = ctx.spec, ctx.spec.prune
     # the fine-tuned model, or the from-scratch one (train.continue_with; edge_tl.workstation.pipeline.guard)
@@ -246,14 +246,19 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     if not p.enabled or p.ratio == 0:
         metrics = {"enabled": False}
         return _finish(ctx, model, out, metrics)
-    importances = importances_of(p)
+    importances = AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
     tried = {imp: _prune_and_recover(ctx, model, imp, out) for imp in importances}
     if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
         return {}
-    # the better on the decision set (validation + its augmented copies, data.val_views) after recovery (ties:
-    # validation top-1, then the lower validation loss, then the order above)
-    chosen = max(importances, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"], -tried[k]["val_loss"],
-                                             -importances.index(k)))
+    chosen = importances[0]
+    if len(importances) > 1:
+        # the better on the decision set (validation + its augmented copies, data.val_views) after recovery (ties:
+        # validation top-1, then the lower validation loss, then the order above)
+        decision = ctx.decision_set()
+        for t in tried.values():
+            t["decision_top1"] = evaluate(t["model"], *decision)[0]
+        chosen = max(importances, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"],
+                                                 -tried[k]["val_loss"], -importances.index(k)))
     pruned, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
     if fit_res is not None:
         _write(out, "fit.json", fit_res.as_dict())
@@ -262,8 +267,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
             if tried[imp]["fit"] is not None:
                 _write(out, f"fit_{imp}.json", tried[imp]["fit"].as_dict())
         metrics["importance_auto"] = {
-            "chosen": chosen, "decision_images": len(ctx.decision_set()[1]),
-            "rule": (f"higher top-1 after recovery on the {len(ctx.decision_set()[1])} decision images (validation "
+            "chosen": chosen, "decision_images": len(decision[1]),
+            "rule": (f"higher top-1 after recovery on the {len(decision[1])} decision images (validation "
                      f"+ {s.data.val_views} augmented copies of each; ties: validation top-1, then loss)"),
             "candidates": {imp: {"decision_top1": t["decision_top1"], "val_top1": t["val_top1"],
                                  "val_loss": round(t["val_loss"], 5),
@@ -322,15 +327,9 @@ def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[
             best = copy.deepcopy(pruned)
             best.load_state_dict(fit_res.best_state)
             metrics["best_epoch_top1"] = evaluate(best.cpu(), *ctx.arrays("test"))[0]
-    decision_top1 = evaluate(pruned, *ctx.decision_set())[0] if len(importances_of(p)) > 1 else val_top1
     test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "val_top1": val_top1, "val_loss": val_loss,
-            "decision_top1": decision_top1, "test_top1": test_top1}
-
-
-def importances_of(p) -> tuple[str, ...]:
-    """The channel importances the prune stage tries for ``prune.importance`` (auto: both, the better kept)."""
-    return AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
+            "test_top1": test_top1}
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
