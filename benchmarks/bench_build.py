@@ -125,7 +125,7 @@ def _seed_record(res, seed: int, wall: float) -> dict:
             "val_images": q["val_images"],
             "kept_float_layers": q["kept_float_layers"], "qat_seconds": (q.get("qat") or {}).get("train_seconds"),
             "macs_removed": st["prune"]["macs_removed"], "importance": st["prune"].get("importance"),
-            "importance_auto": st["prune"].get("importance_auto"),
+            "importance_auto": st["prune"].get("auto_choice"),
             "manifest_int8": 100 * manifest["stages"]["qat"]["top1"],
             "reference_int8": 100 * ref_top1, "reference_n": ref_n, "hashes": hashes}
 

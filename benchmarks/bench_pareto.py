@@ -6,7 +6,9 @@ For each seed, the shipped demo spec (scratch comparison off) is built:
   - MACs-targeted: prune.target = {macs = 0.3 | 0.5 | 0.7};
   - latency-targeted: prune.target = {latency_ms = L, backend = "ort-cpu"}, L = the ONNX Runtime CPU latency of
     the MACs-targeted model at the same level, measured the way the build checks an ort-cpu target
-    (edge_tl.workstation.latency.ort_file_latency_ms), so the two are compared at equal latency.
+    (edge_tl.workstation.latency.ort_file_latency_ms), so the two are compared at equal latency. The default
+    prune.target.ranking = "auto" prunes with the per-ms ranking and with the uniform share and keeps the better
+    on the decision set; the section lists both candidates and which was kept.
 All variants of a seed are built in one run folder, so they share its data and fine-tune stages (cached). At the
 end every model's batch-1 ONNX Runtime CPU latency is measured in one interleaved session
 (edge_tl.workstation.pareto.measure_interleaved).
@@ -55,8 +57,8 @@ def build(over: dict, run: Path, console: Console):
     the variant's ONNX out (_keep) before the next build."""
     res = run_build(load_spec(None, over), run, console=console, overwrite=True)
     keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    y = np.load(run / "stages" / f"prune-{keys['prune']}" / "test_predictions.npy")
-    return res, y
+    stage = run / "stages" / f"prune-{keys['prune']}"
+    return res, np.load(stage / "test_predictions.npy"), json.loads((stage / "metrics.json").read_text())
 
 
 def main() -> None:
@@ -73,7 +75,9 @@ def main() -> None:
         saved = json.loads((args.work / "pareto.json").read_text())
         points = [ParetoPoint.from_dict(d) for d in saved["points"]]
         size = tuple(saved["size"])
-        write(points, saved["seeds"], size, time.perf_counter() - saved["seconds"], saved["quick"], args.work)
+        choices = {(int(k.split("-")[0]), k.split("-")[1]): v for k, v in saved.get("choices", {}).items()}
+        write(points, saved["seeds"], size, time.perf_counter() - saved["seconds"], saved["quick"], args.work,
+              choices)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     console = Console(stderr=True, quiet=True)
@@ -81,6 +85,7 @@ def main() -> None:
     start = time.perf_counter()
     points: list[ParetoPoint] = []
     asked: dict[tuple[int, str], float] = {}
+    choices: dict[tuple[int, str], dict] = {}  # latency-targeted: the ranking candidates and the one kept
     size = (32, 32)
     done: list[int] = []
     for seed in seeds:
@@ -89,7 +94,7 @@ def main() -> None:
         base = {**(QUICK if args.quick else {}), "seed": seed, "report.compare_scratch": False,
                 "report.latency_iters": 5, "prune.importance": "lamp"}
         ref_dir = work / f"s{seed}" / "unpruned"  # the seed's run folder (named so a restarted run reuses it)
-        res, pred = build({**base, "prune.enabled": False}, ref_dir, console)
+        res, pred, _ = build({**base, "prune.enabled": False}, ref_dir, console)
         y = _labels(res)
         size = tuple(load_spec(None, base).model.preprocess().input_size)
         points.append(ParetoPoint("unpruned", "-", seed, "none", pred == y, res.stages["prune"]["macs"],
@@ -97,7 +102,7 @@ def main() -> None:
         _keep(points[-1], work)
         for level in ("b", "a", "c"):  # 50% first: the pruning target; results are written after every level
             share = MACS_LEVELS[level]
-            res, pred = build({**base, "prune.target": {"macs": share}}, ref_dir, console)
+            res, pred, _ = build({**base, "prune.target": {"macs": share}}, ref_dir, console)
             p = ParetoPoint("macs", level, seed, f"{share:.0%} MACs", pred == y, res.stages["prune"]["macs"],
                             res.bundle_dir / "model.onnx")
             _keep(p, work)
@@ -105,7 +110,7 @@ def main() -> None:
             asked[(seed, level)] = round(ort_file_latency_ms(p.onnx, size), 4)
             over = {**base, "prune.target": {"latency_ms": asked[(seed, level)], "backend": "ort-cpu"}}
             try:
-                res, pred = build(over, ref_dir, console)
+                res, pred, pm = build(over, ref_dir, console)
             except Exception as exc:  # noqa: BLE001 - record a refused target (e.g. below the smallest net) and go on
                 print(f"seed {seed} level {level}: latency-targeted build refused: {exc}", flush=True)
             else:
@@ -114,11 +119,14 @@ def main() -> None:
                                 target_ms=asked[(seed, level)])
                 _keep(q, work)
                 points.append(q)
-            write(points, [*done, seed], size, start, args.quick, work)
+                choices[(seed, level)] = {"chosen": pm.get("ranking"), "refused": pm.get("refused", {}),
+                                          "candidates": (pm.get("auto_choice") or {}).get("candidates", {})}
+            write(points, [*done, seed], size, start, args.quick, work, choices)
         done.append(seed)
 
 
-def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick: bool, work: Path) -> None:
+def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick: bool, work: Path,
+          choices: dict[tuple[int, str], dict]) -> None:
     ms = measure_interleaved([p.onnx for p in points], size)
     for p, v in zip(points, ms, strict=True):
         p.latency_ms = v
@@ -126,8 +134,10 @@ def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick
     wall = time.perf_counter() - start
     png = figure(points, Path(__file__).with_name("pareto.png"))
     (work / "pareto.json").write_text(json.dumps({"seeds": seeds, "size": list(size), "quick": quick, "seconds": wall,
-                                                  "points": [p.as_dict() for p in points]}, default=str))
-    write_section("bench_pareto", report(points, seeds, wall, quick, png.name))
+                                                  "points": [p.as_dict() for p in points],
+                                                  "choices": {f"{s}-{lv}": c for (s, lv), c in choices.items()}},
+                                                 default=str))
+    write_section("bench_pareto", report(points, seeds, wall, quick, png.name, choices))
     print(f"wrote {png} and the bench_pareto section (seeds {seeds}); run folders in {work}", flush=True)
 
 
@@ -145,7 +155,8 @@ def _keep(p: ParetoPoint, work: Path) -> None:
     p.onnx = dest
 
 
-def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool, png: str) -> str:
+def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool, png: str,
+           choices: dict[tuple[int, str], dict]) -> str:
     ref = {p.seed: p for p in points if p.method == "unpruned"}
     half = [p for p in points if p.method == "macs" and p.level == "b"]
     costs = {p.seed: 100 * (ref[p.seed].top1 - p.top1) for p in half}
@@ -160,8 +171,11 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
              "MACs-targeted (`prune.target = {macs = 0.3 | 0.5 | 0.7}`) and latency-targeted "
              "(`prune.target = {latency_ms = L, backend = \"ort-cpu\"}` with L = the MACs-targeted model of the "
              "same level measured right after its build the way the build checks an ort-cpu target: the fastest of "
-             "5 medians of 200 runs), so both aim at equal latency. Top-1 on the 400 test "
-             "images (FP32, the pruned model) with its 95% Wilson interval. Latency: batch 1, ONNX Runtime CPU, 1 "
+             "5 medians of 200 runs), so both aim at equal latency. The latency-targeted build uses the default "
+             "`prune.target.ranking = \"auto\"`: it prunes to the latency with the per-ms ranking and with the "
+             "uniform share, recovers both and keeps the better on the decision set (the last table). "
+             "Top-1 on the 400 test images (FP32, the pruned model) with its 95% Wilson interval. Latency: "
+             "batch 1, ONNX Runtime CPU, 1 "
              "intra-op thread, every model measured in ONE interleaved session at the end (7 rounds x 100 runs "
              "round-robin, the fastest round's median); compare them within this table only. Whole run "
              f"{wall:.0f} s.", "", f"![pareto]({png})", "", table(points), ""]
@@ -207,7 +221,41 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
                       + (" (every shortfall is inside its interval)" if min(d) < 0 and not worse else "") + "."]
         else:
             lines += ["", "No pair was at equal latency in this session: the comparison is not made."]
+    lines += _choice_lines(points, choices)
     return "\n".join(lines)
+
+
+def _choice_lines(points: list[ParetoPoint], choices: dict[tuple[int, str], dict]) -> list[str]:
+    """The ranking candidates of every latency-targeted build: decision set and test top-1, the one kept."""
+    rows, right, n, alone = [], 0, 0, []
+    macs = {(p.seed, p.level): p for p in points if p.method == "macs"}
+    for (seed, level), c in sorted(choices.items()):
+        cand = {k.split("/")[-1]: v for k, v in c["candidates"].items()}
+        if set(cand) != {"per-ms", "uniform"}:
+            why = "; ".join(f"{k} refused" for k in c.get("refused", {})) or "one candidate"
+            rows.append(f"| {seed} | {level} | {why} | | {c['chosen']} | |")
+            continue
+        n += 1
+        best = max(cand, key=lambda k: cand[k]["top1"])
+        tie = cand["per-ms"]["top1"] == cand["uniform"]["top1"]
+        right += tie or best == c["chosen"]
+        if (seed, level) in macs:
+            alone.append(100 * (cand["per-ms"]["top1"] - macs[(seed, level)].top1))
+        rows.append(f"| {seed} | {level} | " + " | ".join(
+            f"{100 * cand[k]['decision_top1']:.2f}% / {100 * cand[k]['top1']:.2f}% ({cand[k]['latency_ms']:.4f} ms)"
+            for k in ("per-ms", "uniform")) + f" | {c['chosen']} | {'tie' if tie else best} |")
+    if not rows:
+        return []
+    out = ["", "**Which ranking each latency-targeted build kept** (`prune.target.ranking = \"auto\"`; decision set "
+           "= the 100 validation images and 20 augmented copies of each; test = the 400 test images, not seen by "
+           "the choice; ms = the build's own measurement of the candidate):", "",
+           "| seed | level | per-ms: decision / test | uniform: decision / test | kept | better on test |",
+           "|---|---|---|---|---|---|", *rows, "",
+           f"The decision set kept the candidate better on test (or tied) in {right} of {n} builds."]
+    if alone:
+        out[-1] += (" Had the build kept the per-ms ranking alone, its margin over the MACs-targeted model would have "
+                    "been " + ", ".join(f"{a:+.2f}" for a in alone) + f" points (worst {min(alone):+.2f}).")
+    return out
 
 
 if __name__ == "__main__":

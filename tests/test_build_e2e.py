@@ -75,7 +75,8 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     # prune.importance = "auto" (the default): both criteria pruned and recovered, the better on the decision set
     # (the validation images and data.val_views = 20 augmented copies of each) kept
     pm = json.loads(next(run.glob("stages/prune-*/metrics.json")).read_text())
-    auto = pm["importance_auto"]
+    auto = pm["auto_choice"]
+    assert auto["over"] == ["criterion"] and all(c["ranking"] is None for c in auto["candidates"].values())
     assert set(auto["candidates"]) == {"taylor", "lamp"} and pm["importance"] == auto["chosen"]
     assert auto["decision_images"] == 21 * sum(m.data.counts["val"].values())
     kept = auto["candidates"][auto["chosen"]]
@@ -194,6 +195,56 @@ def test_qat_mode_ships_the_better_int8_model_side_by_side(built):
     assert "## INT8: PTQ and QAT" in report and "| QAT (NVIDIA ModelOpt" in report and "| PTQ (ORT" in report
     assert "decision-set top-1" in report and f"({q.decision_images} images)" in report
     assert "shipped INT8 (" in report.split("## Targets")[1]
+
+
+@pytest.mark.slow
+def test_latency_target_recovers_both_rankings_and_keeps_the_better(built, tmp_path):
+    """prune.target = {latency_ms, backend = "table"} through the real prune stage (the table's predictions are
+    deterministic; an ort-cpu target would time this machine): with ranking = "auto" both the per-ms ranking and
+    the uniform share are pruned to the target and recovered, the better on the decision set ships, and the
+    manifest and report say which."""
+    import onnx
+
+    from edge_tl.core.latency_table import LatencyTable, LayerTime, ModelIdentity, arch_fingerprint, write_table
+    from edge_tl.core.targets import DEFAULT_TARGET, TARGETS
+    from edge_tl.workstation.export import export_onnx
+    from edge_tl.workstation.spec import load_spec, to_toml
+    from edge_tl.workstation.train import load_state
+
+    run, _ = built
+    unpruned = load_state("mobilenet_v2", 5, next(run.glob("stages/finetune-*")) / "model.pt")
+    path = export_onnx(unpruned, tmp_path / "unpruned.onnx", (32, 32), check_against_torch=False).path
+    proto = onnx.load(str(path))
+    sizes = {i.name: int(np.prod(i.dims)) if i.dims else 1 for i in proto.graph.initializer}
+    # a stand-in for a device profile: every layer 1 us per 1000 weights plus 1 us
+    layers = [LayerTime(name=n.name, ms=1e-6 * sum(sizes.get(x, 0) for x in n.input) + 1e-3) for n in proto.graph.node]
+    table = LatencyTable(model=ModelIdentity(arch_sha256=arch_fingerprint(path), input_shape=[1, 3, 32, 32]),
+                         backend="tensorrt", tensorrt=TARGETS[DEFAULT_TARGET].tensorrt, device="test table",
+                         precision="fp16", iterations=1, layers=layers)
+    write_table(table, tmp_path / "table.json")
+    goal = round(0.6 * table.total_ms(), 6)
+    spec = tmp_path / "spec.toml"  # the demo spec with the latency target
+    spec.write_text(to_toml(load_spec(None, {"prune.importance": "lamp", "prune.target": {
+        "latency_ms": goal, "backend": "table", "table": str(tmp_path / "table.json")}})))
+    proc = edge_tl("build", str(spec), "--out", str(run), *SMALL, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((run / "run.json").read_text())
+    assert state["ran"][0] == "prune" and {"data", "finetune"} <= set(state["skipped"])
+    stage = next(run.glob(f"stages/prune-{state['stage_keys']['prune']}"))
+    pm = json.loads((stage / "metrics.json").read_text())
+    auto = pm["auto_choice"]
+    assert auto["over"] == ["ranking"] and set(auto["candidates"]) == {"lamp/per-ms", "lamp/uniform"}
+    for c in auto["candidates"].values():
+        assert c["latency_ms"] <= goal  # the table's prediction meets the target, for both
+    kept = auto["candidates"][auto["chosen"]]
+    assert kept["decision_top1"] == max(c["decision_top1"] for c in auto["candidates"].values())
+    assert pm["ranking"] == kept["ranking"] == auto["chosen"].split("/")[1] and pm["target_ms"] == goal
+    assert pm["global_pruning"] == (pm["ranking"] == "per-ms") and pm["macs_after"] == kept["macs"]
+    assert {"fit_lamp_per-ms.json", "fit_lamp_uniform.json", "latency_table.json"} <= {f.name for f in stage.iterdir()}
+    Bundle.open(run / "bundle").verify()
+    report = (run / "report.md").read_text()
+    assert '`prune.target.ranking = "auto"` pruned and recovered each candidate' in report
+    assert f"kept **{auto['chosen']}**" in report
 
 
 @pytest.mark.parametrize("args, message", [

@@ -91,14 +91,17 @@ def test_layer_profile_cli_writes_a_valid_table_that_drives_pruning(model_onnx, 
     assert abs(sum(ms.values()) + fixed - table.total_ms()) < 1e-9
 
     target = PruneTarget(latency_ms=0.6 * table.total_ms(), backend="table", table=str(out))
-    res = prune_for_target(m, SIZE, target, tensorrt="8.5.2", out=tmp_path)
-    assert 0.9 * target.latency_ms <= res.latency_ms <= target.latency_ms  # the table's prediction, within 10%
-    assert res.unpruned_ms == pytest.approx(table.total_ms())
+    got, refused = prune_for_target(m, SIZE, target, tensorrt="8.5.2", out=tmp_path)
+    assert set(got) == {"per-ms", "uniform"} and not refused  # ranking = "auto": both candidates
+    for ranking, res in got.items():
+        assert res.ranking == ranking and res.summary()["ranking"] == ranking
+        assert 0.9 * target.latency_ms <= res.latency_ms <= target.latency_ms  # the table's prediction, within 10%
+        assert res.unpruned_ms == pytest.approx(table.total_ms())
+        for name, mod in res.model.named_modules():
+            if isinstance(mod, torch.nn.Conv2d) and name != "features.0.0":
+                assert mod.out_channels % 8 == 0, name
+        assert res.model.classifier[1].out_features == 5
     assert load_table(tmp_path / "latency_table.json") == table  # the table used is recorded
-    for name, mod in res.model.named_modules():
-        if isinstance(mod, torch.nn.Conv2d) and name != "features.0.0":
-            assert mod.out_channels % 8 == 0, name
-    assert res.model.classifier[1].out_features == 5
 
     # a table from another TensorRT than the build's target, and one from another architecture: one line each
     with pytest.raises(EdgeTLError, match="TensorRT 8.5.2; this build targets TensorRT 10.3") as e:
@@ -146,6 +149,64 @@ def test_latency_target_prunes_the_slow_layer_harder_than_macs_target(model_onnx
     assert by_lat.latency_ms >= 0.9 * 0.7 * table.total_ms()
 
 
+def test_uniform_ranking_takes_the_same_share_of_every_layer(model_onnx):
+    """ranking = "uniform": the latency search sets one share for every layer (a MACs target's structure), so the
+    slow layer keeps the share every other layer keeps, where per-ms strips it; both meet the table's target."""
+    m, path = model_onnx
+    hot = "features.17.conv.0.0"
+    table = _synthetic_table(m, path, hot, 20.0)
+    ex = torch.zeros(1, 3, *SIZE)
+    lat = latency_model(table, m, ex)
+    goal = 0.7 * table.total_ms()
+    uni = prune_to_latency(m, ex, goal, lat, ranking="uniform")
+    per_ms = prune_to_latency(m, ex, goal, lat, ranking="per-ms")
+    assert lat.predict(uni.model, ex) <= goal and lat.predict(per_ms.model, ex) <= goal
+    before = {n: c.out_channels for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d) and c.groups == 1}
+
+    def kept(res):
+        mods = dict(res.model.named_modules())
+        return {n: mods[n].out_channels / before[n] for n in before if before[n] >= 64}
+
+    shares = kept(uni)
+    # one share for all (rounding to multiples of 8 moves each layer by < 8 channels)
+    assert max(shares.values()) - min(shares.values()) <= 8 / 64 + 1e-9
+    assert kept(per_ms)[hot] < shares[hot]  # per-ms takes the slow layer's channels first
+    with pytest.raises(EdgeTLError, match="unknown latency ranking"):
+        prune_to_latency(m, ex, goal, lat, ranking="per-mac")
+
+
+def test_auto_keeps_the_ranking_that_reaches_a_target_the_other_cannot(model_onnx, tmp_path):
+    """The uniform share goes down to 10% of every layer; per-ms stops at 75% of a layer. A target between the
+    two smallest networks: per-ms is refused and recorded, uniform is kept. Below both: the refusal names the lower
+    of the two reachable latencies."""
+    from edge_tl.core.latency_table import write_table
+    from edge_tl.workstation.latency import TargetUnreachable
+
+    m, path = model_onnx
+    table = _synthetic_table(m, path, "", 1.0)
+    write_table(table, tmp_path / "t.json")
+    ex = torch.zeros(1, 3, *SIZE)
+    lat = latency_model(table, m, ex)
+    smallest = {}
+    for ranking in ("per-ms", "uniform"):
+        with pytest.raises(TargetUnreachable) as e:
+            prune_to_latency(m, ex, 0.01 * table.total_ms(), lat, ranking=ranking)
+        smallest[ranking] = e.value.smallest_ms
+    assert smallest["uniform"] < smallest["per-ms"]
+    tbl = str(tmp_path / "t.json")
+    mid = PruneTarget(latency_ms=(smallest["uniform"] + smallest["per-ms"]) / 2, backend="table", table=tbl)
+    got, refused = prune_for_target(m, SIZE, mid, tensorrt="10.3", out=tmp_path / "mid")
+    assert set(got) == {"uniform"} and set(refused) == {"per-ms"} and "smallest allowed network" in refused["per-ms"]
+    low = PruneTarget(latency_ms=0.5 * smallest["uniform"], backend="table", table=tbl)
+    with pytest.raises(EdgeTLError, match="uniform ranking") as e:
+        prune_for_target(m, SIZE, low, tensorrt="10.3", out=tmp_path / "low")
+    assert f"{smallest['uniform']:.4g}" in e.value.fix
+    assert not (tmp_path / "low").exists()
+    only = PruneTarget(latency_ms=mid.latency_ms, backend="table", table=tbl, ranking="per-ms")
+    with pytest.raises(EdgeTLError, match="per-ms ranking"):  # asked for per-ms: no other ranking stands in
+        prune_for_target(m, SIZE, only, tensorrt="10.3", out=tmp_path / "only")
+
+
 def test_latency_target_below_the_smallest_network_is_refused(model_onnx):
     m, path = model_onnx
     table = _synthetic_table(m, path, "", 1.0)
@@ -181,10 +242,13 @@ def test_spec_targets():
 
     s = load_spec(None, {"prune.target": {"latency_ms": 0.2, "backend": "ort-cpu"}})
     assert s.prune.latency_target.latency_ms == 0.2
-    assert "target = {latency_ms = 0.2, backend = \"ort-cpu\", threads = 1}" in to_toml(s)
+    assert "target = {latency_ms = 0.2, backend = \"ort-cpu\", threads = 1, ranking = \"auto\"}" in to_toml(s)
     assert load_spec(None, {"prune.target": {"macs": 0.6}}).prune.macs_ratio == 0.6
+    assert s.prune.latency_target.ranking == "auto"
     for bad, msg in [({"macs": 0.5, "latency_ms": 1.0}, "exactly one"), ({"latency_ms": 1.0, "backend": "table"},
-                     "needs table"), ({"latency_ms": 1.0, "table": "t.json"}, "only read with backend")]:
+                     "needs table"), ({"latency_ms": 1.0, "table": "t.json"}, "only read with backend"),
+                     ({"macs": 0.5, "ranking": "per-ms"}, "ranking applies to a latency_ms target"),
+                     ({"latency_ms": 1.0, "ranking": "fastest"}, "ranking")]:
         with pytest.raises(EdgeTLError, match=msg):
             load_spec(None, {"prune.target": bad})
 

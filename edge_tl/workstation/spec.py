@@ -148,11 +148,21 @@ class PruneTarget(_Section):
                                                  "TensorRT table from edge-tl bench --layer-profile)")
     table: str | None = Field(None, description="backend = 'table': path of the latency table (JSON)")
     threads: int = Field(1, ge=1, description="ort-cpu: ONNX Runtime intra-op threads for the measurements")
+    ranking: Literal["auto", "per-ms", "uniform"] = Field(
+        "auto", description="latency_ms: how channels are chosen. per-ms: ranked across layers by importance per ms "
+        "of latency their removal saves (at most 75% of a layer); uniform: the same share of every layer (what a "
+        "MACs target does), that share set by the measured latency; auto (the default): both are pruned to the "
+        "target and recovered, and the better on the decision set (data.val_views) is kept. On the demo at 70% "
+        "of the MACs per-ms lost 2.0 and 4.0 points to the uniform share on seeds 1 and 2 and won 5.0 on seed 0; "
+        "the decision set picked the better of the two on all three (benchmarks/RESULTS.md, Pruning section)")
 
     @model_validator(mode="after")
     def _one_goal(self) -> PruneTarget:
         if (self.macs is None) == (self.latency_ms is None):
             raise ValueError("give exactly one of macs (share to remove) or latency_ms")
+        if self.macs is not None and self.ranking != "auto":
+            raise ValueError("ranking applies to a latency_ms target; a macs target takes the same share of every "
+                             "layer (prune.global_pruning ranks across layers)")
         if self.latency_ms is not None and self.backend == "table" and not self.table:
             raise ValueError("backend = 'table' needs table = PATH (written by edge-tl bench --layer-profile)")
         if self.table and self.backend != "table":
@@ -186,8 +196,8 @@ class PruneSpec(_Section):
                                  "global LAMP ranking removed 83% of the parameters for 50% of the MACs, leaving "
                                  "8-channel bottlenecks, and cost 4.5 points on seed 0 (85.5% vs 90.0%); the same "
                                  "share per layer "
-                                 "recovered to 90.0% (one run, 2026-11-30). A latency target always ranks globally "
-                                 "(importance per ms, at most 75% of a layer)")
+                                 "recovered to 90.0% (one run, 2026-11-30). A latency target has its own choice "
+                                 "(prune.target.ranking)")
     distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
                                   "from the unpruned model (0 = labels only)")
     distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")

@@ -45,6 +45,11 @@ def check_nproc(nproc: int, spec: BuildSpec) -> str:
 
     if nproc < 1:
         raise EdgeTLError(f"--nproc {nproc} is not a number of processes", "pass --nproc 1 (one process) or more")
+    t = spec.prune.latency_target
+    if nproc > 1 and spec.prune.enabled and t is not None and t.backend == "ort-cpu":
+        # every process prunes its own copy: measured latencies differ between them, and so could the networks
+        raise EdgeTLError("an ort-cpu latency target is measured by each training process, which could then prune "
+                          "different networks", "build with --nproc 1, or use backend = 'table' (deterministic)")
     device = spec.train.device
     if device == "cuda" and not torch.cuda.is_available():
         raise EdgeTLError("train.device is 'cuda' but no CUDA GPU is visible to torch", "use --device auto or cpu")

@@ -297,15 +297,20 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
     return made
 
 
-def _importance_auto_line(pr: dict) -> str:
-    """prune.importance = "auto": what each criterion reached, and which one was kept."""
-    auto = pr.get("importance_auto")
+def _auto_choice_line(pr: dict) -> str:
+    """prune.importance = "auto" / prune.target.ranking = "auto": what each candidate reached, which was kept."""
+    auto = pr.get("auto_choice")
+    refused = "".join(f" Not tried: {k} ({why})." for k, why in pr.get("refused", {}).items())
     if not auto:
-        return ""
+        return refused
     tried = "; ".join(f"{k}: decision set {_pct(c['decision_top1'])}, validation {_pct(c['val_top1'])}, "
-                      f"test {_pct(c['top1'])}" for k, c in auto["candidates"].items())
-    return (f" `prune.importance = \"auto\"` pruned and recovered with each criterion ({tried}) and kept "
-            f"**{auto['chosen']}** ({auto['rule']}).")
+                      f"test {_pct(c['top1'])}"
+                      + (f", {c['latency_ms']:.4g} ms" if c.get("latency_ms") is not None else "")
+                      for k, c in auto["candidates"].items())
+    settings = " and ".join({"criterion": '`prune.importance = "auto"`',
+                             "ranking": '`prune.target.ranking = "auto"`'}[w] for w in auto["over"])
+    return (f" {settings} pruned and recovered each candidate ({tried}) and kept **{auto['chosen']}** "
+            f"({auto['rule']}).{refused}")
 
 
 def write_report(ctx: Context, result: BuildResult) -> Path:
@@ -368,10 +373,13 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
                   f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
                   f"unpruned model with weight {pr.get('distill_weight', 0)}."
-                  + (f" Latency target {pr['target_ms']:g} ms ({pr['backend']}): channels ranked by importance per ms "
-                     f"of measured latency; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
+                  + (f" Latency target {pr['target_ms']:g} ms ({pr['backend']}): "
+                     + ("channels ranked by importance per ms of measured latency"
+                        if pr.get("ranking", "per-ms") == "per-ms" else
+                        "the same share of every layer, that share set by the latency")
+                     + f"; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
                      f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else "")
-                  + _importance_auto_line(pr), ""]
+                  + _auto_choice_line(pr), ""]
     lines += qat_report_lines(st, lat, result.stats)
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]

@@ -233,7 +233,8 @@ def run_scratch(ctx: Context, out: Path) -> dict[str, Any]:
     return metrics
 
 
-#: prune.importance = "auto" tries these and keeps the one better on the decision set after recovery
+#: prune.importance = "auto" tries these and keeps the one better on the decision set after recovery (with a latency
+#: target and prune.target.ranking = "auto", each criterion with both rankings)
 AUTO_IMPORTANCES = ("taylor", "lamp")
 
 
@@ -247,45 +248,57 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         metrics = {"enabled": False}
         return _finish(ctx, model, out, metrics)
     importances = AUTO_IMPORTANCES if p.importance == "auto" else (p.importance,)
-    tried = {imp: _prune_and_recover(ctx, model, imp, out) for imp in importances}
+    pruned: dict[str, Any] = {}  # candidate name -> (criterion, the pruning's result)
+    refused: dict[str, str] = {}  # latency target, ranking = "auto": a ranking that cannot reach the target
+    rankings = p.latency_target is not None and p.latency_target.ranking == "auto"  # names say the ranking too
+    for imp in importances:
+        got, why = _prune(ctx, model, imp, out)
+        pruned.update({f"{imp}/{ranking}" if rankings else imp: (imp, res) for ranking, res in got.items()})
+        refused.update({f"{imp}/{ranking}": text for ranking, text in why.items()})
+    names = list(pruned)
+    tried = {name: _recover(ctx, model, imp, res) for name, (imp, res) in pruned.items()}
     if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
         return {}
-    chosen = importances[0]
-    if len(importances) > 1:
+    chosen = names[0]
+    if len(names) > 1:
         # the better on the decision set (validation + its augmented copies, data.val_views) after recovery (ties:
         # validation top-1, then the lower validation loss, then the order above)
         decision = ctx.decision_set()
         for t in tried.values():
             t["decision_top1"] = evaluate(t["model"], *decision)[0]
-        chosen = max(importances, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"],
-                                                 -tried[k]["val_loss"], -importances.index(k)))
-    pruned, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
+        chosen = max(names, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"], -tried[k]["val_loss"],
+                                           -names.index(k)))
+    pruned_model, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
     if fit_res is not None:
         _write(out, "fit.json", fit_res.as_dict())
-    if len(importances) > 1:
-        for imp in importances:
-            if tried[imp]["fit"] is not None:
-                _write(out, f"fit_{imp}.json", tried[imp]["fit"].as_dict())
-        metrics["importance_auto"] = {
-            "chosen": chosen, "decision_images": len(decision[1]),
+    if len(names) > 1:
+        for name in names:
+            if tried[name]["fit"] is not None:
+                _write(out, f"fit_{name.replace('/', '_')}.json", tried[name]["fit"].as_dict())
+        over = ["criterion"] * (len(importances) > 1) + ["ranking"] * rankings
+        metrics["auto_choice"] = {
+            "chosen": chosen, "over": over, "decision_images": len(decision[1]),
             "rule": (f"higher top-1 after recovery on the {len(decision[1])} decision images (validation "
                      f"+ {s.data.val_views} augmented copies of each; ties: validation top-1, then loss)"),
-            "candidates": {imp: {"decision_top1": t["decision_top1"], "val_top1": t["val_top1"],
-                                 "val_loss": round(t["val_loss"], 5),
-                                 "best_epoch_top1": t["metrics"].get("best_epoch_top1"),
-                                 "top1": t["test_top1"], "macs": t["metrics"]["macs_after"]}
-                           for imp, t in tried.items()}}
-    return _finish(ctx, pruned, out, metrics)
+            "candidates": {name: {"importance": pruned[name][0], "ranking": t["metrics"].get("ranking"),
+                                  "decision_top1": t["decision_top1"], "val_top1": t["val_top1"],
+                                  "val_loss": round(t["val_loss"], 5),
+                                  "best_epoch_top1": t["metrics"].get("best_epoch_top1"),
+                                  "top1": t["test_top1"], "macs": t["metrics"]["macs_after"],
+                                  "latency_ms": t["metrics"].get("latency_ms")}
+                           for name, t in tried.items()}}
+    if refused:
+        metrics["refused"] = refused
+    return _finish(ctx, pruned_model, out, metrics)
 
 
-def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[str, Any]:
-    """Prune ``model`` (a copy) with one channel importance, re-estimate BatchNorm and recover (distillation from
-    ``model``). Returns the pruned model, its stage metrics, the recovery's FitResult (None without recovery) and
-    its validation top-1 and loss (what prune.importance = "auto" compares) and test top-1 (for the record)."""
+def _prune(ctx: Context, model, importance: str, out: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Prune copies of ``model`` with one channel importance: ``({ranking: result}, {ranking: why refused})``.
+    A MACs target gives one result; a latency target one per ranking of ``prune.target.ranking``
+    (edge_tl.workstation.latency.prune_for_target)."""
     import torch
 
     from edge_tl.workstation.prune import prune_to_macs
-    from edge_tl.workstation.train import evaluate, fit, recalibrate_bn, recovery_phases
 
     s, p = ctx.spec, ctx.spec.prune
     taylor = None
@@ -297,25 +310,36 @@ def _prune_and_recover(ctx: Context, model, importance: str, out: Path) -> dict[
         from edge_tl.core.targets import TARGETS
         from edge_tl.workstation.latency import prune_for_target
 
-        res = prune_for_target(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt, out=out,
-                               round_to=p.round_to, importance=importance, taylor_batch=taylor)
-    else:
-        res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio,
-                            round_to=p.round_to, importance=importance, global_pruning=p.global_pruning,
-                            taylor_batch=taylor)
+        return prune_for_target(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt, out=out,
+                                round_to=p.round_to, importance=importance, taylor_batch=taylor)
+    res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio, round_to=p.round_to,
+                        importance=importance, global_pruning=p.global_pruning, taylor_batch=taylor)
+    return {"macs": res}, {}
+
+
+def _recover(ctx: Context, model, importance: str, res) -> dict[str, Any]:
+    """Re-estimate BatchNorm of one pruned candidate (``res.model``) and recover it (distillation from ``model``,
+    the unpruned one). Returns the pruned model, its stage metrics, the recovery's FitResult (None without
+    recovery), its validation top-1 and loss (what the auto choice compares) and test top-1 (for the record)."""
+    from edge_tl.workstation.train import evaluate, fit, recalibrate_bn, recovery_phases
+
+    s, p = ctx.spec, ctx.spec.prune
     pruned = res.model
     before, _, _ = evaluate(pruned, *ctx.arrays("test"))
     recalibrate_bn(pruned, ctx.train_dataset(), batch_size=s.train.batch_size, seed=s.seed, device=s.train.device)
     recal, _, _ = evaluate(pruned.cpu(), *ctx.arrays("test"))
+    ranking = getattr(res, "ranking", None)
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
-                               "global_pruning": p.global_pruning or p.latency_target is not None, **res.summary()}
+                               "global_pruning": p.global_pruning if ranking is None else ranking == "per-ms",
+                               **res.summary()}
     fit_res = None
     if p.recovery_epochs:
+        label = importance if ranking is None else f"{importance}, {ranking}"
         fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, keep=p.recovery_keep,
-                      **_fit_kwargs(ctx, f"recovery ({importance})"))
+                      **_fit_kwargs(ctx, f"recovery ({label})"))
     pruned.cpu()
     val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))  # the weights kept (prune.recovery_keep)
     if fit_res is not None:
