@@ -134,6 +134,20 @@ def test_nproc_more_than_the_cpus_names_the_fix(tmp_path):
                                      f"{n} or fewer (one training process per core)")
 
 
+def test_nproc_with_a_measured_latency_target_is_refused(tmp_path):
+    """Every process prunes its own copy: with an ort-cpu latency target each would time its own candidates and
+    could keep another network, and DistributedDataParallel needs one. One line, nothing written."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[prune]\ntarget = {latency_ms = 0.1, backend = "ort-cpu"}\n')
+    out = tmp_path / "run"
+    proc = edge_tl("build", str(spec), "--out", str(out), "--nproc", "2", "--device", "cpu", timeout=120)
+    assert proc.returncode == 2
+    assert _one_error_line(proc) == ("an ort-cpu latency target is measured by each training process, which could "
+                                     "then prune different networks; build with --nproc 1, or use backend = 'table' "
+                                     "(deterministic)")
+    assert not out.exists()
+
+
 def test_nproc_on_cuda_without_a_gpu_is_refused(tmp_path):
     import torch
 
