@@ -106,7 +106,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--runs", type=Path, default=None, help="run folders (default: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: seed 0 only (run_all.py --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.seeds = [0]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as td:
         runs = args.runs or Path(td)

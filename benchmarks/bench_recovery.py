@@ -10,6 +10,7 @@ the same latency, so the spread of the three is how much of a margin between the
 
     python benchmarks/bench_recovery.py                 # seeds 0-4, about 12 minutes on 2 cores
     python benchmarks/bench_recovery.py --seeds 0 --work DIR
+    python benchmarks/bench_recovery.py --quick         # smoke run: seed 0, short training (numbers not comparable)
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from edge_tl.workstation.spec import load_spec  # noqa: E402
 from edge_tl.workstation.train import load_state  # noqa: E402
 
 LEVELS = (0.5, 0.7)
+QUICK = {"train.epochs": 12, "prune.recovery_epochs": 8}
 DELTAS = (-0.01, 0.0, 0.01)
 
 
-def context(seed: int, run: Path) -> tuple[Context, torch.nn.Module]:
+def context(seed: int, run: Path, quick: bool) -> tuple[Context, torch.nn.Module]:
     """The seed's unpruned build (cached in ``run``) and a Context over its data and fine-tuned model."""
-    over = {"seed": seed, "report.compare_scratch": False, "prune.enabled": False, "quantize.mode": "ptq",
-            "prune.importance": "lamp"}
+    over = {**(QUICK if quick else {}), "seed": seed, "report.compare_scratch": False, "prune.enabled": False,
+            "quantize.mode": "ptq", "prune.importance": "lamp"}
     run_build(load_spec(None, over), run, console=Console(stderr=True, quiet=True), overwrite=True)
     spec = load_spec(None, {**over, "prune.enabled": True})
     root, label = resolve_data(spec, run)
@@ -61,13 +63,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: seed 0, short training")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="edge-tl-recovery-"))
     start = time.perf_counter()
     rows: list[dict] = []
     for seed in seeds:
-        ctx, model = context(seed, work / f"s{seed}")
+        ctx, model = context(seed, work / f"s{seed}", args.quick)
         ex = torch.zeros(1, 3, *ctx.size)
         for level in LEVELS:
             ratio = prune_to_macs(model, ex, level, importance="lamp").pruning_ratio
@@ -83,12 +86,12 @@ def main() -> None:
                              "top1": out["test_top1"], "val_top1": out["val_top1"]})
                 print(json.dumps(rows[-1]), flush=True)
         (work / "recovery.json").write_text(json.dumps(rows))
-        write_section("bench_recovery", report(rows, seeds, time.perf_counter() - start))
+        write_section("bench_recovery", report(rows, seeds, time.perf_counter() - start, args.quick))
 
 
-def report(rows: list[dict], seeds: list[int], wall: float) -> str:
+def report(rows: list[dict], seeds: list[int], wall: float, quick: bool = False) -> str:
     lines = ["## Recovery after pruning: how far it moves with the pruned structure (`benchmarks/bench_recovery.py`, "
-             "issue 13)", "", machine_line(), "",
+             f"issue 13){' (QUICK smoke run)' if quick else ''}", "", machine_line(), "",
              f"Seeds {seeds}: the shipped demo spec's fine-tuned model, pruned with LAMP the same share per layer at "
              "the channel ratio r a MACs target reaches (50% and 70% of the MACs) and at r - 0.01 and r + 0.01, "
              "each recovered exactly as the build does (60 epochs, distilled, the last epoch kept). Test top-1 on the "

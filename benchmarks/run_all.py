@@ -1,6 +1,6 @@
 """Run every benchmark in turn (`make bench`); each rewrites its own section of benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py            # full runs (about 25 minutes on 2 cores)
+    python benchmarks/run_all.py            # full runs (over an hour on 2 cores; bench_pareto alone about 25 minutes)
     python benchmarks/run_all.py --quick    # smoke runs (a few minutes)
 
 They run one after another, never in parallel: on a 2-core machine a second job changes every latency.
@@ -17,7 +17,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py",
-           "bench_rank.py", "bench_imbalance.py", "bench_ddp.py", "bench_transfer.py", "bench_augment.py")
+           "bench_rank.py", "bench_imbalance.py", "bench_ddp.py", "bench_transfer.py", "bench_augment.py",
+           "bench_calibration.py", "bench_serve_limits.py", "bench_pareto.py", "bench_recovery.py")
 
 
 def main() -> int:
