@@ -70,8 +70,8 @@ def cost_bound(reference_correct: np.ndarray, correct: np.ndarray, images: int) 
     reference gets right and the model not, minus the reverse) is the unit, and the bound is its mean + 1.645
     standard errors."""
     d = reference_correct.astype(np.float64) - correct.astype(np.float64)
-    per_image = np.bincount(np.arange(len(d)) % images, weights=d, minlength=images) / np.bincount(
-        np.arange(len(d)) % images, minlength=images)
+    image = np.arange(len(d)) % images
+    per_image = np.bincount(image, weights=d, minlength=images) / np.bincount(image, minlength=images)
     mean = float(per_image.mean())
     se = float(per_image.std(ddof=1) / np.sqrt(images)) if images > 1 else 0.0
     return 100 * mean, 100 * (mean + 1.645 * se)

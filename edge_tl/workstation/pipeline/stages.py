@@ -347,7 +347,7 @@ def _recover(ctx: Context, model, importance: str, res) -> dict[str, Any]:
                        best_val_top1=fit_res.best_val_top1, best_epoch=fit_res.best_epoch,
                        distill_weight=p.distill_weight, train_seconds=round(fit_res.seconds, 2))
         metrics["chance_check"] = chance_check(ctx, val_top1, fit_res.epochs_run)
-        if fit_res.kept == "last" and getattr(fit_res, "best_state", None) is not None:  # the other choice's score
+        if fit_res.kept == "last" and fit_res.best_state is not None:  # the other choice's score
             best = copy.deepcopy(pruned)
             best.load_state_dict(fit_res.best_state)
             metrics["best_epoch_top1"] = evaluate(best.cpu(), *ctx.arrays("test"))[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -46,9 +46,13 @@ class FitResult:
     processes: int = 1
     #: which weights the model holds at the end: "best" (the best epoch on validation) or "last"
     kept: str = "best"
+    #: the best epoch's weights (None before any epoch): kept for the record, never written (as_dict leaves it out)
+    best_state: dict | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, best_state=None))
+        del d["best_state"]
+        return d
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -217,11 +221,9 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     for p in model.parameters():
         p.requires_grad = True
     model.eval()
-    res = FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
-                    seconds=time.perf_counter() - start, device=str(dev), history=history,
-                    processes=dist.world_size(), kept=keep)
-    res.best_state = best_state  # not a field (as_dict leaves it out): the best epoch's weights, for the record
-    return res
+    return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
+                     seconds=time.perf_counter() - start, device=str(dev), history=history,
+                     processes=dist.world_size(), kept=keep, best_state=best_state)
 
 
 def _distill_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:
