@@ -413,20 +413,22 @@ def prune_to_latency(model: nn.Module, example: torch.Tensor, target_ms: float, 
                               importance, trials, ranking)
 
 
-def prune_for_target(model: nn.Module, size: tuple[int, int], target, *, tensorrt: str | None, out: Path,
-                     round_to: int = 8, importance: str = "lamp",
-                     taylor_batch=None) -> tuple[dict[str, LatencyPruneResult], dict[str, str]]:
-    """The prune stage's latency path for a spec's ``prune.target`` (:class:`edge_tl.workstation.spec.PruneTarget`):
-    ``({ranking: result}, {ranking: why it was refused})``, one entry per ranking of ``target.ranking`` (auto:
-    both of :data:`RANKINGS`). A ranking that cannot reach the target is left out when another can; when none
-    can, the refusal naming the lowest reachable latency is raised.
+@dataclass
+class LatencySource:
+    """Where a latency target's numbers come from, set up once per prune stage: the table (loaded and checked,
+    or profiled here), the latency model over it, and ``measure`` (ort-cpu: end-to-end ONNX Runtime timing of a
+    candidate; None for a table, whose predictions are used)."""
 
-    table: the table is validated against this model's architecture and the target's TensorRT first; ort-cpu:
-    the unpruned model is profiled here (once, for every ranking). The table used is written to
-    ``out/latency_table.json``."""
-    from edge_tl.core.latency_table import load_table, write_table
+    table: LatencyTable
+    lat: LatencyModel
+    measure: Callable[[nn.Module], float] | None
 
-    example = torch.zeros(1, 3, *size)
+
+def latency_source(model: nn.Module, size: tuple[int, int], target, *, tensorrt: str | None) -> LatencySource:
+    """table: the table is validated against this model's architecture and the target's TensorRT; ort-cpu: the
+    unpruned model is profiled on this CPU."""
+    from edge_tl.core.latency_table import load_table
+
     if target.backend == "table":
         table = load_table(target.table)
         table.check_for(onnx_arch_of(model, size), tensorrt, str(target.table))
@@ -436,17 +438,34 @@ def prune_for_target(model: nn.Module, size: tuple[int, int], target, *, tensorr
 
         def measure(m: nn.Module) -> float:
             return ort_latency_ms(m, size, threads=target.threads)
-    lat = latency_model(table, model, example)
+    return LatencySource(table, latency_model(table, model, torch.zeros(1, 3, *size)), measure)
+
+
+def prune_for_target(model: nn.Module, size: tuple[int, int], target, *, out: Path, tensorrt: str | None = None,
+                     round_to: int = 8, importance: str = "lamp", taylor_batch=None,
+                     source: LatencySource | None = None) -> tuple[dict[str, LatencyPruneResult], dict[str, str]]:
+    """The prune stage's latency path for a spec's ``prune.target`` (:class:`edge_tl.workstation.spec.PruneTarget`):
+    ``({ranking: result}, {ranking: why it was refused})``, one entry per ranking of ``target.ranking`` (auto:
+    both of :data:`RANKINGS`). A ranking that cannot reach the target is left out when another can; when none
+    can, the refusal naming the lowest reachable latency is raised.
+
+    ``source`` (:func:`latency_source`, set up here with ``tensorrt`` when not given) is shared by every
+    ranking, and by every criterion when the caller passes the same one. The table used is written to
+    ``out/latency_table.json``."""
+    from edge_tl.core.latency_table import write_table
+
+    source = source or latency_source(model, size, target, tensorrt=tensorrt)
+    example = torch.zeros(1, 3, *size)
     done: dict[str, LatencyPruneResult] = {}
     refused: dict[str, TargetUnreachable] = {}
     for ranking in RANKINGS if target.ranking == "auto" else (target.ranking,):
         try:
-            done[ranking] = prune_to_latency(model, example, float(target.latency_ms), lat, measure=measure,
-                                             backend=target.backend, round_to=round_to, importance=importance,
-                                             taylor_batch=taylor_batch, ranking=ranking)
+            done[ranking] = prune_to_latency(model, example, float(target.latency_ms), source.lat,
+                                             measure=source.measure, backend=target.backend, round_to=round_to,
+                                             importance=importance, taylor_batch=taylor_batch, ranking=ranking)
         except TargetUnreachable as exc:
             refused[ranking] = exc
     if not done:
         raise min(refused.values(), key=lambda e: e.smallest_ms)
-    write_table(table, out / "latency_table.json")
+    write_table(source.table, out / "latency_table.json")
     return done, {k: str(e) for k, e in refused.items()}

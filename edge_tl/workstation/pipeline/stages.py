@@ -251,8 +251,14 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     pruned: dict[str, Any] = {}  # candidate name -> (criterion, the pruning's result)
     refused: dict[str, str] = {}  # latency target, ranking = "auto": a ranking that cannot reach the target
     rankings = p.latency_target is not None and p.latency_target.ranking == "auto"  # names say the ranking too
+    source = None  # a latency target's table and timing: set up once, shared by every criterion
+    if p.latency_target is not None:
+        from edge_tl.core.targets import TARGETS
+        from edge_tl.workstation.latency import latency_source
+
+        source = latency_source(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt)
     for imp in importances:
-        got, why = _prune(ctx, model, imp, out)
+        got, why = _prune(ctx, model, imp, out, source)
         pruned.update({f"{imp}/{ranking}" if rankings else imp: (imp, res) for ranking, res in got.items()})
         refused.update({f"{imp}/{ranking}": text for ranking, text in why.items()})
     names = list(pruned)
@@ -292,10 +298,10 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     return _finish(ctx, pruned_model, out, metrics)
 
 
-def _prune(ctx: Context, model, importance: str, out: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dict[str, Any], dict[str, str]]:
     """Prune copies of ``model`` with one channel importance: ``({ranking: result}, {ranking: why refused})``.
-    A MACs target gives one result; a latency target one per ranking of ``prune.target.ranking``
-    (edge_tl.workstation.latency.prune_for_target)."""
+    A MACs target gives one result; a latency target (``source``: its edge_tl.workstation.latency.LatencySource)
+    one per ranking of ``prune.target.ranking`` (edge_tl.workstation.latency.prune_for_target)."""
     import torch
 
     from edge_tl.workstation.prune import prune_to_macs
@@ -306,12 +312,11 @@ def _prune(ctx: Context, model, importance: str, out: Path) -> tuple[dict[str, A
         x, y = ctx.arrays("train")
         idx = np.sort(np.random.default_rng(s.seed).permutation(len(x))[:64])
         taylor = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
-    if p.latency_target is not None:  # issue 13: channels by importance per unit of measured latency
-        from edge_tl.core.targets import TARGETS
+    if source is not None:  # issue 13: pruned to a latency target
         from edge_tl.workstation.latency import prune_for_target
 
-        return prune_for_target(model, ctx.size, p.latency_target, tensorrt=TARGETS[s.target].tensorrt, out=out,
-                                round_to=p.round_to, importance=importance, taylor_batch=taylor)
+        return prune_for_target(model, ctx.size, p.latency_target, out=out, round_to=p.round_to,
+                                importance=importance, taylor_batch=taylor, source=source)
     res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio, round_to=p.round_to,
                         importance=importance, global_pruning=p.global_pruning, taylor_batch=taylor)
     return {"macs": res}, {}
