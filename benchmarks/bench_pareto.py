@@ -16,6 +16,7 @@ end every model's batch-1 ONNX Runtime CPU latency is measured in one interleave
     python benchmarks/bench_pareto.py                 # seeds 0-4
     python benchmarks/bench_pareto.py --seeds 0 --quick
     python benchmarks/bench_pareto.py --work DIR --report-only   # re-measure the kept models, rewrite the section
+    python benchmarks/bench_pareto.py --seeds 5,6,7,8,9 --heldout   # seeds no design choice looked at: own section
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--report-only", action="store_true",
                     help="re-measure the models kept in --work (pareto.json) in one session and rewrite the section")
+    ap.add_argument("--heldout", action="store_true",
+                    help="held-out seeds: write the bench_pareto_heldout section and pareto_heldout.png instead")
     args = ap.parse_args()
     if args.report_only:
         if args.work is None or not (args.work / "pareto.json").is_file():
@@ -77,7 +80,7 @@ def main() -> None:
         size = tuple(saved["size"])
         choices = {(int(k.split("-")[0]), k.split("-")[1]): v for k, v in saved.get("choices", {}).items()}
         write(points, saved["seeds"], size, time.perf_counter() - saved["seconds"], saved["quick"], args.work,
-              choices)
+              choices, saved.get("heldout", False))
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     console = Console(stderr=True, quiet=True)
@@ -121,24 +124,28 @@ def main() -> None:
                 points.append(q)
                 choices[(seed, level)] = {"chosen": pm.get("ranking"), "refused": pm.get("refused", {}),
                                           "candidates": (pm.get("auto_choice") or {}).get("candidates", {})}
-            write(points, [*done, seed], size, start, args.quick, work, choices)
+            write(points, [*done, seed], size, start, args.quick, work, choices, args.heldout)
         done.append(seed)
 
 
 def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick: bool, work: Path,
-          choices: dict[tuple[int, str], dict]) -> None:
+          choices: dict[tuple[int, str], dict], heldout: bool = False) -> None:
     ms = measure_interleaved([p.onnx for p in points], size)
     for p, v in zip(points, ms, strict=True):
         p.latency_ms = v
     with_intervals(points)
     wall = time.perf_counter() - start
-    png = figure(points, Path(__file__).with_name("pareto.png"))
+    name = "bench_pareto_heldout" if heldout else "bench_pareto"
+    png = figure(points, Path(__file__).with_name(f"pareto{'_heldout' if heldout else ''}.png"))
     (work / "pareto.json").write_text(json.dumps({"seeds": seeds, "size": list(size), "quick": quick, "seconds": wall,
-                                                  "points": [p.as_dict() for p in points],
+                                                  "heldout": heldout, "points": [p.as_dict() for p in points],
                                                   "choices": {f"{s}-{lv}": c for (s, lv), c in choices.items()}},
                                                  default=str))
-    write_section("bench_pareto", report(points, seeds, wall, quick, png.name, choices))
-    print(f"wrote {png} and the bench_pareto section (seeds {seeds}); run folders in {work}", flush=True)
+    text = report(points, seeds, wall, quick, png.name, choices) + _rerun_lines(work, seeds)
+    if heldout:
+        text = text.replace(" issue 13)", " issue 13): held-out seeds, no design choice looked at them", 1)
+    write_section(name, text)
+    print(f"wrote {png} and the {name} section (seeds {seeds}); run folders in {work}", flush=True)
 
 
 def _labels(res) -> np.ndarray:
@@ -223,6 +230,35 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
             lines += ["", "No pair was at equal latency in this session: the comparison is not made."]
     lines += _choice_lines(points, choices)
     return "\n".join(lines)
+
+
+def _rerun_lines(work: Path, seeds: list[int]) -> str:
+    """prune.recovery_retries: the recoveries of these builds that failed their check and were run again."""
+    rows, total = [], 0
+    for seed in seeds:
+        for f in sorted((work / f"s{seed}" / "unpruned" / "stages").glob("prune-*/metrics.json")):
+            m = json.loads(f.read_text())
+            if not m.get("enabled") or "unpruned_decision_top1" not in m:  # unpruned, or built before the reruns
+                continue
+            what = (f"latency {m['target_ms']:.4f} ms" if m.get("target") == "latency"
+                    else f"{m['target_macs_ratio']:.0%} MACs")
+            cands = (m.get("auto_choice") or {}).get("candidates") or {
+                m["importance"]: {"recovery_attempts": len(m.get("recovery_attempts", ())) or 1}}
+            total += len(cands)
+            for name, c in cands.items():
+                if c.get("recovery_attempts", 1) > 1:
+                    detail = ""
+                    if name.split("/")[-1] in (m.get("ranking"), m["importance"]) and m.get("recovery_attempts"):
+                        detail = " (decision / test per attempt: " + ", ".join(
+                            f"{100 * a['decision_top1']:.2f}% / {100 * a['top1']:.2f}%"
+                            for a in m["recovery_attempts"]) + "; kept)"
+                    rows.append(f"seed {seed}, {what}, {name}: {c['recovery_attempts']} recoveries{detail}")
+    if not total:
+        return ""
+    return ("\n\n**Recoveries run again** (`prune.recovery_retries = 2`, `prune.retry_below = 10`: a recovery more "
+            "than 10 points under the unpruned model on the decision set is rerun from the same pruned network with "
+            f"another seed, the best on the decision set kept): {len(rows)} of {total} recoveries"
+            + (": " + "; ".join(rows) if rows else "") + ".")
 
 
 def _choice_lines(points: list[ParetoPoint], choices: dict[tuple[int, str], dict]) -> list[str]:

@@ -82,6 +82,14 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     kept = auto["candidates"][auto["chosen"]]
     assert kept["decision_top1"] == max(c["decision_top1"] for c in auto["candidates"].values())
     assert pr.top1 == pytest.approx(kept["top1"], abs=1e-4)
+    # prune.recovery_retries: a recovery is run again only when it fell more than prune.retry_below (10) points
+    # under the unpruned model on the decision set; then its first attempt did, and the best attempt is kept
+    floor = pm["unpruned_decision_top1"] - pm["retry_below"] / 100
+    if "recovery_attempts" in pm:
+        assert pm["recovery_attempts"][0]["decision_top1"] < floor
+        assert pm["decision_top1"] == max(a["decision_top1"] for a in pm["recovery_attempts"])
+    else:
+        assert pm["decision_top1"] >= floor
     files = {f.name for f in next(run.glob("stages/prune-*")).iterdir()}
     assert {"fit_taylor.json", "fit_lamp.json", "fit.json"} <= files
     assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch
@@ -224,7 +232,9 @@ def test_latency_target_recovers_both_rankings_and_keeps_the_better(built, tmp_p
     write_table(table, tmp_path / "table.json")
     goal = round(0.6 * table.total_ms(), 6)
     spec = tmp_path / "spec.toml"  # the demo spec with the latency target
-    spec.write_text(to_toml(load_spec(None, {"prune.importance": "lamp", "prune.target": {
+    # prune.retry_below = -100: every recovery runs its retry (best of 2 on the decision set), whatever it scored
+    spec.write_text(to_toml(load_spec(None, {"prune.importance": "lamp", "prune.recovery_retries": 1,
+                                             "prune.retry_below": -100, "prune.target": {
         "latency_ms": goal, "backend": "table", "table": str(tmp_path / "table.json")}})))
     proc = edge_tl("build", str(spec), "--out", str(run), *SMALL, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -241,8 +251,17 @@ def test_latency_target_recovers_both_rankings_and_keeps_the_better(built, tmp_p
     assert pm["ranking"] == kept["ranking"] == auto["chosen"].split("/")[1] and pm["target_ms"] == goal
     assert pm["global_pruning"] == (pm["ranking"] == "per-ms") and pm["macs_after"] == kept["macs"]
     assert {"fit_lamp_per-ms.json", "fit_lamp_uniform.json", "latency_table.json"} <= {f.name for f in stage.iterdir()}
+    # the retry: a second recovery of the same pruned network with seed + 1000; the better on the decision set kept
+    assert all(c["recovery_attempts"] == 2 for c in auto["candidates"].values())
+    attempts = pm["recovery_attempts"]
+    assert [a["seed"] for a in attempts] == [0, 1000] and pm["retry_below"] == -100
+    assert pm["decision_top1"] == kept["decision_top1"] == max(a["decision_top1"] for a in attempts)
+    assert pm["top1"] == pytest.approx(next(a["top1"] for a in attempts if a["decision_top1"] == pm["decision_top1"]),
+                                       abs=1e-4)
+    assert 0 < pm["unpruned_decision_top1"] <= 1
     Bundle.open(run / "bundle").verify()
     report = (run / "report.md").read_text()
+    assert "was run again from the same pruned network" in report
     assert '`prune.target.ranking = "auto"` pruned and recovered each candidate' in report
     assert f"kept **{auto['chosen']}**" in report
 

@@ -184,6 +184,19 @@ class PruneSpec(_Section):
         "test than the best-on-validation one in 14 of 20 recoveries (seeds 0-9, both criteria), +0.8 points on "
         "average: the best of 60 epochs on 100 validation images is partly noise (benchmarks/RESULTS.md (d), (d'))")
     recovery_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the recovery fine-tune")
+    recovery_retries: int = Field(2, ge=0, le=10, description="a recovery that fails its check (decision-set top-1 "
+                                  "more than retry_below points under the unpruned model's) is run again from the "
+                                  "same pruned network with another seed (seed + 1000 x attempt), at most this many "
+                                  "times; the attempt best on the decision set is kept. Deep cuts recover from "
+                                  "near chance, and on the demo one recovery in two or three stalled with a class "
+                                  "lost (75% where its neighbours reached 88-92%, benchmarks/RESULTS.md, "
+                                  "bench_recovery); a rerun from the same network usually does not")
+    retry_below: float = Field(10.0, ge=-100, le=100, description="points of decision-set top-1 under the unpruned "
+                               "model's below which a recovery counts as failed (prune.recovery_retries). On the "
+                               "demo, recoveries that kept 88% or more of the test images stayed within 8 points "
+                               "of it, those that lost a class fell 12-29 under. A negative value retries unless "
+                               "the pruned model beats the unpruned one by that much: -100 always runs every retry "
+                               "(best of 1 + recovery_retries)")
     importance: Literal["auto", "lamp", "taylor", "l1", "l2", "fpgm"] = Field(
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "
         "lamp and keeps the better on the decision set (data.val_views); taylor (first-order loss change, one "

@@ -313,6 +313,18 @@ def _auto_choice_line(pr: dict) -> str:
             f"({auto['rule']}).{refused}")
 
 
+def _retry_line(pr: dict) -> str:
+    """prune.recovery_retries: a recovery that failed its check and was run again (the kept candidate's)."""
+    attempts = pr.get("recovery_attempts")
+    if not attempts:
+        return ""
+    each = "; ".join(f"seed {a['seed']}: decision set {_pct(a['decision_top1'])}, test {_pct(a['top1'])}"
+                     for a in attempts)
+    return (f" The recovery fell more than {pr['retry_below']:g} points under the unpruned model's "
+            f"{_pct(pr['unpruned_decision_top1'])} on the decision set and was run again from the same pruned "
+            f"network (`prune.recovery_retries`): {each}; the best on the decision set was kept.")
+
+
 def write_report(ctx: Context, result: BuildResult) -> Path:
     s, split = ctx.spec, ctx.data_split
     plots = _plots(ctx, result, result.run_dir / "plots")
@@ -379,7 +391,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                         "the same share of every layer, that share set by the latency")
                      + f"; unpruned {pr['unpruned_ms']:.4g} ms, pruned {pr['latency_ms']:.4g} ms "
                      f"(trials, channel ratio -> ms: {pr['trials']})." if pr.get("target") == "latency" else "")
-                  + _auto_choice_line(pr), ""]
+                  + _retry_line(pr) + _auto_choice_line(pr), ""]
     lines += qat_report_lines(st, lat, result.stats)
     lines += ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {w} | {m} | {verdict_cell(v)} |" for w, m, v in result.targets]

@@ -262,7 +262,9 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         pruned.update({f"{imp}/{ranking}" if rankings else imp: (imp, res) for ranking, res in got.items()})
         refused.update({f"{imp}/{ranking}": text for ranking, text in why.items()})
     names = list(pruned)
-    tried = {name: _recover(ctx, model, imp, res) for name, (imp, res) in pruned.items()}
+    # the unpruned model on the decision set: what a failed recovery is told by (prune.retry_below)
+    reference = evaluate(model, *ctx.decision_set())[0] if p.recovery_epochs else None
+    tried = {name: _recover(ctx, model, imp, res, reference) for name, (imp, res) in pruned.items()}
     if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
         return {}
     chosen = names[0]
@@ -271,7 +273,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
         # validation top-1, then the lower validation loss, then the order above)
         decision = ctx.decision_set()
         for t in tried.values():
-            t["decision_top1"] = evaluate(t["model"], *decision)[0]
+            if t["decision_top1"] is None:  # no recovery: not scored yet
+                t["decision_top1"] = evaluate(t["model"], *decision)[0]
         chosen = max(names, key=lambda k: (tried[k]["decision_top1"], tried[k]["val_top1"], -tried[k]["val_loss"],
                                            -names.index(k)))
     pruned_model, metrics, fit_res = tried[chosen]["model"], tried[chosen]["metrics"], tried[chosen]["fit"]
@@ -291,7 +294,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
                                   "val_loss": round(t["val_loss"], 5),
                                   "best_epoch_top1": t["metrics"].get("best_epoch_top1"),
                                   "top1": t["test_top1"], "macs": t["metrics"]["macs_after"],
-                                  "latency_ms": t["metrics"].get("latency_ms")}
+                                  "latency_ms": t["metrics"].get("latency_ms"),
+                                  "recovery_attempts": len(t["metrics"].get("recovery_attempts", ())) or 1}
                            for name, t in tried.items()}}
     if refused:
         metrics["refused"] = refused
@@ -322,10 +326,17 @@ def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dic
     return {"macs": res}, {}
 
 
-def _recover(ctx: Context, model, importance: str, res) -> dict[str, Any]:
+#: a recovery run again after failing its check (prune.retry_below) uses seed + RETRY_SEED_STEP x attempt
+RETRY_SEED_STEP = 1000
+
+
+def _recover(ctx: Context, model, importance: str, res, reference: float | None) -> dict[str, Any]:
     """Re-estimate BatchNorm of one pruned candidate (``res.model``) and recover it (distillation from ``model``,
-    the unpruned one). Returns the pruned model, its stage metrics, the recovery's FitResult (None without
-    recovery), its validation top-1 and loss (what the auto choice compares) and test top-1 (for the record)."""
+    the unpruned one). A recovery whose decision-set top-1 falls more than ``prune.retry_below`` points under
+    ``reference`` (the unpruned model's) is run again from the same pruned network with another seed, at most
+    ``prune.recovery_retries`` times, and the attempt best on the decision set is kept. Returns the pruned model,
+    its stage metrics, the recovery's FitResult (None without recovery), its decision-set top-1 (None without
+    recovery), validation top-1 and loss (what the auto choice compares) and test top-1 (for the record)."""
     from edge_tl.workstation.train import evaluate, fit, recalibrate_bn, recovery_phases
 
     s, p = ctx.spec, ctx.spec.prune
@@ -337,14 +348,32 @@ def _recover(ctx: Context, model, importance: str, res) -> dict[str, Any]:
     metrics: dict[str, Any] = {"enabled": True, "top1_before_recovery": before, "top1_after_bn_recalibration": recal,
                                "global_pruning": p.global_pruning if ranking is None else ranking == "per-ms",
                                **res.summary()}
-    fit_res = None
+    fit_res, decision_top1 = None, None
     if p.recovery_epochs:
         label = importance if ranking is None else f"{importance}, {ranking}"
-        fit_res = fit(pruned, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
+        start = copy.deepcopy(pruned) if p.recovery_retries else None  # every attempt starts from here
+        floor = reference - p.retry_below / 100
+        attempts: list[dict[str, Any]] = []
+        best = None
+        for k in range(1 + p.recovery_retries):
+            net = pruned if k == 0 else copy.deepcopy(start)
+            seed = s.seed + RETRY_SEED_STEP * k
+            got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, keep=p.recovery_keep,
-                      **_fit_kwargs(ctx, f"recovery ({label})"))
+                      **{**_fit_kwargs(ctx, f"recovery ({label})" + (f", retry {k}" if k else "")), "seed": seed})
+            score = evaluate(net.cpu(), *ctx.decision_set())[0]
+            attempts.append({"seed": seed, "decision_top1": score, "val_top1": evaluate(net, *ctx.arrays("val"))[0],
+                             "top1": evaluate(net, *ctx.arrays("test"))[0]})
+            if best is None or score > best[0]:  # ties: the earlier attempt
+                best = (score, net, got)
+            if score >= floor:
+                break
+        decision_top1, pruned, fit_res = best
+        metrics.update(decision_top1=decision_top1, unpruned_decision_top1=reference, retry_below=p.retry_below)
+        if len(attempts) > 1:
+            metrics["recovery_attempts"] = attempts
     pruned.cpu()
     val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))  # the weights kept (prune.recovery_keep)
     if fit_res is not None:
@@ -353,12 +382,12 @@ def _recover(ctx: Context, model, importance: str, res) -> dict[str, Any]:
                        distill_weight=p.distill_weight, train_seconds=round(fit_res.seconds, 2))
         metrics["chance_check"] = chance_check(ctx, val_top1, fit_res.epochs_run)
         if fit_res.kept == "last" and fit_res.best_state is not None:  # the other choice's score
-            best = copy.deepcopy(pruned)
-            best.load_state_dict(fit_res.best_state)
-            metrics["best_epoch_top1"] = evaluate(best.cpu(), *ctx.arrays("test"))[0]
+            best_net = copy.deepcopy(pruned)
+            best_net.load_state_dict(fit_res.best_state)
+            metrics["best_epoch_top1"] = evaluate(best_net.cpu(), *ctx.arrays("test"))[0]
     test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
-    return {"model": pruned, "metrics": metrics, "fit": fit_res, "val_top1": val_top1, "val_loss": val_loss,
-            "test_top1": test_top1}
+    return {"model": pruned, "metrics": metrics, "fit": fit_res, "decision_top1": decision_top1,
+            "val_top1": val_top1, "val_loss": val_loss, "test_top1": test_top1}
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
