@@ -187,15 +187,17 @@ class PruneSpec(_Section):
     recovery_retries: int = Field(2, ge=0, le=10, description="a recovery that fails its check (decision-set top-1 "
                                   "more than retry_below points under the unpruned model's) is run again from the "
                                   "same pruned network with another seed (seed + 1000 x attempt), at most this many "
-                                  "times; the attempt best on the decision set is kept. Deep cuts recover from "
-                                  "near chance, and on the demo one recovery in two or three stalled with a class "
-                                  "lost (75% where its neighbours reached 88-92%, benchmarks/RESULTS.md, "
-                                  "bench_recovery); a rerun from the same network usually does not")
+                                  "times; the attempt best on the decision set is kept. A deep cut starts its "
+                                  "recovery near chance, and on the demo some recoveries stall with a class half "
+                                  "lost: at 70% of the MACs on seed 4, one recovery ended at 75% on test where the "
+                                  "same network with another seed reached 89% (benchmarks/RESULTS.md, bench_pareto)")
     retry_below: float = Field(10.0, ge=-100, le=100, description="points of decision-set top-1 under the unpruned "
                                "model's below which a recovery counts as failed (prune.recovery_retries). On the "
-                               "demo, recoveries that kept 88% or more of the test images stayed within 8 points "
-                               "of it, those that lost a class fell 12-29 under. A negative value retries unless "
-                               "the pruned model beats the unpruned one by that much: -100 always runs every retry "
+                               "demo's seed 4 at 70% of the MACs the recoveries that ended at 75-80% on test were "
+                               "15-19 points under, those at 88% or more within 10; a stalled one can stay within "
+                               "10 where the unpruned model itself scores low on the decision set (seed 0: 77.5% on "
+                               "test, 6 points under, and not rerun). A negative value reruns unless the "
+                               "pruned model beats the unpruned one by that much: -100 always runs every retry "
                                "(best of 1 + recovery_retries)")
     importance: Literal["auto", "lamp", "taylor", "l1", "l2", "fpgm"] = Field(
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "
