@@ -113,6 +113,31 @@ def margins(points: list[ParetoPoint]) -> list[dict]:
     return out
 
 
+def pooled_margin(points: list[ParetoPoint]) -> dict | None:
+    """Latency-targeted minus MACs-targeted top-1 over every pair at equal latency together, two ways: pooled over
+    the images of all pairs (paired bootstrap and exact McNemar, as for one pair), and the mean of the per-pair
+    margins with its Student t 95% interval (each pair is one unit: it takes in how much the recovery moves from
+    one pruned network to the next, which the pooled images do not). None without such a pair."""
+    from edge_tl.workstation.stats import paired
+
+    by = {(p.seed, p.level, p.method): p for p in points}
+    rows = [r for r in margins(points) if r["equal_latency"]]
+    if not rows:
+        return None
+    lat = np.concatenate([by[(r["seed"], r["level"], "latency")].correct for r in rows])
+    mac = np.concatenate([by[(r["seed"], r["level"], "macs")].correct for r in rows])
+    pr = paired(lat, mac)
+    d = np.array([r["diff_points"] for r in rows], dtype=float)
+    out = {"pairs": len(rows), "images": pr.n, "pooled_points": pr.diff_points, "pooled_ci_points": pr.ci_points,
+           "pooled_mcnemar_p": pr.mcnemar_p, "mean_points": float(d.mean()), "mean_ci_points": None}
+    if len(d) > 1:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+        out["mean_ci_points"] = (float(d.mean()) - half, float(d.mean()) + half)
+    return out
+
+
 def table(points: list[ParetoPoint]) -> str:
     lines = ["| seed | pruning | target | top-1 [95% Wilson] | MACs | ORT CPU latency (ms) | vs target |",
              "|---|---|---|---|---:|---:|---:|"]
