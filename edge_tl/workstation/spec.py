@@ -203,8 +203,8 @@ class PruneSpec(_Section):
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "
         "lamp and keeps the better on the decision set (data.val_views); taylor (first-order loss change, one "
         "gradient pass on up to 64 training images), lamp (layer-adaptive magnitude), l1/l2 (weight magnitude), "
-        "fpgm. On the demo neither criterion won every seed: Taylor kept 93.25/94.25/90.50/96.50% where LAMP "
-        "kept 87.75/90.75/88.50/93.75% (seeds 0-3) but lost 85.75% against 94.00% on seed 4 "
+        "fpgm. On the demo neither criterion won every seed: Taylor kept 93.00/94.50/93.00/96.50% where LAMP "
+        "kept 88.00/90.75/91.50/94.75% (seeds 0-3) but lost 89.25% against 94.25% on seed 4 "
         "(benchmarks/RESULTS.md (d), 2026-11-30)")
     global_pruning: bool = Field(False, description="rank channels across layers (each layer loses what it can "
                                  "spare) instead of the same share in every layer. Off by default: on the demo the "
