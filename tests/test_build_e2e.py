@@ -261,7 +261,7 @@ def test_latency_target_recovers_both_rankings_and_keeps_the_better(built, tmp_p
     assert 0 < pm["unpruned_decision_top1"] <= 1
     Bundle.open(run / "bundle").verify()
     report = (run / "report.md").read_text()
-    assert "was run again from the same pruned network" in report
+    assert "minus `prune.retry_below` = -100 points), and was run again from the same pruned network" in report
     assert '`prune.target.ranking = "auto"` pruned and recovered each candidate' in report
     assert f"kept **{auto['chosen']}**" in report
 

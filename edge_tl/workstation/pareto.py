@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_tl.core.importer import require
+
 
 @dataclass
 class ParetoPoint:
@@ -131,8 +133,7 @@ def pooled_margin(points: list[ParetoPoint]) -> dict | None:
     out = {"pairs": len(rows), "images": pr.n, "pooled_points": pr.diff_points, "pooled_ci_points": pr.ci_points,
            "pooled_mcnemar_p": pr.mcnemar_p, "mean_points": float(d.mean()), "mean_ci_points": None}
     if len(d) > 1:
-        from scipy import stats
-
+        stats = require("scipy.stats", "the Pareto report's interval over pairs")
         half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
         out["mean_ci_points"] = (float(d.mean()) - half, float(d.mean()) + half)
     return out
