@@ -75,7 +75,10 @@ def test_pt2_through_the_factory(model, pt2):
         assert runner.get_input_metadata()[0].shape == (None, 3, *SIZE)
         for batch in (1, 3, 5):  # the batch dimension is dynamic
             x = rng.standard_normal((batch, 3, *SIZE)).astype(np.float32)
-            np.testing.assert_allclose(runner.infer(x)["logits"], reference(model, x), rtol=1e-4, atol=1e-4)
+            # the exported program and eager may run other CPU kernels for the same op (its threads=1 against
+            # torch's default, other shapes): float32 accumulation order then moves logits by up to 2.5e-4
+            # (a 16-core Xeon with torch 2.11, where 1e-4 failed); a wrong export is off by far more
+            np.testing.assert_allclose(runner.infer(x)["logits"], reference(model, x), rtol=1e-3, atol=1e-3)
         assert runner.describe()["name"] == "torch:model.pt2"
     assert not list(pt2.parent.glob(".model.pt2*"))
 
