@@ -77,7 +77,7 @@ def test_pt2_through_the_factory(model, pt2):
             x = rng.standard_normal((batch, 3, *SIZE)).astype(np.float32)
             # the exported program and eager may run other CPU kernels for the same op (its threads=1 against
             # torch's default, other shapes): float32 accumulation order then moves logits by up to 2.5e-4
-            # (a 16-core Xeon with torch 2.11, where 1e-4 failed); a wrong export is off by far more
+            # (the lent GPU machine's 16-core CPU with torch 2.11, where 1e-4 failed); a wrong export is off by far more
             np.testing.assert_allclose(runner.infer(x)["logits"], reference(model, x), rtol=1e-3, atol=1e-3)
         assert runner.describe()["name"] == "torch:model.pt2"
     assert not list(pt2.parent.glob(".model.pt2*"))
