@@ -144,10 +144,7 @@ def write(points: list[ParetoPoint], seeds: list[int], size, start: float, quick
                                                   "heldout": heldout, "points": [p.as_dict() for p in points],
                                                   "choices": {f"{s}-{lv}": c for (s, lv), c in choices.items()}},
                                                  default=str))
-    text = report(points, seeds, wall, quick, png.name, choices) + _rerun_lines(work, seeds)
-    if heldout:
-        text = text.replace(" issue 13)", " issue 13): held-out seeds, no design choice looked at them", 1)
-    write_section(name, text)
+    write_section(name, report(points, seeds, wall, quick, png.name, choices, heldout) + _rerun_lines(work, seeds))
     print(f"wrote {png} and the {name} section (seeds {seeds}); run folders in {work}", flush=True)
 
 
@@ -166,7 +163,7 @@ def _keep(p: ParetoPoint, work: Path) -> None:
 
 
 def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool, png: str,
-           choices: dict[tuple[int, str], dict]) -> str:
+           choices: dict[tuple[int, str], dict], heldout: bool = False) -> str:
     ref = {p.seed: p for p in points if p.method == "unpruned"}
     half = [p for p in points if p.method == "macs" and p.level == "b"]
     costs = {p.seed: 100 * (ref[p.seed].top1 - p.top1) for p in half}
@@ -174,6 +171,7 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
     offs = [100 * (p.latency_ms / p.target_ms - 1) for p in lat]
     m = margins(points)
     lines = [f"## Pruning: accuracy against measured latency and MACs (`benchmarks/bench_pareto.py`, issue 13)"
+             f"{': held-out seeds, no design choice looked at them' if heldout else ''}"
              f"{' (QUICK smoke run)' if quick else ''}", "", machine_line(1), "",
              f"The shipped demo spec (mobilenet_v2 at 32x32, digits 5-9, 10 images per class), seeds {seeds}, scratch "
              "comparison off, `prune.importance = \"lamp\"` for every variant (the default `auto` would prune and "
@@ -251,7 +249,7 @@ def report(points: list[ParetoPoint], seeds: list[int], wall: float, quick: bool
 
 def _rerun_lines(work: Path, seeds: list[int]) -> str:
     """prune.recovery_retries: the recoveries of these builds that failed their check and were run again."""
-    rows, total = [], 0
+    rows, total, spec = [], 0, load_spec(None, {}).prune  # the builds here leave both settings at their defaults
     for seed in seeds:
         for f in sorted((work / f"s{seed}" / "unpruned" / "stages").glob("prune-*/metrics.json")):
             m = json.loads(f.read_text())
@@ -272,9 +270,10 @@ def _rerun_lines(work: Path, seeds: list[int]) -> str:
                     rows.append(f"seed {seed}, {what}, {name}: {c['recovery_attempts']} recoveries{detail}")
     if not total:
         return ""
-    return ("\n\n**Recoveries run again** (`prune.recovery_retries = 2`, `prune.retry_below = 10`: a recovery more "
-            "than 10 points under the unpruned model on the decision set is rerun from the same pruned network with "
-            f"another seed, the best on the decision set kept): {len(rows)} of {total} recoveries"
+    return (f"\n\n**Recoveries run again** (`prune.recovery_retries = {spec.recovery_retries}`, `prune.retry_below = "
+            f"{spec.retry_below:g}`: a recovery more than {spec.retry_below:g} points under the unpruned model on the "
+            "decision set is rerun from the same pruned network with another seed, the best on the decision set "
+            f"kept): {len(rows)} of {total} recoveries"
             + (": " + "; ".join(rows) if rows else "") + ".")
 
 

@@ -96,6 +96,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], seeds: list[int], wall: float, quick: bool = False) -> str:
+    p = load_spec(None, {}).prune  # the recoveries here run with the spec's defaults
     lines = ["## Recovery after pruning: how far it moves with the pruned structure (`benchmarks/bench_recovery.py`, "
              f"issue 13){' (QUICK smoke run)' if quick else ''}", "", machine_line(), "",
              f"Seeds {seeds}: the shipped demo spec's fine-tuned model, pruned with LAMP the same share per layer at "
@@ -104,9 +105,10 @@ def report(rows: list[dict], seeds: list[int], wall: float, quick: bool = False)
              "400 test images (one image = 0.25 points). A latency-targeted and a MACs-targeted build of the same "
              "latency differ by about that much in channel ratio, so the spread here is what the recovery alone "
              "can put between them. *single*: one recovery (the spec's seed); *kept*: what the build keeps with "
-             "`prune.recovery_retries = 2`, `prune.retry_below = 10` (a recovery more than 10 points under the "
-             "unpruned model on the decision set is run again from the same network with another seed, the best "
-             "on the decision set kept; the single recovery is its first attempt). "
+             f"`prune.recovery_retries = {p.recovery_retries}`, `prune.retry_below = {p.retry_below:g}` (a recovery "
+             f"more than {p.retry_below:g} points under the unpruned model on the decision set is run again from the "
+             "same network with another seed, the best on the decision set kept; the single recovery is its first "
+             "attempt). "
              f"Whole run {wall:.0f} s.", "",
              "| seed | MACs removed | r | single: top-1 at r - 0.01 / r / r + 0.01 | spread | kept: top-1 "
              "(recoveries) | spread |", "|---|---|---|---|---:|---|---:|"]

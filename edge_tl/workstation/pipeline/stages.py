@@ -363,19 +363,22 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None)
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, keep=p.recovery_keep,
                       **{**_fit_kwargs(ctx, f"recovery ({label})" + (f", retry {k}" if k else "")), "seed": seed})
-            score = evaluate(net.cpu(), *ctx.decision_set())[0]
-            attempts.append({"seed": seed, "decision_top1": score, "val_top1": evaluate(net, *ctx.arrays("val"))[0],
-                             "top1": evaluate(net, *ctx.arrays("test"))[0]})
-            if best is None or score > best[0]:  # ties: the earlier attempt
-                best = (score, net, got)
-            if score >= floor:
+            val_top1, val_loss, _ = evaluate(net.cpu(), *ctx.arrays("val"))  # the weights kept (recovery_keep)
+            scored = {"seed": seed, "decision_top1": evaluate(net, *ctx.decision_set())[0], "val_top1": val_top1,
+                      "top1": evaluate(net, *ctx.arrays("test"))[0]}
+            attempts.append(scored)
+            if best is None or scored["decision_top1"] > best[0]["decision_top1"]:  # ties: the earlier attempt
+                best = (scored, val_loss, net, got)
+            if scored["decision_top1"] >= floor:
                 break
-        decision_top1, pruned, fit_res = best
+        kept, val_loss, pruned, fit_res = best
+        decision_top1, val_top1, test_top1 = kept["decision_top1"], kept["val_top1"], kept["top1"]
         metrics.update(decision_top1=decision_top1, unpruned_decision_top1=reference, retry_below=p.retry_below)
         if len(attempts) > 1:
             metrics["recovery_attempts"] = attempts
-    pruned.cpu()
-    val_top1, val_loss, _ = evaluate(pruned, *ctx.arrays("val"))  # the weights kept (prune.recovery_keep)
+    else:  # no recovery: the pruned network as BatchNorm re-estimation left it
+        val_top1, val_loss, _ = evaluate(pruned.cpu(), *ctx.arrays("val"))
+        test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
     if fit_res is not None:
         metrics.update(val_top1=val_top1, recovery_epochs_run=fit_res.epochs_run, recovery_keep=fit_res.kept,
                        best_val_top1=fit_res.best_val_top1, best_epoch=fit_res.best_epoch,
@@ -385,7 +388,6 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None)
             best_net = copy.deepcopy(pruned)
             best_net.load_state_dict(fit_res.best_state)
             metrics["best_epoch_top1"] = evaluate(best_net.cpu(), *ctx.arrays("test"))[0]
-    test_top1, _, _ = evaluate(pruned, *ctx.arrays("test"))
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "decision_top1": decision_top1,
             "val_top1": val_top1, "val_loss": val_loss, "test_top1": test_top1}
 
