@@ -20,6 +20,8 @@ from edge_tl.core.bundle import (
     FP32_MODEL,
     GOLDEN_INDEX,
     GOLDEN_INPUTS,
+    GOLDEN_INPUTS_FLOAT,
+    GOLDEN_INT8_OUTPUTS,
     GOLDEN_OUTPUTS,
     INT8_MODEL,
     LABELS,
@@ -34,6 +36,7 @@ from edge_tl.core.bundle import (
     utc_now,
     write_bundle,
 )
+from edge_tl.core.parity import derive_tolerances
 from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
@@ -93,11 +96,22 @@ def make_images(n: int, seed: int = 0, size: int = 24) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def qdq_float_outputs(model: Path, inputs: np.ndarray) -> np.ndarray:
+    """A Q/DQ model's outputs evaluated in float (the INT8 reference, as the build computes it)."""
+    from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
+
+    with OnnxRuntimeRunner.from_path(model, "ort-cpu", qdq="float") as runner:
+        return next(iter(runner.infer(inputs).values())).astype(np.float32)
+
+
 def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
-                     broken_int8: bool = False, tarball: bool = True, temperature: float | None = None) -> Path:
-    """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` swaps in an INT8 model
-    with other weights, so a parity gate on it must fail while every hash still matches. ``temperature``: a
-    calibrated temperature in postprocess.json (None: write_bundle's default, temperature 1, not fitted)."""
+                     broken_int8: bool = False, tarball: bool = True, temperature: float | None = None,
+                     schema: int = 3, stages: dict[str, StageMetrics] | None = None) -> Path:
+    """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` ships an INT8 model with
+    other weights (the INT8 reference stays the genuine model's), so a parity gate on it must fail while every hash
+    still matches. ``temperature``: a calibrated temperature in postprocess.json (None: write_bundle's default,
+    temperature 1, not fitted). ``schema`` 2 writes the old golden set (float inputs, no INT8 reference).
+    ``stages``: the manifest's stage metrics (e.g. a failed chance check)."""
     import onnxruntime as ort
 
     pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -107,8 +121,11 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
         (staging / "golden" / "images").mkdir(parents=True)
         tiny_onnx(staging / FP32_MODEL, size=size, num_classes=len(CLASSES), seed=seed)
         calib = pre.batch(make_images(16, seed=seed + 100))
-        src = tiny_onnx(Path(td) / "other.onnx", size=size, seed=seed + 7) if broken_int8 else staging / FP32_MODEL
-        quantize_qdq(src, staging / INT8_MODEL, calib)
+        genuine = quantize_qdq(staging / FP32_MODEL, Path(td) / "genuine.int8.onnx", calib)
+        if broken_int8:
+            quantize_qdq(tiny_onnx(Path(td) / "other.onnx", size=size, seed=seed + 7), staging / INT8_MODEL, calib)
+        else:
+            staging.joinpath(INT8_MODEL).write_bytes(genuine.read_bytes())
         (staging / LABELS).write_text("\n".join(CLASSES) + "\n")
         pre_cfg.save(staging / PREPROCESS)
         if temperature is not None:
@@ -119,14 +136,24 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
             fname = f"golden/images/{i:03d}.png"
             img.save(staging / fname)
             index.append({"file": fname, "label": i % len(CLASSES), "label_name": CLASSES[i % len(CLASSES)]})
-        inputs = pre.batch(images)
+        crops = np.stack([np.asarray(pre.resize_crop(img)) for img in images])
+        inputs = np.stack([pre.normalize(c) for c in crops])
         sess = ort.InferenceSession(str(staging / FP32_MODEL), providers=["CPUExecutionProvider"])
-        outputs = sess.run(None, {"input": inputs})[0]
-        np.save(staging / GOLDEN_INPUTS, inputs)
-        np.save(staging / GOLDEN_OUTPUTS, outputs.astype(np.float32))
+        outputs = sess.run(None, {"input": inputs})[0].astype(np.float32)
+        np.save(staging / GOLDEN_OUTPUTS, outputs)
+        if schema >= 3:
+            np.save(staging / GOLDEN_INPUTS, crops)
+            reference = qdq_float_outputs(genuine, inputs)
+            np.save(staging / GOLDEN_INT8_OUTPUTS, reference)
+            tolerance, note = derive_tolerances(outputs, reference)
+            info = GoldenInfo(count=golden, inputs=GOLDEN_INPUTS, outputs_int8=GOLDEN_INT8_OUTPUTS,
+                              margin_tolerance=tolerance, tolerance_note=note)
+        else:
+            np.save(staging / GOLDEN_INPUTS_FLOAT, inputs)
+            info = GoldenInfo(count=golden)
         (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2))
         manifest = Manifest(
-            created=utc_now(), name=name,
+            schema_version=schema, created=utc_now(), name=name,
             target=TargetInfo(name="jetpack6", jetpack="6.2", tensorrt="10.3", max_opset=20, opset=17),
             backbone="tiny-cnn", weights="random", seed=seed,
             input=TensorSpec(name="input", shape=["batch", 3, size, size]),
@@ -134,8 +161,20 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
             max_batch=8, classes=CLASSES,
             data=DataSummary(source="synthetic", split_mode="stratified",
                              counts={"test": {c: 1 for c in CLASSES}}, file_list_sha256="0" * 64),
-            stages={"finetune": StageMetrics(top1=0.25), "prune": StageMetrics(top1=0.25),
-                    "quantize": StageMetrics(top1=0.25)},
-            golden=GoldenInfo(count=golden),
+            stages=stages or {"finetune": StageMetrics(top1=0.25), "prune": StageMetrics(top1=0.25),
+                              "quantize": StageMetrics(top1=0.25)},
+            golden=info,
         )
         return write_bundle(staging, manifest, Path(out_dir), tarball=tarball)
+
+
+def reseal(bundle_dir: Path) -> Path:
+    """Re-hash a bundle folder edited by a test (as a careless tool would): the manifest then vouches for the edit,
+    so what is checked is the content, not the hashes."""
+    from edge_tl.core.bundle import MANIFEST, Bundle, _artifact_table, bundle_id_of
+
+    b = Bundle.open(bundle_dir, verify=False)
+    table = _artifact_table(Path(bundle_dir))
+    sealed = b.manifest.model_copy(update={"artifacts": table, "bundle_id": bundle_id_of(table)})
+    (Path(bundle_dir) / MANIFEST).write_text(sealed.model_dump_json(indent=2) + "\n")
+    return Path(bundle_dir)

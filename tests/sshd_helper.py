@@ -75,6 +75,13 @@ def keygen(path: Path) -> Path:
     return path
 
 
+def _forwarded_env() -> str:
+    """``SetEnv PYTHONPATH=...`` where the tests run with one (a source tree beside the installed package): the
+    device half in an SSH session then runs the same code as the test."""
+    path = os.environ.get("PYTHONPATH")
+    return f'SetEnv PYTHONPATH="{path}"\n' if path and '"' not in path and "\n" not in path else ""
+
+
 def start_sshd(d: Path, *, client_key: Path | None = None) -> SshdServer:
     """Start one sshd with its files in ``d`` (created); ``client_key`` shares a client key between servers."""
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -104,7 +111,7 @@ def start_sshd(d: Path, *, client_key: Path | None = None) -> SshdServer:
         Subsystem sftp internal-sftp
         MaxStartups 20
         LogLevel VERBOSE
-    """))
+    """) + _forwarded_env())
     check = subprocess.run([binary, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
     if check.returncode != 0:
         raise SshdUnavailable(f"sshd refuses its test config: {check.stderr.strip()[-300:]}")

@@ -18,7 +18,7 @@ pytest.importorskip("torch", reason="the workstation extra (torch) is not instal
 
 EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
 SMALL = ["--demo-shots", "10", "--epochs", "12", "--warmup-epochs", "1", "--recovery-epochs", "8", "--no-scratch",
-         "--golden-count", "6", "--quantize-mode", "ptq"]  # QAT: test_qat_mode_ships_the_better_int8_model
+         "--quantize-mode", "ptq"]  # QAT: test_qat_mode_ships_the_better_int8_model
 # Grad-CAM (report.explain) costs seconds per report: the first build has it (its report is checked), the reruns
 # of the same run folder (report.explain is not part of any stage key) leave it out
 
@@ -95,14 +95,29 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert m.export["max_abs_diff"] < 1e-3  # ONNX vs PyTorch
     assert all(s.cpu_latency_ms > 0 for s in m.stages.values())
     assert {"torch", "onnxruntime", "torchvision"} <= set(m.software)
-    # golden outputs are model.onnx's outputs for the golden inputs, which are the golden PNGs preprocessed
+    # the golden set (issue 22): 64 images (test first, then val: the small test split can't fill it), stored as
+    # uint8 crops; golden outputs are model.onnx's outputs for them, the INT8 reference model.int8.onnx's with
+    # Q/DQ in float; the first PNGs preprocessed give the same inputs
     import onnxruntime as ort
 
+    from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
+
+    x = b.golden_inputs()
+    assert x.shape == (64, 3, 32, 32) and b.golden_crops().dtype == np.uint8 and m.golden.count == 64
     sess = ort.InferenceSession(str(b.model_path("fp32")), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"input": b.golden_inputs()})[0], b.golden_outputs(), atol=1e-5)
-    pngs = np.stack([b.preprocessor.open(b.root / g["file"]) for g in b.golden_index()])
-    np.testing.assert_array_equal(pngs, b.golden_inputs())
-    assert len(b.golden_index()) == 6 and {g["label_name"] for g in b.golden_index()} == set(m.classes)
+    np.testing.assert_allclose(sess.run(None, {"input": x})[0], b.golden_outputs(), atol=1e-5)
+    with OnnxRuntimeRunner.from_path(b.model_path("int8"), qdq="float") as r8:
+        np.testing.assert_allclose(r8.infer(x)["logits"], b.golden_reference("int8"), atol=1e-5)
+    index = b.golden_index()
+    pngs = np.stack([b.preprocessor.open(b.root / g["file"]) for g in index if "file" in g])
+    np.testing.assert_array_equal(pngs, x[:len(pngs)])
+    assert len(pngs) == 8 and len(index) == 64 and {g["label_name"] for g in index} == set(m.classes)
+    assert {g["split"] for g in index} <= {"test", "val", "train"}
+    # the build ran the gate it ships with: recorded, said, and the tolerance recorded in the bundle
+    gate = json.loads((run / "metrics.json").read_text())["parity_gate"]
+    assert gate["int8"]["passed"] and gate["fp32"]["passed"] and gate["int8"]["quantization_ratio"] > 0.99
+    assert gate["int8"]["margin_tolerance"] == m.golden.margin_tolerance["int8"] > m.golden.margin_tolerance["fp16"]
+    assert "parity gate (as shipped" in proc.stderr + proc.stdout and "95% quantile" in m.golden.tolerance_note
     # INT8 accuracy as TensorRT computes it (Q/DQ in float), the CPU-kernel figure beside it under its own name
     assert q.top1_eval.startswith("onnxruntime-cpu, Q/DQ evaluated in float")
     assert 0 <= q.top1_ort_cpu_kernels <= 1 and q.latency_runtime == "onnxruntime-cpu (its INT8 CPU kernels)"
@@ -310,3 +325,62 @@ def test_missing_imagenet_weights_offline_names_the_file(tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert err and "squeezenet1_1-b8a52dc0.pth" in err[0] and str(tmp_path / "th" / "hub" / "checkpoints") in err[0]
     assert not (tmp_path / "run" / "bundle").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ssh
+def test_the_built_bundle_passes_its_gate_on_a_device_and_deploys(built, tmp_path):
+    """Issue 22: the demo bundle failed its own INT8 gate on deploy. Deployed to a real sshd (this machine is the
+    device), the gate runs `edge-tl engine check` at the bundle's default precision (int8) and passes; the same
+    bundle with the FP32 model shipped as its INT8 model (every hash resealed) is stopped there."""
+    from bundle_factory import reseal
+    from sshd_helper import SshdUnavailable, start_sshd
+
+    run, _ = built
+    try:
+        server = start_sshd(tmp_path / "sshd")
+    except SshdUnavailable as exc:
+        pytest.skip(str(exc))
+    common = ["--to", server.to, "--identity", str(server.key), "--known-hosts", str(server.known_hosts),
+              "--remote-edge-tl", EDGE_TL[0], "--no-restart"]
+    try:
+        ok = edge_tl("deploy", "push", str(run / "bundle.tar.gz"), "--root", str(tmp_path / "dev"), *common)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert "parity passed" in ok.stdout + ok.stderr and "int8" in ok.stdout + ok.stderr
+        wrong = tmp_path / "wrong"
+        import shutil
+
+        shutil.copytree(run / "bundle", wrong)
+        shutil.copyfile(wrong / "model.onnx", wrong / "model.int8.onnx")
+        reseal(wrong)
+        bad = edge_tl("deploy", "push", str(wrong), "--root", str(tmp_path / "dev2"), *common)
+        assert bad.returncode == 3, bad.stderr[-2000:]
+        assert "does not compute the INT8 model" in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp_path / "dev2" / "active").exists()
+    finally:
+        server.stop()
+
+
+def test_write_bundle_writes_nothing_when_its_check_fails(tmp_path):
+    """The build's self-gate runs on the sealed bundle before it is moved into place: a failing check leaves the
+    output folder as it was (here: absent) and no temporary folder behind."""
+    from bundle_factory import make_tiny_bundle
+
+    from edge_tl.core.bundle import Bundle, write_bundle
+    from edge_tl.core.errors import CheckFailed
+    from edge_tl.workstation.pipeline.bundling import self_gate
+
+    broken = make_tiny_bundle(tmp_path / "broken", broken_int8=True, tarball=False)
+    with pytest.raises(CheckFailed, match="fails its own parity gate"):
+        self_gate(broken)
+    good = make_tiny_bundle(tmp_path / "good", tarball=False)
+    assert self_gate(good)["int8"]["passed"]
+    staging = tmp_path / "staging"
+    import shutil
+
+    shutil.copytree(broken, staging)
+    (staging / "manifest.json").unlink()
+    with pytest.raises(CheckFailed):
+        write_bundle(staging, Bundle.open(broken).manifest, tmp_path / "out", check=self_gate)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tar.gz").exists()
+    assert not list(tmp_path.glob(".out*"))  # no half-written bundle either

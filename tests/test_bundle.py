@@ -20,11 +20,13 @@ def test_bundle_opens_and_verifies(tiny_bundle_src):
     b = Bundle.open(tiny_bundle_src)
     b.verify()
     m = b.manifest
-    assert m.schema_version == 2  # 2: postprocess.json (the calibrated temperature)
+    assert m.schema_version == 3  # 3: uint8 golden crops, the INT8 reference and the gate's tolerances
     assert len(m.bundle_id) == 16
     assert b.labels == m.classes == ["circle", "square", "triangle", "cross"]
     assert b.golden_inputs().shape == (6, 3, 16, 16)
-    assert b.golden_outputs().shape == (6, 4)
+    assert b.golden_outputs().shape == (6, 4) and b.golden_reference("int8").shape == (6, 4)
+    assert b.golden_crops().shape == (6, 16, 16, 3) and b.golden_crops().dtype == np.uint8
+    assert set(m.golden.margin_tolerance) == {"fp32", "fp16", "int8", "best"} and b.margin_tolerance("best") > 0
     for rel, art in m.artifacts.items():
         assert sha256_file(b.root / rel) == art.sha256
         assert (b.root / rel).stat().st_size == art.bytes

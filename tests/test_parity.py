@@ -13,6 +13,7 @@ from bundle_factory import make_tiny_bundle
 from edge_tl.cli import main
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import CheckFailed, EdgeTLError
+from edge_tl.core.parity import derive_tolerances, judge, quantization_ratio
 from edge_tl.device.engine.fallback import (
     keep_layers_in_float,
     keep_layers_model,
@@ -34,7 +35,7 @@ def test_compare_outputs_maths():
     golden = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     actual = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 1.5]])
     out = compare_outputs("logits", actual, golden)
-    assert out.count == 2 and out.top1_agreement == 0.5 and out.top1_mismatches == [1]
+    assert out.count == 2 and out.judged == 2 and out.top1_agreement == 0.5 and out.top1_mismatches == [1]
     assert out.max_abs_diff == 1.5 and out.mean_abs_diff == pytest.approx(3.0 / 6)
     assert out.max_rel_diff == pytest.approx(0.75)
     assert out.cosine_min == pytest.approx(2.0 / (2.0 * np.sqrt(3.25)))  # [0,1,1.5].[0,2,0] / (|a||g|)
@@ -45,9 +46,55 @@ def test_compare_outputs_maths():
         compare_outputs("logits", np.zeros((2, 3)), np.zeros((2, 4)))
 
 
+def test_a_near_tie_is_reported_not_counted_and_a_clear_flip_is_counted():
+    """The demo's failure (issue 22): one golden input with a reference margin of 0.115 flipped and failed the
+    gate. Below the tolerance a flip is a near-tie: reported, not counted; above it, counted."""
+    ref = np.array([[2.0, 1.885, 0.0]] + [[8.0, 0.0, 1.0]] * 9)  # input 0: margin 0.115
+    dev = ref.copy()
+    dev[0] = [1.9, 1.95, 0.0]  # the near-tie flips
+    th = ParityThresholds.for_precision("int8", min_quantization_ratio=None)
+    out = compare_outputs("logits", dev, ref, margin_tolerance=0.5, reference_kind="int8")
+    assert out.judged == 9 and out.top1_mismatches == [] and out.near_tie_changes == [0]
+    assert out.top1_agreement == 1.0 and judge(out, th) == []
+    old_rule = compare_outputs("logits", dev, ref)  # no tolerance: every input judged, as before
+    assert old_rule.top1_mismatches == [0] and judge(old_rule, th) == []  # 1/10 is within 0.10 ...
+    assert judge(compare_outputs("logits", dev[:8], ref[:8]), th)  # ... 1/8 was not (the demo's 8 golden inputs)
+    dev[1] = [0.0, 8.0, 1.0]  # a clear flip
+    dev[2] = [0.0, 8.0, 1.0]
+    flipped = compare_outputs("logits", dev, ref, margin_tolerance=0.5, reference_kind="int8")
+    assert flipped.top1_mismatches == [1, 2] and judge(flipped, th)[0].startswith("logits top-1 changed on 2/9")
+
+
+def test_quantization_ratio_tells_the_int8_model_from_a_float_one():
+    rng = np.random.default_rng(0)
+    fp32 = rng.normal(0, 3, (64, 5))
+    int8 = fp32 + rng.normal(0, 0.3, fp32.shape)
+    assert quantization_ratio(int8, int8, fp32) == 1.0
+    assert quantization_ratio(fp32, int8, fp32) == 0.0
+    kernels = int8 + rng.normal(0, 0.03, fp32.shape)  # another INT8 implementation: close to the reference
+    assert quantization_ratio(kernels, int8, fp32) > 0.8
+    fp16 = fp32 + rng.normal(0, 0.003, fp32.shape)  # a float engine: close to FP32, far from INT8
+    assert abs(quantization_ratio(fp16, int8, fp32)) < 0.05
+    assert quantization_ratio(fp32, fp32, fp32) is None  # INT8 == FP32: nothing to tell them apart by
+
+
+def test_tolerances_follow_the_quantization_shift():
+    rng = np.random.default_rng(1)
+    fp32 = rng.normal(0, 4, (200, 10))
+    small, note = derive_tolerances(fp32, fp32 + rng.normal(0, 0.05, fp32.shape))
+    large, _ = derive_tolerances(fp32, fp32 + rng.normal(0, 0.5, fp32.shape))
+    assert large["int8"] > 5 * small["int8"] and large["best"] == large["int8"]
+    assert small["fp16"] == pytest.approx(10 * small["fp32"], rel=1e-3) and small["int8"] >= small["fp16"]
+    assert "95% quantile" in note
+    with pytest.raises(EdgeTLError, match="NaN"):
+        derive_tolerances(fp32, np.full_like(fp32, np.nan))
+
+
 def test_thresholds_by_precision_and_overrides():
     assert ParityThresholds.for_precision("fp32").max_top1_drop == 0.0
     assert ParityThresholds.for_precision("int8") == DEFAULT_THRESHOLDS["best"]
+    assert ParityThresholds.for_precision("int8").min_quantization_ratio == 0.25
+    assert ParityThresholds.for_precision("fp16").min_quantization_ratio is None
     th = ParityThresholds.for_precision("int8", min_cosine=0.5, max_top1_drop=None)
     assert th.min_cosine == 0.5 and th.max_top1_drop == 0.10
     with pytest.raises(EdgeTLError):
@@ -56,15 +103,18 @@ def test_thresholds_by_precision_and_overrides():
 
 def test_fp32_and_int8_pass_on_onnxruntime(tiny_bundle_src):
     bundle = Bundle.open(tiny_bundle_src)
+    assert bundle.manifest.schema_version == 3 and bundle.golden_crops().dtype == np.uint8
     fp32 = check_parity(bundle, create_runner(bundle, "ort-cpu", "fp32"), "fp32")
     assert fp32.passed and fp32.failures == []
     logits = fp32.outputs["logits"]
     assert logits.count == 6 and logits.top1_agreement == 1.0 and logits.max_abs_diff < 1e-5
-    assert logits.cosine_min > 0.999999
+    assert logits.cosine_min > 0.999999 and logits.reference == "fp32" and logits.quantization_ratio is None
+    # the INT8 model with Q/DQ in float is the reference itself: the build's own gate
     int8 = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8", qdq="float"), "int8", batch_size=4)
     o = int8.outputs["logits"]
-    assert int8.passed and o.top1_agreement == 1.0 and 0.999 < o.cosine_min < 1.0 and 0 < o.max_rel_diff < 0.1
-    assert int8.runner["qdq"] == "float"
+    assert int8.passed and o.reference == "int8" and o.top1_agreement == 1.0 and o.max_abs_diff < 1e-5
+    assert o.quantization_ratio == pytest.approx(1.0, abs=1e-4) and o.margin_tolerance > 0
+    assert int8.runner["qdq"] == "float" and int8.bundle["reference"] == "int8"
     # ONNX Runtime's CPU integer kernels: their numerics depend on the CPU (an AVX2-only EPYC gave cosine 0.996
     # where a VNNI Xeon gives 0.9999), so only what holds everywhere: they run and give finite outputs
     kernels = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8"), "int8", batch_size=4)
@@ -75,18 +125,44 @@ def test_fp32_and_int8_pass_on_onnxruntime(tiny_bundle_src):
     runner.deactivate()
 
 
-def test_broken_int8_fails_and_tight_thresholds_fail(tiny_bundle_src, broken_bundle):
+class _Twisted(OnnxRuntimeRunner):
+    """A runner whose outputs are changed after the model ran: what a wrong engine would give."""
+
+    def __init__(self, model, twist):
+        src = OnnxRuntimeRunner.from_path(model)
+        super().__init__(src._session_src, name="twisted")
+        self.twist = twist
+
+    def infer_impl(self, feed):
+        return {k: self.twist(v) for k, v in super().infer_impl(feed).items()}
+
+
+def test_gates_that_must_fail_still_fail(tiny_bundle_src, broken_bundle):
+    """A model with other weights, an FP32 or FP16 model gated as INT8, a reversed class order, NaN outputs."""
     bundle = Bundle.open(broken_bundle)
     report = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8", qdq="float"), "int8")
-    assert not report.passed and report.outputs["logits"].top1_agreement == 0.0
-    assert any("top-1 changed on 6/6" in f for f in report.failures)
+    assert not report.passed and report.outputs["logits"].quantization_ratio < 0
     with pytest.raises(CheckFailed) as exc:
         report.raise_if_failed()
     assert exc.value.exit_code == 3 and "keep-worst" in str(exc.value)
     good = Bundle.open(tiny_bundle_src)
+    as_int8 = check_parity(good, create_runner(good, "ort-cpu", "fp32"), "int8")  # a float engine gated as INT8
+    assert not as_int8.passed and as_int8.outputs["logits"].quantization_ratio == pytest.approx(0.0, abs=1e-4)
+    assert any("does not compute the INT8 model" in f for f in as_int8.failures)
+    rng = np.random.default_rng(0)
+    fp16 = _Twisted(good.model_path("fp32"), lambda v: (v.astype(np.float16).astype(np.float32)
+                                                        + rng.normal(0, 1e-3, v.shape).astype(np.float32)))
+    assert not check_parity(good, fp16, "int8").passed
+    assert check_parity(good, fp16, "fp16").passed  # the same outputs pass as what they are
+    reversed_ = _Twisted(good.model_path("int8"), lambda v: v[:, ::-1].copy())
+    rev = check_parity(good, reversed_, "int8")
+    assert not rev.passed and any("top-1 changed" in f for f in rev.failures)
+    nan = _Twisted(good.model_path("int8"), lambda v: np.full_like(v, np.nan))
+    assert any("NaN" in f for f in check_parity(good, nan, "int8").failures)
     strict = check_parity(good, create_runner(good, "ort-cpu", "int8", qdq="float"), "int8",
-                          ParityThresholds(min_cosine=0.99999999))
-    assert not strict.passed and strict.failures[0].startswith("logits cosine similarity")
+                          ParityThresholds(max_top1_drop=0.0, min_cosine=0.999999, max_rel_diff=1e-5,
+                                           min_quantization_ratio=0.999))
+    assert strict.passed  # the reference itself passes the tightest thresholds
 
 
 def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_path, capsys):
@@ -97,7 +173,8 @@ def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_pat
     assert exc.value.code == 0
     data = json.loads(ok.read_text())
     assert data["passed"] is True and data["outputs"]["logits"]["top1_agreement"] == 1.0
-    assert data["thresholds"] == {"max_top1_drop": 0.0, "min_cosine": 0.9999, "max_rel_diff": 0.01}
+    assert data["thresholds"] == {"max_top1_drop": 0.0, "min_cosine": 0.9999, "max_rel_diff": 0.01,
+                                  "min_quantization_ratio": None}
     assert "passed" in capsys.readouterr().out
 
     bad = tmp_path / "bad.json"
@@ -106,15 +183,48 @@ def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_pat
               "--json", str(bad)])
     assert exc.value.code == 3
     data = json.loads(bad.read_text())
-    assert data["passed"] is False and data["outputs"]["logits"]["top1_mismatches"] == [0, 1, 2, 3, 4, 5]
+    assert data["passed"] is False and data["outputs"]["logits"]["reference"] == "int8"
     assert data["runner"]["qdq"] == "float"  # ort-cpu judges the Q/DQ model as written, on every CPU
-    assert "top-1 changed" in capsys.readouterr().err
+    assert "does not compute the INT8 model" in capsys.readouterr().err
 
     # loosened from the command line, the same engine passes
     with pytest.raises(SystemExit) as exc:
         main(["engine", "check", str(broken_bundle), "--backend", "ort-cpu", "--precision", "int8",
-              "--max-top1-drop", "1", "--min-cosine", "-1", "--max-rel-diff", "10"])
+              "--max-top1-drop", "1", "--min-cosine", "-1", "--max-rel-diff", "10",
+              "--min-quantization-ratio", "-1000"])
     assert exc.value.code == 0
+
+
+def test_an_old_bundle_without_int8_reference_is_refused_for_int8_only(tmp_path, capsys):
+    old = make_tiny_bundle(tmp_path / "old", schema=2, tarball=False)
+    bundle = Bundle.open(old)
+    assert bundle.golden_crops() is None and bundle.golden_inputs().dtype == np.float32
+    assert check_parity(bundle, create_runner(bundle, "ort-cpu", "fp32"), "fp32").passed
+    out = tmp_path / "old.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["engine", "check", str(old), "--backend", "ort-cpu", "--precision", "int8", "--json", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no INT8 reference outputs" in err and "rebuild it with this edge-tl" in err and "Traceback" not in err
+    assert "no INT8 reference" in json.loads(out.read_text())["error"]
+
+
+def test_a_golden_set_with_nan_or_the_wrong_dtype_is_refused_in_one_line(tmp_path):
+    from bundle_factory import reseal
+
+    src = make_tiny_bundle(tmp_path / "b", tarball=False)
+    ref = np.load(src / "golden/outputs.int8.npy")
+    ref[2, 1] = np.nan
+    np.save(src / "golden/outputs.int8.npy", ref)
+    reseal(src)
+    bundle = Bundle.open(src)
+    with pytest.raises(EdgeTLError, match="INT8 reference outputs .* hold NaN") as exc:
+        check_parity(bundle, create_runner(bundle, "ort-cpu", "int8", qdq="float"), "int8")
+    assert "rebuild the bundle" in exc.value.fix
+    np.save(src / "golden/inputs.u8.npy", np.load(src / "golden/inputs.u8.npy").astype(np.float32))
+    reseal(src)
+    with pytest.raises(EdgeTLError, match="are float32 6x16x16x3, not uint8"):
+        Bundle.open(src).golden_inputs()
 
 
 def test_cli_check_writes_report_on_errors(tmp_path):

@@ -133,8 +133,8 @@ def build(
     target: str | None = typer.Option(None, help="Device software: jetpack5, jetpack6.0, jetpack6 (bounds the "
                                          "ONNX opset).", show_default=False),
     opset: int | None = typer.Option(None, help="ONNX opset (default: the target's).", show_default=False),
-    golden_count: int | None = typer.Option(None, help="Test images stored with their FP32 outputs for parity "
-                                               "checks on the device.", show_default=False),
+    golden_count: int | None = typer.Option(None, help="Golden images for the device's parity gate, with FP32 "
+                                               "and INT8 reference outputs (default 64).", show_default=False),
     scratch: bool | None = typer.Option(None, "--scratch/--no-scratch", help="Also train from scratch and "
                                            "report transfer against scratch (on in the demo).", show_default=False),
     explain: bool | None = typer.Option(None, "--explain/--no-explain", help="Grad-CAM overlays of the fine-tuned "

@@ -131,7 +131,7 @@ def build_cmd(
     out.print(escape(str(engine)))
 
 
-def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
+def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff, min_quantization_ratio=None):
     import math
 
     from edge_tl.core.errors import EdgeTLError
@@ -139,21 +139,24 @@ def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff):
 
     for flag, value, low, high in (("--max-top1-drop", max_top1_drop, 0.0, 1.0),
                                    ("--min-cosine", min_cosine, -1.0, 1.0),
-                                   ("--max-rel-diff", max_rel_diff, 0.0, math.inf)):
+                                   ("--max-rel-diff", max_rel_diff, 0.0, math.inf),
+                                   ("--min-quantization-ratio", min_quantization_ratio, -math.inf, 1.0)):
         if value is not None and not (low <= value <= high):  # nan fails both comparisons
-            span = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
+            span = (f">= {low:g}" if high == math.inf else f"<= {high:g}" if low == -math.inf
+                    else f"between {low:g} and {high:g}")
             raise EdgeTLError(f"{flag} must be {span}, got {value}", f"pass {flag} within that range")
     return ParityThresholds.for_precision(precision, max_top1_drop=max_top1_drop, min_cosine=min_cosine,
-                                          max_rel_diff=max_rel_diff)
+                                          max_rel_diff=max_rel_diff, min_quantization_ratio=min_quantization_ratio)
 
 
 def _parity_table(report) -> Table:
     table = Table(title=f"parity {report.precision} on {report.backend}: {'PASSED' if report.passed else 'FAILED'}")
-    for col in ("output", "golden", "top-1 agree", "cosine min", "max |diff|", "mean |diff|", "max rel"):
-        table.add_column(col, justify="right" if col != "output" else "left")
+    for col in ("output", "vs", "judged", "top-1 agree", "near-ties", "cos min", "max rel", "q-ratio"):
+        table.add_column(col, justify="right" if col not in ("output", "vs") else "left")
     for o in report.outputs.values():
-        table.add_row(o.name, str(o.count), f"{o.top1_agreement:.3f}", f"{o.cosine_min:.5f}", f"{o.max_abs_diff:.4g}",
-                      f"{o.mean_abs_diff:.4g}", f"{o.max_rel_diff:.4g}")
+        ratio = "-" if o.quantization_ratio is None else f"{o.quantization_ratio:.3f}"
+        table.add_row(o.name, o.reference.upper(), f"{o.judged}/{o.count}", f"{o.top1_agreement:.3f}",
+                      str(len(o.near_tie_changes)), f"{o.cosine_min:.5f}", f"{o.max_rel_diff:.4g}", ratio)
     return table
 
 
@@ -167,12 +170,18 @@ def check_cmd(
     json_out: Path = typer.Option(None, "--json", help="Write the parity report here (always, even on failure)."),
     max_top1_drop: float = typer.Option(None, "--max-top1-drop", help="Allowed fraction of changed top-1."),
     min_cosine: float = typer.Option(None, "--min-cosine", help="Lowest per-sample cosine similarity."),
-    max_rel_diff: float = typer.Option(None, "--max-rel-diff", help="Max |out - golden| / max |golden|."),
+    max_rel_diff: float = typer.Option(None, "--max-rel-diff", help="Max |out - reference| / max |reference|."),
+    min_quantization_ratio: float = typer.Option(
+        None, "--min-quantization-ratio",
+        help="int8/best: lowest share of the INT8 model's departure from FP32 the engine must reproduce."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="TensorRT engine cache."),
     no_build: bool = typer.Option(False, "--no-build", help="Don't build a missing TensorRT engine."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
 ) -> None:
-    """The parity gate: the bundle's golden inputs through the engine (or any backend) vs the golden FP32 outputs."""
+    """The parity gate: the bundle's golden inputs through the engine (or any backend) vs the bundle's reference.
+
+    int8/best are compared with the INT8 model's outputs (Q/DQ in float, stored at build time), fp32/fp16 with
+    the FP32 outputs; top-1 changes count only where the reference margin is above the build's tolerance."""
     from edge_tl.core.bundle import Bundle
     from edge_tl.core.errors import EdgeTLError
     from edge_tl.device.engine.parity import ParityReport, check_parity
@@ -184,7 +193,7 @@ def check_cmd(
     try:
         bundle = Bundle.open(bundle_path)
         prec = precision or bundle.manifest.default_precision
-        thresholds = _thresholds(prec, max_top1_drop, min_cosine, max_rel_diff)
+        thresholds = _thresholds(prec, max_top1_drop, min_cosine, max_rel_diff, min_quantization_ratio)
         runner = _runner(bundle, engine_file, backend, prec, cache_dir, no_build, threads)
         report = check_parity(bundle, runner, prec, thresholds)
     except Exception as exc:  # any failure still leaves a report behind (deploy reads it)
@@ -197,6 +206,8 @@ def check_cmd(
     if json_out is not None:
         report.write_json(json_out)
     err.print(_parity_table(report))
+    for note in report.notes:
+        err.print(f"  {escape(note)}")
     for failure in report.failures:
         err.print(f"[red]- {escape(failure)}[/]")
     report.raise_if_failed()

@@ -9,10 +9,14 @@ A bundle is a directory (and a ``.tar.gz`` of it) holding::
                          is what every command reads)
     preprocess.json      edge_tl.core.preprocess.PreprocessConfig
     postprocess.json     edge_tl.core.postprocess.PostprocessConfig: the temperature of the scores (schema 2 on)
-    golden/inputs.npy    N x C x H x W float32, already preprocessed
+    golden/inputs.u8.npy N x H x W x 3 uint8: the golden images resized and cropped (steps 1-3 of preprocessing);
+                         normalized on reading (``Bundle.golden_inputs``). Schema 1-2: golden/inputs.npy, float32
+                         N x C x H x W, already preprocessed
     golden/outputs.npy   N x num_classes float32: model.onnx's outputs for those inputs (ONNX Runtime CPU)
-    golden/images/*.png  the N source images, so a device can check preprocessing too
-    golden/golden.json   per image: file, label index, label name
+    golden/outputs.int8.npy  N x num_classes float32: model.int8.onnx's outputs, Q/DQ evaluated in float: the
+                         reference of the INT8 parity gate (schema 3 on; see edge_tl.core.parity)
+    golden/images/*.png  the first few source images, so a device can check preprocessing too
+    golden/golden.json   per image: label index, label name, split, file (where its PNG is kept)
 
 This module needs only NumPy and pydantic: the device reads bundles without torch.
 
@@ -33,6 +37,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -56,8 +61,10 @@ from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
 
 #: 2: postprocess.json (the calibrated temperature of the scores). Schema 1 bundles are still read: no
 #: postprocess.json there, so temperature 1 (plain softmax), what they always meant.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#: 3: the golden set as uint8 crops (64 by default), the INT8 reference outputs and the margin tolerances of the
+#: parity gate (edge_tl.core.parity). Schema 1-2 bundles are still read; their INT8 gate is refused (no reference).
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 MANIFEST = "manifest.json"
 FP32_MODEL = "model.onnx"
@@ -65,8 +72,10 @@ INT8_MODEL = "model.int8.onnx"
 LABELS = "labels.txt"
 PREPROCESS = "preprocess.json"
 POSTPROCESS = "postprocess.json"
-GOLDEN_INPUTS = "golden/inputs.npy"
+GOLDEN_INPUTS = "golden/inputs.u8.npy"
+GOLDEN_INPUTS_FLOAT = "golden/inputs.npy"  # schema 1-2
 GOLDEN_OUTPUTS = "golden/outputs.npy"
+GOLDEN_INT8_OUTPUTS = "golden/outputs.int8.npy"
 GOLDEN_INDEX = "golden/golden.json"
 MODEL_FILES = {"fp32": FP32_MODEL, "int8": INT8_MODEL}
 
@@ -121,10 +130,15 @@ class DataSummary(BaseModel):
 
 
 class GoldenInfo(_Model):
-    count: int
-    inputs: str = GOLDEN_INPUTS
+    count: int = Field(ge=1)
+    inputs: str = GOLDEN_INPUTS_FLOAT
     outputs: str = GOLDEN_OUTPUTS
+    outputs_int8: str | None = Field(None, description="the INT8 reference outputs (schema 3 on)")
     index: str = GOLDEN_INDEX
+    margin_tolerance: dict[str, float] = Field(
+        default_factory=dict, description="precision -> reference top-1 margin at or below which an input is a "
+                                          "near-tie the parity gate does not count (edge_tl.core.parity)")
+    tolerance_note: str = ""
 
 
 class Manifest(BaseModel):
@@ -151,6 +165,25 @@ class Manifest(BaseModel):
     golden: GoldenInfo
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
 
+    def training_problems(self) -> list[str]:
+        """Why the shipped model's training failed (the build's ``chance_check`` of the pruned model, or of the
+        fine-tuned one where nothing was recovered: ``passed`` false), as lines for people; empty when training
+        worked (or an old bundle recorded nothing)."""
+        for stage in ("prune", "finetune"):  # the shipped model is the pruned one; unpruned, the fine-tuned one
+            m = self.stages.get(stage)
+            check = (m.model_extra or {}).get("chance_check") if m is not None else None
+            if not isinstance(check, dict):
+                continue
+            if check.get("passed") is not False:
+                return []
+            try:
+                why = (f"validation top-1 {float(check['val_top1']):.1%} is no better than guessing "
+                       f"({float(check['baseline']):.1%}, p = {float(check['p_value']):.2g})")
+            except (KeyError, TypeError, ValueError):
+                why = "no better than guessing"
+            return [f"{stage}: {why}"]
+        return []
+
     def summary(self) -> dict[str, Any]:
         """The few facts `deploy status` and `serve` show."""
         return {
@@ -160,7 +193,21 @@ class Manifest(BaseModel):
             "created": self.created,
             "classes": len(self.classes),
             "top1": {k: v.top1 for k, v in self.stages.items()},
+            "training_failed": bool(self.training_problems()),
         }
+
+
+def refuse_failed_training(manifest: Manifest, allow: bool, flag: str = "--allow-failed-training") -> str | None:
+    """Refuse to deploy a bundle whose training failed (the build's chance check), unless ``allow``; with it, the
+    warning line to print and record (None when training worked)."""
+    problems = manifest.training_problems()
+    if not problems:
+        return None
+    what = f"bundle {manifest.name} ({manifest.bundle_id}): training failed ({'; '.join(problems)})"
+    if not allow:
+        raise EdgeTLError(f"{what}; its answers are no better than guessing",
+                          f"fix the data or the recipe and rebuild, or pass {flag} to deploy it anyway")
+    return f"WARNING: {what}; deployed anyway ({flag})"
 
 
 def unsafe_class_name(name: str) -> str | None:
@@ -269,11 +316,14 @@ def bundle_id_of(artifacts: dict[str, Artifact]) -> str:
 
 
 def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite: bool = False,
-                 tarball: bool = True) -> Path:
+                 tarball: bool = True, check: Callable[[Path], None] | None = None) -> Path:
     """Seal a staged bundle: hash every file, write manifest.json, move it to ``out_dir`` atomically,
     then write ``out_dir.tar.gz`` (also atomically). ``staging`` is consumed.
+
+    ``check`` is called with the sealed bundle's folder before it is moved into place (the build's parity
+    self-gate): if it raises, nothing is written and ``out_dir`` is left as it was.
     """
-    for required in (FP32_MODEL, LABELS, PREPROCESS, GOLDEN_INPUTS, GOLDEN_OUTPUTS):
+    for required in (FP32_MODEL, LABELS, PREPROCESS, manifest.golden.inputs, manifest.golden.outputs):
         if not (staging / required).is_file():
             raise EdgeTLError(f"bundle is missing {required}", "this is a bug in the build pipeline")
     if not (staging / POSTPROCESS).is_file():  # not calibrated: say so in the bundle (temperature 1)
@@ -287,6 +337,8 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
         artifacts = _artifact_table(tmp)
         sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": bundle_id_of(artifacts)})
         atomic_write_text(tmp / MANIFEST, sealed.model_dump_json(indent=2) + "\n")
+        if check is not None:
+            check(tmp)
     if tarball:
         make_tarball(out_dir, out_dir.with_name(out_dir.name + ".tar.gz"))
     return out_dir
@@ -386,11 +438,70 @@ class Bundle:
         """The class names in output order: the manifest's ``classes`` (labels.txt is a copy for people)."""
         return list(self.manifest.classes)
 
+    def _golden_array(self, rel: str, what: str, dtype: str, shape: tuple[int | None, ...]) -> np.ndarray:
+        """A golden array, checked: dtype, shape (None: any size) and finite values; one-line errors."""
+        path = self.root / rel
+        fix = "rebuild the bundle (edge-tl build), or re-copy it if it was damaged on the way"
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise EdgeTLError(f"bundle {self.root}: cannot read the golden {what} {rel} ({exc})", fix) from exc
+        want = "x".join("N" if d is None else str(d) for d in shape)
+        if arr.dtype != np.dtype(dtype) or arr.ndim != len(shape) or any(
+                d is not None and a != d for a, d in zip(arr.shape, shape, strict=False)):
+            raise EdgeTLError(f"bundle {self.root}: the golden {what} {rel} are {arr.dtype} "
+                              f"{'x'.join(map(str, arr.shape))}, not {dtype} {want}", fix)
+        if len(arr) != self.manifest.golden.count:
+            raise EdgeTLError(f"bundle {self.root}: the golden {what} {rel} hold {len(arr)} rows, the manifest says "
+                              f"{self.manifest.golden.count}", fix)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise EdgeTLError(f"bundle {self.root}: the golden {what} {rel} hold NaN or infinite values", fix)
+        return arr
+
+    def golden_crops(self) -> np.ndarray | None:
+        """The golden images after resize and crop (N x H x W x 3 uint8); None for a schema 1-2 bundle, which
+        stored them preprocessed."""
+        if self.manifest.golden.inputs == GOLDEN_INPUTS_FLOAT:
+            return None
+        h, w = self.preprocess.input_size
+        return self._golden_array(self.manifest.golden.inputs, "inputs", "uint8", (None, h, w, 3))
+
     def golden_inputs(self) -> np.ndarray:
-        return np.load(self.root / self.manifest.golden.inputs, allow_pickle=False)
+        """The golden inputs, preprocessed (N x C x H x W float32): the crops normalized by this bundle's own
+        preprocessing (schema 3), or the stored floats (schema 1-2)."""
+        crops = self.golden_crops()
+        if crops is None:
+            h, w = self.preprocess.input_size
+            return self._golden_array(self.manifest.golden.inputs, "inputs", "float32", (None, 3, h, w))
+        pre = self.preprocessor
+        return np.stack([pre.normalize(c) for c in crops])
 
     def golden_outputs(self) -> np.ndarray:
-        return np.load(self.root / self.manifest.golden.outputs, allow_pickle=False)
+        """The FP32 model's outputs on the golden inputs (the fp32/fp16 parity reference)."""
+        return self._golden_array(self.manifest.golden.outputs, "FP32 outputs", "float32",
+                                  (None, len(self.manifest.classes)))
+
+    def golden_reference(self, precision: str) -> np.ndarray:
+        """What the parity gate compares a ``precision`` engine with: the INT8 reference outputs (Q/DQ in float)
+        for int8/best, the FP32 outputs otherwise. A bundle without an INT8 reference (schema 1-2) is refused for
+        int8/best: judged against FP32 its near-ties flip and the gate measures quantization, not the device."""
+        if precision not in ("int8", "best"):
+            return self.golden_outputs()
+        rel = self.manifest.golden.outputs_int8
+        if not rel:
+            m = self.manifest
+            raise EdgeTLError(f"bundle {self.root} (schema {m.schema_version}, edge-tl {m.edge_tl_version}) has "
+                              "no INT8 reference outputs, so its INT8 parity gate would judge quantization, not the "
+                              "device",
+                              "rebuild it with this edge-tl (edge-tl build --out RUN with the same spec), or gate "
+                              "it at --precision fp16 or fp32")
+        return self._golden_array(rel, "INT8 reference outputs", "float32", (None, len(self.manifest.classes)))
+
+    def margin_tolerance(self, precision: str) -> float:
+        """The reference top-1 margin at or below which the parity gate treats an input as a near-tie (0 for an
+        old bundle: every input judged)."""
+        tol = self.manifest.golden.margin_tolerance
+        return float(tol.get(precision, tol.get("int8" if precision == "best" else precision, 0.0)))
 
     def golden_index(self) -> list[dict[str, Any]]:
         rel = self.manifest.golden.index
@@ -409,7 +520,9 @@ class Bundle:
         before anything at such a path is read."""
         golden = self.manifest.golden
         named = [("artifacts", rel) for rel in self.manifest.artifacts]
-        named += [("golden.inputs", golden.inputs), ("golden.outputs", golden.outputs), ("golden.index", golden.index)]
+        named += [("golden.index", golden.index)] + ([("golden.outputs_int8", golden.outputs_int8)]
+                                                     if golden.outputs_int8 else [])
+        named += [("golden.inputs", golden.inputs), ("golden.outputs", golden.outputs)]
         root = self.root.resolve()
         for field, rel in named:
             parts = rel.replace("\\", "/").split("/")
@@ -421,8 +534,8 @@ class Bundle:
             if bad:
                 raise CheckFailed(f"bundle {self.root}: the manifest's {field} path '{rel}' is outside the bundle",
                                   "the manifest was edited or is corrupt; rebuild the bundle")
-        for field, rel in named[-3:-1]:
-            if rel not in self.manifest.artifacts:
+        for field, rel in named:
+            if field.startswith("golden.") and field != "golden.index" and rel not in self.manifest.artifacts:
                 raise CheckFailed(f"bundle {self.root}: the manifest's {field} '{rel}' is not among its artifacts",
                                   "the manifest was edited or is corrupt; rebuild the bundle")
 

@@ -253,7 +253,9 @@ class QuantizeSpec(_Section):
 class ExportSpec(_Section):
     opset: int | None = Field(None, ge=11, description="ONNX opset (default: the target's export opset; never above "
                               "what the target's TensorRT accepts)")
-    golden_count: int = Field(8, ge=1, le=256, description="test images stored with FP32 outputs for device parity")
+    golden_count: int = Field(64, ge=1, le=256, description="golden images for the device's parity gate (test, then "
+                                                        "val, then train images): stored as uint8 crops with "
+                                                        "FP32 and INT8 reference outputs")
     max_batch: int = Field(32, ge=1, description="largest batch the device engine profile must accept")
 
 

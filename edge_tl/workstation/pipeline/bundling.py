@@ -17,6 +17,7 @@ from edge_tl.core.bundle import (
     FP32_MODEL,
     GOLDEN_INDEX,
     GOLDEN_INPUTS,
+    GOLDEN_INT8_OUTPUTS,
     GOLDEN_OUTPUTS,
     INT8_MODEL,
     LABELS,
@@ -30,10 +31,12 @@ from edge_tl.core.bundle import (
     utc_now,
     write_bundle,
 )
+from edge_tl.core.parity import derive_tolerances
 from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import Preprocessor, to_rgb
 from edge_tl.core.targets import get_target
 from edge_tl.workstation.pipeline.context import Context
+from edge_tl.workstation.pipeline.stages import onnx_logits
 
 SOFTWARE = ("torch", "torchvision", "torch-pruning", "nvidia-modelopt", "onnx", "onnxruntime", "onnxruntime-gpu",
             "onnxslim", "numpy", "pillow", "scikit-learn", "pydantic")
@@ -53,7 +56,7 @@ def build_software() -> dict[str, str]:
 
 
 def golden_picks(labels: np.ndarray, count: int) -> list[int]:
-    """Indices of ``count`` test images, round-robin over the classes (so every class is represented)."""
+    """Indices of ``count`` images of one split, round-robin over the classes (so every class is represented)."""
     by_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     picks: list[int] = []
     while len(picks) < min(count, len(labels)):
@@ -61,6 +64,54 @@ def golden_picks(labels: np.ndarray, count: int) -> list[int]:
             if idxs and len(picks) < count:
                 picks.append(int(idxs.pop(0)))
     return sorted(picks)
+
+
+#: the golden images kept as PNG too (the device can check its preprocessing on them); all are kept as crops
+GOLDEN_PNGS = 8
+#: validation images (beside the golden set) the margin tolerances are derived on
+TOLERANCE_VAL_IMAGES = 256
+
+
+def golden_set(ctx: Context, count: int) -> list[tuple[str, int]]:
+    """(split, index) of ``count`` golden images: the test split first, then validation, then training, so that
+    a small data set still fills the golden set (one input must not decide the gate)."""
+    split = ctx.data_split
+    out: list[tuple[str, int]] = []
+    for name in ("test", "val", "train"):
+        if len(out) >= count or name not in split.items:
+            continue
+        out += [(name, i) for i in golden_picks(split.labels(name), count - len(out))]
+    return out
+
+
+def self_gate(bundle_dir: Path) -> dict[str, Any]:
+    """The build runs the gate it ships with on the sealed bundle, through the device's own reading of it (hashes,
+    uint8 crops normalized by the bundle's preprocessing, the stored references): FP32 and INT8 on ONNX Runtime CPU,
+    Q/DQ evaluated in float (the same on every CPU). Raises CheckFailed (nothing is shipped) on a failure."""
+    from edge_tl.core.bundle import Bundle
+    from edge_tl.core.errors import CheckFailed
+    from edge_tl.core.parity import ParityThresholds, judge_parity
+    from edge_tl.device.runtime.onnxrt import OnnxRuntimeRunner
+
+    bundle = Bundle.open(bundle_dir)
+    x = bundle.golden_inputs()
+    out: dict[str, Any] = {}
+    for precision, qdq in (("fp32", "kernels"), ("int8", "float")):
+        with OnnxRuntimeRunner.from_path(bundle.model_path(precision), "ort-cpu", qdq=qdq) as runner:
+            actual = runner.infer(x)
+            described = runner.describe()
+        report = judge_parity(bundle, actual, precision, ParityThresholds.for_precision(precision),
+                              backend="ort-cpu", runner=described)
+        o = next(iter(report.outputs.values()))
+        out[precision] = {"passed": report.passed, "judged": o.judged, "count": o.count,
+                          "top1_agreement": o.top1_agreement, "cosine_min": round(o.cosine_min, 6),
+                          "quantization_ratio": o.quantization_ratio, "margin_tolerance": o.margin_tolerance,
+                          "failures": report.failures}
+        if not report.passed:
+            raise CheckFailed(f"the bundle fails its own parity gate, so it was not written: {report.summary()}",
+                              "this is a bug in the build (the bundle does not reproduce its own references); "
+                              "report it with the run folder")
+    return out
 
 
 def stage_metrics(ctx: Context, latency: dict[str, float],
@@ -125,25 +176,36 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         pre.save(staging / PREPROCESS)
         postprocess_config(shipped).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
-        labels = split.labels("test")
-        paths = split.paths("test")
-        index, images = [], []
-        for n, i in enumerate(golden_picks(labels, s.export.golden_count)):
-            rel = f"golden/images/{n:03d}.png"
-            with Image.open(paths[i]) as img:  # stored as RGB: the image the device's preprocessing starts from
+        preproc = Preprocessor(pre)
+        index, crops = [], []
+        for n, (part, i) in enumerate(golden_set(ctx, s.export.golden_count)):
+            src = split.paths(part)[i]
+            label = int(split.labels(part)[i])
+            with Image.open(src) as img:
                 img.load()
-                to_rgb(img).save(staging / rel)
-            with Image.open(staging / rel) as img:
-                img.load()
-                images.append(img.copy())
-            index.append({"file": rel, "label": int(labels[i]), "label_name": split.classes[int(labels[i])],
-                          "source": Path(split.items["test"][i][0]).as_posix()})
-        inputs = Preprocessor(pre).batch(images)
+                rgb = to_rgb(img)
+            crops.append(np.asarray(preproc.resize_crop(rgb), dtype=np.uint8))
+            entry = {"label": label, "label_name": split.classes[label], "split": part,
+                     "source": Path(split.items[part][i][0]).as_posix()}
+            if n < GOLDEN_PNGS:  # stored as RGB: the image the device's preprocessing starts from
+                entry["file"] = f"golden/images/{n:03d}.png"
+                rgb.save(staging / entry["file"])
+            index.append(entry)
+        crop_arr = np.stack(crops)
+        inputs = np.stack([preproc.normalize(c) for c in crop_arr])
         sess = ort.InferenceSession(str(staging / FP32_MODEL), providers=["CPUExecutionProvider"])
         input_name, output_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name  # as exported
-        outputs = sess.run([output_name], {input_name: inputs})[0].astype(np.float32)
-        np.save(staging / GOLDEN_INPUTS, inputs)
+        del sess
+        outputs = onnx_logits(staging / FP32_MODEL, inputs)
+        reference = onnx_logits(staging / INT8_MODEL, inputs, qdq="float")  # the INT8 gate's reference
+        val = split.paths("val")[:TOLERANCE_VAL_IMAGES]
+        xv = preproc.batch([_rgb(p) for p in val]) if val else inputs[:0]
+        tolerance, note = derive_tolerances(np.concatenate([outputs, onnx_logits(staging / FP32_MODEL, xv)]),
+                                            np.concatenate([reference,
+                                                            onnx_logits(staging / INT8_MODEL, xv, qdq="float")]))
+        np.save(staging / GOLDEN_INPUTS, crop_arr)
         np.save(staging / GOLDEN_OUTPUTS, outputs)
+        np.save(staging / GOLDEN_INT8_OUTPUTS, reference)
         (staging / GOLDEN_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         h, w = pre.input_size
         speedup = latency["finetune"] / latency["qat"] if latency.get("qat") else None
@@ -164,7 +226,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                     | {"selected": shipped["selected"], "mode": shipped["mode"], "decision": shipped["decision"],
                        "quantized_nodes": shipped["quantized_nodes"],
                        "kept_float_layers": shipped["kept_float_layers"]}},
-            golden=GoldenInfo(count=len(index)),
+            golden=GoldenInfo(count=len(index), inputs=GOLDEN_INPUTS, outputs_int8=GOLDEN_INT8_OUTPUTS,
+                              margin_tolerance=tolerance, tolerance_note=note),
             build={"stage_keys": ctx.keys, "latency_threads": s.report.latency_threads,
                    "latency_iters": s.report.latency_iters,
                    "speedup_int8_vs_torch_eager_fp32": round(speedup, 3) if speedup else None,
@@ -173,4 +236,18 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
                    "training_processes": ctx.processes,
                    "preprocess": pre.model_dump(mode="json"), **_transfer_choices(ctx)},
         )
-        return write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True)
+        gate: dict[str, Any] = {}
+        out = write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True,
+                           check=lambda sealed: gate.update(self_gate(sealed)))
+    ctx.parity_gate = gate
+    g8 = gate["int8"]
+    ctx.console.print(f"  parity gate (as shipped, ort-cpu, Q/DQ in float): int8 top-1 {g8['top1_agreement']:.3f} "
+                      f"of {g8['judged']}/{g8['count']} judged golden images (margin > {g8['margin_tolerance']:.3g}),"
+                      " fp32 passed too")
+    return out
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)

@@ -81,6 +81,7 @@ class Context:
     processes: int = 1  # training processes (edge-tl build --nproc: torchrun, edge_tl.workstation.train.distributed)
     parent: str = "finetune"  # the stage whose model is pruned: finetune or scratch (pipeline.guard)
     transfer: dict[str, Any] | None = None  # the negative-transfer guard's record (pipeline.guard)
+    parity_gate: dict[str, Any] | None = None  # the build's own parity gate on the sealed bundle (bundling.self_gate)
 
     @property
     def pre(self) -> PreprocessConfig:

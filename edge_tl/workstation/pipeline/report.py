@@ -363,6 +363,14 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
              f"Export: opset {ex['opset']}, max |ONNX - PyTorch| = {ex['max_abs_diff']:.2e}. INT8: {q['method']} "
              f"calibration on {q['calib_count']} training images, per-channel={q['per_channel']}, "
              f"{q['quantized_nodes']} quantized nodes.", ""]
+    gate = ctx.parity_gate or {}
+    if gate.get("int8"):
+        g8, g32 = gate["int8"], gate.get("fp32", {})
+        lines += [f"Parity gate (the build ran the gate the bundle ships with, ONNX Runtime CPU, Q/DQ in float): "
+                  f"INT8 top-1 {g8['top1_agreement']:.3f} of {g8['judged']}/{g8['count']} judged golden images "
+                  f"(reference margin above {g8['margin_tolerance']:.4g}), FP32 "
+                  f"{g32.get('top1_agreement', float('nan')):.3f}: passed. On the device, `edge-tl engine check` "
+                  "compares an INT8 engine with the INT8 reference outputs stored in the bundle.", ""]
     arts = json.loads((result.bundle_dir / "manifest.json").read_text()).get("artifacts", {})
     if "model.onnx" in arts and "model.int8.onnx" in arts:
         lines += [f"Model hashes (sha256): `model.onnx` `{arts['model.onnx']['sha256']}`, `model.int8.onnx` "

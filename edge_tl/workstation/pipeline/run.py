@@ -248,6 +248,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     atomic_write_text(run_dir / "metrics.json", json.dumps({"stages": metrics, "latency_ms": latency,
                                                            "comparison": comparison, "stats": stats,
                                                            "transfer": ctx.transfer,
+                                                           "parity_gate": ctx.parity_gate,
                                                            "targets": [{"target": w, "measured": m, "verdict": v}
                                                                        for w, m, v in result.targets]},
                                                           indent=2, default=float) + "\n")
