@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py",
            "bench_rank.py", "bench_imbalance.py", "bench_ddp.py", "bench_transfer.py", "bench_augment.py",
-           "bench_calibration.py", "bench_serve_limits.py", "bench_pareto.py", "bench_recovery.py")
+           "bench_calibration.py", "bench_serve_limits.py", "bench_pareto.py", "bench_recovery.py", "bench_gate.py")
 
 
 def main() -> int:

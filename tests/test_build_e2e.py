@@ -115,7 +115,7 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert {g["split"] for g in index} <= {"test", "val", "train"}
     # the build ran the gate it ships with: recorded, said, and the tolerance recorded in the bundle
     gate = json.loads((run / "metrics.json").read_text())["parity_gate"]
-    assert gate["int8"]["passed"] and gate["fp32"]["passed"] and gate["int8"]["quantization_ratio"] > 0.99
+    assert gate["int8"]["passed"] and gate["fp32"]["passed"] and gate["int8"]["int8_departure"] > 0.99
     assert gate["int8"]["margin_tolerance"] == m.golden.margin_tolerance["int8"] > m.golden.margin_tolerance["fp16"]
     assert "parity gate (as shipped" in proc.stderr + proc.stdout and "95% quantile" in m.golden.tolerance_note
     # INT8 accuracy as TensorRT computes it (Q/DQ in float), the CPU-kernel figure beside it under its own name

@@ -277,7 +277,7 @@ def test_failed_parity_gate_switches_nothing(sshd, bundles, root_with_a):
     root = root_with_a
     proc = sshd.cli("push", str(bundles["broken"]), "--no-restart", root=root)
     assert proc.returncode == 3
-    assert "parity gate failed" in proc.stderr and "top-1 changed on 6/6" in proc.stderr
+    assert "parity gate failed" in proc.stderr and "top-1 changed on 6/6 judged" in proc.stderr
     assert DeviceLayout(root).active_version() == _id(bundles["a"]) and _versions(root) == {_id(bundles["a"])}
     _assert_clean(root)
 

@@ -212,7 +212,7 @@ def test_failed_gate_stops_the_rollout(fleet, bundles, root_ab, tmp_path):
     assert rows["h0"]["gate_detail"] == "fp32 on ort-cpu"
     h1 = rows["h1"]
     assert (h1["outcome"], h1["gate"], h1["before"], h1["after"], h1["batch"]) == ("gate-failed", "failed", b, b, 2)
-    assert "parity gate failed" in h1["error"] and "top-1 changed on 6/6" in h1["error"]
+    assert "parity gate failed" in h1["error"] and "top-1 changed on 6/6 judged" in h1["error"]
     assert (rows["h2"]["outcome"], rows["h2"]["batch"]) == ("not-reached", None)
     # on the devices
     assert _active(roots[0]) == broken

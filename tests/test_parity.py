@@ -13,7 +13,7 @@ from bundle_factory import make_tiny_bundle
 from edge_tl.cli import main
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import CheckFailed, EdgeTLError
-from edge_tl.core.parity import derive_tolerances, judge, quantization_ratio
+from edge_tl.core.parity import derive_tolerances, int8_departure, judge
 from edge_tl.device.engine.fallback import (
     keep_layers_in_float,
     keep_layers_model,
@@ -52,7 +52,7 @@ def test_a_near_tie_is_reported_not_counted_and_a_clear_flip_is_counted():
     ref = np.array([[2.0, 1.885, 0.0]] + [[8.0, 0.0, 1.0]] * 9)  # input 0: margin 0.115
     dev = ref.copy()
     dev[0] = [1.9, 1.95, 0.0]  # the near-tie flips
-    th = ParityThresholds.for_precision("int8", min_quantization_ratio=None)
+    th = ParityThresholds.for_precision("int8", min_int8_departure=None)
     out = compare_outputs("logits", dev, ref, margin_tolerance=0.5, reference_kind="int8")
     assert out.judged == 9 and out.top1_mismatches == [] and out.near_tie_changes == [0]
     assert out.top1_agreement == 1.0 and judge(out, th) == []
@@ -65,17 +65,17 @@ def test_a_near_tie_is_reported_not_counted_and_a_clear_flip_is_counted():
     assert flipped.top1_mismatches == [1, 2] and judge(flipped, th)[0].startswith("logits top-1 changed on 2/9")
 
 
-def test_quantization_ratio_tells_the_int8_model_from_a_float_one():
+def test_int8_departure_tells_the_int8_model_from_a_float_one():
     rng = np.random.default_rng(0)
     fp32 = rng.normal(0, 3, (64, 5))
     int8 = fp32 + rng.normal(0, 0.3, fp32.shape)
-    assert quantization_ratio(int8, int8, fp32) == 1.0
-    assert quantization_ratio(fp32, int8, fp32) == 0.0
-    kernels = int8 + rng.normal(0, 0.03, fp32.shape)  # another INT8 implementation: close to the reference
-    assert quantization_ratio(kernels, int8, fp32) > 0.8
-    fp16 = fp32 + rng.normal(0, 0.003, fp32.shape)  # a float engine: close to FP32, far from INT8
-    assert abs(quantization_ratio(fp16, int8, fp32)) < 0.05
-    assert quantization_ratio(fp32, fp32, fp32) is None  # INT8 == FP32: nothing to tell them apart by
+    assert int8_departure(int8, int8, fp32) == 1.0
+    assert int8_departure(fp32, int8, fp32) == 0.0
+    kernels = fp32 + rng.normal(0, 0.3, fp32.shape)  # another INT8 implementation: its own quantization noise
+    assert 0.8 < int8_departure(kernels, int8, fp32) < 1.2
+    fp16 = fp32 + rng.normal(0, 0.003, fp32.shape)  # a float engine: close to FP32
+    assert int8_departure(fp16, int8, fp32) < 0.05
+    assert int8_departure(fp32, fp32, fp32) is None  # INT8 == FP32: nothing to tell them apart by
 
 
 def test_tolerances_follow_the_quantization_shift():
@@ -93,8 +93,8 @@ def test_tolerances_follow_the_quantization_shift():
 def test_thresholds_by_precision_and_overrides():
     assert ParityThresholds.for_precision("fp32").max_top1_drop == 0.0
     assert ParityThresholds.for_precision("int8") == DEFAULT_THRESHOLDS["best"]
-    assert ParityThresholds.for_precision("int8").min_quantization_ratio == 0.25
-    assert ParityThresholds.for_precision("fp16").min_quantization_ratio is None
+    assert ParityThresholds.for_precision("int8").min_int8_departure == 0.4
+    assert ParityThresholds.for_precision("fp16").min_int8_departure is None
     th = ParityThresholds.for_precision("int8", min_cosine=0.5, max_top1_drop=None)
     assert th.min_cosine == 0.5 and th.max_top1_drop == 0.10
     with pytest.raises(EdgeTLError):
@@ -108,12 +108,12 @@ def test_fp32_and_int8_pass_on_onnxruntime(tiny_bundle_src):
     assert fp32.passed and fp32.failures == []
     logits = fp32.outputs["logits"]
     assert logits.count == 6 and logits.top1_agreement == 1.0 and logits.max_abs_diff < 1e-5
-    assert logits.cosine_min > 0.999999 and logits.reference == "fp32" and logits.quantization_ratio is None
+    assert logits.cosine_min > 0.999999 and logits.reference == "fp32" and logits.int8_departure is None
     # the INT8 model with Q/DQ in float is the reference itself: the build's own gate
     int8 = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8", qdq="float"), "int8", batch_size=4)
     o = int8.outputs["logits"]
     assert int8.passed and o.reference == "int8" and o.top1_agreement == 1.0 and o.max_abs_diff < 1e-5
-    assert o.quantization_ratio == pytest.approx(1.0, abs=1e-4) and o.margin_tolerance > 0
+    assert o.int8_departure == pytest.approx(1.0, abs=1e-4) and o.margin_tolerance > 0
     assert int8.runner["qdq"] == "float" and int8.bundle["reference"] == "int8"
     # ONNX Runtime's CPU integer kernels: their numerics depend on the CPU (an AVX2-only EPYC gave cosine 0.996
     # where a VNNI Xeon gives 0.9999), so only what holds everywhere: they run and give finite outputs
@@ -141,13 +141,13 @@ def test_gates_that_must_fail_still_fail(tiny_bundle_src, broken_bundle):
     """A model with other weights, an FP32 or FP16 model gated as INT8, a reversed class order, NaN outputs."""
     bundle = Bundle.open(broken_bundle)
     report = check_parity(bundle, create_runner(bundle, "ort-cpu", "int8", qdq="float"), "int8")
-    assert not report.passed and report.outputs["logits"].quantization_ratio < 0
+    assert not report.passed and report.failures
     with pytest.raises(CheckFailed) as exc:
         report.raise_if_failed()
     assert exc.value.exit_code == 3 and "keep-worst" in str(exc.value)
     good = Bundle.open(tiny_bundle_src)
     as_int8 = check_parity(good, create_runner(good, "ort-cpu", "fp32"), "int8")  # a float engine gated as INT8
-    assert not as_int8.passed and as_int8.outputs["logits"].quantization_ratio == pytest.approx(0.0, abs=1e-4)
+    assert not as_int8.passed and as_int8.outputs["logits"].int8_departure == pytest.approx(0.0, abs=1e-4)
     assert any("does not compute the INT8 model" in f for f in as_int8.failures)
     rng = np.random.default_rng(0)
     fp16 = _Twisted(good.model_path("fp32"), lambda v: (v.astype(np.float16).astype(np.float32)
@@ -161,7 +161,7 @@ def test_gates_that_must_fail_still_fail(tiny_bundle_src, broken_bundle):
     assert any("NaN" in f for f in check_parity(good, nan, "int8").failures)
     strict = check_parity(good, create_runner(good, "ort-cpu", "int8", qdq="float"), "int8",
                           ParityThresholds(max_top1_drop=0.0, min_cosine=0.999999, max_rel_diff=1e-5,
-                                           min_quantization_ratio=0.999))
+                                           min_int8_departure=0.999))
     assert strict.passed  # the reference itself passes the tightest thresholds
 
 
@@ -174,7 +174,7 @@ def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_pat
     data = json.loads(ok.read_text())
     assert data["passed"] is True and data["outputs"]["logits"]["top1_agreement"] == 1.0
     assert data["thresholds"] == {"max_top1_drop": 0.0, "min_cosine": 0.9999, "max_rel_diff": 0.01,
-                                  "min_quantization_ratio": None}
+                                  "min_int8_departure": None}
     assert "passed" in capsys.readouterr().out
 
     bad = tmp_path / "bad.json"
@@ -185,13 +185,13 @@ def test_cli_check_exit_codes_and_report(tiny_bundle_src, broken_bundle, tmp_pat
     data = json.loads(bad.read_text())
     assert data["passed"] is False and data["outputs"]["logits"]["reference"] == "int8"
     assert data["runner"]["qdq"] == "float"  # ort-cpu judges the Q/DQ model as written, on every CPU
-    assert "does not compute the INT8 model" in capsys.readouterr().err
+    assert "top-1 changed on 6/6 judged" in capsys.readouterr().err
 
     # loosened from the command line, the same engine passes
     with pytest.raises(SystemExit) as exc:
         main(["engine", "check", str(broken_bundle), "--backend", "ort-cpu", "--precision", "int8",
               "--max-top1-drop", "1", "--min-cosine", "-1", "--max-rel-diff", "10",
-              "--min-quantization-ratio", "-1000"])
+              "--min-int8-departure", "0"])
     assert exc.value.code == 0
 
 

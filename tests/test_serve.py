@@ -58,7 +58,8 @@ def test_health_and_metadata_shapes(server, bundle):
     assert r.headers["x-model-version"] == version
     assert r.json() == {"name": "tiny", "versions": [version], "platform": "onnxruntime_onnx",
                         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}],
-                        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 4]}]}
+                        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 4]}],
+                        "parameters": {"bundle_id": version, "precision": "int8", "training_failed": False}}
     assert httpx.get(server.url + f"/v2/models/tiny/versions/{version}").json()["versions"] == [version]
     cfg = httpx.get(server.url + "/v2/models/tiny/config").json()
     assert cfg["max_batch_size"] == 8 and cfg["input"][0]["dims"] == [3, 16, 16]

@@ -62,6 +62,10 @@ def _device(to: str, identity: Path | None, root: str, remote: str, known: Path 
     return RemoteDevice(session, root, remote, notify=lambda msg: err.print(f"[dim]{escape(msg)}[/]"))
 
 
+ALLOW_FAILED = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose training failed (the build "
+                            "found its model no better than guessing); refused without it.")
+
+
 @deploy_app.command("push")
 def push_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder or .tar.gz (from edge-tl build)."),
@@ -75,7 +79,7 @@ def push_cmd(
                                   "trtexec (JetPack 5)."),
     transfer: Transfer = typer.Option(Transfer.auto, "--transfer", help="rsync where both ends have it, else SFTP."),
     lock_timeout: float = LOCK, no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
-    health_timeout: float = HEALTH_T, as_json: bool = JSON,
+    health_timeout: float = HEALTH_T, as_json: bool = JSON, allow_failed_training: bool = ALLOW_FAILED,
 ) -> None:
     """Upload, verify, build the engine, gate, then switch atomically; the running model stays on any failure."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -88,6 +92,8 @@ def push_cmd(
         task = progress.add_task(f"upload to {escape(device.session.target.host)}", total=None)
         result = push(device, bundle, precision=_v(precision), backend=_v(backend), build_via=_v(build_via),
                       keep=keep, lock_timeout=lock_timeout, transfer=_v(transfer),
+                      allow_failed_training=allow_failed_training,
+                      on_warning=lambda msg: err.print(f"[bold yellow]{escape(msg)}[/]"),
                       svc=_svc(no_restart, restart_cmd, health_url, health_timeout),
                       progress=lambda done, total: progress.update(task, completed=done, total=total),
                       on_uploaded=lambda _result: progress.stop())
@@ -186,13 +192,14 @@ def device_install(
     backend: Backend = typer.Option(Backend.auto, "--backend"), build_via: Via = typer.Option(Via.api, "--build-via"),
     keep: int = typer.Option(3, "--keep", min=1), lock_timeout: float = LOCK,
     origin: str = typer.Option(None, "--origin"), no_restart: bool = NO_RESTART, restart_cmd: str = RESTART,
-    health_url: str = HEALTH, health_timeout: float = HEALTH_T,
+    health_url: str = HEALTH, health_timeout: float = HEALTH_T, allow_failed_training: bool = ALLOW_FAILED,
 ) -> None:
     """Verify, gate and activate an uploaded bundle (prints the result as JSON)."""
     from edge_tl.device.deploy.device import install
 
     _emit(install(root, upload, sha256=sha256, bundle_id=bundle_id, precision=_v(precision), backend=_v(backend),
                   build_via=_v(build_via), keep=keep, lock_timeout=lock_timeout, origin=origin,
+                  allow_failed_training=allow_failed_training,
                   svc=_svc(no_restart, restart_cmd, health_url, health_timeout)))
 
 

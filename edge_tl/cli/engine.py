@@ -131,7 +131,7 @@ def build_cmd(
     out.print(escape(str(engine)))
 
 
-def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff, min_quantization_ratio=None):
+def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff, min_int8_departure=None):
     import math
 
     from edge_tl.core.errors import EdgeTLError
@@ -140,21 +140,20 @@ def _thresholds(precision: str, max_top1_drop, min_cosine, max_rel_diff, min_qua
     for flag, value, low, high in (("--max-top1-drop", max_top1_drop, 0.0, 1.0),
                                    ("--min-cosine", min_cosine, -1.0, 1.0),
                                    ("--max-rel-diff", max_rel_diff, 0.0, math.inf),
-                                   ("--min-quantization-ratio", min_quantization_ratio, -math.inf, 1.0)):
+                                   ("--min-int8-departure", min_int8_departure, 0.0, math.inf)):
         if value is not None and not (low <= value <= high):  # nan fails both comparisons
-            span = (f">= {low:g}" if high == math.inf else f"<= {high:g}" if low == -math.inf
-                    else f"between {low:g} and {high:g}")
+            span = f">= {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
             raise EdgeTLError(f"{flag} must be {span}, got {value}", f"pass {flag} within that range")
     return ParityThresholds.for_precision(precision, max_top1_drop=max_top1_drop, min_cosine=min_cosine,
-                                          max_rel_diff=max_rel_diff, min_quantization_ratio=min_quantization_ratio)
+                                          max_rel_diff=max_rel_diff, min_int8_departure=min_int8_departure)
 
 
 def _parity_table(report) -> Table:
     table = Table(title=f"parity {report.precision} on {report.backend}: {'PASSED' if report.passed else 'FAILED'}")
-    for col in ("output", "vs", "judged", "top-1 agree", "near-ties", "cos min", "max rel", "q-ratio"):
+    for col in ("output", "vs", "judged", "top-1 agree", "near-ties", "cos min", "max rel", "INT8 dep."):
         table.add_column(col, justify="right" if col not in ("output", "vs") else "left")
     for o in report.outputs.values():
-        ratio = "-" if o.quantization_ratio is None else f"{o.quantization_ratio:.3f}"
+        ratio = "-" if o.int8_departure is None else f"{o.int8_departure:.3f}"
         table.add_row(o.name, o.reference.upper(), f"{o.judged}/{o.count}", f"{o.top1_agreement:.3f}",
                       str(len(o.near_tie_changes)), f"{o.cosine_min:.5f}", f"{o.max_rel_diff:.4g}", ratio)
     return table
@@ -171,9 +170,9 @@ def check_cmd(
     max_top1_drop: float = typer.Option(None, "--max-top1-drop", help="Allowed fraction of changed top-1."),
     min_cosine: float = typer.Option(None, "--min-cosine", help="Lowest per-sample cosine similarity."),
     max_rel_diff: float = typer.Option(None, "--max-rel-diff", help="Max |out - reference| / max |reference|."),
-    min_quantization_ratio: float = typer.Option(
-        None, "--min-quantization-ratio",
-        help="int8/best: lowest share of the INT8 model's departure from FP32 the engine must reproduce."),
+    min_int8_departure: float = typer.Option(
+        None, "--min-int8-departure",
+        help="int8/best: lowest |out - FP32| / |INT8 reference - FP32| (a float engine gated as INT8: ~0)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="TensorRT engine cache."),
     no_build: bool = typer.Option(False, "--no-build", help="Don't build a missing TensorRT engine."),
     threads: int = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
@@ -193,7 +192,7 @@ def check_cmd(
     try:
         bundle = Bundle.open(bundle_path)
         prec = precision or bundle.manifest.default_precision
-        thresholds = _thresholds(prec, max_top1_drop, min_cosine, max_rel_diff, min_quantization_ratio)
+        thresholds = _thresholds(prec, max_top1_drop, min_cosine, max_rel_diff, min_int8_departure)
         runner = _runner(bundle, engine_file, backend, prec, cache_dir, no_build, threads)
         report = check_parity(bundle, runner, prec, thresholds)
     except Exception as exc:  # any failure still leaves a report behind (deploy reads it)

@@ -84,6 +84,9 @@ def infer_cmd(
               + (f", written to {escape(str(out))}" if out else "")
               + (f"; scores: softmax(logits / {summary.temperature:g}), the bundle's calibrated temperature"
                  if summary.calibrated else "; scores: plain softmax (the bundle has no calibrated temperature)"))
+    for problem in summary.training_problems:
+        err.print(f"[bold yellow]WARNING: this bundle's training failed ({escape(problem)}): its answers are no "
+                  "better than guessing[/]")
     if summary.errors:  # some pictures (files, frames, folders) failed: say so in the exit code
         raise typer.Exit(1)
 

@@ -104,8 +104,11 @@ def deploy_cmd(
     lock_timeout: float = LOCK, no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
     health_timeout: float = HEALTH_T, forks: int = FORKS, ansible_dir: Path = ANSIBLE_DIR, report: Path = REPORT,
     as_json: bool = JSON,
+    allow_failed_training: bool = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose "
+                                               "training failed (no better than guessing); refused without it."),
 ) -> None:
     """Verify the bundle here, then on each host: upload, verify, build the engine, gate, switch, check health."""
+    from edge_tl.core.bundle import refuse_failed_training
     from edge_tl.core.errors import EdgeTLError
     from edge_tl.workstation.ship.client import prepare
 
@@ -113,6 +116,9 @@ def deploy_cmd(
         raise EdgeTLError(f"--precision {precision} is not one of int8, fp16, fp32", "choose one of them")
     with prepare(bundle) as prep:  # verified against its manifest here first, packed when a folder
         m = prep.manifest
+        warning = refuse_failed_training(m, allow_failed_training)  # refused before any host is touched
+        if warning:
+            err.print(f"[bold yellow]{escape(warning)}[/]")
         extravars = {"edge_tl_bundle": str(prep.tarball.resolve()), "edge_tl_bundle_sha256": prep.sha256,
                      "edge_tl_bundle_id": m.bundle_id,
                      "edge_tl_origin": f"{getpass.getuser()}@{socket.gethostname()}:{os.path.abspath(bundle)}",
@@ -121,6 +127,8 @@ def deploy_cmd(
                               health_timeout=health_timeout)}
         if no_restart:
             extravars["edge_tl_restart"] = False
+        if allow_failed_training:
+            extravars["edge_tl_allow_failed_training"] = True
         _run("deploy", inventory, limit, serial, max_fail, known_hosts, accept_new_host_key, forks, ansible_dir,
              report, as_json, extravars, bundle={"path": str(bundle), "bundle_id": m.bundle_id, "name": m.name,
                                                  "sha256": prep.sha256})

@@ -15,22 +15,25 @@ above the build's ``margin_tolerance`` for that precision (``golden.margin_toler
 
 Default thresholds, by precision (override any; ``None`` switches a check off):
 
-======== ============== ========== ============ ============== ===============================================
-precision max_top1_drop min_cosine max_rel_diff min_quant_ratio why
-======== ============== ========== ============ ============== ===============================================
-fp32     0.0            0.9999     0.01         -              same maths; TF32 alone gives ~1e-3 relative
-fp16     0.02           0.999      0.05         -              10-bit mantissa on activations
-int8     0.10           0.95       0.5          0.25           >= 90 % of judged top-1 agree with the INT8
-                                                               reference; the outputs must be INT8's, not a
-                                                               float model's (quantization ratio below)
+======== ============== ========== ============ ================== ===========================================
+precision max_top1_drop min_cosine max_rel_diff min_int8_departure why
+======== ============== ========== ============ ================== ===========================================
+fp32     0.0            0.9999     0.01         -                  same maths; TF32 alone gives ~1e-3 relative
+fp16     0.02           0.999      0.05         -                  10-bit mantissa on activations
+int8     0.10           0.95       0.5          0.4                >= 90 % of judged top-1 agree with the INT8
+                                                                   reference; the outputs must carry INT8's
+                                                                   quantization noise (departure below)
 best     as int8
-======== ============== ========== ============ ============== ===============================================
+======== ============== ========== ============ ================== ===========================================
 
 ``max_top1_drop`` is a fraction of the judged inputs (64 golden inputs by default, so one input cannot decide).
-``max_rel_diff`` = max |out - reference| / max |reference|. The *quantization ratio* says how much of the INT8
-model's departure from FP32 the device reproduces: ``1 - |out - int8| / |fp32 - int8|`` (Frobenius norms over
-the golden set): 1 for a device that computes the INT8 model, about 0 for one that runs a float model (an FP16
-or FP32 engine gated as INT8), below 0 for one that computes something else.
+``max_rel_diff`` = max |out - reference| / max |reference|. The *INT8 departure* tells an INT8 engine from a float
+one: ``|out - fp32| / |int8 - fp32|`` (Frobenius norms over the golden set), how far the outputs are from the FP32
+model's, relative to how far the INT8 reference is. Any INT8 implementation carries quantization noise of the
+reference's order (the reference itself: 1; ONNX Runtime's fused CPU integer kernels, another rounding of the same
+model: 0.81 on the demo, seed 0), a float engine only its rounding (FP32/TF32 about 0.01, FP16 outputs about 0.02
+on the demo): an FP16 or FP32 engine gated as INT8 fails. Where quantization barely moves the outputs the two
+cannot be told apart by outputs; the check then errs towards passing (a float engine is no less accurate).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ class ParityThresholds(BaseModel):
     max_top1_drop: float | None = Field(None, ge=0, le=1, description="allowed fraction of judged top-1 changes")
     min_cosine: float | None = Field(None, ge=-1, le=1, description="lowest per-sample cosine similarity")
     max_rel_diff: float | None = Field(None, ge=0, description="max |out - reference| / max |reference|")
-    min_quantization_ratio: float | None = Field(
-        None, le=1, description="lowest share of the INT8 model's departure from FP32 the output must reproduce")
+    min_int8_departure: float | None = Field(
+        None, ge=0, description="int8/best: lowest |out - fp32| / |int8 reference - fp32| (a float engine: ~0)")
 
     @classmethod
     def for_precision(cls, precision: str, **overrides: float | None) -> ParityThresholds:
@@ -73,7 +76,7 @@ class ParityThresholds(BaseModel):
 DEFAULT_THRESHOLDS = {
     "fp32": ParityThresholds(max_top1_drop=0.0, min_cosine=0.9999, max_rel_diff=0.01),
     "fp16": ParityThresholds(max_top1_drop=0.02, min_cosine=0.999, max_rel_diff=0.05),
-    "int8": ParityThresholds(max_top1_drop=0.10, min_cosine=0.95, max_rel_diff=0.5, min_quantization_ratio=0.25),
+    "int8": ParityThresholds(max_top1_drop=0.10, min_cosine=0.95, max_rel_diff=0.5, min_int8_departure=0.4),
 }
 DEFAULT_THRESHOLDS["best"] = DEFAULT_THRESHOLDS["int8"]
 
@@ -97,7 +100,7 @@ class OutputParity(BaseModel):
     max_rel_diff: float
     cosine_min: float
     cosine_mean: float
-    quantization_ratio: float | None = Field(None, description="see the module doc; None where not measured")
+    int8_departure: float | None = Field(None, description="see the module doc; None where not measured")
     finite: bool = True
 
 
@@ -128,8 +131,8 @@ class ParityReport(BaseModel):
             part = (f"{o.name} vs {o.reference.upper()} reference: top-1 {o.top1_agreement:.3f} of {o.judged} judged"
                     f" ({len(o.near_tie_changes)} near-tie change(s) not counted), cosine min {o.cosine_min:.5f}, "
                     f"max |diff| {o.max_abs_diff:.4g} (rel {o.max_rel_diff:.4g})")
-            if o.quantization_ratio is not None:
-                part += f", quantization ratio {o.quantization_ratio:.3f}"
+            if o.int8_departure is not None:
+                part += f", INT8 departure {o.int8_departure:.3f}"
             parts.append(part)
         verdict = "passed" if self.passed else "FAILED: " + "; ".join(self.failures or [self.error or "?"])
         return f"parity {self.precision} on {self.backend} {verdict}" + (f" ({'; '.join(parts)})" if parts else "")
@@ -149,8 +152,8 @@ def top1_margins(logits: np.ndarray) -> np.ndarray:
     return top2[:, 1] - top2[:, 0]
 
 
-def quantization_ratio(actual: np.ndarray, int8: np.ndarray, fp32: np.ndarray) -> float | None:
-    """``1 - |actual - int8| / |fp32 - int8|`` (see the module doc); None where INT8 equals FP32 (nothing to tell
+def int8_departure(actual: np.ndarray, int8: np.ndarray, fp32: np.ndarray) -> float | None:
+    """``|actual - fp32| / |int8 - fp32|`` (see the module doc); None where INT8 equals FP32 (nothing to tell
     them apart by)."""
     a, q, f = (np.asarray(x, dtype=np.float64).reshape(len(x), -1) for x in (actual, int8, fp32))
     if a.shape != q.shape or f.shape != q.shape or not np.isfinite(a).all():
@@ -158,13 +161,13 @@ def quantization_ratio(actual: np.ndarray, int8: np.ndarray, fp32: np.ndarray) -
     apart = float(np.linalg.norm(f - q))
     if apart <= 1e-6 * max(float(np.linalg.norm(f)), 1e-12):
         return None
-    return 1.0 - float(np.linalg.norm(a - q)) / apart
+    return float(np.linalg.norm(a - f)) / apart
 
 
 def compare_outputs(name: str, actual: np.ndarray, reference: np.ndarray, *, margin_tolerance: float = 0.0,
                     reference_kind: str = "fp32", fp32: np.ndarray | None = None) -> OutputParity:
     """The parity numbers of one output (rows are samples). ``fp32``: the FP32 golden outputs, given when the
-    reference is the INT8 one (for the quantization ratio)."""
+    reference is the INT8 one (for the INT8 departure)."""
     actual = np.asarray(actual, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if actual.shape != reference.shape:
@@ -183,13 +186,13 @@ def compare_outputs(name: str, actual: np.ndarray, reference: np.ndarray, *, mar
     norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(g2, axis=1)
     cos = np.where(norms > 0, (a2 * g2).sum(axis=1) / np.where(norms > 0, norms, 1.0), 0.0)
     scale = float(np.abs(g2).max()) or 1.0
-    ratio = quantization_ratio(a2, g2, fp32) if fp32 is not None and finite else None
+    departure = int8_departure(a2, g2, fp32) if fp32 is not None and finite else None
     return OutputParity(name=name, count=n, reference=reference_kind, margin_tolerance=float(margin_tolerance),
                         judged=n_judged, top1_agreement=1.0 - len(mismatches) / n_judged if n_judged else 1.0,
                         top1_mismatches=[int(i) for i in mismatches], near_tie_changes=[int(i) for i in near],
                         max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
                         max_rel_diff=float(diff.max() / scale), cosine_min=float(cos.min()),
-                        cosine_mean=float(cos.mean()), quantization_ratio=ratio, finite=finite)
+                        cosine_mean=float(cos.mean()), int8_departure=departure, finite=finite)
 
 
 def judge(out: OutputParity, th: ParityThresholds) -> list[str]:
@@ -204,11 +207,11 @@ def judge(out: OutputParity, th: ParityThresholds) -> list[str]:
         fails.append(f"{out.name} cosine similarity {out.cosine_min:.5f} < {th.min_cosine}")
     if th.max_rel_diff is not None and out.max_rel_diff > th.max_rel_diff:
         fails.append(f"{out.name} max relative difference {out.max_rel_diff:.4g} > {th.max_rel_diff}")
-    if (th.min_quantization_ratio is not None and out.quantization_ratio is not None
-            and out.quantization_ratio < th.min_quantization_ratio):
-        fails.append(f"{out.name} reproduces {out.quantization_ratio:.3f} of the INT8 model's departure from FP32 "
-                     f"(< {th.min_quantization_ratio}): the engine does not compute the INT8 model (a float "
-                     "engine gated as INT8, or another model)")
+    if (th.min_int8_departure is not None and out.int8_departure is not None
+            and out.int8_departure < th.min_int8_departure):
+        fails.append(f"{out.name} is {out.int8_departure:.3f} as far from the FP32 outputs as the INT8 reference "
+                     f"(< {th.min_int8_departure}): the engine does not compute the INT8 model (a float engine "
+                     "gated as INT8?)")
     return fails
 
 

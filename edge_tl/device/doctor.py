@@ -191,6 +191,11 @@ def bundle_rows(f: Facts, bundle) -> list[Row]:
         rows.append(Row(item="bundle", value=f"{bundle.manifest.name} ({bundle.manifest.bundle_id}) verified"))
     except CheckFailed as exc:
         rows.append(Row(item="bundle", value=exc.problem, status="blocker", fix=exc.fix))
+    problems = bundle.manifest.training_problems()
+    rows.append(Row(item="training", value="; ".join(problems) if problems else "better than guessing (build check)",
+                    status="blocker" if problems else "ok",
+                    fix="fix the data or the recipe and rebuild (deploy refuses it without --allow-failed-training)"
+                    if problems else None))
     target = bundle.manifest.target
     dev = DeviceInfo.from_dict(f.device) if f.device else None
     trt_version = dev.tensorrt_version if dev else f.packages.get("tensorrt")

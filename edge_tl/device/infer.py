@@ -132,6 +132,7 @@ class InferSummary:
     reconnects: int = 0
     temperature: float = 1.0  # the scores' temperature (the bundle's postprocess.json)
     calibrated: bool = False  # False: the bundle has no fitted temperature (plain softmax)
+    training_problems: list[str] = field(default_factory=list)  # the build found the model no better than guessing
 
 
 def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, root: str | Path | None = None,
@@ -146,7 +147,8 @@ def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, roo
     b, engine_dir = resolve_bundle(bundle, root)
     out = out or sys.stdout
     classifier = Classifier.load(b, backend, precision, threads=threads, engine_dir=engine_dir)
-    summary = InferSummary(temperature=b.postprocess.temperature, calibrated=b.postprocess.calibrated)
+    summary = InferSummary(temperature=b.postprocess.temperature, calibrated=b.postprocess.calibrated,
+                           training_problems=b.manifest.training_problems())
     try:
         items = open_source(spec, every=every, max_fps=max_fps, max_reconnects=max_reconnects)
         for rec in records(classifier, items, k):

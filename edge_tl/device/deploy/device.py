@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl import __version__
-from edge_tl.core.bundle import Bundle, bundle_id_of, utc_now
+from edge_tl.core.bundle import Bundle, bundle_id_of, refuse_failed_training, utc_now
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import chmod_default, safe_extract, sha256_file
 from edge_tl.core.layout import DeviceLayout
@@ -116,7 +116,7 @@ def _restore(layout: DeviceLayout, version: str, aside: Path | None) -> None:
 def install(root: Path, upload: Path, *, sha256: str | None = None, bundle_id: str | None = None,
             precision: str | None = None, backend: str = "auto", build_via: str = "api", keep: int = 3,
             lock_timeout: float = 600.0, origin: str | None = None,
-            svc: service.ServiceOptions | None = None) -> dict[str, Any]:
+            svc: service.ServiceOptions | None = None, allow_failed_training: bool = False) -> dict[str, Any]:
     """Install ``upload`` (a bundle .tar.gz already on this device) and activate it; see the module doc."""
     if keep < 1:
         raise EdgeTLError(f"--keep {keep} must be at least 1", "keep 3 (the default) or more")
@@ -131,23 +131,32 @@ def install(root: Path, upload: Path, *, sha256: str | None = None, bundle_id: s
             raise EdgeTLError(f"the upload {upload} is not on the device", "re-run edge-tl deploy to upload it")
         try:  # the upload is consumed whatever happens now (only a transfer cut short is resumed)
             return _install_upload(layout, upload, sha256, bundle_id, precision, backend, build_via, keep, origin,
-                                   svc)
+                                   svc, allow_failed_training)
         finally:
             upload.unlink(missing_ok=True)
 
 
 def _install_upload(layout: DeviceLayout, upload: Path, sha256: str | None, bundle_id: str | None,
                     precision: str | None, backend: str, build_via: str, keep: int, origin: str | None,
-                    svc: service.ServiceOptions) -> dict[str, Any]:
+                    svc: service.ServiceOptions, allow_failed_training: bool = False) -> dict[str, Any]:
     if sha256 and sha256_file(upload) != sha256:
         raise CheckFailed(f"the uploaded {upload.name} does not match its sha256 (damaged in transit); "
                           "it was deleted", "re-run edge-tl deploy: the transfer starts over")
     staging, bundle = _unpack(layout, upload, bundle_id)
     version, manifest = bundle.manifest.bundle_id, bundle.manifest
+    try:
+        training_warning = refuse_failed_training(manifest, allow_failed_training)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if training_warning:
+        say(training_warning)
     if version == layout.active_version():
         shutil.rmtree(staging, ignore_errors=True)
         return {"status": "already-active", "bundle_id": version, "root": str(layout.root)}
     plan = gate.plan_gate(backend, precision or manifest.default_precision, build_via, available_backends())
+    if training_warning:
+        plan.notes.append(training_warning)
     for note in plan.notes:
         say(f"note: {note}")
     ssh_client = os.environ.get("SSH_CLIENT", "").split(" ")[0] or None  # the workstation's address

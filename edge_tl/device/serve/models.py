@@ -82,8 +82,16 @@ class LoadedModel:
             raise ProtocolError(500, f"inference failed: {type(exc).__name__}: {exc}") from None
 
     def metadata(self, name: str) -> dict[str, Any]:
+        """KServe v2 model metadata, plus ``parameters`` (an extension the protocol allows): the precision and,
+        where the build found the model no better than guessing, ``training_failed`` with why."""
+        problems = self.bundle.manifest.training_problems()
+        params: dict[str, Any] = {"bundle_id": self.version, "precision": self.precision,
+                                  "training_failed": bool(problems)}
+        if problems:
+            params["training_problems"] = problems
         return {"name": name, "versions": [self.version], "platform": self.platform,
-                "inputs": [t.as_json() for t in self.inputs], "outputs": [t.as_json() for t in self.outputs]}
+                "inputs": [t.as_json() for t in self.inputs], "outputs": [t.as_json() for t in self.outputs],
+                "parameters": params}
 
     def model_config(self, name: str) -> dict[str, Any]:
         """Triton's model configuration (the parts that apply), for clients that read it."""
@@ -133,6 +141,8 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
     precision = config.precision or m.default_precision
     model = LoadedModel(bundle, runner, config, metrics, precision)
     post = bundle.postprocess
+    for problem in m.training_problems():
+        log.warning("model %s: training failed (%s): its answers are no better than guessing", m.name, problem)
     log.info("model %s (%s, version %s) loaded on %s, %s; /classify scores softmax(logits / %g)%s", m.name,
              bundle.root, model.version, runner.backend, precision, post.temperature,
              "" if post.calibrated else " (no calibrated temperature in this bundle: plain softmax)")

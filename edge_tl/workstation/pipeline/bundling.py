@@ -105,7 +105,7 @@ def self_gate(bundle_dir: Path) -> dict[str, Any]:
         o = next(iter(report.outputs.values()))
         out[precision] = {"passed": report.passed, "judged": o.judged, "count": o.count,
                           "top1_agreement": o.top1_agreement, "cosine_min": round(o.cosine_min, 6),
-                          "quantization_ratio": o.quantization_ratio, "margin_tolerance": o.margin_tolerance,
+                          "int8_departure": o.int8_departure, "margin_tolerance": o.margin_tolerance,
                           "failures": report.failures}
         if not report.passed:
             raise CheckFailed(f"the bundle fails its own parity gate, so it was not written: {report.summary()}",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edge_tl.core.bundle import MANIFEST, Bundle, Manifest
+from edge_tl.core.bundle import MANIFEST, Bundle, Manifest, refuse_failed_training
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import sha256_file
 from edge_tl.device.deploy.service import ServiceOptions
@@ -141,7 +141,8 @@ class RemoteDevice:
 
     def install(self, remote: str, prep: Prepared, *, precision: str | None = None, backend: str = "auto",
                 build_via: str = "api", keep: int = 3, lock_timeout: float = 600.0,
-                svc: ServiceOptions | None = None, origin: str | None = None) -> dict[str, Any]:
+                svc: ServiceOptions | None = None, origin: str | None = None,
+                allow_failed_training: bool = False) -> dict[str, Any]:
         args = ["--upload", remote, "--sha256", prep.sha256, "--bundle-id", prep.manifest.bundle_id,
                 "--backend", backend, "--build-via", build_via, "--keep", str(keep),
                 "--lock-timeout", f"{lock_timeout:g}", *(svc or ServiceOptions()).to_args()]
@@ -149,6 +150,8 @@ class RemoteDevice:
             args += ["--precision", precision]
         if origin:
             args += ["--origin", origin]
+        if allow_failed_training:
+            args += ["--allow-failed-training"]
         return self.call("install", *args)
 
     def status(self) -> dict[str, Any]:
@@ -163,14 +166,20 @@ class RemoteDevice:
 def push(device: RemoteDevice, bundle: Path, *, precision: str | None = None, backend: str = "auto",
          build_via: str = "api", keep: int = 3, lock_timeout: float = 600.0, svc: ServiceOptions | None = None,
          transfer: str = "auto", progress: Progress | None = None, verify_local: bool = True,
-         on_uploaded: Callable[[UploadResult], None] | None = None) -> dict[str, Any]:
-    """Deploy ``bundle`` (folder or .tar.gz) to ``device``: upload (resumable), then install there."""
+         on_uploaded: Callable[[UploadResult], None] | None = None, allow_failed_training: bool = False,
+         on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Deploy ``bundle`` (folder or .tar.gz) to ``device``: upload (resumable), then install there. A bundle
+    whose training failed is refused here, before anything is sent, unless ``allow_failed_training``."""
     origin = f"{getpass.getuser()}@{socket.gethostname()}:{os.path.abspath(bundle)}"
     with prepare(bundle, verify=verify_local) as prep:
+        warning = refuse_failed_training(prep.manifest, allow_failed_training)
+        if warning and on_warning:
+            on_warning(warning)
         remote, uploaded = device.upload(prep, method=transfer, progress=progress)
         if on_uploaded:
             on_uploaded(uploaded)
         result = device.install(remote, prep, precision=precision, backend=backend, build_via=build_via, keep=keep,
-                                lock_timeout=lock_timeout, svc=svc, origin=origin)
+                                lock_timeout=lock_timeout, svc=svc, origin=origin,
+                                allow_failed_training=allow_failed_training)
     result["upload"] = {"method": uploaded.method, "resumed_from": uploaded.resumed_from, "bytes": uploaded.size}
     return result
