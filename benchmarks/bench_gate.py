@@ -95,6 +95,7 @@ def old_rule(b: Bundle) -> bool:
 def deploy(bundle_dir: Path, work: Path) -> tuple[bool, str]:
     from sshd_helper import SshdUnavailable, start_sshd
 
+    work = Path(tempfile.mkdtemp(prefix="deploy-", dir=work))
     try:
         server = start_sshd(work / "sshd")
     except SshdUnavailable as exc:
