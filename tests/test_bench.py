@@ -331,3 +331,27 @@ def test_tensorrt_runner_matches_golden_outputs(tiny_bundle):
     result, _ = run_bench(BenchConfig(tiny_bundle, backend="tensorrt", precision="fp16", batches=[1, 8],
                                       iterations=20, power="none"))
     assert [r.batch for r in result.results] == [1, 8] and result.results[0].latency_ms.median > 0
+
+
+def test_the_device_line_names_the_gpu_a_desktop_runner_ran_on():
+    """Issue 23: `edge-tl bench` on CUDA printed the host CPU as the device while the torch runner ran on the GPU
+    (the JSON's runner block said cuda / NVIDIA H200)."""
+    import io
+
+    from rich.console import Console
+
+    from edge_tl.device.bench.report import print_result
+    from edge_tl.device.bench.schema import DeviceState
+
+    def line(runner: dict) -> str:
+        buf = io.StringIO()
+        result = BenchResult(backend="torch", runner=runner, created="2026-12-05T00:00:00Z",
+                             device=DeviceState(cpu="Intel(R) Xeon(R) Processor"))
+        print_result(result, Console(file=buf, width=200))
+        return next(x for x in buf.getvalue().splitlines() if x.startswith("device:"))
+
+    gpu = line({"backend": "torch", "device": "cuda:0", "gpu": "NVIDIA H200"})
+    assert gpu.startswith("device: NVIDIA H200 (host CPU: Intel(R) Xeon(R) Processor)")
+    assert line({"backend": "ort-cuda", "providers": ["CUDAExecutionProvider"]}).startswith("device: an NVIDIA GPU")
+    assert line({"backend": "ort-cpu", "providers": ["CPUExecutionProvider"]}).startswith(
+        "device: Intel(R) Xeon(R) Processor")

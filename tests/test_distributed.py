@@ -19,6 +19,10 @@ pytest.importorskip("torch", reason="the workstation extra (torch) is not instal
 
 from test_build_e2e import EDGE_TL, SMALL, edge_tl  # noqa: E402
 
+#: DDP over gloo runs CPU processes: said, so that a machine where torch sees a GPU (train.device = "auto" picks
+#: CUDA) runs these tests as written instead of refusing "--nproc 2 is more than the 1 CUDA GPU(s)" (issue 23)
+CPU = ["--device", "cpu"]
+
 WORKER = "edge_tl.workstation.pipeline.launch"
 
 
@@ -31,7 +35,7 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def ddp_built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("ddp") / "run"
-    proc = edge_tl("build", "--out", str(run), "--nproc", "2", *SMALL)
+    proc = edge_tl("build", "--out", str(run), "--nproc", "2", *CPU, *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, proc
 
@@ -59,7 +63,7 @@ def test_two_gloo_processes_build_a_valid_bundle(ddp_built):
     assert not list((run / "stages").glob(".*")) and sorted(p.name.split("-")[0] for p in (run / "stages").iterdir()) \
         == ["data", "export", "finetune", "prune", "qat", "quantize"]
     # a resumed / repeated build in 2 processes reuses what rank 0 cached
-    again = edge_tl("build", "--out", str(run), "--nproc", "2", "--overwrite", *SMALL)
+    again = edge_tl("build", "--out", str(run), "--nproc", "2", "--overwrite", *CPU, *SMALL)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stages run: none" in again.stdout
 
@@ -86,7 +90,7 @@ def test_a_rank_that_dies_fails_the_build_in_one_line(tmp_path):
     line, the run is marked failed, no bundle and no half-written stage folder; the next run resumes."""
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
-    build = subprocess.Popen([*EDGE_TL, "build", "--out", str(run), "--nproc", "2", *SMALL], text=True,
+    build = subprocess.Popen([*EDGE_TL, "build", "--out", str(run), "--nproc", "2", *CPU, *SMALL], text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "COLUMNS": "200", "TMPDIR": str(tmp)})
     deadline, pid = time.monotonic() + 240, None
@@ -118,7 +122,7 @@ def test_a_rank_that_dies_fails_the_build_in_one_line(tmp_path):
 ])
 def test_bad_nproc_is_one_line_and_touches_nothing(tmp_path, args, message):
     out = tmp_path / "run"
-    proc = edge_tl("build", "--out", str(out), *args, timeout=120)
+    proc = edge_tl("build", "--out", str(out), *args, *CPU, timeout=120)
     assert proc.returncode == 2
     assert message in _one_error_line(proc)
     assert not out.exists()

@@ -130,7 +130,7 @@ def print_result(result: BenchResult, console: Console | None = None) -> None:
                       _fmt(p.energy_per_inference_mj if p else None),
                       _fmt(p.energy_per_inference_above_idle_mj if p else None))
     console.print(table)
-    where = d.jetson_model or d.cpu or d.machine or "?"
+    where = d.jetson_model or _gpu_of(result.runner, d.cpu) or d.cpu or d.machine or "?"
     mode = f", nvpmodel {d.nvpmodel}" if d.nvpmodel else ""
     clocks = {True: "locked", False: "NOT locked", None: "unknown"}[d.clocks_locked]
     console.print(escape(f"device: {where}{mode}, clocks {clocks}" + (f", JetPack {d.jetpack}" if d.jetpack else "")))
@@ -189,3 +189,15 @@ def compare(paths: Sequence[str | Path], console: Console | None = None) -> list
         table.add_row(str(row["batch"]), row["metric"], *cells)
     (console or Console()).print(table)
     return rows
+
+
+def _gpu_of(runner: dict, cpu: str | None) -> str | None:
+    """The GPU a desktop runner ran on (the torch runner names it; ONNX Runtime's GPU providers don't), with the
+    host CPU beside it: the CPU alone would name a device the model did not run on."""
+    host = f" (host CPU: {cpu})" if cpu else ""
+    if runner.get("gpu"):
+        return f"{runner['gpu']}{host}"
+    gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    if str(runner.get("device", "")).startswith("cuda") or gpu_providers & set(runner.get("providers") or ()):
+        return f"an NVIDIA GPU{host}"
+    return None
