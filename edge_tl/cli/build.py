@@ -185,9 +185,13 @@ def build(
         pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
         result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
     _print_result(result)
+    from rich.markup import escape
+
+    report = importer.require_workstation("edge_tl.workstation.pipeline.report", "edge-tl build")
+    for what in report.missed_targets(result.targets):  # said here, not only in report.md
+        console.print(f"[yellow]target missed:[/] {escape(what)}")
     if require_targets:
-        report = importer.require_workstation("edge_tl.workstation.pipeline.report", "edge-tl build")
-        missed = report.missed_targets(result.targets)
+        missed = report.missed_targets(result.targets, gated_only=True)
         if missed:
             from edge_tl.core.errors import CheckFailed
 

@@ -132,8 +132,7 @@ def target_checks(stages: dict[str, dict[str, Any]], latency: dict[str, float],
                         f"{100 * c['baseline']:.1f}%, p = {c['p_value']:.2g} (needs < {c.get('level', 0.05):.2g})",
                         MET if c["passed"] else MISSED))
     speed = latency["finetune"] / latency.get("qat", latency["quantize"])
-    out.append(("deployable model >= 5x faster than eager FP32 unpruned", f"{speed:.1f}x (ONNX Runtime CPU)",
-                MET if speed >= 5 else MISSED))
+    out.append((SPEED_TARGET, f"{speed:.1f}x (ONNX Runtime CPU)", MET if speed >= 5 else MISSED))
     if comparison:
         out.append(_cost_check("transfer beats scratch by >= 20 points", pairs.get("transfer_gain_vs_scratch"),
                                100 * (comparison["transfer_top1"] - comparison["scratch_top1"]), 20.0,
@@ -147,11 +146,17 @@ def targets(ctx: Context, result: BuildResult) -> list[tuple[str, str, str]]:
     return target_checks(view, view_latency, view_comparison, result.stats)
 
 
-def missed_targets(checks: list[tuple[str, str, str]]) -> list[str]:
-    """The targets whose verdict is "missed" ("not distinguishable" is not a miss)."""
+#: measured with ONNX Runtime's CPU INT8 kernels on the workstation: it tells little about the Jetson (2.9x and 2.6x
+#: in two runs of one model, issue 23), so it is reported, never gated by --require-targets
+SPEED_TARGET = "deployable model >= 5x faster than eager FP32 unpruned (workstation CPU; not gated)"
+
+
+def missed_targets(checks: list[tuple[str, str, str]], *, gated_only: bool = False) -> list[str]:
+    """The targets whose verdict is "missed" ("not distinguishable" is not a miss); ``gated_only``: leave out the
+    ones the workstation cannot judge (:data:`SPEED_TARGET`), what --require-targets gates on."""
     from edge_tl.workstation.stats import MISSED
 
-    return [what for what, _, verdict in checks if verdict == MISSED]
+    return [what for what, _, verdict in checks if verdict == MISSED and not (gated_only and what == SPEED_TARGET)]
 
 
 def verdict_cell(verdict: str) -> str:
