@@ -384,3 +384,24 @@ def test_write_bundle_writes_nothing_when_its_check_fails(tmp_path):
         write_bundle(staging, Bundle.open(broken).manifest, tmp_path / "out", check=self_gate)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tar.gz").exists()
     assert not list(tmp_path.glob(".out*"))  # no half-written bundle either
+
+
+@pytest.mark.slow
+def test_a_recovery_at_chance_is_retried_then_stops_the_build_at_64_px(tmp_path):
+    """Issue 23: at 224 px all six recoveries of a from-scratch model stayed at chance and the build only warned.
+    At 64 px here (not the demo's 32) a recovery forced to chance (recovery_lr 2.0) is run again with BatchNorm
+    trained, then the build stops with one line naming the prune stage, and writes no bundle."""
+    recipe = (Path(__file__).resolve().parents[1] / "models" / "recipes" / "demo.toml").read_text()
+    spec = tmp_path / "collapse.toml"
+    spec.write_text(recipe.replace("recovery_lr = 0.001", 'recovery_lr = 2.0\nimportance = "taylor"\n'
+                                   "recovery_retries = 0"))
+    run = tmp_path / "run"
+    proc = edge_tl("build", str(spec), "--out", str(run), "--epochs", "12", "--warmup-epochs", "1",
+                   "--recovery-epochs", "4", "--no-scratch", "--quantize-mode", "ptq", "--input-size", "64",
+                   "--resize", "72")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = " ".join(proc.stderr.split())
+    assert "error: the prune stage's recovery ended at chance for every candidate (taylor: validation top-1" in said
+    assert "after 2 attempt(s)" in said  # the first, then the changed recipe (BatchNorm trained)
+    assert "Traceback" not in said and not (run / "bundle").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"

@@ -264,7 +264,17 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
     names = list(pruned)
     # the unpruned model on the decision set: what a failed recovery is told by (prune.retry_below)
     reference = evaluate(model, *ctx.decision_set())[0] if p.recovery_epochs else None
-    tried = {name: _recover(ctx, model, imp, res, reference) for name, (imp, res) in pruned.items()}
+    parent_ok = p.recovery_epochs and chance_check(ctx, evaluate(model, *ctx.arrays("val"))[0], 1)["passed"]
+    tried = {name: _recover(ctx, model, imp, res, reference, parent_ok) for name, (imp, res) in pruned.items()}
+    at_chance = [name for name, t in tried.items() if t.get("at_chance")]
+    if at_chance and len(at_chance) == len(tried):  # issue 23: a recovery at chance must not ship silently
+        why = "; ".join(f"{name}: {tried[name]['at_chance']}" for name in at_chance)
+        from edge_tl.core.errors import EdgeTLError
+
+        raise EdgeTLError(f"the prune stage's recovery ended at chance for every candidate ({why}), while the "
+                          "unpruned model is better than chance", "prune less (--prune-ratio), recover longer "
+                          "(--recovery-epochs) or at another rate (prune.recovery_lr), or build with --no-prune")
+    names = [name for name in names if name not in at_chance]  # a candidate at chance is never chosen
     if not is_writer():  # torchrun: every rank trained every candidate; rank 0 writes the stage
         return {}
     chosen = names[0]
@@ -299,6 +309,8 @@ def run_prune(ctx: Context, out: Path) -> dict[str, Any]:
                            for name, t in tried.items()}}
     if refused:
         metrics["refused"] = refused
+    if at_chance:
+        metrics["left_out_at_chance"] = {name: tried[name]["at_chance"] for name in at_chance}
     return _finish(ctx, pruned_model, out, metrics)
 
 
@@ -330,14 +342,20 @@ def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dic
 RETRY_SEED_STEP = 1000
 
 
-def _recover(ctx: Context, model, importance: str, res, reference: float | None) -> dict[str, Any]:
+def _recover(ctx: Context, model, importance: str, res, reference: float | None,
+             parent_ok: bool = False) -> dict[str, Any]:
     """Re-estimate BatchNorm of one pruned candidate (``res.model``) and recover it (distillation from ``model``,
     the unpruned one). A recovery whose decision-set top-1 falls more than ``prune.retry_below`` points under
     ``reference`` (the unpruned model's) is run again from the same pruned network with another seed, at most
     ``prune.recovery_retries`` times, and the attempt best on the decision set is kept. Returns the pruned model,
     its stage metrics, the recovery's FitResult (None without recovery), its decision-set top-1 (None without
-    recovery), validation top-1 and loss (what the auto choice compares) and test top-1 (for the record)."""
-    from edge_tl.workstation.train import evaluate, fit, recalibrate_bn, recovery_phases
+    recovery), validation top-1 and loss (what the auto choice compares) and test top-1 (for the record).
+
+    A recovery whose kept attempt is no better than chance on validation while the unpruned model was
+    (``parent_ok``) runs once more with a changed recipe: BatchNorm trained (momentum 0.1) instead of frozen, the
+    fix for a net whose weights drift under frozen statistics (issue 23: a from-scratch model at 224 px recovered
+    to 20% in six attempts). Still at chance: the result says so (``at_chance``) and the stage leaves it out."""
+    from edge_tl.workstation.train import Phase, evaluate, fit, recalibrate_bn, recovery_phases
 
     s, p = ctx.spec, ctx.spec.prune
     pruned = res.model
@@ -371,6 +389,22 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None)
                 best = (scored, val_loss, net, got)
             if scored["decision_top1"] >= floor:
                 break
+        if parent_ok and not chance_check(ctx, best[0]["val_top1"], p.recovery_epochs)["passed"]:
+            net = copy.deepcopy(start) if start is not None else best[2]
+            seed = s.seed + RETRY_SEED_STEP * len(attempts)
+            changed = [Phase("recovery-bn", p.recovery_epochs, p.recovery_lr, p.recovery_lr, train_bn=True,
+                             early_stop=False, bn_momentum=0.1)]
+            got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), changed,
+                      teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
+                      distill_temperature=p.distill_temperature, keep=p.recovery_keep,
+                      **{**_fit_kwargs(ctx, f"recovery ({label}), BatchNorm trained"), "seed": seed})
+            val_top1, val_loss2, _ = evaluate(net.cpu(), *ctx.arrays("val"))
+            scored = {"seed": seed, "recipe": "BatchNorm trained",
+                      "decision_top1": evaluate(net, *ctx.decision_set())[0], "val_top1": val_top1,
+                      "top1": evaluate(net, *ctx.arrays("test"))[0]}
+            attempts.append(scored)
+            if scored["decision_top1"] > best[0]["decision_top1"]:
+                best = (scored, val_loss2, net, got)
         kept, val_loss, pruned, fit_res = best
         decision_top1, val_top1, test_top1 = kept["decision_top1"], kept["val_top1"], kept["top1"]
         metrics.update(decision_top1=decision_top1, unpruned_decision_top1=reference, retry_below=p.retry_below)
@@ -388,8 +422,12 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None)
             best_net = copy.deepcopy(pruned)
             best_net.load_state_dict(fit_res.best_state)
             metrics["best_epoch_top1"] = evaluate(best_net.cpu(), *ctx.arrays("test"))[0]
+    check = metrics.get("chance_check")
+    at_chance = (f"validation top-1 {100 * val_top1:.1f}% after {len(metrics.get('recovery_attempts', [0]))} "
+                 f"attempt(s), chance {100 * check['baseline']:.1f}%"
+                 if parent_ok and check and not check["passed"] else None)
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "decision_top1": decision_top1,
-            "val_top1": val_top1, "val_loss": val_loss, "test_top1": test_top1}
+            "val_top1": val_top1, "val_loss": val_loss, "test_top1": test_top1, "at_chance": at_chance}
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
