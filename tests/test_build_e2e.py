@@ -118,6 +118,8 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert gate["int8"]["passed"] and gate["fp32"]["passed"] and gate["int8"]["int8_departure"] > 0.99
     assert gate["int8"]["margin_tolerance"] == m.golden.margin_tolerance["int8"] > m.golden.margin_tolerance["fp16"]
     assert "parity gate (as shipped" in proc.stderr + proc.stdout and "95% quantile" in m.golden.tolerance_note
+    # without a terminal, training says where it is in plain lines (issue 23: nothing printed during a stage)
+    assert "  fine-tune: epoch 1/" in proc.stderr and "recovery (" in proc.stderr
     # INT8 accuracy as TensorRT computes it (Q/DQ in float), the CPU-kernel figure beside it under its own name
     assert q.top1_eval.startswith("onnxruntime-cpu, Q/DQ evaluated in float")
     assert 0 <= q.top1_ort_cpu_kernels <= 1 and q.latency_runtime == "onnxruntime-cpu (its INT8 CPU kernels)"

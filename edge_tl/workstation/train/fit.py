@@ -4,6 +4,7 @@ accuracy, the best checkpoint kept, per-epoch history, seeded and repeatable, CU
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -31,6 +32,11 @@ class Phase:
     #: statistics are still mostly the initial ones and the net scores chance in eval mode (train top-1 100%,
     #: val 33.3% on 3 classes); 0.1 (PyTorch's default) tracks them within a few dozen steps
     bn_momentum: float | None = None
+
+
+#: without a terminal (a log file, CI, `| tee`) training prints a plain line at most this often (and at the first and
+#: last epoch) instead of a progress bar, which rich draws only on a terminal (issue 23)
+PLAIN_EVERY_S = 10.0
 
 
 @dataclass
@@ -144,6 +150,7 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     the single process's step on the global batch), augmentation and dropout are seeded ``seed + rank``, and
     validation counts are summed over the ranks so that early stopping and the best epoch agree everywhere.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     dev = dist.place(pick_device(device))
@@ -162,8 +169,11 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     history: list[dict] = []
     start = time.perf_counter()
     total = sum(p.epochs for p in phases)
+    plain = dist.is_writer() and not sys.stderr.isatty()  # a log, CI or `| tee`: lines instead of a bar
+    said = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[status]}"), transient=False, disable=not dist.is_writer()) as bar:
+                  TextColumn("{task.fields[status]}"), transient=False, disable=not dist.is_writer() or plain,
+                  console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, status="")
         for phase in phases:
             if phase.epochs <= 0:
@@ -210,6 +220,10 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                     stale += 1
                 status = f"{phase.name} val {val_top1:.3f} (best {best[0]:.3f} @{best_epoch})"
                 bar.update(task, advance=1, status=status)
+                if plain and (time.perf_counter() - said >= PLAIN_EVERY_S or epoch in (1, total)):
+                    said = time.perf_counter()
+                    print(f"  {label}: epoch {epoch}/{total}, {status}, {said - start:.0f} s", file=sys.stderr,
+                          flush=True)
                 if phase.early_stop and stale >= patience:
                     stopped = True
                     bar.update(task, completed=total)
