@@ -113,3 +113,17 @@ def test_require_targets_gates_only_what_the_workstation_can_judge():
               ("pruning removes >= 50% of the MACs", "31%", "missed")]
     assert missed_targets(checks) == [SPEED_TARGET, "pruning removes >= 50% of the MACs"]
     assert missed_targets(checks, gated_only=True) == ["pruning removes >= 50% of the MACs"]
+
+
+def test_the_shipped_row_names_its_model_and_gives_one_model_one_latency():
+    """Issue 23: the report gave the shipped model two latencies (4.174 and 3.921 ms, two measurements of the PTQ
+    model) and did not say whether PTQ, QAT or mixed precision shipped."""
+    from edge_tl.workstation.pipeline.report import stage_rows
+
+    stages = {"finetune": {"top1": 0.9}, "prune": {"top1": 0.9}, "export": {"top1": 0.9},
+              "quantize": {"top1": 0.89, "top1_ort_cpu_kernels": 0.88}, "qat": {"top1": 0.89, "selected": "ptq"}}
+    latency = {"finetune": 5.0, "prune": 2.0, "export": 0.2, "quantize": 4.174, "qat": 3.921}
+    shipped = stage_rows(stages, latency)[-1]
+    assert shipped[0] == "shipped INT8: PTQ (Q/DQ in float)" and shipped[-1] == "as the PTQ row"
+    qat = stage_rows({**stages, "qat": {"top1": 0.9, "selected": "qat"}}, latency)[-1]
+    assert qat[0] == "shipped INT8: QAT (Q/DQ in float)" and qat[-1] == "3.921 ms"

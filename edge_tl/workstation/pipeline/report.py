@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 ROWS = (("finetune", "fine-tuned (PyTorch FP32)"), ("prune", "pruned + recovered (PyTorch FP32)"),
         ("export", "ONNX FP32 (ONNX Runtime)"), ("quantize", "ONNX INT8 Q/DQ (Q/DQ in float, as TensorRT computes it)"),
         ("qat", "shipped INT8 (PTQ, QAT or mixed precision; Q/DQ in float)"))
+#: what the shipped row calls each INT8 candidate (edge_tl.workstation.pipeline.qat_stage's ``selected``)
+SHIPPED_NAMES = {"ptq": "PTQ", "qat": "QAT", "mixed": "mixed precision"}
 #: the INT8 model on ONNX Runtime's CPU integer kernels: its own row, its own name (CPU-dependent numerics)
 KERNEL_ROW = "ONNX INT8 on ONNX Runtime's CPU integer kernels"
 
@@ -63,6 +65,10 @@ def stage_rows(stages: dict[str, dict[str, Any]], latency: dict[str, float],
         m = stages.get(key, {})
         kernels = key == "quantize" and m.get("top1_ort_cpu_kernels") is not None
         lat = f"{latency[key]:.3f} ms" if key in latency and not kernels else "-"
+        if key == "qat" and m.get("selected"):  # which INT8 model shipped, by name
+            label = f"shipped INT8: {SHIPPED_NAMES.get(m['selected'], m['selected'])} (Q/DQ in float)"
+            if m["selected"] == "ptq" and "quantize" in latency:  # the PTQ model again: one model, one latency
+                lat = "as the PTQ row"
         rows.append([label, _acc(m.get("top1"), ci.get(key)), _m(m.get("macs")), _m(m.get("params")),
                      _mb(m.get("file_bytes")), lat])
         if kernels:
