@@ -194,3 +194,12 @@ def test_a_checkpoint_of_another_architecture_is_skipped_without_building_it():
         assert _misfit(other, ckpt)
         with pytest.raises(EdgeTLError, match="do not fit"):
             create_model(other, 3, ckpt)
+
+
+def test_the_demo_checkpoint_is_a_candidate_for_digits_only_and_imagenet_is_always_a_row():
+    """Issue 23: rank recommended the digits checkpoint for photos and listed no ImageNet row without saying why."""
+    from edge_tl.workstation.rank import default_weights
+
+    assert "demo" not in default_weights(kind="photos") and "imagenet" in default_weights(kind="photos")
+    assert default_weights(["my.pt"], kind="photos") == ["none", "imagenet", "my.pt"]
+    assert "demo" in default_weights(kind="digits")

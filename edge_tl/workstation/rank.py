@@ -177,14 +177,14 @@ def imagenet_cached(backbone: str) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file()
 
 
-def default_weights(extra: Sequence[str] = ()) -> list[str]:
-    """The weights the user has: none, imagenet (when any backbone's file is cached), demo, and ``extra``."""
+def default_weights(extra: Sequence[str] = (), kind: str = "digits") -> list[str]:
+    """The weights to rank: none, imagenet (always listed: a backbone whose file is not cached is a row that says
+    so), the demo's checkpoint only for digits (``kind``: data.kind; it was pretrained on digits 0-4 and is no
+    source for photos, issue 23), and ``extra``."""
     from edge_tl.workstation.demo import DEMO_CHECKPOINT, repo_models_dir
 
-    out = ["none"]
-    if any(imagenet_cached(b) for b in BACKBONES):
-        out.append("imagenet")
-    if (repo_models_dir() / DEMO_CHECKPOINT).is_file():
+    out = ["none", "imagenet"]
+    if kind == "digits" and (repo_models_dir() / DEMO_CHECKPOINT).is_file():
         out.append("demo")
     for w in extra:
         if w not in out:
@@ -367,7 +367,8 @@ def rank_backbones(x: np.ndarray, y: np.ndarray, classes: list[str], pre: Prepro
         for b in backbones:
             c = Candidate(b, w)
             if w == "imagenet" and not imagenet_cached(b):
-                c.skipped = "ImageNet weights not in the torch hub cache (offline: not downloaded)"
+                c.skipped = ("ImageNet weights not in the torch hub cache (not downloaded): run `edge-tl build "
+                             f"--backbone {b} --weights imagenet` once online, or put the file there")
             cands.append(c)
     with torch_threads(threads):
         for c in cands:
@@ -412,8 +413,9 @@ def rank_spec(spec: BuildSpec, data_root: Path, data_label: str, *, weights: Seq
     for b in backbones or ():
         if b not in BACKBONES:
             raise EdgeTLError(f"unknown backbone '{b}'", f"choose from {', '.join(BACKBONES)}")
-    if weights is None and spec.model.weights not in ("none", "imagenet", "demo"):
-        weights = default_weights([spec.model.weights])  # the spec's own checkpoint is a candidate too
+    if weights is None:  # the spec's own checkpoint is a candidate too
+        own = [spec.model.weights] if spec.model.weights not in ("none", "imagenet", "demo") else []
+        weights = default_weights(own, kind=spec.data.kind)
     x, y, classes = ranking_arrays(spec, data_root, data_label)
     return rank_backbones(x, y, classes, spec.model.preprocess(), backbones=backbones or BACKBONES,
                           weights=weights, folds=folds, seed=spec.seed,
