@@ -162,3 +162,17 @@ def test_preprocess_rejects_resize_smaller_than_crop():
     pre = Preprocessor(PreprocessConfig(input_size=(32, 32), resize=16))
     with pytest.raises(EdgeTLError, match="smaller than the crop"):
         pre(Image.new("RGB", (64, 64)))
+
+
+def test_an_edited_class_list_is_refused_on_open(tiny_bundle):
+    """Issue 24: reversing the manifest's classes (labels.txt untouched, every hash still matching) made infer call
+    a red image "blue". labels.txt is hashed: the manifest's classes must equal it."""
+    import json as _json
+
+    from edge_tl.core.errors import CheckFailed
+
+    data = _json.loads((tiny_bundle / MANIFEST).read_text())
+    data["classes"] = data["classes"][::-1]
+    (tiny_bundle / MANIFEST).write_text(_json.dumps(data))
+    with pytest.raises(CheckFailed, match="classes do not match labels.txt"):
+        Bundle.open(tiny_bundle)

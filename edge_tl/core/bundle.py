@@ -595,6 +595,14 @@ class Bundle:
                               f"{len(m.classes)} classes", fix)
         if len(set(m.classes)) != len(m.classes) or any(unsafe_class_name(c) for c in m.classes):
             raise EdgeTLError(f"{where}: the manifest's classes are empty, repeated or hold control characters", fix)
+        if LABELS in m.artifacts:  # hashed, unlike the manifest: an edited class list shows here (issue 24)
+            try:
+                labels = (self.root / LABELS).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CheckFailed(f"{where}: cannot read {LABELS} ({exc})", fix) from exc
+            if labels != list(m.classes):
+                raise CheckFailed(f"{where}: the manifest's classes do not match {LABELS} (the file the hashes "
+                                  "cover): the manifest was edited", fix)
 
     def __repr__(self) -> str:
         return f"Bundle({self.root}, {self.manifest.name}, id={self.manifest.bundle_id})"
