@@ -122,6 +122,22 @@ def test_command_lines(tiny_bundle_src):
         _spec(tiny_bundle_src, "fp32", dla_core=0)
 
 
+def test_a_static_model_gets_no_shape_flags(tiny_bundle_src, tmp_path):
+    """Issue 22, D6: trtexec refuses shape flags for a model without dynamic inputs ("Static model does not take
+    explicit shapes since the shape of inference tensors will be determined by the model itself", NVIDIA/TensorRT
+    samples/common/sampleEngines.cpp); the command passed them always."""
+    import onnx
+
+    model = onnx.load(str(tiny_bundle_src / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # batch 4, fixed
+    onnx.save(model, tmp_path / "static.onnx")
+    argv = trtexec_command(BuildSpec(onnx=tmp_path / "static.onnx", precision="fp32",
+                                     profile=BatchProfile.for_max_batch(8)), "e")
+    assert not [a for a in argv if a.startswith(("--minShapes", "--optShapes", "--maxShapes", "--shapes"))]
+    dynamic = trtexec_command(_spec(tiny_bundle_src, "fp32"), "e")
+    assert "--minShapes=input:1x3x16x16" in dynamic
+
+
 
 def test_build_via_trtexec_logs_command_and_parses(tiny_bundle_src, fake_trtexec, tmp_path):
     shown = []

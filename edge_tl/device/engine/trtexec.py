@@ -160,6 +160,13 @@ def trtexec_command(spec: BuildSpec, engine_out: str | Path, *, trtexec: str | P
 
     ``input_name`` / ``input_chw`` default to what the ONNX model declares (batch axis dynamic).
     """
+    static = False
+    if Path(spec.onnx).is_file():
+        _, declared = onnx_input(spec.onnx)
+        # trtexec refuses shape flags for a model without dynamic inputs: "Static model does not take explicit
+        # shapes since the shape of inference tensors will be determined by the model itself" (NVIDIA/TensorRT
+        # samples/common/sampleEngines.cpp, setupNetworkAndConfig) -- issue 22, D6
+        static = all(isinstance(d, int) and d > 0 for d in declared)
     if input_name is None or input_chw is None:
         name, dims = onnx_input(spec.onnx)
         input_name = input_name or name
@@ -180,9 +187,10 @@ def trtexec_command(spec: BuildSpec, engine_out: str | Path, *, trtexec: str | P
         argv += [f"--useDLACore={spec.dla_core}", "--allowGPUFallback"]
     if spec.workspace_mb is not None:
         argv.append(f"--memPoolSize=workspace:{spec.workspace_mb}")
-    lo, opt, hi = spec.profile.shapes(tuple(input_chw))
-    argv += [f"--minShapes={input_name}:{_dims(lo)}", f"--optShapes={input_name}:{_dims(opt)}",
-             f"--maxShapes={input_name}:{_dims(hi)}", f"--shapes={input_name}:{_dims(opt)}"]
+    if not static:  # a static model's one shape is its own
+        lo, opt, hi = spec.profile.shapes(tuple(input_chw))
+        argv += [f"--minShapes={input_name}:{_dims(lo)}", f"--optShapes={input_name}:{_dims(opt)}",
+                 f"--maxShapes={input_name}:{_dims(hi)}", f"--shapes={input_name}:{_dims(opt)}"]
     if spec.timing_cache is not None:
         argv.append(f"--timingCacheFile={spec.timing_cache}")
     if spec.keep_layers:
