@@ -36,6 +36,7 @@ class Facts(BaseModel):
     machine: str
     packages: dict[str, str | None] = Field(default_factory=dict, description="name -> version, None: absent")
     ort_providers: list[str] = Field(default_factory=list)
+    ort_error: str | None = Field(None, description="why ONNX Runtime is installed but unusable")
     device: dict[str, Any] | None = Field(None, description="DeviceInfo (TensorRT, GPU, CC, DLA cores)")
     device_error: str | None = None
     cuda: str | None = None
@@ -83,10 +84,12 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
         "jetson-stats": _version("jetson-stats", "jtop"),
     }
     providers: list[str] = []
+    ort_error = None
     if packages["onnxruntime"]:
-        import onnxruntime
+        from edge_tl.device.runtime import onnxruntime_providers
 
-        providers = list(onnxruntime.get_available_providers())
+        got, ort_error = onnxruntime_providers()
+        providers = got or []
     device_error = None
     if has_module("tensorrt"):
         try:
@@ -110,7 +113,8 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
     l4t = facts.board.l4t()
     mode = facts.nvpmodel.query()
     return Facts(python=platform.python_version(), machine=platform.machine(), packages=packages,
-                 ort_providers=providers, device=device.to_dict() if device else None, device_error=device_error,
+                 ort_providers=providers, ort_error=ort_error, device=device.to_dict() if device else None,
+                 device_error=device_error,
                  cuda=(device.cuda_version if device and device.cuda_version else None) or facts.versions.cuda(),
                  jetson_model=facts.board.model(), l4t=l4t, jetpack=facts.board.jetpack(l4t),
                  jtop_service=_jtop_state(root), nvpmodel=mode.label if mode else None,
@@ -141,6 +145,18 @@ def jetpack5_row(f: Facts) -> Row | None:
                    "(docs/device-setup.md)")
 
 
+def _ort_row(f: Facts) -> Row:
+    pk = f.packages
+    if not pk.get("onnxruntime"):
+        return Row(item="ONNX Runtime", value="absent", status="warn",
+                   fix="pip install 'edge-tl[cpu]' (or the Jetson onnxruntime-gpu wheel)")
+    if f.ort_error:  # installed but unusable (JetPack 6: NumPy 2 beside a wheel built for NumPy 1.x; issue 22 D1)
+        return Row(item="ONNX Runtime", value=f"{pk['onnxruntime']} {f.ort_error}", status="warn",
+                   fix="on JetPack 6 keep NumPy < 2 (pip install 'numpy<2'): its onnxruntime-gpu wheels are built "
+                       "against NumPy 1.x; TensorRT works without it")
+    return Row(item="ONNX Runtime", value=f"{pk['onnxruntime']} [{', '.join(f.ort_providers)}]")
+
+
 def machine_rows(f: Facts) -> list[Row]:
     jetson = bool(f.l4t or f.jetson_model)
     dev = DeviceInfo.from_dict(f.device) if f.device else None
@@ -153,9 +169,7 @@ def machine_rows(f: Facts) -> list[Row]:
             fix=None if pk.get("torch") else "not needed on the device"),
         Row(item="ONNX", value=pk.get("onnx") or "absent", status="ok" if pk.get("onnx") else "blocker",
             fix=None if pk.get("onnx") else "pip install onnx"),
-        Row(item="ONNX Runtime", value=f"{pk['onnxruntime']} [{', '.join(f.ort_providers)}]"
-            if pk.get("onnxruntime") else "absent", status="ok" if pk.get("onnxruntime") else "warn",
-            fix=None if pk.get("onnxruntime") else "pip install 'edge-tl[cpu]' (or the Jetson onnxruntime-gpu wheel)"),
+        _ort_row(f),
         Row(item="TensorRT", value=pk.get("tensorrt") or "absent",
             status="ok" if pk.get("tensorrt") else ("warn" if jetson else "info"),
             fix=None if pk.get("tensorrt") else (
