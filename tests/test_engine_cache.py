@@ -177,3 +177,18 @@ def test_device_mismatch_by_sidecar(tiny_bundle_src, tmp_path):
     assert device_mismatch(path, NANO_JP6) == (f"{path.name} was built for another device: "
                                                "TensorRT 8.5.2 (engine) != 10.3.0 (here)")
     assert device_mismatch(tmp_path / "no-sidecar.engine", NANO_JP6) is None
+
+
+def test_the_module_is_part_of_the_key(tiny_bundle_src, tmp_path):
+    """Issue 22, D9: every Orin reports compute capability 8.7, so by GPU name and cc an AGX Orin engine passed as an
+    Orin Nano's. The module (/proc/device-tree/model) is in the key and in device_mismatch."""
+    agx = replace(NANO_JP6, module="NVIDIA Jetson AGX Orin Developer Kit")
+    nano = replace(NANO_JP6, module="NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super")
+    builder = CountingBuilder()
+    path = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, device=agx, build_fn=builder)
+    assert device_mismatch(path, agx) is None
+    assert device_mismatch(path, nano) == (f"{path.name} was built for another device: module NVIDIA Jetson AGX Orin "
+                                           f"Developer Kit (engine) != {nano.module} (here)")
+    again = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, device=nano, build_fn=builder)
+    assert builder.count == 2 and again != path  # the Nano builds its own engine
+    assert key(module="a").digest() != key(module="b").digest() != key().digest()

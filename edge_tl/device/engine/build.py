@@ -210,7 +210,8 @@ def builder_facts(builder) -> DeviceInfo:
         fp16, int8 = _fast_from_cc(cc)
     return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc,
                       dla_cores=int(builder.num_DLA_cores), fast_fp16=bool(fp16) if fp16 is not None else None,
-                      fast_int8=bool(int8) if int8 is not None else None, source="tensorrt")
+                      fast_int8=bool(int8) if int8 is not None else None, source="tensorrt",
+                      module=jetson_model("/"))
 
 
 def gpu_name_and_cc(root: str | Path = "/") -> tuple[str, str]:
@@ -257,7 +258,7 @@ def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: 
     if (via == "api" or has_module("tensorrt")) and not builder:
         name, cc = gpu_name_and_cc(root)
         return DeviceInfo(tensorrt_version=str(trt.__version__), gpu_name=name, compute_capability=cc,
-                          source="tensorrt")
+                          source="tensorrt", module=jetson_model(root))
     if via == "api" or has_module("tensorrt"):
         return builder_facts(trt.Builder(get_logger()))
     exe = find_trtexec(trtexec)
@@ -266,7 +267,8 @@ def detect_device(*, via: str = "api", trtexec: str | Path | None = None, root: 
     if version is None:
         raise EdgeTLError(f"could not tell the TensorRT version of {exe}", "install TensorRT's Python bindings")
     name, cc = gpu_name_and_cc(root)
-    return DeviceInfo(tensorrt_version=version, gpu_name=name, compute_capability=cc, source="trtexec")
+    return DeviceInfo(tensorrt_version=version, gpu_name=name, compute_capability=cc, source="trtexec",
+                      module=jetson_model(root))
 
 
 def load_device_facts(path: str | Path) -> DeviceInfo:

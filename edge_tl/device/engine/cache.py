@@ -37,11 +37,12 @@ from edge_tl.device.engine.spec import BatchProfile, BuildSpec, DeviceInfo, chec
 log = logging.getLogger("edge_tl.device.engine")
 
 DEFAULT_CACHE_DIR = Path("~/.cache/edge-tl/engines")
-KEY_SCHEMA = 1
+#: 2: the module (board/SKU) joined the key (issue 22, D9); a schema-1 entry never matches a schema-2 key
+KEY_SCHEMA = 2
 BuildFn = Callable[[BuildSpec, Path, Path], "dict[str, Any] | None"]
 
 _FIELD_NAMES = {
-    "onnx_sha256": "ONNX model", "tensorrt_version": "TensorRT", "gpu_name": "GPU",
+    "onnx_sha256": "ONNX model", "tensorrt_version": "TensorRT", "gpu_name": "GPU", "module": "module",
     "compute_capability": "compute capability", "precision": "precision", "dla_core": "DLA core",
     "batch_profile": "batch profile", "workspace_mb": "workspace (MiB)", "keep_layers": "kept layers",
     "keep_precision": "kept-layer precision", "schema": "key schema",
@@ -58,6 +59,7 @@ class EngineKey:
     dla_core: int | None
     batch_profile: str
     workspace_mb: int | None = None
+    module: str | None = None
     keep_layers: tuple[str, ...] = ()
     keep_precision: str = "fp32"
     schema: int = KEY_SCHEMA
@@ -67,7 +69,7 @@ class EngineKey:
         return cls(onnx_sha256=onnx_sha256 or sha256_file(spec.onnx), tensorrt_version=device.tensorrt_version,
                    gpu_name=device.gpu_name, compute_capability=device.compute_capability,
                    precision=spec.precision, dla_core=spec.dla_core, batch_profile=spec.profile.label(),
-                   workspace_mb=spec.workspace_mb, keep_layers=tuple(spec.keep_layers),
+                   workspace_mb=spec.workspace_mb, keep_layers=tuple(spec.keep_layers), module=device.module,
                    keep_precision=spec.keep_precision if spec.keep_layers else "fp32")
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def device_mismatch(engine: Path, device: DeviceInfo) -> str | None:
         return None
     recorded = side["key"]
     here = {"tensorrt_version": device.tensorrt_version, "gpu_name": device.gpu_name,
-            "compute_capability": device.compute_capability}
+            "compute_capability": device.compute_capability, "module": device.module}
     diffs = [f"{_FIELD_NAMES[k]} {recorded.get(k)} (engine) != {v} (here)" for k, v in here.items()
              if recorded.get(k) != v]
     return f"{engine.name} was built for another device: {'; '.join(diffs)}" if diffs else None

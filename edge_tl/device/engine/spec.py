@@ -49,6 +49,9 @@ class DeviceInfo:
     fast_int8: bool | None = None
     cuda_version: str | None = None
     source: str = "recorded"
+    #: the module (board/SKU) from /proc/device-tree/model: every Orin reports compute capability 8.7, so an AGX
+    #: Orin engine would pass as an Orin Nano's by GPU name and cc alone (issue 22, D9). None: not a Jetson
+    module: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +66,8 @@ class DeviceInfo:
                               "record them with `edge-tl doctor --json` on the device") from exc
 
     def describe(self) -> str:
-        return f"TensorRT {self.tensorrt_version} on {self.gpu_name} (compute capability {self.compute_capability})"
+        on = f"{self.gpu_name} (compute capability {self.compute_capability})"
+        return f"TensorRT {self.tensorrt_version} on {on}" + (f", {self.module}" if self.module else "")
 
 
 @dataclass(frozen=True)
