@@ -402,12 +402,11 @@ class Engine:
         return DataType.FLOAT
 
     def get_tensor_shape(self, name):
+        # the network's shape, -1 for every dynamic dimension, even where the profile pins it (min = max):
+        # NvInferRuntime.h, ICudaEngine::getTensorShape ("-1 in place of each dynamic runtime dimension"); only
+        # IExecutionContext::getTensorShape gives the value once the input shape is set (issue 22, D3)
         t = self.inputs.get(name) or self.outputs[name]
-        shape = list(t["shape"])
-        prof = t.get("profile")
-        if prof and prof[0] == prof[2]:
-            shape = list(prof[0])  # a static profile: the engine's shape is fixed
-        return tuple(shape)
+        return tuple(t["shape"])
 
     def get_tensor_profile_shape(self, name, index):
         return tuple(tuple(s) for s in self.inputs[name]["profile"])

@@ -291,10 +291,18 @@ class TensorRTRunner(BaseRunner):
         self._inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in self._inputs]
         self._dtype = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        # ICudaEngine.get_tensor_shape gives -1 for a dynamic dimension even where the profile pins it (min = max,
+        # a DLA engine): only the profile, or the execution context once set, gives the value (issue 22, D3)
+        self._fixed: dict[str, tuple[int, ...]] = {}
         for n in self._inputs:  # size every buffer for the profile's largest shapes
             shape = tuple(self.engine.get_tensor_shape(n))
             if -1 in shape:
-                shape = tuple(self.engine.get_tensor_profile_shape(n, 0)[2])
+                lo, _opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(n, 0))
+                shape = hi
+                if lo == hi:
+                    self._fixed[n] = hi
+            else:
+                self._fixed[n] = shape
             self.context.set_input_shape(n, shape)
         self._shape = {n: tuple(self.context.get_tensor_shape(n)) for n in names}
         self._stream = self.cuda.stream()
@@ -314,8 +322,8 @@ class TensorRTRunner(BaseRunner):
         for n in self._inputs:
             arr = np.ascontiguousarray(feed[n], dtype=self._dtype[n])
             if arr.shape != self._shape[n]:
-                fixed = tuple(self.engine.get_tensor_shape(n))
-                if -1 not in fixed:
+                fixed = self._fixed.get(n)
+                if fixed is not None:
                     raise EdgeTLError(f"input {n} shape {arr.shape}: this engine takes only {fixed} (static shape, "
                                       "as DLA engines are)", f"feed batches of {fixed[0]}")
                 if not self.context.set_input_shape(n, arr.shape):
@@ -354,7 +362,8 @@ class TensorRTRunner(BaseRunner):
 
     # -- metadata ----------------------------------------------------------------------------------------
     def get_input_metadata_impl(self) -> list[TensorMeta]:
-        return [TensorMeta(n, tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)),
+        return [TensorMeta(n, self._fixed[n] if n in self._fixed else
+                           tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(n)),
                            self._dtype[n].name) for n in self._inputs]
 
     def describe_impl(self) -> dict[str, Any]:
