@@ -133,20 +133,24 @@ def test_corrupt_or_unexplained_engines_are_rebuilt(tiny_bundle_src, tmp_path):
 def test_refusals_before_building(tiny_bundle_src, tmp_path):
     build = CountingBuilder()
     with pytest.raises(EdgeTLError, match="no DLA cores") as exc:
-        load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, dla_core=0, device=NANO_JP6,
+        load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path, dla_core=0, device=NANO_JP6,
                       build_fn=build)
     assert "drop --dla" in str(exc.value)
+    with pytest.raises(EdgeTLError, match="DLA does not run explicitly quantized") as exc:  # issue 22, D2
+        load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, dla_core=1, device=AGX_JP5,
+                      build_fn=build)
+    assert "--precision fp16 with --dla" in exc.value.fix
     with pytest.raises(EdgeTLError, match="has 2 DLA core"):
-        load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, dla_core=2, device=AGX_JP5,
+        load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path, dla_core=2, device=AGX_JP5,
                       build_fn=build)
     no_fp16 = replace(NANO_JP6, gpu_name="Old GPU", fast_fp16=False)
     with pytest.raises(EdgeTLError, match="no fast FP16"):
         load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path, device=no_fp16, build_fn=build)
     with pytest.raises(EdgeTLError, match="needs a Q/DQ model"):
         load_or_build(tiny_bundle_src / "model.onnx", "int8", tmp_path, device=NANO_JP6, build_fn=build)
-    dla = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, dla_core=1, device=AGX_JP5,
+    dla = load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path, dla_core=1, device=AGX_JP5,
                         build_fn=build)
-    assert build.count == 1 and "-dla1-" in dla.name and build.specs[0].flags() == ["int8", "dla"]
+    assert build.count == 1 and "-dla1-" in dla.name and build.specs[0].flags() == ["fp16", "dla"]
 
 
 def test_failed_build_leaves_no_engine(tiny_bundle_src, tmp_path):

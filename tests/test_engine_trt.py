@@ -47,20 +47,23 @@ def test_tensorrt_85_explicit_batch_workspace_dla_and_constraints(standin, tiny_
     standin(version="8.5.2.2", dla=2)
     cache = tmp_path / "timing.cache"
     static = BatchProfile(4, 4, 4)  # DLA: static shapes only
-    got = _build(tiny_bundle_src, "int8", static, dla_core=1, workspace_mb=256, timing_cache=cache)
+    got = _build(tiny_bundle_src, "fp16", static, dla_core=1, workspace_mb=256, timing_cache=cache)
     assert got["network_flags"] == 1  # 1 << EXPLICIT_BATCH
     assert got["pool"] == 256 << 20 and got["device"] == "DLA" and got["dla_core"] == 1
     assert "GPU_FALLBACK" in got["flags"] and got["timing_cache"] == "fresh"
     assert got["dla_layers"] and got["profiles"] == [{"input": [[4, 3, 16, 16]] * 3}]
     assert cache.read_bytes() == b"fresh+1"
     with pytest.raises(EdgeTLError, match="DLA runs static shapes only"):
-        _build(tiny_bundle_src, "int8", dla_core=1)  # the dynamic 1-2-8 profile
+        _build(tiny_bundle_src, "fp16", dla_core=1)  # the dynamic 1-2-8 profile
+    for q in ("int8", "best"):  # the Q/DQ model: DLA does not run explicit quantization (issue 22, D2)
+        with pytest.raises(EdgeTLError, match="DLA does not run explicitly quantized"):
+            _build(tiny_bundle_src, q, static, dla_core=1)
     lacks_all = {"Conv", "Relu", "GlobalAveragePool", "Gemm", "Flatten"}
     monkeypatch.setattr(trt_standin.Config, "unsupported", frozenset(lacks_all))
     with pytest.raises(EdgeTLError, match="no layer of model.onnx can run on the DLA"):
         _build(tiny_bundle_src, "fp16", static, dla_core=0)
     monkeypatch.setattr(trt_standin.Config, "unsupported", frozenset())
-    again = _build(tiny_bundle_src, "int8", static, dla_core=1, workspace_mb=256, timing_cache=cache)
+    again = _build(tiny_bundle_src, "fp16", static, dla_core=1, workspace_mb=256, timing_cache=cache)
     assert again["timing_cache"] == "fresh+1"  # the saved cache is reused
     kept = _build(tiny_bundle_src, "fp16", keep_layers=("node_of_c1",), keep_precision="fp32")
     assert kept["constrained"] == {"node_of_c1": "float32"} and "OBEY_PRECISION_CONSTRAINTS" in kept["flags"]
@@ -72,10 +75,11 @@ def test_builder_refusals(standin, tiny_bundle_src):
     standin(version="10.3.0", dla=0, fast_fp16=False)
     with pytest.raises(EdgeTLError, match="no fast FP16"):
         _build(tiny_bundle_src, "fp16")
-    with pytest.raises(EdgeTLError, match="no DLA cores"):
-        _build(tiny_bundle_src, "int8", dla_core=0)
     facts = build.detect_device()
     assert facts.tensorrt_version == "10.3.0" and facts.dla_cores == 0 and facts.fast_fp16 is False
+    standin(version="10.3.0", dla=0)  # an Orin Nano: no DLA
+    with pytest.raises(EdgeTLError, match="no DLA cores"):
+        _build(tiny_bundle_src, "fp16", BatchProfile(4, 4, 4), dla_core=0)
 
 
 def test_parse_errors_and_engine_loading(standin, tiny_bundle_src, tmp_path):

@@ -116,26 +116,27 @@ def test_a_cache_hit_creates_no_builder(trt, tiny_bundle_src, tmp_path):
 def test_dla_engine_is_static_records_its_layers_and_runs_on_its_core(trt, tiny_bundle_src, tmp_path):
     bundle = Bundle.open(tiny_bundle_src)
     said: list[str] = []
-    path = load_or_build(bundle.model_path("int8"), "int8", tmp_path, dla_core=1, max_batch=4, notify=said.append)
+    # FP16 from model.onnx: DLA does not run the Q/DQ model (issue 22, D2)
+    path = load_or_build(bundle.model_path("fp32"), "fp16", tmp_path, dla_core=1, max_batch=4, notify=said.append)
     side = read_sidecar(path)
     assert side["key"]["batch_profile"] == "4-4-4" and side["key"]["dla_core"] == 1
     assert side["dla"]["dla_layers"] > 0 and side["dla"]["gpu_layers"] == 1  # Flatten falls back to the GPU
     assert any("static batch 4" in m for m in said)
-    runner = TensorRTRunner(EngineCache(tmp_path, dla_core=1)(bundle.model_path("int8"), "int8", 4))
+    runner = TensorRTRunner(EngineCache(tmp_path, dla_core=1)(bundle.model_path("fp32"), "fp16", 4))
     with runner:
         assert runner.static_batch() == 4 and runner.engine.dla_core == 1  # Runtime.DLA_core set on load
         with pytest.raises(EdgeTLError, match="takes only"):
             runner.infer(np.zeros((1, 3, 16, 16), np.float32))
-        report = check_parity(bundle, runner, "int8")  # 6 golden inputs: batches of 4, the last one padded
+        report = check_parity(bundle, runner, "fp16")  # 6 golden inputs: batches of 4, the last one padded
     assert report.passed, report.failures
     assert report.outputs["logits"].count == len(bundle.golden_inputs())
 
 
 def test_bench_refuses_other_batches_on_a_static_engine(trt, tiny_bundle_src, tmp_path):
-    path = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path, dla_core=0, max_batch=2)
+    path = load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path, dla_core=0, max_batch=2)
     with pytest.raises(EdgeTLError, match="takes batch 2 only"):
-        run_bench(BenchConfig(path, backend="tensorrt", precision="int8", batches=[1], iterations=2, warmup=1,
+        run_bench(BenchConfig(path, backend="tensorrt", precision="fp16", batches=[1], iterations=2, warmup=1,
                               power="none", idle_seconds=0))
-    result, _ = run_bench(BenchConfig(path, backend="tensorrt", precision="int8", batches=[2], iterations=3,
+    result, _ = run_bench(BenchConfig(path, backend="tensorrt", precision="fp16", batches=[2], iterations=3,
                                       warmup=1, power="none", idle_seconds=0))
     assert [r.batch for r in result.results] == [2] and result.runner["dla_core"] == 0

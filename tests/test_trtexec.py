@@ -102,10 +102,10 @@ def _spec(bundle: Path, precision: str, **kw) -> BuildSpec:
 
 
 def test_command_lines(tiny_bundle_src):
-    spec = _spec(tiny_bundle_src, "int8", dla_core=1, workspace_mb=512, timing_cache=Path("/c/t.cache"))
+    spec = _spec(tiny_bundle_src, "fp16", dla_core=1, workspace_mb=512, timing_cache=Path("/c/t.cache"))
     argv = trtexec_command(spec, "/e/m.engine", trtexec="/usr/src/tensorrt/bin/trtexec")
-    assert argv == ["/usr/src/tensorrt/bin/trtexec", f"--onnx={tiny_bundle_src / 'model.int8.onnx'}",
-                    "--saveEngine=/e/m.engine", "--int8", "--useDLACore=1", "--allowGPUFallback",
+    assert argv == ["/usr/src/tensorrt/bin/trtexec", f"--onnx={tiny_bundle_src / 'model.onnx'}",
+                    "--saveEngine=/e/m.engine", "--fp16", "--useDLACore=1", "--allowGPUFallback",
                     "--memPoolSize=workspace:512", "--minShapes=input:1x3x16x16", "--optShapes=input:2x3x16x16",
                     "--maxShapes=input:8x3x16x16", "--shapes=input:2x3x16x16", "--timingCacheFile=/c/t.cache"]
     fp32 = trtexec_command(_spec(tiny_bundle_src, "fp32"), "e")
@@ -225,7 +225,7 @@ def test_dla_build_via_trtexec_is_static_and_records_placement(tiny_bundle_src, 
     assert recorded["dla_nodes"] == 5 and recorded["gpu_layers"] == 6
     assert recorded["dla_node_names"][1] == "{ForeignNode[Relu_10...Conv_11]}"
     build_fn = partial(build_with_trtexec, trtexec=fake_trtexec)
-    engine = load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path / "cache", dla_core=1, max_batch=4,
+    engine = load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path / "cache", dla_core=1, max_batch=4,
                            device=ORIN_JP5, build_fn=build_fn)
     side = read_sidecar(engine)
     assert side["key"]["batch_profile"] == "4-4-4"  # DLA: static shapes only
@@ -233,7 +233,7 @@ def test_dla_build_via_trtexec_is_static_and_records_placement(tiny_bundle_src, 
     assert set(shapes.values()) == {"input:4x3x16x16"} and "--useDLACore=1" in side["command"]
     assert side["dla"]["dla_nodes"] == 5 and side["dla"]["gpu_layers"] == 6
     monkeypatch.setenv("FAKE_TRTEXEC_NO_DLA", "1")
-    with pytest.raises(EdgeTLError, match="trtexec put no layer of model.int8.onnx on the DLA"):
-        load_or_build(tiny_bundle_src / "model.int8.onnx", "int8", tmp_path / "cache2", dla_core=0, max_batch=4,
+    with pytest.raises(EdgeTLError, match="trtexec put no layer of model.onnx on the DLA"):
+        load_or_build(tiny_bundle_src / "model.onnx", "fp16", tmp_path / "cache2", dla_core=0, max_batch=4,
                       device=ORIN_JP5, build_fn=build_fn)
     assert not list((tmp_path / "cache2").glob("*.engine"))

@@ -70,7 +70,8 @@ def build_cmd(
     model: Path = typer.Argument(..., help="Bundle folder, bundle .tar.gz, or an .onnx file."),
     precision: Precision = typer.Option(None, "--precision", case_sensitive=False,
                                   help="Default: the bundle's default_precision (int8/best use model.int8.onnx)."),
-    dla: int = typer.Option(None, "--dla", help="DLA core (GPU fallback on); only where the builder reports DLA."),
+    dla: int = typer.Option(None, "--dla", help="DLA core (GPU fallback on), with --precision fp16: DLA does not run "
+                                               "the Q/DQ INT8 model; only where the builder reports DLA."),
     workspace_mb: int = typer.Option(None, "--workspace-mb", help="Builder workspace limit in MiB."),
     max_batch: int = typer.Option(None, "--max-batch", help="Profile max (default: the bundle's max_batch)."),
     opt_batch: int = typer.Option(None, "--opt-batch", help="Profile opt (default: max(1, max_batch // 4))."),

@@ -116,7 +116,15 @@ class BuildSpec:
         if self.dla_core is not None and self.dla_core < 0:
             raise EdgeTLError(f"--dla {self.dla_core} is negative", "give a DLA core index (0 or 1 on AGX Orin)")
         if self.dla_core is not None and self.precision == "fp32":
-            raise EdgeTLError("DLA runs FP16 or INT8 only, not fp32", "use --precision fp16 or int8 with --dla")
+            raise EdgeTLError("DLA runs FP16 or INT8 only, not fp32", "use --precision fp16 with --dla")
+        if self.dla_core is not None and self.precision in ("int8", "best"):
+            # the bundle's INT8 model is explicitly quantized (Q/DQ), which DLA does not run (TensorRT's "Working
+            # with DLA"; NVIDIA/TensorRT#2222): refused rather than built into an engine that silently runs on the
+            # GPU or fails (issue 22, D2). INT8 on DLA would need an implicit-quantization calibration cache.
+            raise EdgeTLError(f"--dla {self.dla_core} with --precision {self.precision}: DLA does not run explicitly "
+                              "quantized (Q/DQ) networks such as the bundle's INT8 model",
+                              "use --precision fp16 with --dla (built from model.onnx), or drop --dla for INT8 on "
+                              "the GPU")
         if self.workspace_mb is not None and self.workspace_mb <= 0:
             raise EdgeTLError(f"--workspace-mb {self.workspace_mb} must be positive", "give a size in MiB, e.g. 1024")
         for name in self.keep_layers:
