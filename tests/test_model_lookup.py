@@ -27,8 +27,11 @@ def test_active_version_reads_the_link_once(tmp_path, tiny_bundle_src, bundle):
     with pytest.raises(EdgeTLError, match="no active model"):  # the link points to nothing (yet)
         resolve_bundle(None, tmp_path)
     shutil.copytree(tiny_bundle_src, layout.bundle_dir(version))
-    found, engine_dir = resolve_bundle(None, tmp_path)
-    assert (found.root, engine_dir) == (layout.bundle_dir(version), layout.engine_dir(version))
+    found, engine_dir, gated = resolve_bundle(None, tmp_path)
+    assert (found.root, engine_dir, gated) == (layout.bundle_dir(version), layout.engine_dir(version), None)
+    # the precision deploy --precision gated is what infer/serve --root run, not the manifest's default (D4)
+    (layout.version_dir(version) / "deploy.json").write_text('{"precision": "fp32", "status": "active"}')
+    assert layout.active().precision == "fp32" and resolve_bundle(None, tmp_path)[2] == "fp32"
     assert layout.active_bundle_dir() == layout.bundle_dir(version)
     assert resolve_bundle(tiny_bundle_src, None)[1] is None
     with pytest.raises(EdgeTLError, match="exactly one of"):
@@ -55,3 +58,23 @@ def test_resolve_model_for_a_bare_onnx_file(tmp_path, tiny_bundle_src):
     assert resolve_model(plain, None) == (plain, "fp32", None)
     with pytest.raises(EdgeTLError, match="does not exist"):
         resolve_model(tmp_path / "missing.onnx", None)
+
+
+def test_serve_and_infer_under_a_root_run_the_gated_precision(tmp_path, tiny_bundle_src, bundle, capsys):
+    """Issue 22, D4: `deploy --precision fp32` gated fp32, but serve --root ran the manifest's default (int8)."""
+    import json
+
+    from edge_tl.device.serve.app import start_manager
+    from edge_tl.device.serve.config import ServeConfig
+    from edge_tl.device.serve.metrics import Metrics
+
+    layout = DeviceLayout(tmp_path)
+    version = bundle.manifest.bundle_id
+    shutil.copytree(tiny_bundle_src, layout.bundle_dir(version))
+    (layout.version_dir(version) / "deploy.json").write_text(json.dumps({"precision": "fp32"}))
+    os.symlink(f"versions/{version}", layout.active_link)
+    manager = start_manager(ServeConfig(root=tmp_path, token=None, backend="ort-cpu"), Metrics())
+    try:
+        assert manager.current.precision == "fp32" and bundle.manifest.default_precision == "int8"
+    finally:
+        manager.current.runner.deactivate()

@@ -57,17 +57,35 @@ class DeviceLayout:
         version = self.active_version()
         if version is None:
             return None
-        return ActiveVersion(version, self.bundle_dir(version), self.engine_dir(version))
+        return ActiveVersion(version, self.bundle_dir(version), self.engine_dir(version),
+                             _gated_precision(self.version_dir(version) / DEPLOY_RECORD))
 
     def active_bundle_dir(self) -> Path | None:
         active = self.active()
         return active.bundle_dir if active else None
 
 
+#: the deploy record of a version (written by edge_tl.device.deploy.state)
+DEPLOY_RECORD = "deploy.json"
+
+
+def _gated_precision(record: Path) -> str | None:
+    """The precision the deploy gate checked for this version (``deploy --precision``), None when unknown."""
+    import json
+
+    try:
+        value = json.loads(record.read_text()).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 @dataclass(frozen=True)
 class ActiveVersion:
-    """What the ``active`` link points to (read once)."""
+    """What the ``active`` link points to (read once), and the precision its deploy gate checked: what serve and
+    infer --root run (issue 22, D4: serve ran the manifest's default while the gate checked --precision)."""
 
     version: str
     bundle_dir: Path
     engine_dir: Path
+    precision: str | None = None

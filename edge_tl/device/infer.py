@@ -49,17 +49,19 @@ def iso_time(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def resolve_bundle(bundle: str | Path | None, root: str | Path | None) -> tuple[Bundle, Path | None]:
-    """The bundle named by --bundle, or the active deployed one under --root (with its engine folder)."""
+def resolve_bundle(bundle: str | Path | None, root: str | Path | None
+                   ) -> tuple[Bundle, Path | None, str | None]:
+    """The bundle named by --bundle, or the active deployed one under --root (with its engine folder and the
+    precision its deploy gate checked)."""
     if (bundle is None) == (root is None):
         raise EdgeTLError("give exactly one of --bundle and --root", "--bundle DIR for a bundle, --root DIR for "
                           "the model deployed there")
     if bundle is not None:
-        return Bundle.open(bundle), None
+        return Bundle.open(bundle), None, None
     active = DeviceLayout(Path(root)).active()
     if active is None or not active.bundle_dir.is_dir():
         raise EdgeTLError(f"no active model under {root}", "deploy one first (edge-tl deploy), or pass --bundle")
-    return Bundle.open(active.bundle_dir), active.engine_dir
+    return Bundle.open(active.bundle_dir), active.engine_dir, active.precision
 
 
 @dataclass
@@ -144,7 +146,8 @@ def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, roo
         raise EdgeTLError(f"--top-k must be >= 1 (got {k})", "use e.g. --top-k 5")
     # a bad SOURCE fails before the model loads
     spec = source if isinstance(source, SourceSpec) else parse_source(source)
-    b, engine_dir = resolve_bundle(bundle, root)
+    b, engine_dir, gated = resolve_bundle(bundle, root)
+    precision = precision or gated
     out = out or sys.stdout
     classifier = Classifier.load(b, backend, precision, threads=threads, engine_dir=engine_dir)
     summary = InferSummary(temperature=b.postprocess.temperature, calibrated=b.postprocess.calibrated,

@@ -24,10 +24,10 @@ from typing import Any
 from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text
-from edge_tl.core.layout import DeviceLayout
+from edge_tl.core.layout import DEPLOY_RECORD, DeviceLayout
 
 HISTORY = "history.json"
-RECORD = "deploy.json"
+RECORD = DEPLOY_RECORD
 PARITY = "parity.json"
 UPLOADS = "uploads"
 VERSION_RE = re.compile(r"^[0-9a-f]{16}$")

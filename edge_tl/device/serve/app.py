@@ -241,7 +241,7 @@ def start_manager(config: ServeConfig, metrics: Metrics) -> ModelManager:
     if active is None:
         log.warning("nothing is active under %s yet; waiting for a deploy", config.root)
         return ModelManager(config, metrics, None)
-    initial = load_model(active.bundle_dir, config, metrics, active.engine_dir)
+    initial = load_model(active.bundle_dir, config, metrics, active.engine_dir, active.precision)
     return ModelManager(config, metrics, initial, active.version)
 
 

@@ -119,14 +119,16 @@ class LoadedModel:
         log.info("model %s unloaded", self.version)
 
 
-def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_dir: Path | None = None) -> LoadedModel:
+def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_dir: Path | None = None,
+               gated_precision: str | None = None) -> LoadedModel:
     """Open (and verify) a bundle, activate a runner for it and warm it up. Blocking; raises EdgeTLError."""
     bundle = Bundle.open(bundle_path, verify=config.verify)  # verified against its manifest unless asked not to
     m = bundle.manifest
     if config.max_batch > m.max_batch:
         raise EdgeTLError(f"--max-batch {config.max_batch} is larger than the bundle's max_batch {m.max_batch}",
                           f"use --max-batch {m.max_batch} or less")
-    runner = create_runner(bundle, backend=config.backend, precision=config.precision, threads=config.threads,
+    precision = config.precision or gated_precision or m.default_precision  # a deployed model: what was gated
+    runner = create_runner(bundle, backend=config.backend, precision=precision, threads=config.threads,
                            engines=EngineCache(engine_dir))
     if runner.backend == "tensorrt" and config.workers > 1:
         raise EdgeTLError("the TensorRT runner has one execution context, so --workers must be 1",
@@ -138,7 +140,6 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
     except Exception:
         runner.deactivate()
         raise
-    precision = config.precision or m.default_precision
     model = LoadedModel(bundle, runner, config, metrics, precision)
     post = bundle.postprocess
     for problem in m.training_problems():
@@ -215,7 +216,7 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         try:
             new = await loop.run_in_executor(None, load_model, active.bundle_dir, self.config, self.metrics,
-                                             active.engine_dir)
+                                             active.engine_dir, active.precision)
         except Exception as exc:
             self.failed_version = version
             self.metrics.reloads.labels("failed").inc()
