@@ -57,3 +57,31 @@ def test_reason_picks_the_provider_line():
     lines = ["something else", "[E:onnxruntime:Default, provider_bridge_ort.cc:1744 TryGetProviderInfo_CUDA] "
              "Failed to load library libonnxruntime_providers_cuda.so with error: libcublasLt.so.11: cannot open"]
     assert "libcublasLt.so.11" in onnxrt._provider_reason(lines, "CUDAExecutionProvider")
+
+
+def test_the_tensorrt_provider_gets_int8_and_its_caches(monkeypatch, tiny_bundle_src, tmp_path):
+    """Issue 22, D5: `--backend ort-trt` passed provider names only. A Q/DQ model needs `trt_int8_enable` on
+    TensorRT 8.x (microsoft/onnxruntime#13381), and without the engine and timing caches every session rebuilds its
+    engine. The real ONNX Runtime here has no TensorRT provider: the list claims it, the session falls back to the
+    CPU (allowed here), and what the session was asked for is recorded on the way through."""
+    real = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", *real])
+    monkeypatch.setenv("EDGE_TL_ORT_TRT_CACHE", str(tmp_path / "trt-cache"))
+    asked = []
+    real_session = onnxruntime.InferenceSession
+
+    def spy(*args, **kw):
+        asked.append(kw.get("providers"))
+        return real_session(*args, **kw)
+
+    monkeypatch.setattr(onnxrt.ort, "InferenceSession", spy)
+    for model, int8 in (("model.int8.onnx", True), ("model.onnx", False)):
+        runner = OnnxRuntimeRunner.from_path(tiny_bundle_src / model, backend="ort-trt", allow_fallback=True)
+        with runner:
+            assert runner.infer(np.zeros((1, 3, 16, 16), np.float32))
+        name, options = asked[-1][0]
+        assert name == "TensorrtExecutionProvider" and options["trt_int8_enable"] is int8
+        assert options["trt_engine_cache_enable"] and options["trt_timing_cache_enable"]
+        assert options["trt_engine_cache_path"] == str(tmp_path / "trt-cache")
+    assert (tmp_path / "trt-cache").is_dir()

@@ -47,6 +47,37 @@ PROVIDERS = {
 }
 
 
+def ort_trt_cache_dir() -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps its engines and timing cache: ``$EDGE_TL_ORT_TRT_CACHE``, else
+    ``$XDG_CACHE_HOME/edge-tl/ort-trt``."""
+    env = os.environ.get("EDGE_TL_ORT_TRT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "edge-tl" / "ort-trt"
+
+
+def tensorrt_provider_options(model: str | Path | bytes) -> dict[str, Any]:
+    """The TensorRT execution provider's options for ``model`` (issue 22, D5; names from ONNX Runtime's "TensorRT
+    Execution Provider" documentation):
+
+    * ``trt_int8_enable`` for a Q/DQ model: TensorRT 8.x builds an explicitly quantized network in INT8 only with
+      the INT8 flag set (microsoft/onnxruntime#13381); without it the EP builds it in FP32.
+    * ``trt_engine_cache_enable`` / ``trt_engine_cache_path`` and ``trt_timing_cache_enable`` /
+      ``trt_timing_cache_path``: without them every session rebuilds its engine (minutes on an Orin Nano)."""
+    from edge_tl.core.qdq import QDQ_OPS
+
+    qdq = False
+    if isinstance(model, (str, Path)) and Path(model).is_file():
+        import onnx
+
+        qdq = any(n.op_type in QDQ_OPS for n in onnx.load(str(model), load_external_data=False).graph.node)
+    cache = ort_trt_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"trt_int8_enable": qdq, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+
+
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[list[str]]:
     """What ONNX Runtime's C++ logger writes to fd 2 meanwhile (why a provider failed to load), plus Python
@@ -109,6 +140,11 @@ class SessionFromOnnx(Loader):
         self.providers_used: list[str] | None = None
         self.fell_back: str | None = None
 
+    def _provider_args(self) -> list[Any]:
+        """The providers as ONNX Runtime takes them: TensorRT's with its options (:func:`tensorrt_provider_options`)."""
+        return [(p, tensorrt_provider_options(self.model)) if p == "TensorrtExecutionProvider" else p
+                for p in self.providers]
+
     def __call__(self):
         if isinstance(self.model, (str, Path)) and not Path(self.model).is_file():
             raise EdgeTLError(f"model {self.model} does not exist", "give the path of an .onnx file or a bundle")
@@ -129,7 +165,7 @@ class SessionFromOnnx(Loader):
         model = str(self.model) if isinstance(self.model, Path) else self.model
         try:
             with _captured_stderr() as log:
-                session = ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+                session = ort.InferenceSession(model, sess_options=opts, providers=self._provider_args())
         except Exception as exc:  # ORT raises its own exception types for bad models
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EdgeTLError(f"ONNX Runtime could not load {self.model}: {first}",
