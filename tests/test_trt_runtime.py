@@ -140,3 +140,6 @@ def test_bench_refuses_other_batches_on_a_static_engine(trt, tiny_bundle_src, tm
     result, _ = run_bench(BenchConfig(path, backend="tensorrt", precision="fp16", batches=[2], iterations=3,
                                       warmup=1, power="none", idle_seconds=0))
     assert [r.batch for r in result.results] == [2] and result.runner["dla_core"] == 0
+    # the hop to the runner's owning thread is inside each timed call: measured and reported (issue 22, D7)
+    row = result.results[0]
+    assert row.thread_handoff_us is not None and 0 < row.thread_handoff_us < row.latency_ms.median * 1000

@@ -29,6 +29,9 @@ class Timings:
     t1_mono_ns: int  #: time.monotonic_ns() just after the last one
     wall_ns: int  #: perf_counter_ns from the first start to the last end
     warmup_iterations: int
+    #: per iteration, the part of the latency spent handing the feed to the runner's owning thread and back (the
+    #: TensorRT runner's ``last_handoff_ns``); None for runners that compute on the calling thread (issue 22, D7)
+    handoff_ns: np.ndarray | None = None
 
 
 def latency_stats(latencies_ns: np.ndarray) -> LatencyStats:
@@ -88,14 +91,18 @@ def measure(runner: BaseRunner, feed: Mapping[str, np.ndarray], *, iterations: i
     deadline = None if duration_s is None else clock() + int(duration_s * 1e9)
     next_report = clock() + 100_000_000
     n = 0
+    handed = hasattr(runner, "last_handoff_ns")
+    hand = np.zeros_like(lat)
     t0_mono = time.monotonic_ns()
     while n < cap:
         t0 = clock()
         infer(feed)
         t1 = clock()
         if n == lat.size:
-            lat, starts = np.resize(lat, 2 * n), np.resize(starts, 2 * n)
+            lat, starts, hand = np.resize(lat, 2 * n), np.resize(starts, 2 * n), np.resize(hand, 2 * n)
         lat[n], starts[n] = t1 - t0, t0
+        if handed:  # outside the timed span
+            hand[n] = runner.last_handoff_ns
         n += 1
         if deadline is not None and t1 >= deadline:
             break
@@ -107,4 +114,4 @@ def measure(runner: BaseRunner, feed: Mapping[str, np.ndarray], *, iterations: i
     wall = int(starts[-1] + lat[-1] - starts[0])
     if on_progress is not None:
         on_progress(n)
-    return Timings(lat, starts, t0_mono, t1_mono, wall, n_warm)
+    return Timings(lat, starts, t0_mono, t1_mono, wall, n_warm, hand[:n].copy() if handed else None)

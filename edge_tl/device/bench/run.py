@@ -226,6 +226,9 @@ def finish(result: BenchResult, record: RunRecord, cfg: BenchConfig, sampler) ->
                           repeats=len(runs), wall_s=wall, latency_ms=latency_stats(lat),
                           throughput_ips=b * lat.size / wall if wall > 0 else None,
                           repeat_medians_ms=medians, median_spread_pct=spread)
+        hand = [t.handoff_ns for t in runs if t.handoff_ns is not None]
+        if hand:
+            row.thread_handoff_us = float(np.median(np.concatenate(hand)) / 1e3)
         if result.power.available:
             row.power = batch_power(record.samples, [(t.t0_mono_ns, t.t1_mono_ns) for t in runs],
                                     images=b * int(lat.size), batch=b, idle_mw=result.power.idle_mw,

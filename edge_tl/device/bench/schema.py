@@ -69,6 +69,9 @@ class BatchResult(_Model):
     repeat_medians_ms: list[float] = Field(default_factory=list, description="median of each repeat")
     median_spread_pct: float | None = Field(None, description="(max - min) / min of repeat_medians_ms, in %")
     power: PowerWindow | None = None
+    thread_handoff_us: float | None = Field(
+        None, description="median time per call spent handing the batch to the runner's owning thread and back "
+                          "(TensorRT runner), inside latency_ms; trtexec has none")
     extra: dict[str, Any] = Field(default_factory=dict, description="source-specific numbers (e.g. trtexec's)")
 
 

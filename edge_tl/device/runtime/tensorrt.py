@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -222,6 +223,8 @@ class TensorRTRunner(BaseRunner):
         self._loader: Any = None
         self._owner: ThreadPoolExecutor | None = None
         self._owner_ident: int | None = None
+        self._owner_ns = 0
+        self.last_handoff_ns = 0
 
     # -- the owning thread --------------------------------------------------------------------------------
     def _on_owner(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -248,7 +251,18 @@ class TensorRTRunner(BaseRunner):
             raise
 
     def infer_impl(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._on_owner(self._infer_here, feed)
+        start = time.perf_counter_ns()
+        out = self._on_owner(self._infer_timed, feed)
+        # what the hop to the owning thread and back cost this call (bench reports it; issue 22, D7)
+        self.last_handoff_ns = max(0, time.perf_counter_ns() - start - self._owner_ns)
+        return out
+
+    def _infer_timed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter_ns()
+        try:
+            return self._infer_here(feed)
+        finally:
+            self._owner_ns = time.perf_counter_ns() - start
 
     def deactivate_impl(self) -> None:
         if self._owner is None:
