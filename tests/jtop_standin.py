@@ -7,6 +7,10 @@ with (jtop/service.py and jtop/jtop.py of jetson-stats 4.2):
   comes it stores ``JtopException("Error connection")``, which ``ok()`` raises.
 
 Updates carry a ``power`` dict shaped as 4.x's. Tests scale time down (service intervals of 0.1-0.2 s).
+
+``Service.stale_every = k`` makes every k-th update re-deliver the previous reading: jtop's client signals its
+observers on every message from the service, and a service that has not re-read the sensors sends the same values
+again (the stale samples of issue 22, D8); the client cannot tell them apart except by their content.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class Service:
     def __init__(self) -> None:
         self.interval: float | None = None
         self.clients = 0
+        self.stale_every = 0  # 0: every update is a fresh reading
 
     def connect(self, asked: float) -> float:
         if self.interval is None:  # the first client sets the pace
@@ -46,6 +51,7 @@ class jtop:  # noqa: N801 - the library's name
         self._running = False
         self._trigger = threading.Event()
         self._n = 0
+        self._n_updates = 0
         self.power: dict = {}
 
     def attach(self, observer) -> None:
@@ -73,7 +79,10 @@ class jtop:  # noqa: N801 - the library's name
                 self._running = False
                 return
             threading.Event().wait(self._server_interval)
-            self._n += 1
+            stale = SERVICE.stale_every and self._n and (self._n_updates + 1) % SERVICE.stale_every == 0
+            self._n_updates += 1
+            if not stale:
+                self._n += 1
             self.power = {"rail": {"VDD_CPU_GPU_CV": {"power": 500.0 + self._n}}, "tot": {"name": "VDD_IN",
                                                                                          "power": 4800.0 + self._n}}
             self._trigger.set()

@@ -48,3 +48,33 @@ def test_a_dead_service_is_reported_lost(monkeypatch):
         threading.Event().wait(0.05)
     sampler.stop()
     assert "Lost connection" in sampler.lost
+
+
+def test_stale_redeliveries_are_dropped_not_counted_as_samples(monkeypatch):
+    """A slow service re-sends its last reading with a fresh arrival time (issue 22, D8): those are not samples."""
+    service = jtop_standin.install(monkeypatch, service_interval=0.05)
+    service.stale_every = 2  # every second update repeats the previous one
+    sampler = JtopSampler().start()
+    while sampler.repeats < 3 and sampler.lost is None:
+        threading.Event().wait(0.05)
+    samples = sampler.stop()
+    assert sampler.lost is None and sampler.repeats >= 3
+    totals = [s.total_mw for s in samples]
+    assert len(totals) >= 3 and all(a != b for a, b in zip(totals, totals[1:], strict=False))
+    assert sampler.describe()["stale_repeats_dropped"] == sampler.repeats
+
+
+def test_stop_brackets_the_window_with_a_reading_after_it(monkeypatch):
+    """The energy integral must cover the end of the last timed window: stop() waits for one fresh reading taken
+    after it was called (at most 3 service intervals), as bench's start() waits for the first."""
+    import time
+
+    jtop_standin.install(monkeypatch, service_interval=0.2)
+    sampler = JtopSampler().start()
+    while not sampler.snapshot() and sampler.lost is None:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.05)  # mid-interval: the last reading is older than the end of the window
+    end_of_window = time.monotonic_ns()
+    samples = sampler.stop()
+    assert sampler.lost is None
+    assert samples[-1].t_ns >= end_of_window

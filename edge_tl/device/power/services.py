@@ -7,6 +7,7 @@ NVML reports no power on Jetson (use the INA3221 monitors, tegrastats or jtop th
 
 from __future__ import annotations
 
+import threading
 import time
 
 from edge_tl.core.importer import has_module, require
@@ -30,6 +31,9 @@ class JtopSampler(PowerSampler):
         super().__init__(rate_hz)
         self._jetson = None
         self.service_interval_s: float | None = None
+        self.repeats = 0  # updates that re-delivered the previous reading (stale data, fresh timestamp): dropped
+        self._last: dict[str, float] | None = None
+        self._fresh = threading.Event()
 
     def open(self) -> None:
         if not has_module("jtop"):
@@ -65,10 +69,22 @@ class JtopSampler(PowerSampler):
         except Exception:  # a malformed update: skip it, as a file caught mid-write is skipped
             self.skipped += 1
             return
-        if rails:
-            self.add(rails, t)
-        else:
+        if not rails:
             self.skipped += 1
+        elif rails == self._last:  # a slow service re-delivers its last reading with a fresh time: not a sample
+            self.repeats += 1
+        else:
+            self._last = rails
+            self.add(rails, t)
+            self._fresh.set()
+
+    def stop(self) -> list:
+        """Bracket the window: wait (up to 3 service intervals) for one fresh reading after the stop was asked, so
+        the energy integral covers the end of the last timed window (issue 22, D8), then stop."""
+        if self._jetson is not None and self.lost is None and not self._stop.is_set():
+            self._fresh.clear()
+            self._fresh.wait(3 * (self.service_interval_s or 1.0))
+        return super().stop()
 
     def _run(self) -> None:
         jetson = self._jetson
@@ -92,7 +108,7 @@ class JtopSampler(PowerSampler):
 
     def describe(self) -> dict[str, object]:
         return {"kind": self.kind, "rate_hz_asked": self.rate_hz, "service_interval_s": self.service_interval_s,
-                "achieved_interval_s": self.achieved_interval_s(),
+                "achieved_interval_s": self.achieved_interval_s(), "stale_repeats_dropped": self.repeats,
                 "note": "jtop publishes at its service's interval (set by its first client); rate_hz can't change it"}
 
     def close(self) -> None:
