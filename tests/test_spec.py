@@ -135,3 +135,19 @@ def test_val_views_re_keys_the_deciding_stages_only(tmp_path):
     same = {k for k in keys[20] if keys[20][k] == keys[0][k]}
     assert same == {"data", "finetune", "scratch"}
     assert {"prune", "export", "quantize", "qat"} == set(keys[20]) - same
+
+
+def test_recovery_batchnorm_follows_the_input_size_unless_set():
+    """prune.recovery_bn = auto: frozen at the demo's 32 px (as train.freeze_bn), trained at 224 px, where a
+    frozen-BN recovery collapsed to chance (issue 23); an explicit value is what runs."""
+    from edge_tl.workstation.pipeline.stages import recovery_bn_frozen
+    from edge_tl.workstation.spec import BuildSpec
+
+    demo = BuildSpec.demo()
+    assert demo.model.input_size == 32 and recovery_bn_frozen(demo)
+    big = BuildSpec.model_validate({"model": {"input_size": 224}})
+    assert not recovery_bn_frozen(big)
+    spec = BuildSpec.model_validate
+    assert not recovery_bn_frozen(spec({"train": {"freeze_bn": False}, "model": {"input_size": 32}}))
+    assert recovery_bn_frozen(spec({"model": {"input_size": 224}, "prune": {"recovery_bn": "frozen"}}))
+    assert not recovery_bn_frozen(spec({"model": {"input_size": 32}, "prune": {"recovery_bn": "train"}}))

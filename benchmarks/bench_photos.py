@@ -1,0 +1,160 @@
+"""Issue 23 item 2: the real-photo benchmark. ImageNet EfficientNet-Lite0 fine-tuned on the GCompris photos
+(benchmarks/photos.py: 140 photos, 5 classes, fetched with apt-get from Debian's gcompris-qt-data, read from its
+Qt resource file) with the photo recipe (models/recipes/photos_lite0.toml) at 224 px, seeds 0-4 (each seed draws
+its own stratified split and trains with its own seed), the from-scratch baseline (same backbone, same recipe,
+weights none) on the same splits. Writes the ``photos`` section of benchmarks/RESULTS.md.
+
+With 21 test images per seed a single split says little: every figure carries its 95% interval, and the seeds are
+pooled (105 test images, each photo counted in the seeds whose test split drew it).
+
+    python benchmarks/bench_photos.py                      # seeds 0-4, about an hour on 2 cores
+    python benchmarks/bench_photos.py --seeds 0 --work DIR # one seed (DIR keeps finished seeds: a rerun resumes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _results import machine_line, write_section  # noqa: E402
+from photos import prepare  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from edge_tl.workstation.pipeline.run import run_build  # noqa: E402
+from edge_tl.workstation.spec import load_spec  # noqa: E402
+from edge_tl.workstation.stats import paired, wilson  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "models" / "recipes" / "photos_lite0.toml"
+
+
+def _stage_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
+
+
+def _right(run_dir: Path, stage: str) -> np.ndarray:
+    split = json.loads((_stage_dir(run_dir, "data") / "split.json").read_text())
+    y = np.asarray([int(label) for _, label in split["items"]["test"]])
+    return np.load(_stage_dir(run_dir, stage) / "test_predictions.npy") == y
+
+
+def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console) -> dict:
+    overrides = {"data.root": str(data), "seed": seed, "model.weights": weights}
+    if weights == "none":  # the baseline: the fine-tune only
+        overrides.update({"prune.enabled": False})
+    spec = load_spec(RECIPE, overrides, {})
+    t0 = time.perf_counter()
+    res = run_build(spec, run_dir, overwrite=True, console=console)
+    wall = time.perf_counter() - t0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rec = {"seed": seed, "weights": weights, "wall_s": wall, "test_images": res.stats.get("test_images"),
+           "right": {k: _right(run_dir, k).tolist() for k in ("finetune",) + (("prune", "qat") if weights != "none"
+                                                                              else ())},
+           "latency_ms": metrics.get("latency_ms"), "stages": {}}
+    for k in ("finetune", "prune", "qat"):
+        st = res.stages.get(k) or {}
+        rec["stages"][k] = {f: st.get(f) for f in ("top1", "val_top1", "macs_removed", "selected", "importance",
+                                                    "recovery_attempts", "recipe") if f in st}
+    return rec
+
+
+def _pooled(recs: list[dict], stage: str) -> str:
+    right = np.concatenate([np.asarray(r["right"][stage]) for r in recs])
+    lo, hi = wilson(int(right.sum()), len(right))
+    return f"{100 * right.mean():.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n = {len(right)})"
+
+
+def _per_seed(recs: list[dict], stage: str) -> str:
+    cells = []
+    for r in recs:
+        right = np.asarray(r["right"][stage])
+        lo, hi = wilson(int(right.sum()), len(right))
+        cells.append(f"s{r['seed']} {100 * right.mean():.0f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+    return "; ".join(cells)
+
+
+def _paired(recs: list[dict], a: str, b: str) -> tuple[str, str]:
+    pooled = paired(np.concatenate([r["right"][a] for r in recs]), np.concatenate([r["right"][b] for r in recs]))
+    cells = []
+    for r in recs:
+        p = paired(np.asarray(r["right"][a]), np.asarray(r["right"][b]))
+        cells.append(f"s{r['seed']} {p.diff_points:+.1f} [{p.ci_points[0]:+.1f}, {p.ci_points[1]:+.1f}]")
+    return (f"{pooled.diff_points:+.1f} points [{pooled.ci_points[0]:+.1f}, {pooled.ci_points[1]:+.1f}] "
+            f"(McNemar p = {pooled.p_value:.2g})", "; ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
+    ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    counts = prepare(work / "gcompris")
+    data = work / "gcompris" / "images"
+    console = Console(file=sys.stderr, highlight=False)
+    done: dict[str, dict] = {}
+    for seed in seeds:
+        for weights in ("imagenet",) + (() if args.no_scratch else ("none",)):
+            name = f"s{seed}-{weights}"
+            path = work / f"{name}.json"
+            if not path.is_file():
+                console.print(f"[bold]seed {seed}, weights {weights}[/]")
+                rec = _build(data, work / name, seed, weights, console)
+                path.write_text(json.dumps(rec))
+            done[name] = json.loads(path.read_text())
+    tl = [done[f"s{s}-imagenet"] for s in seeds]
+    sc = [done[f"s{s}-none"] for s in seeds if f"s{s}-none" in done]
+    classes = ", ".join(f"{k} {v}" for k, v in counts.items())
+    lines = ["## Real photos: ImageNet EfficientNet-Lite0 on the GCompris photos (issue 23)", "",
+             machine_line(torch.get_num_threads()), "",
+             f"Data: {sum(counts.values())} photos, {len(counts)} classes ({classes}), "
+             "from Debian's `gcompris-qt-data` (`categorization.rcc`, read by benchmarks/rcc.py); per seed a "
+             "stratified 70/15/15 split. Licences: public domain, CC0-1.0, CC-BY(-SA) per photo; authors and "
+             "sources in each class's README (benchmarks/photos.py copies them to ATTRIBUTION/), e.g. fishes: "
+             "Karelj (Wikimedia Commons, public domain). Recipe: models/recipes/photos_lite0.toml (224 px, "
+             "resize 256, mean = std = 0.5, 40% of the MACs pruned by L1, recovery with BatchNorm trained). "
+             f"Seeds {', '.join(map(str, seeds))}; intervals are Wilson 95% (accuracies) and paired bootstrap 95% "
+             "(differences on the same images).", "",
+             "| model | pooled test top-1 | per seed (95% interval) |", "|---|---|---|",
+             f"| Lite0 ImageNet, fine-tuned FP32 | {_pooled(tl, 'finetune')} | {_per_seed(tl, 'finetune')} |"]
+    if sc:
+        lines.append(f"| Lite0 from scratch (same recipe, weights none) | {_pooled(sc, 'finetune')} | "
+                     f"{_per_seed(sc, 'finetune')} |")
+    lines += [f"| pruned (40% MACs), FP32 | {_pooled(tl, 'prune')} | {_per_seed(tl, 'prune')} |",
+              f"| shipped INT8 (Q/DQ in float) | {_pooled(tl, 'qat')} | {_per_seed(tl, 'qat')} |", ""]
+    cost_p, cells_p = _paired(tl, "finetune", "prune")
+    cost_q, cells_q = _paired(tl, "finetune", "qat")
+    lines += [f"- Pruning cost (fine-tuned - pruned, pooled): {cost_p}; per seed: {cells_p}.",
+              f"- INT8 cost (fine-tuned - shipped INT8, pooled): {cost_q}; per seed: {cells_q}."]
+    if len(sc) == len(tl):
+        pooled_tl = np.concatenate([r["right"]["finetune"] for r in tl]).mean()
+        pooled_sc = np.concatenate([r["right"]["finetune"] for r in sc]).mean()
+        lines.append(f"- Transfer gain (ImageNet - scratch, pooled, same test images): "
+                     f"{100 * (pooled_tl - pooled_sc):+.1f} points.")
+    macs = [r["stages"]["prune"].get("macs_removed") for r in tl]
+    sel = [r["stages"]["qat"].get("selected") for r in tl]
+    walls = [r["wall_s"] for r in tl]
+    speed = [r["latency_ms"]["finetune"] / r["latency_ms"]["qat"] for r in tl if r.get("latency_ms")]
+    lines += [f"- MACs removed: {', '.join(f'{100 * m:.1f}%' for m in macs if m is not None)}; shipped INT8 model: "
+              f"{', '.join(map(str, sel))}.",
+              f"- Build time (the recipe, 224 px, this machine): {', '.join(f'{w / 60:.1f}' for w in walls)} min "
+              f"(worst {max(walls) / 60:.1f}).",
+              f"- Shipped model vs eager Lite0 FP32 (batch 1, ONNX Runtime CPU INT8 kernels vs torch, 1 thread, "
+              f"same run): {', '.join(f'{s:.2f}x' for s in speed)}.", ""]
+    write_section("photos", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
