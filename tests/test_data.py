@@ -61,13 +61,15 @@ def test_unreadable_and_non_image_files_are_listed_and_skipped(tmp_path):
     root = make_folder(tmp_path / "ds", {"a": 6, "b": 6})
     (root / "a" / "notes.txt").write_text("hello")
     (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.warns(DataWarning, match="2 file\\(s\\) skipped"):
+    Image.new("L", (1, 100_000)).save(root / "b" / "thin.png")  # issue 24: 3,200,000 px once resized to 32
+    with pytest.warns(DataWarning, match="3 file\\(s\\) skipped"):
         s = scan(root)
     reasons = {x["file"]: x["reason"] for x in s.summary.skipped}
     assert reasons["a/notes.txt"].startswith("not an image file")
     assert reasons["b/broken.jpg"].startswith("unreadable")
+    assert "aspect ratio of 100000:1" in reasons["b/thin.png"]
     assert sum(sum(c.values()) for c in s.summary.counts.values()) == 12
-    with pytest.raises(EdgeTLError, match="2 file\\(s\\) .* are not usable images: a/notes.txt"):
+    with pytest.raises(EdgeTLError, match="3 file\\(s\\) .* are not usable images: a/notes.txt"):
         scan(root, strict=True)
 
 

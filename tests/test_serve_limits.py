@@ -187,3 +187,33 @@ def test_connection_cap_and_backlog_fit_under_the_fd_limit(monkeypatch):
         # a burst of `backlog` accepts can land twice before the sockets closed to make room are released
         assert 30 + limits.FD_RESERVE + cap + 2 * backlog <= soft
         assert cap == asked if soft == 65536 else cap < asked
+
+
+def test_a_thin_image_is_refused_from_its_header_fast_and_small():
+    """Issue 24: a 2 KB PNG of 1 x 2,000,000 px became 32 x 64,000,000 px when resized (6 GB). Refused from the
+    header (413) before any pixel is decoded; every runtime's preprocessing refuses it in one line too."""
+    import io
+    import resource
+
+    from PIL import Image
+
+    from edge_tl.core.errors import EdgeTLError
+    from edge_tl.core.preprocess import MAX_ASPECT_RATIO, PreprocessConfig, Preprocessor
+    from edge_tl.device.serve.images import decode_image
+    from edge_tl.device.serve.protocol import ProtocolError
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 2_000_000)).save(buf, format="PNG", optimize=True)
+    data = buf.getvalue()
+    assert len(data) < 10_000
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError) as exc:
+        decode_image(data, max_pixels=25_000_000)
+    assert time.perf_counter() - t0 < 1.0  # the target (< 100 ms) is measured in benchmarks/bench_serve_limits.py
+    assert exc.value.status == 413 and "aspect ratio of 2000000:1" in exc.value.message
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 50_000  # KiB: nothing was decoded
+    pre = Preprocessor(PreprocessConfig(input_size=(32, 32), resize=32))
+    with pytest.raises(EdgeTLError, match=f"above the {MAX_ASPECT_RATIO}:1"):
+        pre(Image.new("RGB", (33 * 10, 10)))
+    assert pre(Image.new("RGB", (32 * 10, 10))).shape == (3, 32, 32)  # 32:1 still works

@@ -141,6 +141,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise _unsupported(image, str(exc)) from exc
 
 
+#: the longest side an image may have relative to its shorter one. Resizing keeps the aspect ratio (shorter side =
+#: resize), so a 1 x 2,000,000 px PNG (2 KB) would become 32 x 64,000,000 px, about 6 GB (issue 24). 32:1 keeps
+#: every camera and panorama format (a 360 degree panorama is 2:1 to 10:1) and bounds the resized image to
+#: 32 x resize^2 pixels (6 MB at resize 256).
+MAX_ASPECT_RATIO = 32
+
+
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size (from its header, before decoding) can't be preprocessed, or None."""
+    if width < 1 or height < 1:
+        return f"the image has no pixels ({width}x{height})"
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        return (f"the image is {width}x{height} px, an aspect ratio of {ratio:.0f}:1, above the {MAX_ASPECT_RATIO}:1 "
+                "that preprocessing accepts (resizing it would take gigabytes)")
+    return None
+
+
 def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
     """torchvision ``_compute_resized_output_size`` for an int size: shorter side = size, truncation."""
     short, long = (w, h) if w <= h else (h, w)
@@ -160,8 +178,12 @@ class Preprocessor:
     def resize_crop(self, image: Image.Image) -> Image.Image:
         """Steps 1-3: RGB, resize, center crop. Returns a PIL image of exactly ``input_size``."""
         cfg = self.config
-        image = to_rgb(image)
         w, h = image.size
+        problem = image_size_problem(w, h)
+        if problem:
+            raise EdgeTLError(problem, "crop the image to the region of interest (at most "
+                              f"{MAX_ASPECT_RATIO}:1) before classifying it")
+        image = to_rgb(image)
         new_w, new_h = _resized_size(w, h, cfg.resize)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), self._filter)

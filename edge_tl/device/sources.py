@@ -116,7 +116,7 @@ def iter_images(files: tuple[Path, ...], unreadable: tuple[tuple[str, str], ...]
     could not be listed) gives an error Item, and the others go on."""
     from PIL import Image
 
-    from edge_tl.core.preprocess import to_rgb
+    from edge_tl.core.preprocess import image_size_problem, to_rgb
 
     for where, why in unreadable:
         yield Item(where, None, time.time(), error=why)
@@ -129,6 +129,10 @@ def iter_images(files: tuple[Path, ...], unreadable: tuple[tuple[str, str], ...]
             continue
         try:
             with Image.open(path) as img:
+                problem = image_size_problem(img.width, img.height)  # from the header, before decoding
+                if problem:
+                    yield Item(str(path), None, time.time(), error=problem)
+                    continue
                 img.load()
                 rgb = to_rgb(img)
                 rgb = rgb.copy() if rgb is img else rgb

@@ -68,13 +68,14 @@ def _check_image(path: Path) -> str | None:
         return f"not an image file (extension '{path.suffix or 'none'}')"
     from PIL import Image, UnidentifiedImageError
 
-    from edge_tl.core.preprocess import to_rgb
+    from edge_tl.core.preprocess import image_size_problem, to_rgb
 
     try:
         with Image.open(path) as img:
+            problem = image_size_problem(img.width, img.height)  # from the header, before decoding
+            if problem:
+                return f"unusable: {problem}"
             img.load()
-            if img.width < 1 or img.height < 1:
-                return "empty image"
             to_rgb(img)  # every later stage (training, golden PNGs, the device) starts from this conversion
     except EdgeTLError as exc:
         return f"unusable: {exc.problem}"

@@ -8,7 +8,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from edge_tl.core.errors import EdgeTLError
-from edge_tl.core.preprocess import to_rgb
+from edge_tl.core.preprocess import image_size_problem, to_rgb
 from edge_tl.device.serve.protocol import ProtocolError
 
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
@@ -34,7 +34,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ProtocolError(413, f"image is {width}x{height} = {width * height} pixels, more than the limit of "
                                  f"{max_pixels} (--max-image-pixels)")
     if width == 0 or height == 0:
+        img.close()
         raise ProtocolError(400, f"image has no pixels ({width}x{height})")
+    problem = image_size_problem(width, height)  # from the header: a thin image is refused before decoding
+    if problem:
+        img.close()
+        raise ProtocolError(413, problem)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
