@@ -106,12 +106,13 @@ def qdq_float_outputs(model: Path, inputs: np.ndarray) -> np.ndarray:
 
 def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
                      broken_int8: bool = False, tarball: bool = True, temperature: float | None = None,
-                     schema: int = 3, stages: dict[str, StageMetrics] | None = None) -> Path:
+                     schema: int = 4, stages: dict[str, StageMetrics] | None = None, sign_key=None) -> Path:
     """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` ships an INT8 model with
     other weights (the INT8 reference stays the genuine model's), so a parity gate on it must fail while every hash
     still matches. ``temperature``: a calibrated temperature in postprocess.json (None: write_bundle's default,
     temperature 1, not fitted). ``schema`` 2 writes the old golden set (float inputs, no INT8 reference).
-    ``stages``: the manifest's stage metrics (e.g. a failed chance check)."""
+    ``stages``: the manifest's stage metrics (e.g. a failed chance check). ``sign_key``: an Ed25519 private key
+    that signs it (edge_tl.core.signing)."""
     import onnxruntime as ort
 
     pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -165,16 +166,25 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
                               "quantize": StageMetrics(top1=0.25)},
             golden=info,
         )
-        return write_bundle(staging, manifest, Path(out_dir), tarball=tarball)
+        return write_bundle(staging, manifest, Path(out_dir), tarball=tarball, sign_key=sign_key)
 
 
 def reseal(bundle_dir: Path) -> Path:
     """Re-hash a bundle folder edited by a test (as a careless tool would): the manifest then vouches for the edit,
     so what is checked is the content, not the hashes."""
-    from edge_tl.core.bundle import MANIFEST, Bundle, _artifact_table, bundle_id_of
+    from edge_tl.core.bundle import Bundle, seal_manifest
 
-    b = Bundle.open(bundle_dir, verify=False)
-    table = _artifact_table(Path(bundle_dir))
-    sealed = b.manifest.model_copy(update={"artifacts": table, "bundle_id": bundle_id_of(table)})
-    (Path(bundle_dir) / MANIFEST).write_text(sealed.model_dump_json(indent=2) + "\n")
+    seal_manifest(Path(bundle_dir), Bundle.open(bundle_dir, verify=False).manifest)
+    return Path(bundle_dir)
+
+
+def rewrite_manifest(bundle_dir: Path, data: dict) -> Path:
+    """Write an edited manifest with its bundle id recomputed (schema 4: the id covers the manifest), as a test
+    that simulates another build's manifest (not a tampering) needs."""
+    from edge_tl.core.bundle import MANIFEST
+    from edge_tl.core.signing import manifest_digest
+
+    if data.get("schema_version", 0) >= 4:
+        data["bundle_id"] = manifest_digest(data)[:16]
+    (Path(bundle_dir) / MANIFEST).write_text(json.dumps(data, indent=2))
     return Path(bundle_dir)

@@ -75,15 +75,18 @@ def keygen(path: Path) -> Path:
     return path
 
 
-def _forwarded_env() -> str:
+def _forwarded_env(extra: dict[str, str] | None = None) -> str:
     """``SetEnv PYTHONPATH=...`` where the tests run with one (a source tree beside the installed package): the
-    device half in an SSH session then runs the same code as the test."""
-    path = os.environ.get("PYTHONPATH")
-    return f'SetEnv PYTHONPATH="{path}"\n' if path and '"' not in path and "\n" not in path else ""
+    device half in an SSH session then runs the same code as the test. ``extra``: more variables for the device
+    side (e.g. EDGE_TL_TRUSTED_KEYS, the device's trust store)."""
+    env = {k: v for k, v in {"PYTHONPATH": os.environ.get("PYTHONPATH"), **(extra or {})}.items()
+           if v and '"' not in v and "\n" not in v}
+    return ("SetEnv " + " ".join(f'{k}="{v}"' for k, v in env.items()) + "\n") if env else ""
 
 
-def start_sshd(d: Path, *, client_key: Path | None = None) -> SshdServer:
-    """Start one sshd with its files in ``d`` (created); ``client_key`` shares a client key between servers."""
+def start_sshd(d: Path, *, client_key: Path | None = None, env: dict[str, str] | None = None) -> SshdServer:
+    """Start one sshd with its files in ``d`` (created); ``client_key`` shares a client key between servers;
+    ``env``: variables every session on it gets (sshd_config SetEnv)."""
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(binary).is_file() or not shutil.which("ssh-keygen"):
         raise SshdUnavailable("OpenSSH's sshd/ssh-keygen are not installed "
@@ -111,7 +114,7 @@ def start_sshd(d: Path, *, client_key: Path | None = None) -> SshdServer:
         Subsystem sftp internal-sftp
         MaxStartups 20
         LogLevel VERBOSE
-    """) + _forwarded_env())
+    """) + _forwarded_env(env))
     check = subprocess.run([binary, "-t", "-f", str(d / "sshd_config")], capture_output=True, text=True)
     if check.returncode != 0:
         raise SshdUnavailable(f"sshd refuses its test config: {check.stderr.strip()[-300:]}")

@@ -20,7 +20,8 @@ def test_bundle_opens_and_verifies(tiny_bundle_src):
     b = Bundle.open(tiny_bundle_src)
     b.verify()
     m = b.manifest
-    assert m.schema_version == 3  # 3: uint8 golden crops, the INT8 reference and the gate's tolerances
+    assert m.schema_version == 4  # 3: uint8 golden crops, INT8 reference, tolerances; 4: the id covers the manifest
+    assert m.bundle_id == b.digest[:16]
     assert len(m.bundle_id) == 16
     assert b.labels == m.classes == ["circle", "square", "triangle", "cross"]
     assert b.golden_inputs().shape == (6, 3, 16, 16)
@@ -170,9 +171,14 @@ def test_an_edited_class_list_is_refused_on_open(tiny_bundle):
     import json as _json
 
     from edge_tl.core.errors import CheckFailed
+    from edge_tl.core.signing import manifest_digest
 
     data = _json.loads((tiny_bundle / MANIFEST).read_text())
     data["classes"] = data["classes"][::-1]
+    (tiny_bundle / MANIFEST).write_text(_json.dumps(data))
+    with pytest.raises(CheckFailed, match="does not match the manifest .the manifest was edited"):
+        Bundle.open(tiny_bundle)  # schema 4: the bundle id covers the whole manifest
+    data["bundle_id"] = manifest_digest(data)[:16]  # and a forger who recomputes the id still meets labels.txt
     (tiny_bundle / MANIFEST).write_text(_json.dumps(data))
     with pytest.raises(CheckFailed, match="classes do not match labels.txt"):
         Bundle.open(tiny_bundle)

@@ -17,6 +17,7 @@ from edge_tl.cli import main
 from edge_tl.core.bundle import MANIFEST, POSTPROCESS, Bundle, _artifact_table, bundle_id_of, write_bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.postprocess import PostprocessConfig, softmax
+from edge_tl.core.signing import manifest_digest
 
 T = 2.5
 
@@ -32,6 +33,8 @@ def reseal(root: Path, **manifest_changes) -> None:
     data = json.loads((root / MANIFEST).read_text())
     arts = {k: v.model_dump() for k, v in _artifact_table(root).items()}
     data.update(artifacts=arts, bundle_id=bundle_id_of(_artifact_table(root)), **manifest_changes)
+    if data["schema_version"] >= 4:  # the id covers the whole manifest
+        data["bundle_id"] = manifest_digest(data)[:16]
     (root / MANIFEST).write_text(json.dumps(data))
 
 

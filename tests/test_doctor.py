@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from bundle_factory import rewrite_manifest
 
 from edge_tl.cli import main
 from edge_tl.core.bundle import Bundle
@@ -72,7 +73,7 @@ def test_orin_nano_jp6_facts_and_rows(tmp_path, fake_path, tiny_bundle_src):
 def test_agx_orin_jp5_blocks_a_newer_opset(tmp_path, fake_path, tiny_bundle, monkeypatch):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     manifest["target"]["opset"] = 19  # a JetPack 6 export: beyond TensorRT 8.5's parser
-    (tiny_bundle / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(tiny_bundle, manifest)  # another build's manifest (the id recomputed), not a tampered one
     monkeypatch.setenv("FAKE_NVPMODEL", "NV Power Mode: MAXN\\n0")
     root = fake_root(tmp_path, AGX_RELEASE, "Jetson AGX Orin", "11.4.315")
     facts = gather_facts(root, device=AGX_TRT)
@@ -111,7 +112,7 @@ def test_cli_json_then_facts_roundtrip(tmp_path, fake_path, tiny_bundle, capsys)
     assert {c["item"]: c["status"] for c in data["checks"]}["opset"] == "ok"
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     manifest["target"]["opset"] = 19
-    (tiny_bundle / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_manifest(tiny_bundle, manifest)  # another build's manifest (the id recomputed), not a tampered one
     with pytest.raises(SystemExit) as exc:
         main(["doctor", str(tiny_bundle), "--facts", str(recorded)])
     assert exc.value.code == 3

@@ -104,6 +104,12 @@ def _manifest(root: Path) -> dict:
 
 
 def _write_manifest(root: Path, data: dict) -> None:
+    """Write an edited manifest as a forger would: with the bundle id recomputed (schema 4 on, the id covers the
+    manifest, so a plain edit is caught by it; these probes test the checks behind it)."""
+    from edge_tl.core.signing import manifest_digest
+
+    if isinstance(data, dict) and data.get("schema_version", 0) >= 4:
+        data["bundle_id"] = manifest_digest(data)[:16]
     (root / "manifest.json").write_text(json.dumps(data, indent=2))
 
 
@@ -169,14 +175,15 @@ def t_absolute_artifact_path(b: Path) -> None:
 
 
 def t_artifact_hash_edited_to_match(b: Path) -> None:
-    """The swapped model's hash written into the manifest: caught by the bundle_id over the hashes."""
+    """The swapped model's hash written into the manifest, the id left: caught by the bundle id. (A forger who
+    also recomputes the id makes a new, unsigned bundle: only a signature tells it apart, tests/test_signing.py.)"""
     import hashlib
 
     tiny_onnx(b / "model.onnx", size=16, num_classes=4, seed=9)
     m = _manifest(b)
     data = (b / "model.onnx").read_bytes()
     m["artifacts"]["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    _write_manifest(b, m)
+    (b / "manifest.json").write_text(json.dumps(m, indent=2))
 
 
 def t_input_shape_edited(b: Path) -> None:

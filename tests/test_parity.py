@@ -103,7 +103,7 @@ def test_thresholds_by_precision_and_overrides():
 
 def test_fp32_and_int8_pass_on_onnxruntime(tiny_bundle_src):
     bundle = Bundle.open(tiny_bundle_src)
-    assert bundle.manifest.schema_version == 3 and bundle.golden_crops().dtype == np.uint8
+    assert bundle.manifest.schema_version == 4 and bundle.golden_crops().dtype == np.uint8
     fp32 = check_parity(bundle, create_runner(bundle, "ort-cpu", "fp32"), "fp32")
     assert fp32.passed and fp32.failures == []
     logits = fp32.outputs["logits"]

@@ -50,6 +50,7 @@ COMMAND_MODULES = (
     "edge_tl.cli.field",
     "edge_tl.cli.fleet",
     "edge_tl.cli.export",
+    "edge_tl.cli.keys",
 )
 
 app = typer.Typer(

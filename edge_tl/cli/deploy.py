@@ -64,6 +64,9 @@ def _device(to: str, identity: Path | None, root: str, remote: str, known: Path 
 
 ALLOW_FAILED = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose training failed (the build "
                             "found its model no better than guessing); refused without it.")
+ALLOW_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned or signed by a key "
+                              "the device does not trust (recorded); refused without it where keys are trusted. A "
+                              "signature that does not verify is always refused.")
 
 
 @deploy_app.command("push")
@@ -80,6 +83,7 @@ def push_cmd(
     transfer: Transfer = typer.Option(Transfer.auto, "--transfer", help="rsync where both ends have it, else SFTP."),
     lock_timeout: float = LOCK, no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
     health_timeout: float = HEALTH_T, as_json: bool = JSON, allow_failed_training: bool = ALLOW_FAILED,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Upload, verify, build the engine, gate, then switch atomically; the running model stays on any failure."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
@@ -92,7 +96,7 @@ def push_cmd(
         task = progress.add_task(f"upload to {escape(device.session.target.host)}", total=None)
         result = push(device, bundle, precision=_v(precision), backend=_v(backend), build_via=_v(build_via),
                       keep=keep, lock_timeout=lock_timeout, transfer=_v(transfer),
-                      allow_failed_training=allow_failed_training,
+                      allow_failed_training=allow_failed_training, allow_unsigned=allow_unsigned,
                       on_warning=lambda msg: err.print(f"[bold yellow]{escape(msg)}[/]"),
                       svc=_svc(no_restart, restart_cmd, health_url, health_timeout),
                       progress=lambda done, total: progress.update(task, completed=done, total=total),
@@ -193,13 +197,14 @@ def device_install(
     keep: int = typer.Option(3, "--keep", min=1), lock_timeout: float = LOCK,
     origin: str = typer.Option(None, "--origin"), no_restart: bool = NO_RESTART, restart_cmd: str = RESTART,
     health_url: str = HEALTH, health_timeout: float = HEALTH_T, allow_failed_training: bool = ALLOW_FAILED,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Verify, gate and activate an uploaded bundle (prints the result as JSON)."""
     from edge_tl.device.deploy.device import install
 
     _emit(install(root, upload, sha256=sha256, bundle_id=bundle_id, precision=_v(precision), backend=_v(backend),
                   build_via=_v(build_via), keep=keep, lock_timeout=lock_timeout, origin=origin,
-                  allow_failed_training=allow_failed_training,
+                  allow_failed_training=allow_failed_training, allow_unsigned=allow_unsigned,
                   svc=_svc(no_restart, restart_cmd, health_url, health_timeout)))
 
 

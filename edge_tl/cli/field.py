@@ -120,6 +120,8 @@ def serve_cmd(
     max_inflight_bytes: int = typer.Option(None, "--max-inflight-bytes",
                                            help="Request bytes held at once across requests; others wait "
                                                 "(default: --max-request-bytes)."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Load a bundle that is unsigned or signed "
+                                        "by an untrusted key where this machine trusts keys (edge-tl keys list)."),
 ) -> None:
     """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
     from edge_tl.device.serve.config import ServeConfig
@@ -130,7 +132,7 @@ def serve_cmd(
                            max_image_pixels=max_image_pixels, backend=backend, precision=precision, workers=workers,
                            threads=threads, poll_s=poll, graceful_timeout_s=graceful_timeout, access_log=access_log,
                            idle_timeout_s=idle_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
-                           max_inflight_bytes=max_inflight_bytes))
+                           max_inflight_bytes=max_inflight_bytes, allow_unsigned=allow_unsigned))
 
 
 def register(app: typer.Typer) -> None:

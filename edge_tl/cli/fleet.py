@@ -106,6 +106,8 @@ def deploy_cmd(
     as_json: bool = JSON,
     allow_failed_training: bool = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose "
                                                "training failed (no better than guessing); refused without it."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned or "
+                                        "signed by a key the hosts do not trust (each host records it)."),
 ) -> None:
     """Verify the bundle here, then on each host: upload, verify, build the engine, gate, switch, check health."""
     from edge_tl.core.bundle import refuse_failed_training
@@ -129,6 +131,8 @@ def deploy_cmd(
             extravars["edge_tl_restart"] = False
         if allow_failed_training:
             extravars["edge_tl_allow_failed_training"] = True
+        if allow_unsigned:
+            extravars["edge_tl_allow_unsigned"] = True
         _run("deploy", inventory, limit, serial, max_fail, known_hosts, accept_new_host_key, forks, ansible_dir,
              report, as_json, extravars, bundle={"path": str(bundle), "bundle_id": m.bundle_id, "name": m.name,
                                                  "sha256": prep.sha256})

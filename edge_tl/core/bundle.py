@@ -17,6 +17,12 @@ A bundle is a directory (and a ``.tar.gz`` of it) holding::
                          reference of the INT8 parity gate (schema 3 on; see edge_tl.core.parity)
     golden/images/*.png  the first few source images, so a device can check preprocessing too
     golden/golden.json   per image: label index, label name, split, file (where its PNG is kept)
+    signature.json       (optional) an Ed25519 signature of the manifest's digest (edge_tl.core.signing)
+
+From schema 4 the bundle id is the first 16 hex digits of the manifest's digest (a SHA-256 over its canonical JSON,
+``edge_tl.core.signing.manifest_digest``), and the manifest lists every other file's hash: editing any byte of any
+file, or any field of the manifest (its classes, its metrics), changes the id, and every open checks it. Schemas
+1-3 computed the id over the artifact hashes only (the manifest's other fields were not covered).
 
 This module needs only NumPy and pydantic: the device reads bundles without torch.
 
@@ -58,13 +64,16 @@ from edge_tl.core.fsutil import (
 )
 from edge_tl.core.postprocess import PostprocessConfig
 from edge_tl.core.preprocess import PreprocessConfig, Preprocessor
+from edge_tl.core.signing import SIGNATURE, SignatureStatus, check_signature, manifest_digest, sign_folder, trusted_keys
 
 #: 2: postprocess.json (the calibrated temperature of the scores). Schema 1 bundles are still read: no
 #: postprocess.json there, so temperature 1 (plain softmax), what they always meant.
 #: 3: the golden set as uint8 crops (64 by default), the INT8 reference outputs and the margin tolerances of the
 #: parity gate (edge_tl.core.parity). Schema 1-2 bundles are still read; their INT8 gate is refused (no reference).
-SCHEMA_VERSION = 3
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+#: 4: the bundle id covers the whole manifest (issue 24); bundles may carry signature.json (edge_tl.core.signing).
+SCHEMA_VERSION = 4
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
+MANIFEST_COVERED_FROM = 4  # the schema from which the bundle id covers the whole manifest
 
 MANIFEST = "manifest.json"
 FP32_MODEL = "model.onnx"
@@ -147,7 +156,9 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     edge_tl_version: str = __version__
     created: str = Field(description="UTC, ISO 8601")
-    bundle_id: str = Field("", description="first 16 hex of the sha256 over the artifacts' hashes")
+    bundle_id: str = Field("", description="schema 4 on: first 16 hex of the manifest's digest (its canonical JSON "
+                           "without bundle_id, which lists every file's sha256); schema 1-3: of the artifacts' "
+                           "hashes only")
     name: str
     target: TargetInfo
     backbone: str
@@ -230,7 +241,7 @@ def _artifact_table(root: Path, *, hashes: bool = True) -> dict[str, Artifact | 
     table: dict[str, Artifact | None] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST:
+        if rel not in (MANIFEST, SIGNATURE):
             table[rel] = Artifact(sha256=sha256_file(path), bytes=path.stat().st_size) if hashes else None
     return table
 
@@ -315,13 +326,27 @@ def bundle_id_of(artifacts: dict[str, Artifact]) -> str:
     return h.hexdigest()[:16]
 
 
+def seal_manifest(root: Path, manifest: Manifest) -> dict[str, Any]:
+    """Hash every file of the bundle folder ``root``, set the bundle id and write manifest.json; returns the
+    manifest as written (a dict). Schema 4 on: the id is the manifest digest's first 16 hex digits."""
+    artifacts = _artifact_table(root)
+    sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": bundle_id_of(artifacts)})
+    data = json.loads(sealed.model_dump_json())
+    if sealed.schema_version >= MANIFEST_COVERED_FROM:
+        data["bundle_id"] = manifest_digest(data)[:16]
+    atomic_write_text(root / MANIFEST, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return data
+
+
 def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite: bool = False,
-                 tarball: bool = True, check: Callable[[Path], None] | None = None) -> Path:
+                 tarball: bool = True, check: Callable[[Path], None] | None = None,
+                 sign_key: Any = None) -> Path:
     """Seal a staged bundle: hash every file, write manifest.json, move it to ``out_dir`` atomically,
     then write ``out_dir.tar.gz`` (also atomically). ``staging`` is consumed.
 
     ``check`` is called with the sealed bundle's folder before it is moved into place (the build's parity
-    self-gate): if it raises, nothing is written and ``out_dir`` is left as it was.
+    self-gate): if it raises, nothing is written and ``out_dir`` is left as it was. ``sign_key`` (an Ed25519
+    private key, edge_tl.core.signing.load_private_key) signs the sealed manifest into signature.json.
     """
     for required in (FP32_MODEL, LABELS, PREPROCESS, manifest.golden.inputs, manifest.golden.outputs):
         if not (staging / required).is_file():
@@ -334,9 +359,9 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
         for item in staging.iterdir():
             item.rename(tmp / item.name)
         chmod_tree(tmp)  # 0644/0755 under the usual umask, whatever the stages' temp files were born with
-        artifacts = _artifact_table(tmp)
-        sealed = manifest.model_copy(update={"artifacts": artifacts, "bundle_id": bundle_id_of(artifacts)})
-        atomic_write_text(tmp / MANIFEST, sealed.model_dump_json(indent=2) + "\n")
+        data = seal_manifest(tmp, manifest)
+        if sign_key is not None:
+            sign_folder(tmp, manifest_digest(data), sign_key)
         if check is not None:
             check(tmp)
     if tarball:
@@ -347,9 +372,10 @@ def write_bundle(staging: Path, manifest: Manifest, out_dir: Path, *, overwrite:
 class Bundle:
     """A bundle on disk, read lazily. ``Bundle.open`` takes a directory or a ``.tar.gz``."""
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, raw: dict[str, Any] | None = None):
         self.root = root
         self.manifest = manifest
+        self.raw = raw if raw is not None else json.loads(manifest.model_dump_json())  # manifest.json as read
         self._verified = False
 
     @classmethod
@@ -399,7 +425,7 @@ class Bundle:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise EdgeTLError(f"{mpath}: '{loc}' {err['msg']}", "re-copy or rebuild the bundle") from exc
-        bundle = cls(path, manifest)
+        bundle = cls(path, manifest, data)
         bundle.check_paths()
         if verify:
             bundle.verify()
@@ -568,14 +594,33 @@ class Bundle:
         for required in (FP32_MODEL, PREPROCESS) + ((POSTPROCESS,) if self.manifest.schema_version >= 2 else ()):
             if required not in self.manifest.artifacts:
                 problems.append(f"the manifest does not list {required}")
-        expected_id = bundle_id_of(self.manifest.artifacts)
-        if not problems and self.manifest.bundle_id and self.manifest.bundle_id != expected_id:
-            problems.append(f"the bundle_id {self.manifest.bundle_id} does not match the artifacts' hashes")
+        covered = self.manifest.schema_version >= MANIFEST_COVERED_FROM
+        if not problems and (covered or self.manifest.bundle_id) and self.manifest.bundle_id != self.expected_id():
+            problems.append(f"the bundle_id {self.manifest.bundle_id or '(none)'} does not match the "
+                            + ("manifest (the manifest was edited)" if covered else "artifacts' hashes"))
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise CheckFailed(f"bundle {self.root} failed verification: {shown}",
                               "re-copy the bundle; if it persists, rebuild it")
         self._verified = True
+
+    def expected_id(self) -> str:
+        """The bundle id this bundle's content gives (schema 4 on: of the whole manifest; before: of the hashes)."""
+        if self.manifest.schema_version >= MANIFEST_COVERED_FROM:
+            return self.digest[:16]
+        return bundle_id_of(self.manifest.artifacts)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the manifest as read (canonical JSON without bundle_id): what a signature signs."""
+        return manifest_digest(self.raw)
+
+    def signature(self, keys: dict[str, Any] | None = None) -> SignatureStatus:
+        """This bundle's signature against ``keys`` (default: the trusted keys of this machine)."""
+        if self.manifest.schema_version < MANIFEST_COVERED_FROM:
+            return SignatureStatus("unsigned", None, f"schema {self.manifest.schema_version} bundles are not "
+                                   "signed (the manifest is not covered); rebuild it with this edge-tl")
+        return check_signature(self.root, self.digest, trusted_keys() if keys is None else keys)
 
     def check_consistency(self) -> None:
         """The manifest's shapes and classes must agree with preprocess.json and with each other (a manifest

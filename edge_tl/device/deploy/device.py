@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl import __version__
-from edge_tl.core.bundle import Bundle, bundle_id_of, refuse_failed_training, utc_now
+from edge_tl.core.bundle import Bundle, refuse_failed_training, utc_now
 from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.core.fsutil import chmod_default, safe_extract, sha256_file
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.core.signing import enforce as enforce_signature
 from edge_tl.device.deploy import gate, service, state
 from edge_tl.device.runtime import available_backends
 
@@ -81,7 +82,7 @@ def _unpack(layout: DeviceLayout, upload: Path, expected_id: str | None) -> tupl
         bundle = Bundle.open(top)
         bundle.verify()
         bid = bundle.manifest.bundle_id
-        if bid != bundle_id_of(bundle.manifest.artifacts) or not state.VERSION_RE.match(bid):
+        if bid != bundle.expected_id() or not state.VERSION_RE.match(bid):
             raise CheckFailed(f"the manifest's bundle_id '{bid}' does not match its artifacts", "rebuild the bundle")
         if expected_id and bid != expected_id:
             raise CheckFailed(f"the upload holds bundle {bid}, not {expected_id}", "re-run edge-tl deploy")
@@ -116,7 +117,8 @@ def _restore(layout: DeviceLayout, version: str, aside: Path | None) -> None:
 def install(root: Path, upload: Path, *, sha256: str | None = None, bundle_id: str | None = None,
             precision: str | None = None, backend: str = "auto", build_via: str = "api", keep: int = 3,
             lock_timeout: float = 600.0, origin: str | None = None,
-            svc: service.ServiceOptions | None = None, allow_failed_training: bool = False) -> dict[str, Any]:
+            svc: service.ServiceOptions | None = None, allow_failed_training: bool = False,
+            allow_unsigned: bool = False) -> dict[str, Any]:
     """Install ``upload`` (a bundle .tar.gz already on this device) and activate it; see the module doc."""
     if keep < 1:
         raise EdgeTLError(f"--keep {keep} must be at least 1", "keep 3 (the default) or more")
@@ -131,38 +133,43 @@ def install(root: Path, upload: Path, *, sha256: str | None = None, bundle_id: s
             raise EdgeTLError(f"the upload {upload} is not on the device", "re-run edge-tl deploy to upload it")
         try:  # the upload is consumed whatever happens now (only a transfer cut short is resumed)
             return _install_upload(layout, upload, sha256, bundle_id, precision, backend, build_via, keep, origin,
-                                   svc, allow_failed_training)
+                                   svc, allow_failed_training, allow_unsigned)
         finally:
             upload.unlink(missing_ok=True)
 
 
 def _install_upload(layout: DeviceLayout, upload: Path, sha256: str | None, bundle_id: str | None,
                     precision: str | None, backend: str, build_via: str, keep: int, origin: str | None,
-                    svc: service.ServiceOptions, allow_failed_training: bool = False) -> dict[str, Any]:
+                    svc: service.ServiceOptions, allow_failed_training: bool = False,
+                    allow_unsigned: bool = False) -> dict[str, Any]:
     if sha256 and sha256_file(upload) != sha256:
         raise CheckFailed(f"the uploaded {upload.name} does not match its sha256 (damaged in transit); "
                           "it was deleted", "re-run edge-tl deploy: the transfer starts over")
     staging, bundle = _unpack(layout, upload, bundle_id)
     version, manifest = bundle.manifest.bundle_id, bundle.manifest
     try:
+        signature = bundle.signature()  # against this device's trusted keys (edge_tl.core.signing)
+        signature_warning = enforce_signature(signature, allow_unsigned, f"bundle {manifest.name} ({version})")
         training_warning = refuse_failed_training(manifest, allow_failed_training)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if training_warning:
-        say(training_warning)
+    say(f"signature: {signature.state}" + (f" ({signature.detail})" if signature.detail else ""))
+    for warning in (signature_warning, training_warning):
+        if warning:
+            say(("WARNING: " if warning is signature_warning else "") + warning)
     if version == layout.active_version():
         shutil.rmtree(staging, ignore_errors=True)
         return {"status": "already-active", "bundle_id": version, "root": str(layout.root)}
     plan = gate.plan_gate(backend, precision or manifest.default_precision, build_via, available_backends())
-    if training_warning:
-        plan.notes.append(training_warning)
+    plan.notes += [w for w in (signature_warning, training_warning) if w]
     for note in plan.notes:
         say(f"note: {note}")
     ssh_client = os.environ.get("SSH_CLIENT", "").split(" ")[0] or None  # the workstation's address
     record = {"bundle_id": version, "name": manifest.name, "summary": manifest.summary(),
               "installed_at": utc_now(), "origin": origin, "ssh_client": ssh_client,
-              "precision": plan.precision, "gate_backend": plan.backend, "notes": plan.notes, "engine": None}
+              "precision": plan.precision, "gate_backend": plan.backend, "notes": plan.notes, "engine": None,
+              "signature": signature.as_dict()}
     aside = _place(layout, bundle, staging, record)
     bdir, edir = layout.bundle_dir(version), layout.engine_dir(version)
     try:

@@ -31,6 +31,7 @@ class ServeConfig:
     poll_s: float = 1.0  # how often --root's `active` link is checked
     graceful_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     verify: bool = True  # check the bundle's hashes before serving it
+    allow_unsigned: bool = False  # load a bundle unsigned / signed by an untrusted key where this machine trusts keys
     access_log: bool = False
     idle_timeout_s: float = 5.0  # a connection with no request in progress (headers incomplete, keep-alive) closes
     body_timeout_s: float = 60.0  # a request body must arrive within this (else 408)

@@ -20,6 +20,7 @@ import numpy as np
 from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
+from edge_tl.core.signing import enforce as enforce_signature
 from edge_tl.device.engine.cache import EngineCache
 from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
@@ -124,6 +125,10 @@ def load_model(bundle_path: Path, config: ServeConfig, metrics: Metrics, engine_
     """Open (and verify) a bundle, activate a runner for it and warm it up. Blocking; raises EdgeTLError."""
     bundle = Bundle.open(bundle_path, verify=config.verify)  # verified against its manifest unless asked not to
     m = bundle.manifest
+    if config.verify:  # and its signature against this machine's trusted keys (edge_tl.core.signing)
+        warning = enforce_signature(bundle.signature(), config.allow_unsigned, f"model {m.name} ({m.bundle_id})")
+        if warning:
+            log.warning("%s", warning)
     if config.max_batch > m.max_batch:
         raise EdgeTLError(f"--max-batch {config.max_batch} is larger than the bundle's max_batch {m.max_batch}",
                           f"use --max-batch {m.max_batch} or less")

@@ -238,8 +238,12 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         )
         gate: dict[str, Any] = {}
         out = write_bundle(staging, manifest, ctx.run_dir / "bundle", overwrite=True,
-                           check=lambda sealed: gate.update(self_gate(sealed)))
+                           check=lambda sealed: gate.update(self_gate(sealed)), sign_key=ctx.sign_key)
     ctx.parity_gate = gate
+    sig = ctx.signature or {}
+    ctx.console.print(f"  signed with key {sig['key_id']}" if sig.get("key_id") else
+                      f"  [yellow]unsigned:[/] {sig.get('unsigned', 'no signing key')}; devices that trust keys refuse "
+                      "it without --allow-unsigned")
     g8 = gate["int8"]
     ctx.console.print(f"  parity gate (as shipped, ort-cpu, Q/DQ in float): int8 top-1 {g8['top1_agreement']:.3f} "
                       f"of {g8['judged']}/{g8['count']} judged golden images (margin > {g8['margin_tolerance']:.3g}),"

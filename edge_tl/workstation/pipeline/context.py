@@ -82,6 +82,8 @@ class Context:
     parent: str = "finetune"  # the stage whose model is pruned: finetune or scratch (pipeline.guard)
     transfer: dict[str, Any] | None = None  # the negative-transfer guard's record (pipeline.guard)
     parity_gate: dict[str, Any] | None = None  # the build's own parity gate on the sealed bundle (bundling.self_gate)
+    sign_key: Any = None  # the Ed25519 key that signs the bundle (edge_tl.core.signing), None: unsigned
+    signature: dict[str, Any] | None = None  # what signed it: {"key_id": ...} or {"unsigned": why}
 
     @property
     def pre(self) -> PreprocessConfig:

@@ -75,12 +75,29 @@ def _auto_backbone(spec: BuildSpec, run_dir: Path, data_root: Path, data_label: 
     return spec, ranking
 
 
+def resolve_sign_key(path: str | Path | None) -> tuple[Any, dict[str, Any]]:
+    """The key that signs the bundle: ``path`` (must load), else $EDGE_TL_SIGNING_KEY / the default key when it
+    exists, else none (unsigned, said so). Loaded before any stage runs, so a wrong passphrase fails at once."""
+    from edge_tl.core.signing import _raw_public, default_key_path, key_id, load_private_key
+
+    if path is None:
+        default = default_key_path()
+        if not default.is_file():
+            return None, {"unsigned": f"no signing key ({default} does not exist; edge-tl keys generate makes one)"}
+        path = default
+    key = load_private_key(path)
+    return key, {"key_id": key_id(_raw_public(key.public_key())), "key": str(path)}
+
+
 def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, force: list[str] | None = None,
-              console: Console | None = None) -> BuildResult:
-    """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers."""
+              console: Console | None = None, sign_key: str | Path | None = None) -> BuildResult:
+    """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers.
+    ``sign_key``: the signing key's path (default: $EDGE_TL_SIGNING_KEY or ~/.config/edge-tl/signing/edge-tl.key
+    when it exists; without one the bundle is unsigned, and the build says so)."""
     start = time.perf_counter()
     console = console or Console(stderr=True)
     forced = _check_force(force)
+    key, signature = resolve_sign_key(sign_key)
     folder = RunFolder(out)
     weights, weights_label = resolve_weights(spec)
     from edge_tl.workstation.qat import check_available
@@ -97,7 +114,8 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     stale = remove_outputs(run_dir) if how != "overwrite" or folder.state is not None else []
     folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
     try:
-        return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label), start=start)
+        return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label, key, signature),
+                           start=start)
     except KeyboardInterrupt:
         folder.mark("interrupted", error="interrupted (Ctrl-C or SIGTERM); run the same command to resume",
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -175,12 +193,13 @@ def _say_chance(ctx: Context, stage: str, m: dict[str, Any]) -> None:
 
 
 def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: float) -> BuildResult:
-    forced, console, weights, weights_label = ctx_args
+    forced, console, weights, weights_label, key, signature = ctx_args
     run_dir = folder.path
     data_root, data_label = resolve_data(spec, run_dir)
     spec, ranking = _auto_backbone(spec, run_dir, data_root, data_label, console)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
     ctx.ranking = ranking
+    ctx.sign_key, ctx.signature = key, signature
     ctx.processes = training_processes()
     keys = ctx.compute_keys()
     atomic_write_text(run_dir / "spec.resolved.toml", to_toml(spec))
@@ -249,6 +268,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
                                                            "comparison": comparison, "stats": stats,
                                                            "transfer": ctx.transfer,
                                                            "parity_gate": ctx.parity_gate,
+                                                           "signature": ctx.signature,
                                                            "targets": [{"target": w, "measured": m, "verdict": v}
                                                                        for w, m, v in result.targets]},
                                                           indent=2, default=float) + "\n")

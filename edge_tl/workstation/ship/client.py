@@ -142,7 +142,7 @@ class RemoteDevice:
     def install(self, remote: str, prep: Prepared, *, precision: str | None = None, backend: str = "auto",
                 build_via: str = "api", keep: int = 3, lock_timeout: float = 600.0,
                 svc: ServiceOptions | None = None, origin: str | None = None,
-                allow_failed_training: bool = False) -> dict[str, Any]:
+                allow_failed_training: bool = False, allow_unsigned: bool = False) -> dict[str, Any]:
         args = ["--upload", remote, "--sha256", prep.sha256, "--bundle-id", prep.manifest.bundle_id,
                 "--backend", backend, "--build-via", build_via, "--keep", str(keep),
                 "--lock-timeout", f"{lock_timeout:g}", *(svc or ServiceOptions()).to_args()]
@@ -152,6 +152,8 @@ class RemoteDevice:
             args += ["--origin", origin]
         if allow_failed_training:
             args += ["--allow-failed-training"]
+        if allow_unsigned:
+            args += ["--allow-unsigned"]
         return self.call("install", *args)
 
     def status(self) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def push(device: RemoteDevice, bundle: Path, *, precision: str | None = None, ba
          build_via: str = "api", keep: int = 3, lock_timeout: float = 600.0, svc: ServiceOptions | None = None,
          transfer: str = "auto", progress: Progress | None = None, verify_local: bool = True,
          on_uploaded: Callable[[UploadResult], None] | None = None, allow_failed_training: bool = False,
-         on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
+         allow_unsigned: bool = False, on_warning: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Deploy ``bundle`` (folder or .tar.gz) to ``device``: upload (resumable), then install there. A bundle
     whose training failed is refused here, before anything is sent, unless ``allow_failed_training``."""
     origin = f"{getpass.getuser()}@{socket.gethostname()}:{os.path.abspath(bundle)}"
@@ -180,6 +182,6 @@ def push(device: RemoteDevice, bundle: Path, *, precision: str | None = None, ba
             on_uploaded(uploaded)
         result = device.install(remote, prep, precision=precision, backend=backend, build_via=build_via, keep=keep,
                                 lock_timeout=lock_timeout, svc=svc, origin=origin,
-                                allow_failed_training=allow_failed_training)
+                                allow_failed_training=allow_failed_training, allow_unsigned=allow_unsigned)
     result["upload"] = {"method": uploaded.method, "resumed_from": uploaded.resumed_from, "bytes": uploaded.size}
     return result
