@@ -84,7 +84,7 @@ def test_pruned_lite0_exports_and_quantizes(tmp_path):
     from edge_tl.workstation.prune import prune_to_macs
     from edge_tl.workstation.quantize import quantize_int8
 
-    size = (64, 64)
+    size = (32, 32)
     model = create_model("efficientnet_lite0", 3, "none", seed=0).eval()
     macs0, _ = count_macs_params(model, size)
     pruned = prune_to_macs(model, torch.zeros(1, 3, *size), target_macs_ratio=0.4, round_to=8).model.eval()

@@ -182,3 +182,38 @@ def test_an_edited_class_list_is_refused_on_open(tiny_bundle):
     (tiny_bundle / MANIFEST).write_text(_json.dumps(data))
     with pytest.raises(CheckFailed, match="classes do not match labels.txt"):
         Bundle.open(tiny_bundle)
+
+
+def test_an_archive_that_would_unpack_too_large_writes_nothing(tmp_path, monkeypatch):
+    """Issue 24: a sparse 2 GiB member wrote 2.15 GB before it was refused. The members' sizes are summed (a
+    sparse member at its full size) and checked before anything is written."""
+    import shutil
+    import subprocess
+
+    from edge_tl.core.fsutil import safe_extract
+
+    if not shutil.which("tar"):
+        pytest.skip("GNU tar makes the sparse member")
+    src = tmp_path / "src" / "bundle"
+    src.mkdir(parents=True)
+    (src / "manifest.json").write_text("{}")
+    with open(src / "model.onnx", "wb") as f:
+        f.truncate(3 << 30)  # 3 GiB of holes: a few KB in the archive
+    archive = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(archive), "-C", str(src.parent), "bundle"], check=True)
+    assert archive.stat().st_size < 1 << 20
+    dest = tmp_path / "out"
+    with pytest.raises(EdgeTLError, match=r"would unpack to 3072 MiB, more than the 2048 MiB") as exc:
+        safe_extract(archive, dest)
+    assert "EDGE_TL_MAX_UNPACKED_BYTES" in exc.value.fix and not dest.exists()
+    with pytest.raises(EdgeTLError, match="would unpack to 3072 MiB"):  # every command opens it the same way
+        Bundle.open(archive)
+    monkeypatch.setenv("EDGE_TL_MAX_UNPACKED_BYTES", "100")  # the limit is the user's to raise (or lower)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("x" * 1000)
+    tiny = tmp_path / "small.tar.gz"
+    subprocess.run(["tar", "-czf", str(tiny), "-C", str(tmp_path), "small"], check=True)
+    with pytest.raises(EdgeTLError, match="would unpack to 0 MiB, more than the 0 MiB"):
+        safe_extract(tiny, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

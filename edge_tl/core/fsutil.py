@@ -178,6 +178,37 @@ def _bundle_top(archive: Path, members: list[tarfile.TarInfo], fix: str) -> tupl
     raise EdgeTLError(f"{archive} must hold one top-level folder, found {sorted(tops)[:5]}", fix)
 
 
+#: the most an archive may unpack to (its members' sizes summed, sparse members at their full size), and the most
+#: members it may hold: checked before anything is written (issue 24: a sparse 2 GiB member wrote 2.15 GB before
+#: it was refused). A 224-px EfficientNet-Lite0 bundle is about 30 MB. $EDGE_TL_MAX_UNPACKED_BYTES overrides.
+MAX_UNPACKED_BYTES = 2 << 30
+MAX_MEMBERS = 10_000
+
+
+def _unpack_limit() -> int:
+    try:
+        return int(os.environ.get("EDGE_TL_MAX_UNPACKED_BYTES", MAX_UNPACKED_BYTES))
+    except ValueError:
+        return MAX_UNPACKED_BYTES
+
+
+def _check_sizes(archive: Path, members: list[tarfile.TarInfo], dest: Path, fix: str) -> None:
+    files = [m for m in members if m.isfile()]
+    total, limit = sum(max(m.size, 0) for m in files), _unpack_limit()
+    if len(members) > MAX_MEMBERS:
+        raise EdgeTLError(f"{archive} holds {len(members)} entries, more than a bundle's {MAX_MEMBERS}", fix)
+    if total > limit:
+        raise EdgeTLError(f"{archive} would unpack to {total / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB "
+                          "a bundle may take (nothing was written)",
+                          f"{fix} (or raise $EDGE_TL_MAX_UNPACKED_BYTES for a bundle this large)")
+    probe = dest if dest.exists() else next((p for p in dest.parents if p.exists()), None)
+    if probe is not None:
+        free = shutil.disk_usage(probe).free
+        if total > free:
+            raise EdgeTLError(f"unpacking {archive} needs {total / 2**20:.0f} MiB and {probe} has "
+                              f"{free / 2**20:.0f} MiB free (nothing was written)", "free disk space")
+
+
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
     """Extract a .tar.gz after checking every member; returns the bundle folder inside ``dest``.
 
@@ -195,7 +226,9 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
         with tar:
             members = tar.getmembers()
             root = dest.joinpath(*_bundle_top(archive, members, fix))
+            _check_sizes(archive, members, dest, fix)
             dest.mkdir(parents=True, exist_ok=True)
+            written, limit = 0, _unpack_limit()
             for m in members:
                 parts = _member_parts(m)
                 if not parts:
@@ -209,7 +242,12 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
                 if src is None:
                     raise EdgeTLError(f"archive entry '{m.name}' has no data", "rebuild the bundle")
                 with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+                    while chunk := src.read(1 << 20):  # a header that lied about its size stops here too
+                        written += len(chunk)
+                        if written > limit:
+                            raise EdgeTLError(f"{archive} unpacks to more than the {limit / 2**20:.0f} MiB a "
+                                              "bundle may take", fix)
+                        out.write(chunk)
             return root
     except EdgeTLError:
         raise
