@@ -203,3 +203,24 @@ def test_the_demo_checkpoint_is_a_candidate_for_digits_only_and_imagenet_is_alwa
     assert "demo" not in default_weights(kind="photos") and "imagenet" in default_weights(kind="photos")
     assert default_weights(["my.pt"], kind="photos") == ["none", "imagenet", "my.pt"]
     assert "demo" in default_weights(kind="digits")
+
+
+def test_the_cli_table_never_cuts_a_backbone_name_in_80_columns():
+    """Issue 23: `edge-tl rank` printed 'mobilene…' in an 80-column terminal."""
+    import io
+
+    from rich.console import Console
+
+    from edge_tl.cli.rank import rank_table
+
+    cand = {"backbone": "efficientnet_lite0", "weights": "imagenet", "skipped": None, "logme": 1.234,
+            "probe": {"accuracy": 0.9, "low": 0.8, "high": 0.95}, "macs": 385e6, "latency_ms": 12.3,
+            "recommendation": "best LogME and probe; the fastest within the interval of the best"}
+    d = {"candidates": [cand, {**cand, "backbone": "mobilenet_v3_small", "weights": "none"},
+                        {**cand, "backbone": "mobilenet_v3_large", "skipped": "ImageNet weights not cached"}]}
+    buf = io.StringIO()
+    Console(file=buf, width=80, highlight=False).print(rank_table(d, "rank"))
+    text = buf.getvalue()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    for name in ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large"):
+        assert name in text

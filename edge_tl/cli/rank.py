@@ -34,7 +34,6 @@ def rank(
 ) -> None:
     """Rank the backbones on your data without fine-tuning (LogME + linear probe), with MACs and CPU latency."""
     from rich.console import Console
-    from rich.table import Table
 
     from edge_tl.core.fsutil import atomic_write_text
     from edge_tl.workstation.spec import load_spec
@@ -56,11 +55,7 @@ def rank(
                                   folds=folds,
                                   latency_iters=latency_iters, console=err)
     d = result.as_dict()
-    table = Table(title=f"edge-tl rank ({result.images} train+val images, {len(result.classes)} classes)")
-    for col in ranker.TABLE_HEAD:
-        table.add_column(col, justify="left" if col in ("backbone", "weights", "recommendation") else "right")
-    for row in ranker.table_rows(d):
-        table.add_row(*row)
+    table = rank_table(d, f"edge-tl rank ({result.images} train+val images, {len(result.classes)} classes)")
     out = Console(highlight=False, soft_wrap=True)
     out.print(table)
     out.print(f"LogME: You et al., ICML 2021 (higher is better). Probe: logistic regression, stratified "
@@ -74,6 +69,25 @@ def rank(
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(d, indent=2, default=float) + "\n")
         out.print(f"ranking: {json_out}")
+
+
+def rank_table(d: dict, title: str):
+    """The ranking as a rich table whose names are never cut: the backbone and weights columns are as wide as
+    their longest value (the other columns wrap instead; issue 23: 'mobilene…' in 80 columns)."""
+    from rich.table import Table
+
+    from edge_tl.workstation.rank import TABLE_HEAD, table_rows
+
+    rows = table_rows(d)
+    table = Table(title=title)
+    for i, col in enumerate(TABLE_HEAD):
+        names = col in ("backbone", "weights")
+        width = max([len(col)] + [len(r[i]) for r in rows]) if names else None
+        table.add_column(col, justify="left" if col in ("backbone", "weights", "recommendation") else "right",
+                         no_wrap=names, min_width=width, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def register(app: typer.Typer) -> None:
