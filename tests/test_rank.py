@@ -224,3 +224,18 @@ def test_the_cli_table_never_cuts_a_backbone_name_in_80_columns():
     assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
     for name in ("efficientnet_lite0", "mobilenet_v3_small", "mobilenet_v3_large"):
         assert name in text
+
+
+def test_build_help_cuts_nothing_in_80_columns():
+    """Issue 23: `build --help` cut backbone names ('mobilenet_v3_sma…') in an 80-column terminal; below 100
+    columns the help is plain text that wraps words."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("edge-tl"))
+    out = subprocess.run([exe, "build", "--help"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "80"}).stdout
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert "mobilenet_v3_small" in out and "efficientnet_lite0" in out

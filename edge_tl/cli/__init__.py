@@ -91,9 +91,24 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("EDGE_TL_DEBUG") == "1"
 
 
+#: below this terminal width the help is click's plain text, which wraps words: rich's option tables cut long
+#: values ('mobilenet_v3_sma…') in an 80-column terminal (issue 23)
+RICH_HELP_MIN_COLUMNS = 100
+
+
+def _plain_help_when_narrow() -> None:
+    import shutil
+
+    import typer.core
+
+    if shutil.get_terminal_size((120, 24)).columns < RICH_HELP_MIN_COLUMNS:
+        typer.core.HAS_RICH = False
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    _plain_help_when_narrow()
     try:
         rv = app(args=argv, prog_name="edge-tl", standalone_mode=False)
     except EdgeTLError as exc:
