@@ -18,7 +18,7 @@ pytest.importorskip("torch", reason="the workstation extra (torch) is not instal
 
 EDGE_TL = [str(Path(sys.executable).with_name("edge-tl"))]
 SMALL = ["--demo-shots", "10", "--epochs", "12", "--warmup-epochs", "1", "--recovery-epochs", "8", "--no-scratch",
-         "--quantize-mode", "ptq"]  # QAT: test_qat_mode_ships_the_better_int8_model
+         "--quantize-mode", "ptq", "--no-explain"]  # QAT: test_qat_mode_ships_the_better_int8_model
 # Grad-CAM (report.explain) costs seconds per report: the first build has it (its report is checked), the reruns
 # of the same run folder (report.explain is not part of any stage key) leave it out
 
@@ -31,7 +31,7 @@ def edge_tl(*args: str, timeout: int = 600, env: dict | None = None) -> subproce
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("e2e") / "run"
-    proc = edge_tl("build", "--out", str(run), *SMALL, "--explain")
+    proc = edge_tl("build", "--out", str(run), *SMALL[:-1])  # Grad-CAM on by default (report.explain)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, proc
 
@@ -143,7 +143,7 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert cal["ece_bins"] == 15 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9  # T = 1 was among the candidates
     assert "## Calibration (shipped INT8 model)" in report and "calibration: temperature" in proc.stderr
-    # Grad-CAM (issue 14 item 6, --explain; off by default): the figure is in the report, one number per class
+    # Grad-CAM (issue 14 item 6; on by default since issue 23 item 4): the figure is in the report, one number per class
     assert "![Grad-CAM overlays](plots/gradcam.png)" in report and "before quantization" in report
     assert (run / "plots" / "gradcam.png").stat().st_size > 1000
     gradcam = json.loads((run / "plots" / "gradcam.json").read_text())

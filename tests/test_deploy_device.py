@@ -125,7 +125,7 @@ def test_plan_gate():
 
 
 def test_damaged_upload_is_refused_and_deleted(tmp_path, tiny_bundle_src):
-    upload = tmp_path / "up.tar.gz"
+    upload = Path(device.prepare(tmp_path / "root")["uploads"]) / "up.tar.gz"  # an upload edge-tl made
     shutil.copy(tiny_bundle_src.with_name("tiny.tar.gz"), upload)
     with pytest.raises(CheckFailed, match="does not match its sha256 .damaged in transit"):
         device.install(tmp_path / "root", upload, sha256="0" * 64, svc=service.ServiceOptions(restart=False))
@@ -309,3 +309,17 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)))
     assert json.loads(lines[0])["status"] == "activated"
     assert json.loads(lines[1])["active"] == Bundle.open(tiny_bundle_src).manifest.bundle_id
     assert json.loads(lines[2]) == []
+
+
+def test_an_upload_from_outside_the_root_is_never_deleted(tiny_bundle_src, tmp_path):
+    """Issue 24: a failed local `deploy device install --upload runs/demo/bundle.tar.gz` deleted the build's own
+    archive. Only uploads edge-tl made (in the root's upload folder) are consumed."""
+    archive = tmp_path / "run" / "bundle.tar.gz"
+    archive.parent.mkdir()
+    shutil.copy(tiny_bundle_src.with_name("tiny.tar.gz"), archive)
+    before = archive.read_bytes()
+    with pytest.raises(CheckFailed, match="sha256"):  # a failed install (here: a wrong checksum given)
+        device.install(tmp_path / "root", archive, sha256="0" * 64, svc=service.ServiceOptions(restart=False))
+    assert archive.read_bytes() == before
+    device.install(tmp_path / "root", archive, backend="ort-cpu", svc=service.ServiceOptions(restart=False))
+    assert archive.read_bytes() == before  # and a successful one leaves it too

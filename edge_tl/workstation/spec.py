@@ -289,9 +289,9 @@ class ReportSpec(_Section):
     latency_iters: int = Field(50, ge=5, description="timed batch-1 runs per latency measurement (median reported)")
     # off by default: on the demo it took 7-9 s of CPU (26-38 s wall on a shared, overloaded 2-core machine), over
     # the ~5 s the issue allows a default-on report feature (benchmarks/RESULTS.md, calibration section)
-    explain: bool = Field(False, description="Grad-CAM overlays of the fine-tuned and the pruned model, and their "
-                          "per-class agreement, in the report (edge_tl.workstation.explain; needs captum; "
-                          "edge-tl build --explain)")
+    explain: bool = Field(True, description="Grad-CAM overlays of the fine-tuned and the pruned model, and their "
+                          "per-class agreement, in the report (edge_tl.workstation.explain; needs captum; about a "
+                          "second on the demo; edge-tl build --no-explain leaves it out)")
     explain_images: int = Field(10, ge=0, le=64, description="test images in the Grad-CAM figure (a right and a "
                                 "wrong one per class, round-robin over the classes)")
 

@@ -123,19 +123,24 @@ def install(root: Path, upload: Path, *, sha256: str | None = None, bundle_id: s
     if keep < 1:
         raise EdgeTLError(f"--keep {keep} must be at least 1", "keep 3 (the default) or more")
     layout, svc = DeviceLayout(Path(root).absolute()), svc or service.ServiceOptions()
+    # only an upload edge-tl made (in the root's upload folder) is consumed: a file given from elsewhere (a
+    # build's own bundle.tar.gz, issue 24) is the user's and is never deleted
+    ours = Path(upload).absolute().parent.resolve() == state.uploads_dir(layout).resolve()
     with state.deploy_lock(layout, lock_timeout, "install", notify=say):
         state.clean_leftovers(layout)
         if bundle_id and layout.active_version() == bundle_id:
-            upload.unlink(missing_ok=True)
+            if ours:
+                upload.unlink(missing_ok=True)
             say(f"{bundle_id} is already the active version; nothing to do")
             return {"status": "already-active", "bundle_id": bundle_id, "root": str(layout.root)}
         if not upload.is_file():
             raise EdgeTLError(f"the upload {upload} is not on the device", "re-run edge-tl deploy to upload it")
-        try:  # the upload is consumed whatever happens now (only a transfer cut short is resumed)
+        try:  # an upload is consumed whatever happens now (only a transfer cut short is resumed)
             return _install_upload(layout, upload, sha256, bundle_id, precision, backend, build_via, keep, origin,
                                    svc, allow_failed_training, allow_unsigned)
         finally:
-            upload.unlink(missing_ok=True)
+            if ours:
+                upload.unlink(missing_ok=True)
 
 
 def _install_upload(layout: DeviceLayout, upload: Path, sha256: str | None, bundle_id: str | None,
