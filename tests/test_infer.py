@@ -178,3 +178,15 @@ def test_topk_and_classifier_batch(bundle, reference):
         assert [g[0]["index"] for g in got] == list(want)
     finally:
         clf.close()
+
+
+def test_out_that_is_one_of_the_inputs_is_refused(tmp_path, tiny_bundle_src, capsys):
+    """Issue 24: `infer pics/ --out pics/a.png` would overwrite a picture with JSON lines."""
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rand_image(1).save(folder / "a.png")
+    before = (folder / "a.png").read_bytes()
+    code = run_cli(["infer", str(folder), "--bundle", str(tiny_bundle_src), "--backend", "ort-cpu",
+                    "--out", str(folder / "a.png")])
+    assert code == 2 and "is one of the images to classify" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes() == before

@@ -69,6 +69,9 @@ def infer_cmd(
         raise EdgeTLError(f"folder {out.parent} does not exist", "create it, or write --out elsewhere")
     if out is not None and out.is_dir():
         raise EdgeTLError(f"--out {out} is a folder", "give a file path for the JSON lines, e.g. --out results.jsonl")
+    if out is not None and spec.kind == "images" and out.resolve() in {Path(f).resolve() for f in spec.files}:
+        raise EdgeTLError(f"--out {out} is one of the images to classify (it would be overwritten)",
+                          "write the JSON lines outside the input, e.g. --out results.jsonl")
     stream = _LazyFile(out) if out else sys.stdout
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     try:
