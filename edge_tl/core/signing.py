@@ -58,7 +58,7 @@ def default_key_path() -> Path:
 def manifest_digest(data: dict[str, Any]) -> str:
     """SHA-256 (hex) of the manifest's canonical JSON (sorted keys, no spaces, UTF-8) without ``bundle_id``."""
     body = {k: v for k, v in data.items() if k != "bundle_id"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
