@@ -76,11 +76,10 @@ def rank_table(d: dict, title: str):
     their longest value (the other columns wrap instead; issue 23: 'mobilene…' in 80 columns)."""
     from rich.table import Table
 
-    from edge_tl.workstation.rank import TABLE_HEAD, table_rows
-
-    rows = table_rows(d)
+    ranker = importer.require_workstation("edge_tl.workstation.rank", "edge-tl rank")
+    rows = ranker.table_rows(d)
     table = Table(title=title)
-    for i, col in enumerate(TABLE_HEAD):
+    for i, col in enumerate(ranker.TABLE_HEAD):
         names = col in ("backbone", "weights")
         width = max([len(col)] + [len(r[i]) for r in rows]) if names else None
         table.add_column(col, justify="left" if col in ("backbone", "weights", "recommendation") else "right",
