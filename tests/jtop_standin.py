@@ -66,6 +66,9 @@ class jtop:  # noqa: N801 - the library's name
 
     def start(self) -> None:
         self._server_interval = SERVICE.connect(self._interval)
+        # jtop.start() waits for the first data and hands it to the observers before its reader thread starts
+        # (jetson-stats 4.2 jtop/jtop.py: start() -> _get_data() -> observers)
+        self._update()
         self._running = True
         self._thread = threading.Thread(target=self._reader, daemon=True)
         self._thread.start()
@@ -79,15 +82,18 @@ class jtop:  # noqa: N801 - the library's name
                 self._running = False
                 return
             threading.Event().wait(self._server_interval)
-            stale = SERVICE.stale_every and self._n and (self._n_updates + 1) % SERVICE.stale_every == 0
-            self._n_updates += 1
-            if not stale:
-                self._n += 1
-            self.power = {"rail": {"VDD_CPU_GPU_CV": {"power": 500.0 + self._n}}, "tot": {"name": "VDD_IN",
-                                                                                         "power": 4800.0 + self._n}}
-            self._trigger.set()
-            for obs in list(self._observers):
-                obs(self)
+            self._update()
+
+    def _update(self) -> None:
+        stale = SERVICE.stale_every and self._n and (self._n_updates + 1) % SERVICE.stale_every == 0
+        self._n_updates += 1
+        if not stale:
+            self._n += 1
+        self.power = {"rail": {"VDD_CPU_GPU_CV": {"power": 500.0 + self._n}}, "tot": {"name": "VDD_IN",
+                                                                                     "power": 4800.0 + self._n}}
+        self._trigger.set()
+        for obs in list(self._observers):
+            obs(self)
 
     def ok(self, spin: bool = False) -> bool:
         if not spin and not self._trigger.wait(self._interval * TIMEOUT_GAIN):

@@ -78,3 +78,12 @@ def test_stop_brackets_the_window_with_a_reading_after_it(monkeypatch):
     samples = sampler.stop()
     assert sampler.lost is None
     assert samples[-1].t_ns >= end_of_window
+
+
+def test_the_first_update_arrives_inside_start(monkeypatch):
+    """Real jtop hands its first data to the observers inside start(), before its reader thread runs: the sampler
+    must take it (it is attached before start)."""
+    jtop_standin.install(monkeypatch, service_interval=0.5)
+    sampler = JtopSampler().start()
+    assert len(sampler.snapshot()) >= 1  # without waiting a service interval
+    sampler.stop()

@@ -44,9 +44,18 @@ def test_the_cuda_standin_has_thread_local_contexts(trt):
             _in_thread(lambda: drv.mem_alloc(16))  # another thread has no current context
         with pytest.raises(drv.LogicError, match="invalid device context"):
             _in_thread(drv.Context.pop)  # popping from another thread fails (pycuda: thread-local stack)
-        with pytest.raises(drv.LogicError, match="out-of-thread"):
-            _in_thread(ctx.push)
-        alloc.free()
+        def push_pop():  # an explicit push from another thread is allowed (pycuda context::push)
+            ctx.push()
+            drv.Context.pop()
+
+        _in_thread(push_pop)
+        other = _in_thread(lambda: drv.Device(0).retain_primary_context())  # a context another thread made
+        other.push()
+        stray = drv.mem_alloc(8)
+        drv.Context.pop()
+        with pytest.raises(drv.LogicError, match="out-of-thread"):  # implicit activation checks the thread
+            stray.free()
+        alloc.free()  # this thread made ctx: freeing works
     finally:
         drv.Context.pop()
 

@@ -5,10 +5,15 @@ runs against these. They are small, but each rule below is one the real librarie
 fails the same way it would on an Orin (the source of each rule is in its comment):
 
 * CUDA contexts are per thread (pycuda ``Context.push/pop`` work on "the calling thread's context stack";
-  CUDA driver API ``cuCtxPushCurrent``/``cuCtxPopCurrent`` act on "the calling CPU thread"; pycuda refuses to use
-  a context current in another thread with ``cannot activate out-of-thread context``). Memory, streams, copies
-  and TensorRT's ``execute_async_v3`` need the context current *in the calling thread*, else they raise
-  ``invalid device context`` (as seanavery/yolov5-tensorrt#28 shows for serve-like threading).
+  CUDA driver API ``cuCtxPushCurrent``/``cuCtxPopCurrent`` act on "the calling CPU thread"). An explicit
+  ``push()`` works from any thread (pycuda's ``context::push`` does not check the thread); only pycuda's *implicit*
+  activation, ``scoped_context_activation`` (used when an object such as a device allocation is freed while its
+  context is not current), refuses a thread other than the one that created the context, with ``cannot activate
+  out-of-thread context`` (pycuda src/cpp/cuda.hpp). Driver calls (memory, streams, copies) need a context current
+  *in the calling thread*, else they raise ``invalid device context`` (as seanavery/yolov5-tensorrt#28 shows for
+  serve-like threading); TensorRT's ``execute_async_v3`` goes through the CUDA runtime, which uses the device's
+  primary context when none is current (CUDA programming guide, "Runtime: Initialization"), so it fails only
+  under another device's context.
 * DLA has no dynamic shapes: a layer runs on DLA only when the profile's min = opt = max (TensorRT developer
   guide, "DLA Supported Layers and Restrictions"), DLA computes in FP16/INT8 only, and only some layer types are
   supported; without ``GPU_FALLBACK`` a layer that can't run on DLA fails the build.
@@ -64,18 +69,14 @@ def _current(what: str):
 
 
 class Context:
-    """A primary context. push/pop act on the calling thread's stack only."""
+    """A primary context. push/pop act on the calling thread's stack only; pycuda records the thread that made
+    the wrapper (``m_thread``), which only its implicit activation checks."""
 
     def __init__(self, device: int):
         self.device = device
-        self.owner: int | None = None
+        self.thread_id = threading.get_ident()
 
-    def push(self) -> None:
-        me = threading.get_ident()
-        if self.owner is not None and self.owner != me:
-            # pycuda: a context object is bound to the thread that activated it
-            raise LogicError("cannot activate out-of-thread context")
-        self.owner = me
+    def push(self) -> None:  # pycuda context::push: cuCtxPushCurrent in the calling thread, no thread check
         _stack().append(self)
 
     @staticmethod
@@ -83,9 +84,14 @@ class Context:
         stack = _stack()
         if not stack:
             raise LogicError("cuCtxPopCurrent failed: invalid device context")
-        ctx = stack.pop()
-        if ctx not in stack:
-            ctx.owner = None
+        stack.pop()
+
+
+def _scoped_activation(ctx: Context) -> None:
+    """pycuda's scoped_context_activation: fine when ``ctx`` is current here or this thread made it."""
+    stack = _stack()
+    if (not stack or stack[-1] is not ctx) and threading.get_ident() != ctx.thread_id:
+        raise LogicError("cannot activate out-of-thread context")
 
 
 class Device:
@@ -112,9 +118,8 @@ class DeviceAllocation:
     def __int__(self) -> int:
         return self.ptr
 
-    def free(self) -> None:
-        if _current("cuMemFree") is not self.ctx:
-            raise LogicError("cuMemFree failed: invalid device context")
+    def free(self) -> None:  # pycuda device_allocation::free activates the allocation's context implicitly
+        _scoped_activation(self.ctx)
         with _mem_lock:
             del _memory[self.ptr]
 
@@ -453,8 +458,10 @@ class ExecutionContext:
         return True
 
     def execute_async_v3(self, stream_handle):
-        # TensorRT enqueues on the CUDA context current in the calling thread
-        if _current("IExecutionContext::enqueueV3") is not self.ctx:
+        # TensorRT enqueues through the CUDA runtime: the context current in the calling thread, or the device's
+        # primary context when none is (all contexts here are primary); another device's context fails
+        stack = _stack()
+        if stack and stack[-1].device != self.ctx.device:
             raise LogicError("enqueueV3: invalid device context")
         _check_stream(STREAMS[stream_handle], "enqueueV3")
         feed = {}
