@@ -37,6 +37,25 @@ class _LazyFile:
             self.file.close()
 
 
+CAPTURE = typer.Option(None, "--capture", help="Keep the pictures the model is unsure of in this folder (image + "
+                       "JSON sidecar, written atomically), for the next model.")
+CAPTURE_BELOW = typer.Option(0.6, "--capture-below", help="--capture: keep a picture whose top-1 score is below this "
+                             "(or whose top-1 and top-2 scores are closer than 0.1).")
+CAPTURE_RANDOM = typer.Option(0.01, "--capture-random", help="--capture: and this share of the others, at random "
+                              "(an unbiased sample).")
+CAPTURE_PER_MINUTE = typer.Option(30, "--capture-per-minute", help="--capture: at most this many a minute.")
+CAPTURE_MAX_MB = typer.Option(512, "--capture-max-mb", help="--capture: stop capturing (never inferring) when the "
+                              "folder holds this many MiB.")
+
+
+def _capture_policy(folder, below: float, rate: float, per_minute: int, max_mb: int):
+    if folder is None:
+        return None
+    from edge_tl.device.capture import CapturePolicy
+
+    return CapturePolicy(max_score=below, random_rate=rate, max_per_minute=per_minute, max_bytes=max_mb << 20)
+
+
 def infer_cmd(
     source: str = typer.Argument(..., help="Image, folder (recursive), glob, video file, /dev/videoN or a camera "
                                  "index, rtsp://... / http://... stream, or a GStreamer pipeline ending in appsink."),
@@ -51,6 +70,8 @@ def infer_cmd(
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON lines here instead of stdout."),
     max_reconnects: int = typer.Option(10, "--max-reconnects", help="Reconnect attempts in a row for a lost stream."),
     threads: int = typer.Option(None, help="CPU threads for ONNX Runtime."),
+    capture: Path = CAPTURE, capture_below: float = CAPTURE_BELOW, capture_random: float = CAPTURE_RANDOM,
+    capture_per_minute: int = CAPTURE_PER_MINUTE, capture_max_mb: int = CAPTURE_MAX_MB,
 ) -> None:
     """Classify pictures: one JSON line per image or frame (top-k labels, scores, latency, model version)."""
     import sys
@@ -72,6 +93,8 @@ def infer_cmd(
     if out is not None and spec.kind == "images" and out.resolve() in {Path(f).resolve() for f in spec.files}:
         raise EdgeTLError(f"--out {out} is one of the images to classify (it would be overwritten)",
                           "write the JSON lines outside the input, e.g. --out results.jsonl")
+    policy = _capture_policy(capture, capture_below, capture_random, capture_per_minute, capture_max_mb)
+    capture_arg = (capture, policy) if policy else None
     stream = _LazyFile(out) if out else sys.stdout
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     try:
@@ -79,7 +102,7 @@ def infer_cmd(
             task = bar.add_task(f"classifying {escape(source)}", total=total)
             summary = run_infer(spec, bundle=bundle, root=root, backend=backend, precision=precision, k=top_k,
                                 every=every, max_fps=max_fps, out=stream, max_reconnects=max_reconnects,
-                                threads=threads, on_record=lambda rec: bar.advance(task))
+                                threads=threads, on_record=lambda rec: bar.advance(task), capture=capture_arg)
     finally:
         if out is not None:
             stream.close()
@@ -87,6 +110,11 @@ def infer_cmd(
               + (f", written to {escape(str(out))}" if out else "")
               + (f"; scores: softmax(logits / {summary.temperature:g}), the bundle's calibrated temperature"
                  if summary.calibrated else "; scores: plain softmax (the bundle has no calibrated temperature)"))
+    if summary.capture is not None:
+        c = summary.capture
+        err.print(f"captured {sum(c['kept'].values())} picture(s) in {escape(c['folder'])} "
+                  f"({', '.join(f'{k} {v}' for k, v in c['kept'].items()) or 'none kept'})"
+                  + (f"; [yellow]capture stopped: {escape(c['stopped'])}[/]" if c["stopped"] else ""))
     for problem in summary.training_problems:
         err.print(f"[bold yellow]WARNING: this bundle's training failed ({escape(problem)}): its answers are no "
                   "better than guessing[/]")
@@ -125,6 +153,8 @@ def serve_cmd(
                                                 "(default: --max-request-bytes)."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Load a bundle that is unsigned or signed "
                                         "by an untrusted key where this machine trusts keys (edge-tl keys list)."),
+    capture: Path = CAPTURE, capture_below: float = CAPTURE_BELOW, capture_random: float = CAPTURE_RANDOM,
+    capture_per_minute: int = CAPTURE_PER_MINUTE, capture_max_mb: int = CAPTURE_MAX_MB,
 ) -> None:
     """Serve a bundle over the Open Inference Protocol (KServe v2 / Triton HTTP) with metrics at /metrics."""
     from edge_tl.device.serve.config import ServeConfig
@@ -135,7 +165,9 @@ def serve_cmd(
                            max_image_pixels=max_image_pixels, backend=backend, precision=precision, workers=workers,
                            threads=threads, poll_s=poll, graceful_timeout_s=graceful_timeout, access_log=access_log,
                            idle_timeout_s=idle_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
-                           max_inflight_bytes=max_inflight_bytes, allow_unsigned=allow_unsigned))
+                           max_inflight_bytes=max_inflight_bytes, allow_unsigned=allow_unsigned, capture=capture,
+                           capture_policy=_capture_policy(capture, capture_below, capture_random, capture_per_minute,
+                                                          capture_max_mb)))
 
 
 def register(app: typer.Typer) -> None:

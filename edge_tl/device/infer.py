@@ -31,6 +31,7 @@ from edge_tl.core.bundle import Bundle
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
 from edge_tl.core.postprocess import softmax  # noqa: F401  (re-exported: plain softmax, temperature 1)
+from edge_tl.device.capture import Capturer
 from edge_tl.device.engine.cache import EngineCache
 from edge_tl.device.runners import create_runner
 from edge_tl.device.runtime.base import BaseRunner
@@ -105,8 +106,17 @@ class Classifier:
         self.runner.deactivate()
 
 
-def records(classifier: Classifier, items: Iterator[Item], k: int = 5) -> Iterator[dict[str, Any]]:
-    """One record per item (see the module docstring)."""
+def _file_bytes(item: Item) -> Callable[[], bytes | None]:
+    def read() -> bytes | None:
+        path = Path(item.source)
+        return path.read_bytes() if item.frame is None and path.is_file() else None
+    return read
+
+
+def records(classifier: Classifier, items: Iterator[Item], k: int = 5,
+            capture: Capturer | None = None) -> Iterator[dict[str, Any]]:
+    """One record per item (see the module docstring); with ``capture`` the unsure ones are kept
+    (edge_tl.device.capture) and their record says why (``captured``)."""
     for item in items:
         rec: dict[str, Any] = {"source": item.source, "frame": item.frame, "timestamp": iso_time(item.timestamp)}
         if item.error is None:
@@ -119,6 +129,11 @@ def records(classifier: Classifier, items: Iterator[Item], k: int = 5) -> Iterat
                 rec["top_k"] = top_k(probs, classifier.bundle.labels, k)
                 rec["latency_ms"] = round((end - start) * 1e3, 3)
                 rec["infer_ms"] = round((end - t_inf) * 1e3, 3)
+                if capture is not None:
+                    why = capture.consider(probs, source=item.source, data=_file_bytes(item), image=item.image,
+                                           frame=item.frame)
+                    if why:
+                        rec["captured"] = why
             except EdgeTLError as exc:  # e.g. an image too small for the crop: that picture only
                 rec["error"] = exc.one_line()
         else:
@@ -135,13 +150,16 @@ class InferSummary:
     temperature: float = 1.0  # the scores' temperature (the bundle's postprocess.json)
     calibrated: bool = False  # False: the bundle has no fitted temperature (plain softmax)
     training_problems: list[str] = field(default_factory=list)  # the build found the model no better than guessing
+    capture: dict[str, Any] | None = None  # what --capture kept (edge_tl.device.capture.Capturer.describe)
 
 
 def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, root: str | Path | None = None,
               backend: str = "auto", precision: str | None = None, k: int = 5, every: int = 1,
               max_fps: float | None = None, out: IO[str] | None = None, max_reconnects: int = 10,
-              threads: int | None = None, on_record: Callable[[dict[str, Any]], None] | None = None) -> InferSummary:
-    """Classify SOURCE, writing one JSON line per picture to ``out`` (stdout by default)."""
+              threads: int | None = None, on_record: Callable[[dict[str, Any]], None] | None = None,
+              capture: Any = None) -> InferSummary:
+    """Classify SOURCE, writing one JSON line per picture to ``out`` (stdout by default). ``capture``: a folder
+    (or (folder, CapturePolicy)) to keep the pictures the model is unsure of (edge_tl.device.capture)."""
     if k < 1:
         raise EdgeTLError(f"--top-k must be >= 1 (got {k})", "use e.g. --top-k 5")
     # a bad SOURCE fails before the model loads
@@ -149,12 +167,18 @@ def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, roo
     b, engine_dir, gated = resolve_bundle(bundle, root)
     precision = precision or gated
     out = out or sys.stdout
+    capturer = None
+    if capture is not None:
+        from edge_tl.device.capture import CapturePolicy
+
+        folder, policy = capture if isinstance(capture, tuple) else (capture, CapturePolicy())
+        capturer = Capturer(folder, policy, b.manifest.bundle_id, b.labels)
     classifier = Classifier.load(b, backend, precision, threads=threads, engine_dir=engine_dir)
     summary = InferSummary(temperature=b.postprocess.temperature, calibrated=b.postprocess.calibrated,
                            training_problems=b.manifest.training_problems())
     try:
         items = open_source(spec, every=every, max_fps=max_fps, max_reconnects=max_reconnects)
-        for rec in records(classifier, items, k):
+        for rec in records(classifier, items, k, capture=capturer):
             out.write(json.dumps(rec) + "\n")
             out.flush()
             if "error" in rec:
@@ -166,4 +190,5 @@ def run_infer(source: str | SourceSpec, *, bundle: str | Path | None = None, roo
                 on_record(rec)
     finally:
         classifier.close()
+    summary.capture = capturer.describe() if capturer else None
     return summary

@@ -10,11 +10,13 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from edge_tl import __version__
@@ -255,6 +257,18 @@ class ServeHandlers:
         self.config, self.metrics, self.manager = config, metrics, manager
         self.budget = ByteBudget(config.max_inflight_bytes, config.body_timeout_s)
         self.parse_pool = ThreadPoolExecutor(2, thread_name_prefix="edge-tl-parse")  # JSON off the event loop
+        # --capture: one writer thread, off the request's path (a slow disk never delays an answer)
+        self.capture_pool = ThreadPoolExecutor(1, thread_name_prefix="edge-tl-capture") if config.capture else None
+        self._capturers: dict[str, Any] = {}
+        if config.capture is not None:  # an unusable folder fails before anything listens
+            try:
+                Path(config.capture).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise EdgeTLError(f"cannot create the capture folder {config.capture} ({exc.strerror or exc})",
+                                  "give a writable folder to --capture") from exc
+            if not os.access(config.capture, os.W_OK):
+                raise EdgeTLError(f"the capture folder {config.capture} is not writable",
+                                  "give a writable folder to --capture")
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -264,6 +278,8 @@ class ServeHandlers:
             watcher.cancel()
         await self.manager.aclose()
         self.parse_pool.shutdown(wait=False, cancel_futures=True)
+        if self.capture_pool is not None:
+            self.capture_pool.shutdown(wait=True)  # the pictures being written are finished, not cut
         log.info("server stopped")
 
     def routes(self) -> list[tuple[str, str, Any]]:
@@ -356,12 +372,32 @@ class ServeHandlers:
             start = time.perf_counter()
             x = await asyncio.get_running_loop().run_in_executor(None, self._prepare, model, body)
             logits = (await model.infer({model.input_name: x}))[model.output_name]
-            preds = top_k(model.bundle.postprocess.scores(logits)[0], model.labels, k)  # calibrated
+            probs = model.bundle.postprocess.scores(logits)[0]  # calibrated
+            preds = top_k(probs, model.labels, k)
+            if self.capture_pool is not None:
+                self.capture_pool.submit(self._capture, model, probs, body, request.client)
             result = {"model_name": self.manager.name_of(model), "model_version": model.version,
                       "predictions": preds, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
         finally:
             self.manager.release(model)
         return _json(result, headers={"X-Model-Version": model.version})
+
+
+    def _capture(self, model: LoadedModel, probs, body: bytes, client) -> None:
+        """--capture, on its own thread: keep the picture if the model is unsure (edge_tl.device.capture)."""
+        from edge_tl.device.capture import CapturePolicy, Capturer
+
+        try:
+            cap = self._capturers.get(model.version)
+            if cap is None:
+                cap = self._capturers[model.version] = Capturer(
+                    self.config.capture, self.config.capture_policy or CapturePolicy(), model.version, model.labels)
+            why = cap.consider(probs, source=f"serve:{client.host if client else '?'}", data=body)
+        except Exception as exc:  # noqa: BLE001 - capture never takes inference down
+            log.warning("capture failed: %s", exc)
+            return
+        if why:
+            self.metrics.captured.labels(why).inc()
 
 
 def create_app(config: ServeConfig, metrics: Metrics | None = None):

@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_tl.core.errors import EdgeTLError
 
@@ -32,6 +33,8 @@ class ServeConfig:
     graceful_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     verify: bool = True  # check the bundle's hashes before serving it
     allow_unsigned: bool = False  # load a bundle unsigned / signed by an untrusted key where this machine trusts keys
+    capture: Path | None = None  # keep /classify's unsure pictures here (edge_tl.device.capture)
+    capture_policy: Any = None  # edge_tl.device.capture.CapturePolicy (None: its defaults)
     access_log: bool = False
     idle_timeout_s: float = 5.0  # a connection with no request in progress (headers incomplete, keep-alive) closes
     body_timeout_s: float = 60.0  # a request body must arrive within this (else 408)

@@ -34,6 +34,8 @@ class Metrics:
         self.model_info = prom.Gauge("edge_tl_model_info", "The model being served (value 1)",
                                      ["name", "version", "backend", "precision"], registry=r)
         self.reloads = prom.Counter("edge_tl_model_reloads", "Hot reloads of the active model", ["result"], registry=r)
+        self.captured = prom.Counter("edge_tl_captured", "Pictures kept by --capture (edge_tl.device.capture)",
+                                     ["reason"], registry=r)
 
     def set_model(self, name: str, version: str, backend: str, precision: str) -> None:
         self.model_info.clear()
