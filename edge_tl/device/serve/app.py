@@ -118,46 +118,70 @@ class GuardMiddleware:
 class ByteBudget:
     """Bounds the request bytes held at once across requests (``--max-inflight-bytes``).
 
-    A request reserves its Content-Length (or ``--max-request-bytes`` when it sends none) *before* its body is
-    read, and keeps it until its response is ready; requests that don't fit wait, their bodies left in the kernel's
-    socket buffers. One request larger than the whole budget runs alone. Waiting longer than ``timeout_s`` is a
-    503."""
+    A request reserves the bytes of its body *as they arrive* (issue 24: reserving the Content-Length, or
+    ``--max-request-bytes`` for a chunked request, before anything came let one stalled request starve every other)
+    and keeps them until its response is ready. A chunk that does not fit waits, the rest of its body left in the
+    kernel's socket buffers; one request larger than the whole budget runs alone. Waiting longer than
+    ``timeout_s`` is a 503."""
 
     def __init__(self, limit: int, timeout_s: float):
         self.limit, self.timeout_s, self.used = limit, timeout_s, 0
         self._cond: asyncio.Condition | None = None
 
-    @asynccontextmanager
-    async def hold(self, nbytes: int):
-        n = min(max(nbytes, 0), self.limit)
+    def _condition(self) -> asyncio.Condition:
         if self._cond is None:
             self._cond = asyncio.Condition()
-        cond = self._cond
+        return self._cond
+
+    async def _take(self, lease: _Lease, n: int) -> None:
+        cond = self._condition()
         async with cond:
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: self.used + n <= self.limit), self.timeout_s)
+            try:  # fits, or this request would hold everything alone (a body larger than the budget)
+                await asyncio.wait_for(cond.wait_for(
+                    lambda: self.used + n <= self.limit or self.used == lease.held), self.timeout_s)
             except asyncio.TimeoutError:
                 raise ProtocolError(503, f"the server is busy with {self.used} bytes of requests (--max-inflight-bytes "
                                          f"{self.limit}); retry later") from None
             self.used += n
+            lease.held += n
+
+    @asynccontextmanager
+    async def hold(self, nbytes: int = 0):
+        """A lease on the budget, with ``nbytes`` reserved at once (0: grow it as the body arrives)."""
+        lease = _Lease(self)
         try:
-            yield
+            if nbytes > 0:
+                await self._take(lease, min(nbytes, self.limit))
+            yield lease
         finally:
+            cond = self._condition()
             async with cond:
-                self.used -= n
+                self.used -= lease.held
+                lease.held = 0
                 cond.notify_all()
 
 
-async def read_body(request, limit: int, timeout_s: float | None = None) -> bytes:
+class _Lease:
+    def __init__(self, budget: ByteBudget):
+        self.budget, self.held = budget, 0
+
+    async def grow(self, n: int) -> None:
+        """Reserve ``n`` more bytes (a chunk that arrived), waiting while they do not fit."""
+        if n > 0:
+            await self.budget._take(self, n)
+
+
+async def read_body(request, limit: int, timeout_s: float | None = None, lease: _Lease | None = None) -> bytes:
     """The body, at most ``limit`` bytes (413 beyond), inflated when sent with gzip/deflate Content-Encoding.
-    A body that takes longer than ``timeout_s`` to arrive is a 408 (slow senders can't hold a request forever)."""
+    A body that takes longer than ``timeout_s`` to arrive is a 408 (slow senders can't hold a request forever).
+    ``lease``: the request's share of the byte budget, grown by each chunk as it arrives."""
     from starlette.requests import ClientDisconnect
 
     chunks: list[bytes] = []
     size = 0
     declared = request.headers.get("content-length", "")
-    # with a Content-Length, fill one buffer (no list of chunks joined into a second copy)
-    buf = bytearray(int(declared)) if declared.isdecimal() and int(declared) <= limit else None
+    if declared.isdecimal() and int(declared) > limit:  # said up front: refused before anything is read
+        raise ProtocolError(413, f"request body is over the limit of {limit} bytes (--max-request-bytes)")
 
     async def receive_all() -> None:
         nonlocal size
@@ -165,10 +189,9 @@ async def read_body(request, limit: int, timeout_s: float | None = None) -> byte
             end = size + len(chunk)
             if end > limit:
                 raise ProtocolError(413, f"request body is over the limit of {limit} bytes (--max-request-bytes)")
-            if buf is not None and end <= len(buf):
-                buf[size:end] = chunk
-            else:
-                chunks.append(chunk)
+            if lease is not None:
+                await lease.grow(len(chunk))
+            chunks.append(chunk)
             size = end
 
     try:
@@ -177,10 +200,7 @@ async def read_body(request, limit: int, timeout_s: float | None = None) -> byte
         raise ProtocolError(400, "the client disconnected before sending the whole body") from None
     except asyncio.TimeoutError:
         raise ProtocolError(408, f"the request body did not arrive within {timeout_s:g} s") from None
-    if buf is not None and not chunks:
-        body = buf if size == len(buf) else buf[:size]
-    else:
-        body = b"".join([bytes(buf[:size]) if buf is not None else b"", *chunks])
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("", "identity"):
         return body
@@ -328,18 +348,13 @@ class ServeHandlers:
             return _ready_response(False)
         return _ready_response(True)
 
-    def declared_length(self, request) -> int:
-        """The bytes a request reserves in the budget: its Content-Length, else --max-request-bytes."""
-        value = request.headers.get("content-length", "")
-        return int(value) if value.isdecimal() else self.config.max_request_bytes
-
     async def infer(self, request):
         from starlette.responses import Response
 
         name, version = _name_version(request)
         loop = asyncio.get_running_loop()
-        async with self.budget.hold(self.declared_length(request)):
-            body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+        async with self.budget.hold() as lease:  # grown by the body's bytes as they arrive
+            body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s, lease)
             model = self.manager.acquire(name, version)
             try:
                 req = await loop.run_in_executor(self.parse_pool, parse_infer_request, body,
@@ -362,11 +377,11 @@ class ServeHandlers:
     async def classify(self, request):
         name, version = _name_version(request)
         k = parse_top_k(request.query_params.get("top_k", "5"))
-        async with self.budget.hold(self.declared_length(request)):
-            return await self._classify(request, name, version, k)
+        async with self.budget.hold() as lease:  # grown by the body's bytes as they arrive
+            return await self._classify(request, name, version, k, lease)
 
-    async def _classify(self, request, name, version, k: int):
-        body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s)
+    async def _classify(self, request, name, version, k: int, lease: _Lease):
+        body = await read_body(request, self.config.max_request_bytes, self.config.body_timeout_s, lease)
         model = self.manager.acquire(name, version)
         try:
             start = time.perf_counter()
