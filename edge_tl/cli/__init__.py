@@ -51,6 +51,7 @@ COMMAND_MODULES = (
     "edge_tl.cli.fleet",
     "edge_tl.cli.export",
     "edge_tl.cli.keys",
+    "edge_tl.cli.collect",
 )
 
 app = typer.Typer(
