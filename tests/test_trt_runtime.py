@@ -130,6 +130,10 @@ def test_dla_engine_is_static_records_its_layers_and_runs_on_its_core(trt, tiny_
     side = read_sidecar(path)
     assert side["key"]["batch_profile"] == "4-4-4" and side["key"]["dla_core"] == 1
     assert side["dla"]["dla_layers"] > 0 and side["dla"]["gpu_layers"] == 1  # Flatten falls back to the GPU
+    # where the layers ran, from the builder's own report after the build (not can_run_on_DLA before it)
+    built = side["dla"]["built"]
+    assert built["reported"] and built["dla_nodes"] >= 1 and built["gpu_layers"] == 1
+    assert built["dla_node_names"][0].startswith("{ForeignNode[") and built["gpu_layer_names"][0].startswith("FLATTEN:")
     assert any("static batch 4" in m for m in said)
     runner = TensorRTRunner(EngineCache(tmp_path, dla_core=1)(bundle.model_path("fp32"), "fp16", 4))
     with runner:

@@ -332,11 +332,43 @@ class Config:
                 and layer.op in DLA_OPS and layer.op not in self.unsupported)
 
 
+class ILogger:
+    """tensorrt.ILogger: subclassed in Python (``ILogger.__init__(self)``, ``log(severity, msg)``), as Polygraphy's
+    get_trt_logger does; severities are tensorrt.Logger's INTERNAL_ERROR 0 .. VERBOSE 4."""
+
+    def __init__(self):
+        pass
+
+    def log(self, severity, msg):  # pragma: no cover - overridden
+        pass
+
+
+def _placement_report(layers, on_dla) -> list[str]:
+    """The builder's INFO report of where layers run, as TensorRT 8.x prints it (tests/data/trtexec/
+    trt8x_dla_layers.txt, recorded from a real build): consecutive DLA layers fused into one
+    ``{ForeignNode[first...last]}``, each GPU layer as ``TYPE: name``."""
+    dla, gpu, run = [], [], []
+    for layer in layers:
+        if layer.name in on_dla:
+            run.append(layer.name)
+            continue
+        if run:
+            dla.append(run)
+            run = []
+        gpu.append(f"{layer.op.upper()}: {layer.name}")
+    if run:
+        dla.append(run)
+    nodes = ["{ForeignNode[" + (r[0] if len(r) == 1 else f"{r[0]}...{r[-1]}") + "]}" for r in dla]
+    return (["---------- Layers Running on DLA ----------"] + [f"[DlaLayer] {n}" for n in nodes]
+            + ["---------- Layers Running on GPU ----------"] + [f"[GpuLayer] {g}" for g in gpu])
+
+
 class Builder:
     fast_fp16, fast_int8, dla = True, True, 0
     created = 0  # every Builder ever made in this stand-in (a cache hit must make none)
 
     def __init__(self, logger):
+        self.logger = logger
         type(self).created += 1
         self.platform_has_fast_fp16, self.platform_has_fast_int8 = self.fast_fp16, self.fast_int8
         self.num_DLA_cores = self.dla
@@ -357,6 +389,8 @@ class Builder:
             on_dla = [layer.name for layer in network.layers if config.can_run_on_DLA(layer)]
             if len(on_dla) < network.num_layers and BuilderFlag.GPU_FALLBACK not in config.flags:
                 return None  # "layer ... cannot run on DLA and GPU fallback is not enabled"
+            for line in _placement_report(network.layers, set(on_dla)):  # INFO lines, to the builder's logger
+                self.logger.log(3, line)
         inputs = []
         for t in network.inputs:
             prof = next((p.shapes[t.name] for p in config.profiles if t.name in p.shapes), None)
@@ -480,9 +514,10 @@ def make(version: str = "10.3.0.30", *, fast_fp16: bool = True, fast_int8: bool 
     mod = types.ModuleType("tensorrt")
     mod.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     builder = type("Builder", (Builder,), {"fast_fp16": fast_fp16, "fast_int8": fast_int8, "dla": dla, "created": 0})
-    logger = type("Logger", (), {"WARNING": 2, "VERBOSE": 4, "ERROR": 1, "__init__": lambda self, sev=2: None})
+    logger = type("Logger", (), {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4,
+                                 "__init__": lambda self, sev=2: None})
     mod.__dict__.update(
-        __version__=version, Logger=logger, Builder=builder, OnnxParser=OnnxParser, Runtime=Runtime,
+        __version__=version, Logger=logger, ILogger=ILogger, Builder=builder, OnnxParser=OnnxParser, Runtime=Runtime,
         BuilderFlag=BuilderFlag, MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         NetworkDefinitionCreationFlag=types.SimpleNamespace(EXPLICIT_BATCH=0), TensorIOMode=TensorIOMode,
         DataType=DataType, nptype=lambda dt: np.float32,

@@ -25,7 +25,7 @@ from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_bytes
 from edge_tl.core.importer import has_module, lazy_import
 from edge_tl.device.engine.spec import BuildSpec, DeviceInfo, check_device_supports
-from edge_tl.device.engine.trtexec import find_trtexec, trtexec_version
+from edge_tl.device.engine.trtexec import find_trtexec, parse_layer_placement, trtexec_version
 from edge_tl.device.facts.board import jetson_model
 from edge_tl.device.runtime.base import Loader, resolve
 from edge_tl.device.runtime.tensorrt import EngineFromBytes, EngineFromPath, get_logger  # one deserialization path
@@ -123,8 +123,9 @@ def create_config(builder, network, spec: BuildSpec):
 
 
 def dla_placement(config, network) -> dict[str, Any]:
-    """Which layers the builder config puts on the DLA (``IBuilderConfig.can_run_on_DLA``) and which fall back
-    to the GPU: ``{"dla_core", "dla_layers", "gpu_layers", "gpu_layer_names"}``."""
+    """Which layers the builder config can put on the DLA before the build (``IBuilderConfig.can_run_on_DLA``)
+    and which would fall back to the GPU: ``{"dla_core", "dla_layers", "gpu_layers", "gpu_layer_names"}``. What
+    the build actually did is added after it as ``built`` (the builder's own report, parsed as trtexec's is)."""
     on_dla, on_gpu = [], []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -169,7 +170,14 @@ class BuildEngine(Loader):
                             self.spec.dla_core, self.placement["dla_layers"], self.spec.onnx.name,
                             self.placement["gpu_layers"], ", ".join(self.placement["gpu_layer_names"][:5]))
         _load_timing_cache(config, self.spec.timing_cache)
-        serialized = builder.build_serialized_network(network, config)
+        with get_logger().capture() as lines:  # the builder's INFO report of where the layers ran
+            serialized = builder.build_serialized_network(network, config)
+        if self.placement is not None and serialized is not None:
+            self.placement["built"] = built = parse_layer_placement("\n".join(lines))
+            if built["reported"] and built["dla_nodes"] == 0:
+                raise EdgeTLError(f"--dla {self.spec.dla_core}: TensorRT ran no layer of {self.spec.onnx.name} on "
+                                  "the DLA (its build report lists every layer on the GPU)",
+                                  "drop --dla (build for the GPU), or use fp16 with DLA-supported layers")
         if serialized is None:
             raise EdgeTLError(f"TensorRT could not build an engine from {self.spec.onnx.name} "
                               f"({self.spec.precision}, profile {self.spec.profile.label()})",

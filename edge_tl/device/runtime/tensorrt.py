@@ -44,10 +44,45 @@ _LOGGER = None
 
 
 def get_logger():
-    """One TensorRT logger per process (TensorRT wants a single one)."""
+    """One TensorRT logger per process (TensorRT wants a single one): an ``ILogger`` subclass, as Polygraphy's
+    ``get_trt_logger`` makes, that sends errors and warnings to Python's logging (INFO/VERBOSE too with
+    $EDGE_TL_TRT_VERBOSE) and, inside ``capture()``, keeps the INFO lines (the builder's "Layers Running on
+    DLA/GPU" report, read by edge_tl.device.engine.build)."""
     global _LOGGER
     if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.VERBOSE if os.environ.get("EDGE_TL_TRT_VERBOSE") else trt.Logger.WARNING)
+        import contextlib
+        import logging
+
+        pylog = logging.getLogger("edge_tl.device.tensorrt")
+
+        class EdgeTLTrtLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.verbose = bool(os.environ.get("EDGE_TL_TRT_VERBOSE"))
+                self.captured: list[str] | None = None
+
+            def log(self, severity, msg):  # noexcept in TensorRT: never raise from here
+                try:
+                    if self.captured is not None and severity in (trt.Logger.INFO, trt.Logger.VERBOSE):
+                        self.captured.append(msg)
+                    if severity in (trt.Logger.INTERNAL_ERROR, trt.Logger.ERROR):
+                        pylog.error("%s", msg)
+                    elif severity == trt.Logger.WARNING:
+                        pylog.warning("%s", msg)
+                    elif self.verbose:
+                        pylog.info("%s", msg)
+                except Exception:  # noqa: BLE001
+                    pass
+
+            @contextlib.contextmanager
+            def capture(self):
+                self.captured = []
+                try:
+                    yield self.captured
+                finally:
+                    self.captured = None
+
+        _LOGGER = EdgeTLTrtLogger()
     return _LOGGER
 
 
