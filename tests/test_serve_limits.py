@@ -247,3 +247,50 @@ def test_a_stalled_chunked_request_does_not_starve_the_others(tiny_bundle_src):
         for sock in stalled:
             sock.close()
     assert sorted(took)[-1] < 5.0  # before: each waited for the 30 s body timeout (the target p99 < 1 s is benched)
+
+
+def _response_then_close(sock: socket.socket, within_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it does not within ``within_s``)."""
+    sock.settimeout(within_s)
+    got = b""
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_content_length_with_transfer_encoding_is_400_and_closed(server):
+    """RFC 9112 section 6.1: a request with both is a smuggling vector; h11 let Transfer-Encoding win and went on."""
+    sock = _connect(server)
+    sock.send(b"POST /v2/models/tiny/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+              b"Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n0\r\n\r\n")
+    got = _response_then_close(sock)
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert b"connection: close" in got.lower() and b"Invalid HTTP request" in got  # the framing, not the app
+    with httpx.Client(base_url=server.url, timeout=10) as client:  # the server itself is fine
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_a_chunk_above_the_request_limit_is_400_at_once(tiny_bundle_src):
+    """A chunk header announcing 2^80 - 1 bytes was read until the body timeout; now its header is enough."""
+    cfg = ServeConfig(bundle=tiny_bundle_src, port=0, precision="fp32", backend="ort-cpu", body_timeout_s=60,
+                      max_request_bytes=64 * 1024)
+    with ThreadedServer(cfg) as srv:
+        for size in (b"FFFFFFFFFFFFFFFFFFFF", b"10001"):  # 2^80 - 1, and 65,537 = one byte above the limit
+            sock = _connect(srv)
+            t0 = time.monotonic()
+            sock.send(b"POST /v2/models/tiny/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                      b"Content-Type: application/octet-stream\r\n\r\n" + size + b"\r\nabc")
+            got = _response_then_close(sock)
+            sock.close()
+            assert got.startswith(b"HTTP/1.1 400") and b"Invalid HTTP request" in got, (size, got[:200])
+            assert time.monotonic() - t0 < 30  # well before the 60 s body timeout
+        with httpx.Client(base_url=srv.url, timeout=10) as client:  # a chunk at the limit still goes through
+            r = client.post("/v2/models/tiny/classify", content=iter([b"\x00" * 100]))
+            assert r.status_code in (400, 415, 422), r.text  # not an image: refused by the app, not the framing

@@ -11,6 +11,12 @@ own h11 protocol plus three rules:
 * **connection cap**: at most ``max_connections`` connections (kept below the descriptor limit); when a new one
   would exceed it, the connection idle for longest is closed to make room, and if none is idle the new one is
   closed at once;
+* **request framing** (RFC 9112): a request with both Content-Length and Transfer-Encoding is refused with a
+  400 and the connection closed (section 6.1: a server "MAY reject a request that contains both ... Regardless,
+  the server MUST close the connection after responding to such a request"; h11 lets Transfer-Encoding win and
+  keeps the connection, the request-smuggling split), and a chunk header that takes the body past
+  ``max_body_bytes`` (h11 takes up to 20 hex digits, 2^80) is a 400 at
+  once, not a read until the body timeout;
 * **quiet logs**: repeats of the same log message (accept errors, invalid requests, these limits) are rate-limited
   to a few per interval, with a count of what was suppressed.
 """
@@ -37,6 +43,8 @@ FD_RESERVE = 64
 class ConnectionLimits:
     idle_timeout_s: float = 5.0
     max_connections: int = 1024
+    #: the largest request body (serve's --max-request-bytes): a chunk header taking the body past it is refused
+    max_body_bytes: int | None = None
 
 
 def raise_fd_limit() -> int:
@@ -133,6 +141,7 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:  # noqa: C901 (one s
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._idle_timer = None
+            self.conn.next_event = _framing_checked(self.conn, self._limits.max_body_bytes)
             self._arm_idle()
             if len(self.connections) > self._limits.max_connections:
                 self._make_room()
@@ -189,6 +198,34 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:  # noqa: C901 (one s
             super().connection_lost(exc)
 
     return GuardedH11Protocol
+
+
+def _framing_checked(conn: Any, max_body: int | None) -> Any:
+    """``conn.next_event`` (an h11.Connection) that raises h11.RemoteProtocolError, which uvicorn answers with a
+    400 and a closed connection, for a request carrying both Content-Length and Transfer-Encoding and for a
+    chunk header that takes the body past ``max_body`` bytes. The announced chunk size is read from h11's
+    ChunkedReader (``_bytes_in_chunk``, h11 0.14-0.16); tests/test_serve_limits.py fails if h11 renames it."""
+    import h11
+
+    inner = conn.next_event
+    seen = [0]  # body bytes of the current request so far
+
+    def next_event() -> Any:
+        event = inner()
+        if isinstance(event, h11.Request):
+            seen[0] = 0
+            names = {name.lower() for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding (RFC 9112 section 6.1)")
+        elif isinstance(event, h11.Data):
+            seen[0] += len(event.data)
+        if max_body is not None:
+            pending = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
+            if isinstance(pending, int) and seen[0] + pending > max_body:
+                raise h11.RemoteProtocolError(f"a chunk takes the body past the {max_body}-byte request limit")
+        return event
+
+    return next_event
 
 
 def uvicorn_limits(limits: ConnectionLimits, backlog: int = 2048) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def _limits(config: ServeConfig) -> dict:
 
     install_log_rate_limit()
     cap, backlog = connection_budget(config.max_connections)
-    return uvicorn_limits(ConnectionLimits(idle_timeout_s=config.idle_timeout_s, max_connections=cap), backlog)
+    return uvicorn_limits(ConnectionLimits(idle_timeout_s=config.idle_timeout_s, max_connections=cap,
+                                           max_body_bytes=config.max_request_bytes), backlog)
 
 
 def run_server(config: ServeConfig) -> None:
