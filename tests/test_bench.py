@@ -278,6 +278,10 @@ def test_cli_end_to_end_and_compare(tiny_bundle, tmp_path):
     ra, rb = BenchResult.load(a / "bench.json"), BenchResult.load(b / "bench.json")
     assert [r.iterations for r in ra.results] == [20, 20] and rb.model.precision == "fp32"
     assert "latency_png" in ra.files and "latency_png" not in rb.files
+    before = (a / "bench.json").read_bytes()
+    proc = run_cli("bench", str(tiny_bundle), *common, "--out", str(a))  # issue 24: never silently replaced
+    assert proc.returncode == 2 and "already holds a bench result" in proc.stderr and "--overwrite" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and (a / "bench.json").read_bytes() == before
     proc = run_cli("bench", "compare", str(a), str(b / "bench.json"))
     assert proc.returncode == 0, proc.stderr
     ratio = rb.results[0].latency_ms.median / ra.results[0].latency_ms.median

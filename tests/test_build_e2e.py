@@ -306,9 +306,10 @@ def test_bad_spec_key_and_foreign_out_folder(tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    proc = edge_tl("build", "--out", str(out), timeout=120)
-    assert proc.returncode == 2 and "already exists and is not an edge-tl run folder" in proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    for extra in ([], ["--overwrite"]):  # issue 24: --overwrite does not make a foreign folder a run folder
+        proc = edge_tl("build", "--out", str(out), *extra, timeout=120)
+        assert proc.returncode == 2 and "already exists and is not an edge-tl run folder" in proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
 
 @pytest.mark.slow

@@ -325,7 +325,7 @@ def commands(bundle: Path, work: Path) -> dict[str, list]:
     return {
         "infer": ["infer", img, "--bundle", bundle, "--backend", "ort-cpu"],
         "bench": ["bench", bundle, "--backend", "ort-cpu", "-n", "2", "--warmup", "0", "--power", "none",
-                  "--idle-seconds", "0", "--no-plots", "--out", work / "bench"],
+                  "--idle-seconds", "0", "--no-plots", "--out", work / "bench", "--overwrite"],
         "engine check": ["engine", "check", bundle, "--backend", "ort-cpu", "--precision", "fp32", "--json",
                          work / "parity.json"],
         "engine build": ["engine", "build", bundle, "--no-build", "--cache-dir", work / "engines"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import typer
@@ -19,6 +20,7 @@ from rich.markup import escape
 
 from edge_tl import __version__
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.interrupt import sigterm_as_interrupt
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -110,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     _plain_help_when_narrow()
+    got = None
     try:
-        rv = app(args=argv, prog_name="edge-tl", standalone_mode=False)
+        with sigterm_as_interrupt() as got:
+            rv = app(args=argv, prog_name="edge-tl", standalone_mode=False)
     except EdgeTLError as exc:
         if debug:
             err_console.print_exception()
@@ -126,8 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                               f"({escape(str(cause) or 'EOFError')}); re-copy the file that was cut short",
                               soft_wrap=True)
             sys.exit(2)
-        err_console.print("[yellow]interrupted[/]")
-        sys.exit(130)
+        _interrupted(got is not None and got.terminated)
     except _CLICK_ERRORS as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -143,4 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         if not debug:
             err_console.print("re-run with --debug for the traceback, and please report it")
         sys.exit(70)
+    if rv == 130 or got.terminated:  # typer turns a KeyboardInterrupt (Ctrl-C, SIGTERM) into exit code 130
+        _interrupted(got.terminated)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _interrupted(terminated: bool) -> None:
+    """Ctrl-C: exit 130; SIGTERM: exit 143 (128 + the signal, as a shell reports a process it ended)."""
+    err_console.print("[yellow]terminated (SIGTERM)[/]" if terminated else "[yellow]interrupted[/]")
+    sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))

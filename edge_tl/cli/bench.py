@@ -46,6 +46,7 @@ def run_cmd(
     engine_dir: Path = typer.Option(None, help="TensorRT engine cache folder."),
     no_build: bool = typer.Option(False, "--no-build", help="TensorRT: refuse to build an engine that isn't cached."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default runs/bench/<model>-<backend>-<time>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier result in --out."),
     label: str = typer.Option(None, help="Short name for compare tables."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
     layer_profile: Path = typer.Option(None, "--layer-profile", help="Instead: write TensorRT's per-layer batch-1 "
@@ -64,9 +65,13 @@ def run_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edge_tl.device.bench import BenchConfig, print_result, run_bench, write_outputs
+    from edge_tl.device.bench.report import previous_result
 
     if out is not None and out.exists() and not out.is_dir():
         raise EdgeTLError(f"--out {out} is a file", "give a folder for the results (it is created if missing)")
+    if out is not None and not overwrite and (earlier := previous_result(out)):
+        raise EdgeTLError(f"--out {out} already holds a bench result ({', '.join(earlier)})",
+                          "choose another --out, or pass --overwrite to replace it")
     console = Console()
     err = Console(stderr=True)
     cfg = BenchConfig(model=model, backend=_v(backend), precision=_v(precision), batches=_batches(batch),
@@ -89,7 +94,11 @@ def run_cmd(
     if out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = result.model.name if result.model else model.stem
-        out = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
+        out = base = Path("runs/bench") / f"{name}-{result.backend}-{stamp}"
+        n = 1
+        while out.exists():  # two runs in one second: the second gets its own folder
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
     try:
         path = write_outputs(result, record, out, plots=plots)
     except OSError as exc:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from edge_tl.core.errors import EdgeTLError
@@ -113,6 +114,50 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def lock_holder(path: str | Path) -> str:
+    """Who holds the lock file ``path`` (what :func:`file_lock` wrote there), in words."""
+    try:
+        info = json.loads(Path(path).read_text() or "{}")
+        return f"{info.get('what', 'edge-tl')} by pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+    except (OSError, ValueError, AttributeError):
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str, *, timeout: float = 0.0, busy: Callable[[str], Exception],
+              waiting: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing, never deleted: removing a lock file under a waiter
+    splits the lock) for the block; wait up to ``timeout`` s, then raise ``busy(holder)``. The holder's pid,
+    host, ``what`` and time are written into the file for the next one to name. The kernel releases the lock
+    when the process dies, so a killed holder never leaves it stuck."""
+    import fcntl
+    import socket
+    import time
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + max(0.0, timeout)
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise busy(lock_holder(path)) from None
+                if waiting is not None and not said:
+                    waiting(lock_holder(path))
+                said = True
+                time.sleep(0.1)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": stamp}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def make_tarball(src_dir: str | Path, dest: str | Path) -> Path:

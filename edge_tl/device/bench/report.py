@@ -94,6 +94,15 @@ def write_plots(result: BenchResult, record, out: Path) -> dict[str, str]:
     return files
 
 
+OUTPUT_FILES = (RESULT_FILE, LATENCY_CSV, POWER_CSV, LATENCY_PNG, POWER_PNG)
+
+
+def previous_result(out: str | Path) -> list[str]:
+    """The files of an earlier ``edge-tl bench`` in ``out`` (what a new run there would replace)."""
+    out = Path(out)
+    return [name for name in OUTPUT_FILES if (out / name).exists()] if out.is_dir() else []
+
+
 def write_outputs(result: BenchResult, record, out: str | Path, *, plots: bool = True) -> Path:
     """Write every output into ``out`` (each file atomically, bench.json last); returns bench.json's path."""
     out = Path(out)

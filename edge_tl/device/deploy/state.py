@@ -10,20 +10,17 @@ Runs on the device (no torch, no paramiko). Besides the layout's folders it keep
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
-from edge_tl.core.fsutil import atomic_write_text
+from edge_tl.core.fsutil import atomic_write_text, file_lock
 from edge_tl.core.layout import DEPLOY_RECORD, DeviceLayout
 
 HISTORY = "history.json"
@@ -47,41 +44,18 @@ def check_version_id(version: str) -> str:
 
 
 # -- the lock --------------------------------------------------------------------------------------------------
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        return f"{info.get('what', 'deploy')} by pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
-    except (OSError, ValueError):
-        return "holder unknown"
-
-
 @contextlib.contextmanager
 def deploy_lock(layout: DeviceLayout, timeout: float, what: str, notify: Notify | None = None) -> Iterator[None]:
     """Hold ``<root>/.deploy.lock`` (flock) for the block; wait up to ``timeout`` s, then fail with who holds it."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + max(0.0, timeout)
-        waiting = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise EdgeTLError(
-                        f"another deploy holds {layout.lock_file} ({_holder(layout.lock_file)}) and did not finish "
-                        f"within {timeout:g} s", "wait for it to finish and re-run, or raise --lock-timeout") from None
-                if not waiting and notify:
-                    notify(f"waiting up to {timeout:g} s for another deploy ({_holder(layout.lock_file)})")
-                waiting = True
-                time.sleep(0.1)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": utc_now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+
+    def busy(holder: str) -> EdgeTLError:
+        return EdgeTLError(f"another deploy holds {layout.lock_file} ({holder}) and did not finish within "
+                           f"{timeout:g} s", "wait for it to finish and re-run, or raise --lock-timeout")
+
+    waiting = (lambda holder: notify(f"waiting up to {timeout:g} s for another deploy ({holder})")) if notify else None
+    with file_lock(layout.lock_file, what, timeout=timeout, busy=busy, waiting=waiting):
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 
 # -- history and records ------------------------------------------------------------------------------------

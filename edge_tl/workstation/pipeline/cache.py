@@ -8,6 +8,7 @@ redoes that stage and every stage that depends on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 
 from edge_tl import __version__
 from edge_tl.core.errors import EdgeTLError
-from edge_tl.core.fsutil import atomic_dir, atomic_write_text
+from edge_tl.core.fsutil import atomic_dir, atomic_write_text, file_lock
 
 # Bump a stage's number when its code changes what it produces: old cache entries then stop matching.
 # scratch 2: BatchNorm momentum 0.1 in the from-scratch recipe (train.fit.scratch_phases)
@@ -31,6 +32,8 @@ STAGE_VERSIONS = {"data": 1, "finetune": 2, "scratch": 3, "prune": 8, "export": 
 DEPENDS = {"data": (), "finetune": ("data",), "scratch": ("data",), "prune": ("finetune",), "export": ("prune",),
            "quantize": ("export",), "qat": ("quantize",)}
 RUN_FILE = "run.json"
+#: the run folder's lock (flock; never deleted, see edge_tl.core.fsutil.file_lock)
+LOCK_FILE = ".edge-tl.lock"
 DONE = "done.json"
 
 
@@ -96,10 +99,12 @@ class StageCache:
 
 
 class RunFolder:
-    """``<out>/`` with run.json: refuses a finished run (unless overwrite) and resumes an interrupted one."""
+    """``<out>/`` with run.json: refuses a finished run (unless overwrite) and a folder edge-tl did not make,
+    resumes an interrupted one, and is held by one build at a time (``.edge-tl.lock``, an flock)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser().resolve()
+        self._held = contextlib.ExitStack()
 
     @property
     def state(self) -> dict[str, Any] | None:
@@ -109,28 +114,50 @@ class RunFolder:
         except json.JSONDecodeError:
             return None
 
+    def _foreign(self) -> bool:
+        """A folder with files but no run.json: not an edge-tl run, so nothing in it is ours to write or delete."""
+        return self.state is None and any(f.name != LOCK_FILE for f in self.path.iterdir())
+
     def claim(self, overwrite: bool) -> str:
-        """Check the folder may be used; return 'new', 'resume' or 'overwrite'."""
+        """Check the folder may be used and hold its lock (until :meth:`release`); return 'new', 'resume' or
+        'overwrite'. A second build on the same folder is refused at once: it would resume the first's
+        "running" state and delete its outputs under it."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise EdgeTLError(f"--out {p} is a file", "choose a folder for the run")
-        state = self.state
-        if not p.exists() or not any(p.iterdir()):
-            how = "new"
-        elif state is None:
-            if not overwrite:
-                raise EdgeTLError(f"output folder {p} already exists and is not an edge-tl run folder",
-                                  "choose another --out, or pass --overwrite to write into it")
-            how = "overwrite"
-        elif state.get("status") == "done":
-            if not overwrite:
-                raise EdgeTLError(f"output folder {p} already holds a finished build",
-                                  "choose another --out, or pass --overwrite to rebuild (finished stages are reused)")
-            how = "overwrite"
-        else:
-            how = "resume"
+        if p.is_dir() and self._foreign():
+            raise EdgeTLError(f"output folder {p} already exists and is not an edge-tl run folder (no {RUN_FILE})",
+                              "choose another --out: a new or empty folder (edge-tl writes and deletes only in its "
+                              "own run folders, even with --overwrite)")
         p.mkdir(parents=True, exist_ok=True)
-        return how
+
+        def busy(holder: str) -> EdgeTLError:
+            return EdgeTLError(f"another build ({holder}) is writing to {p}",
+                               "wait for it to finish, or choose another --out")
+
+        self._held.enter_context(file_lock(p / LOCK_FILE, "edge-tl build", busy=busy))
+        try:
+            return self._decide(overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _decide(self, overwrite: bool) -> str:
+        state = self.state  # read again under the lock
+        if state is None:
+            if self._foreign():  # files appeared between the check and the lock
+                raise EdgeTLError(f"output folder {self.path} is not an edge-tl run folder", "choose another --out")
+            return "new"
+        if state.get("status") == "done":
+            if not overwrite:
+                raise EdgeTLError(f"output folder {self.path} already holds a finished build",
+                                  "choose another --out, or pass --overwrite to rebuild (finished stages are reused)")
+            return "overwrite"
+        return "resume"
+
+    def release(self) -> None:
+        """Let the next build have the folder."""
+        self._held.close()
 
     def mark(self, status: str, *, fresh: bool = False, **info: Any) -> None:
         """Record ``status`` (running, done, failed, interrupted) in run.json; ``fresh`` drops what was there."""

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text
+from edge_tl.core.interrupt import sigterm_as_interrupt
 from edge_tl.workstation.pipeline.run import BuildResult
 from edge_tl.workstation.spec import BuildSpec
 
@@ -149,15 +150,16 @@ def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
 
 
 def _mark_failed(run_dir: Path) -> None:
-    """After every rank stopped: a run that rank 0 left 'running' (it was stopped because another rank failed)
-    is marked failed, and stage folders it was writing are removed; the next run resumes from the last stage."""
+    """After every rank stopped: a run that rank 0 left 'running' or marked 'interrupted' (torchrun stopped it
+    with SIGTERM because another rank failed) is marked failed, and stage folders it was writing are removed;
+    the next run resumes from the last stage."""
     import time
 
     from edge_tl.workstation.pipeline.cache import RunFolder, StageCache
 
     folder = RunFolder(run_dir)
     state = folder.state
-    if state and state.get("status") == "running":
+    if state and state.get("status") in ("running", "interrupted"):
         folder.mark("failed", error="a training process failed (see the error printed by edge-tl build)",
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if (run_dir / "stages").is_dir():
@@ -218,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = BuildSpec.model_validate_json(args.spec.read_text())
         distributed.setup(spec.train.device)
         if distributed.is_writer():
-            res = run_build(spec, args.out, overwrite=args.overwrite, force=args.force,
-                            console=Console(stderr=True, highlight=False))
+            with sigterm_as_interrupt():  # torchrun stops the ranks with SIGTERM: run.json says "interrupted"
+                res = run_build(spec, args.out, overwrite=args.overwrite, force=args.force,
+                                console=Console(stderr=True, highlight=False))
             data = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.__dict__.items()}
             atomic_write_text(args.work / "result.json", json.dumps(data, default=float))
         else:

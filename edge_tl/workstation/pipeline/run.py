@@ -109,21 +109,23 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     run_dir = folder.path
     if how == "resume":
         console.print(f"[cyan]resuming[/] the interrupted build in {escape(str(run_dir))}")
-    # the previous build's outputs would sit beside a new spec: remove them before anything new is written
-    # (only in a folder that run.json marks as an edge-tl run: a foreign folder's files are not ours to delete)
-    stale = remove_outputs(run_dir) if how != "overwrite" or folder.state is not None else []
-    folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
     try:
+        # the previous build's outputs would sit beside a new spec: remove them before anything new is written
+        # (claim refused any folder that run.json does not mark as an edge-tl run: its files are not ours)
+        stale = remove_outputs(run_dir)
+        folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
         return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label, key, signature),
                            start=start)
-    except KeyboardInterrupt:
-        folder.mark("interrupted", error="interrupted (Ctrl-C or SIGTERM); run the same command to resume",
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (edge_tl.core.interrupt.Terminated)
+        folder.mark("interrupted", error=f"{exc or 'interrupted (Ctrl-C)'}; run the same command to resume",
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
     except BaseException as exc:
         why = exc.one_line() if isinstance(exc, EdgeTLError) else f"{type(exc).__name__}: {exc}"
         folder.mark("failed", error=why, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         raise
+    finally:
+        folder.release()
 
 
 OUTPUTS = ("bundle", "bundle.tar.gz", "report.md", "metrics.json")

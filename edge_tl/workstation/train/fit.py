@@ -132,7 +132,7 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         label_smoothing: float = 0.0, seed: int = 0, device: str = "auto", workers: int = 0,
         label: str = "train", teacher: nn.Module | None = None, distill_weight: float = 0.0,
         distill_temperature: float = 4.0, sampler: torch.utils.data.Sampler | None = None,
-        loss_fn: nn.Module | None = None, keep: str = "best") -> FitResult:
+        loss_fn: nn.Module | None = None, keep: str = "best", mixup: float = 0.0) -> FitResult:
     """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights (``keep =
     "best"``) or those of the last epoch (``keep = "last"``: the recovery after pruning, whose cosine schedule
     ends at a learning rate of zero; the best of its epochs on a hundred validation images is partly noise).
@@ -141,6 +141,11 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     cross-entropy with knowledge distillation (Hinton et al. 2015): ``distill_weight`` x T^2 x
     KL(teacher || student) at temperature T. The teacher's soft outputs on the augmented images carry far
     more signal than a few labels, so the pruned net recovers closer to the accuracy it had.
+
+    ``mixup`` > 0 trains on mixed images (Zhang et al. 2018): each batch is blended with a shuffled copy of
+    itself at a weight drawn from Beta(mixup, mixup), the labels' loss weighted alike. With a teacher this is
+    Beyer et al. 2022's "function matching": the teacher labels every blend, so a hundred photos give the
+    student far more points of the teacher's function to match than their own few labels.
 
     ``sampler`` replaces the shuffled order (class-balanced sampling) and ``loss_fn`` the cross-entropy
     (class-weighted or focal loss): see :mod:`edge_tl.workstation.train.balance`.
@@ -159,9 +164,9 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     model.to(dev)
     loader = dist.loader(train_ds, batch_size, seed=seed, sampler=sampler, workers=workers)
     loss_fn = (loss_fn or nn.CrossEntropyLoss(label_smoothing=label_smoothing)).to(dev)
-    if not 0.0 <= distill_weight <= 1.0:
-        raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
+    _check_blend(distill_weight, mixup)
     kd = teacher is not None and distill_weight > 0
+    mix_rng = np.random.default_rng((seed + 7919 * dist.rank()) % (2**32)) if mixup > 0 else None
     if kd:
         teacher = teacher.to(dev).eval()  # its forward runs under no_grad (_distill_loss)
     best = (-1.0, float("inf"))
@@ -190,8 +195,7 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                 seen, correct, loss_sum = 0, 0, 0.0
                 for xb, yb in loader:
                     xb, yb = xb.to(dev), yb.to(dev)
-                    logits = net(xb)
-                    loss = loss_fn(logits, yb)
+                    xb, logits, loss = _forward(net, xb, yb, loss_fn, mix_rng, mixup)
                     if kd:
                         loss = (1 - distill_weight) * loss + distill_weight * _distill_loss(
                             logits, teacher, xb, distill_temperature)
@@ -238,6 +242,26 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
                      seconds=time.perf_counter() - start, device=str(dev), history=history,
                      processes=dist.world_size(), kept=keep, best_state=best_state)
+
+
+def _check_blend(distill_weight: float, mixup: float) -> None:
+    if not 0.0 <= distill_weight <= 1.0:
+        raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
+    if mixup < 0:
+        raise EdgeTLError(f"mixup {mixup} is negative", "use e.g. 1.0, or 0 to turn it off")
+
+
+def _forward(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss_fn: nn.Module,
+             mix_rng: np.random.Generator | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the images the net saw, logits, labels' loss): mixup blends the batch with a shuffled copy of itself."""
+    if mix_rng is None or len(yb) < 2:
+        logits = net(xb)
+        return xb, logits, loss_fn(logits, yb)
+    lam = float(mix_rng.beta(alpha, alpha))
+    perm = torch.from_numpy(mix_rng.permutation(len(yb))).to(xb.device)
+    xb = lam * xb + (1 - lam) * xb[perm]
+    logits = net(xb)
+    return xb, logits, lam * loss_fn(logits, yb) + (1 - lam) * loss_fn(logits, yb[perm])
 
 
 def _distill_loss(logits: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temperature: float) -> torch.Tensor:
