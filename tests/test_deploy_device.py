@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -323,3 +324,23 @@ def test_an_upload_from_outside_the_root_is_never_deleted(tiny_bundle_src, tmp_p
     assert archive.read_bytes() == before
     device.install(tmp_path / "root", archive, backend="ort-cpu", svc=service.ServiceOptions(restart=False))
     assert archive.read_bytes() == before  # and a successful one leaves it too
+
+
+def test_a_root_edge_tl_did_not_make_is_refused(tiny_bundle_src, tmp_path):
+    """Issue 24: deploy writes versions and links into --root and deletes old versions there; a folder with the
+    user's files, or a system folder (a fleet's edge_tl_root of / or /etc), is refused before anything is written."""
+    archive = tiny_bundle_src.with_name("tiny.tar.gz")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    for root, why in ((home, "holds files that are not edge-tl's (thesis.tex)"), (Path("/etc"), "system folder"),
+                      (Path("/"), "system folder"), (home / "thesis.tex", "is a file")):
+        for call in (lambda r: device.prepare(r), lambda r: device.install(r, archive, backend="ort-cpu"),
+                     lambda r: device.rollback(r)):
+            with pytest.raises(EdgeTLError, match=f"--root {re.escape(str(root))} .*{re.escape(why)}"):
+                call(root)
+    assert sorted(p.name for p in home.iterdir()) == ["thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    device.install(empty, archive, backend="ort-cpu", svc=service.ServiceOptions(restart=False))  # empty: fine
+    device.install(empty, archive, backend="ort-cpu", svc=service.ServiceOptions(restart=False))  # now ours

@@ -347,6 +347,8 @@ def test_the_role_in_a_users_own_playbook(fleet, root_ab, tmp_path):
     ("[cams]\nc1 ansible_host=1.2.3.4 edge_tl_root=relative/x\n", ".ini", "edge_tl_root 'relative/x' is not an "
                                                                           "absolute path"),
     ("[cams]\nc1 ansible_port=twenty-two\n", ".ini", "ansible_port 'twenty-two' is not a port number"),
+    ("[cams]\nc1 ansible_host=1.2.3.4 edge_tl_root=/etc\n", ".ini", "edge_tl_root '/etc' is a system folder"),
+    ("[cams]\nc1 ansible_host=1.2.3.4 edge_tl_root=/\n", ".ini", "edge_tl_root '/' is a system folder"),
     ("all:\n  children:\n    cams: {}\n", ".yml", "has no hosts"),
 ])
 def test_bad_inventory_is_one_line(content, suffix, expect, tmp_path):

@@ -16,6 +16,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_ROOT = Path("/opt/edge-tl")
+#: what only an edge-tl root holds (any one of them marks a folder as one)
+ROOT_MARKERS = ("versions", "active", ".deploy.lock", "history.json", "uploads")
+#: system folders that are never a deploy root, whatever they hold (a fleet's edge_tl_root of / or /etc)
+SYSTEM_DIRS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/mnt", "/media", "/opt",
+                         "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var"})
+
+
+def system_dir(root: str | Path) -> bool:
+    """Whether ``root`` is a system folder (or a user's home) that edge-tl must never use as its root."""
+    text = os.path.normpath(str(root))
+    home = os.path.normpath(os.path.expanduser("~"))
+    return text in SYSTEM_DIRS or text == home or os.path.dirname(text) == "/home"
+
+
+def root_problem(root: str | Path) -> str | None:
+    """Why ``root`` can't be a deploy root, or None: a system folder, a file, or a folder with files but none of
+    an edge-tl root's (deploy writes versions, links and uploads there and deletes old versions: never in a
+    folder it did not make)."""
+    path = Path(root)
+    if system_dir(path) or system_dir(path.resolve()):
+        return f"{root} is a system folder"
+    if path.exists() and not path.is_dir():
+        return f"{root} is a file"
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if names and not names & set(ROOT_MARKERS):
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            return f"{root} holds files that are not edge-tl's ({shown})"
+    return None
 
 
 @dataclass(frozen=True)

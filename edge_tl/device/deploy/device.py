@@ -43,6 +43,7 @@ def prepare(root: str | Path, need_bytes: int = 0) -> dict[str, Any]:
     """Create the upload folder and check there is room for a bundle of ``need_bytes`` (about 3x: upload,
     unpacked, engine); report this edge-tl's version, the free space and the active version."""
     layout = DeviceLayout(root)
+    state.check_root(layout)
     uploads = state.uploads_dir(layout)
     try:
         uploads.mkdir(parents=True, exist_ok=True, mode=0o700)

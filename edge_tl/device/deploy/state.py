@@ -21,7 +21,7 @@ from typing import Any
 from edge_tl.core.bundle import utc_now
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.fsutil import atomic_write_text, file_lock
-from edge_tl.core.layout import DEPLOY_RECORD, DeviceLayout
+from edge_tl.core.layout import DEFAULT_ROOT, DEPLOY_RECORD, DeviceLayout, root_problem
 
 HISTORY = "history.json"
 RECORD = DEPLOY_RECORD
@@ -30,6 +30,15 @@ UPLOADS = "uploads"
 VERSION_RE = re.compile(r"^[0-9a-f]{16}$")
 
 Notify = Callable[[str], None]
+
+
+def check_root(layout: DeviceLayout) -> None:
+    """Refuse a root that is not an edge-tl root, new or empty (issue 24: nothing edge-tl did not create is
+    written over or deleted)."""
+    problem = root_problem(layout.root)
+    if problem:
+        raise EdgeTLError(f"--root {problem}: not an edge-tl deploy root",
+                          f"give a new or empty folder, or an existing edge-tl root (default {DEFAULT_ROOT})")
 
 
 def uploads_dir(layout: DeviceLayout) -> Path:
@@ -47,6 +56,7 @@ def check_version_id(version: str) -> str:
 @contextlib.contextmanager
 def deploy_lock(layout: DeviceLayout, timeout: float, what: str, notify: Notify | None = None) -> Iterator[None]:
     """Hold ``<root>/.deploy.lock`` (flock) for the block; wait up to ``timeout`` s, then fail with who holds it."""
+    check_root(layout)
     layout.root.mkdir(parents=True, exist_ok=True)
 
     def busy(holder: str) -> EdgeTLError:

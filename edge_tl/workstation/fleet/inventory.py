@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.layout import system_dir
 
 DEFAULT_ROOT = "/opt/edge-tl"
 INVENTORY_FIX = ("fix it (Ansible's YAML or INI inventory format; see docs/fleet.md and "
@@ -104,6 +105,8 @@ def load_inventory(path: str | Path, limit: str | None = None) -> list[FleetHost
         root = hv.get("edge_tl_root", DEFAULT_ROOT)
         if not isinstance(root, str) or not (root.startswith("/") or "{{" in root):
             problems.append(f"{name}: edge_tl_root '{root}' is not an absolute path")
+        elif "{{" not in root and system_dir(root):
+            problems.append(f"{name}: edge_tl_root '{root}' is a system folder (deploy writes and deletes there)")
         port = hv.get("ansible_port", hv.get("ansible_ssh_port"))
         if port is not None:
             try:
