@@ -281,3 +281,13 @@ def test_report_checks_the_latency_target_instead_of_the_macs_share():
     stages["prune"]["latency_ms"] = 0.25
     assert dict((w, v) for w, _, v in target_checks(stages, {"finetune": 1.0, "quantize": 0.1}, None))[
         "pruned model meets the latency target (0.2 ms, ort-cpu)"] == "missed"
+
+
+def test_layer_profile_without_trtexec_names_a_fix_that_exists(model_onnx, tmp_path):
+    """Issue 24: the error suggested --via api, which bench does not have (only trtexec writes this profile)."""
+    proc = subprocess.run([sys.executable, "-c", "from edge_tl.cli import main; main()", "bench", str(model_onnx[1]),
+                           "--layer-profile", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": str(tmp_path), "EDGE_TL_TRTEXEC": ""})
+    assert proc.returncode == 2 and "trtexec was not found" in proc.stderr, proc.stderr
+    assert "--via" not in proc.stderr and "--trtexec" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "t.json").exists()

@@ -116,6 +116,8 @@ def test_parse_outputs():
         refused(parse_outputs, [{"name": "y", "parameters": {"classification": k}}], SIG, False,
                 needle="non-negative integer")
     refused(parse_outputs, [{"name": "y", "parameters": [1]}], SIG, False, needle="'parameters' of output 'y'")
+    for name in (["y"], {"y": 1}, None, 3):  # issue 24: a list as the name was a 500 (unhashable in the lookup)
+        refused(parse_outputs, [{"name": name}], SIG, False, needle="'name' of each requested output must be a string")
 
 
 def test_parse_infer_request_puts_the_pieces_together():
@@ -129,3 +131,6 @@ def test_parse_infer_request_puts_the_pieces_together():
     bad_params = json.dumps({"parameters": 3, "inputs": [tensor("a", "FP32", [1, 2], data=[1, 2]),
                                                          tensor("b", "INT32", [1, 1], data=[3])]}).encode()
     refused(parse_infer_request, bad_params, None, SIG, needle="'parameters' of the request")
+    bad_id = json.dumps({"id": [1], "inputs": [tensor("a", "FP32", [1, 2], data=[1, 2]),
+                                               tensor("b", "INT32", [1, 1], data=[3])]}).encode()
+    refused(parse_infer_request, bad_id, None, SIG, needle="'id' of the request must be a string")

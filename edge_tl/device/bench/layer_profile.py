@@ -75,7 +75,7 @@ def layer_profile(onnx: str | Path, out: str | Path, *, precision: str = "fp16",
     if precision not in PRECISION_FLAGS:
         raise EdgeTLError(f"precision '{precision}' has no per-layer profile",
                           f"use one of {', '.join(PRECISION_FLAGS)}")
-    exe = find_trtexec(trtexec)
+    exe = find_trtexec(trtexec, otherwise="(the per-layer profile is trtexec's --exportProfile)")
     with tempfile.TemporaryDirectory(prefix="edge-tl-profile-") as tmp:
         engine, prof = Path(tmp) / "model.engine", Path(tmp) / "profile.json"
         argv = profile_command(exe, onnx, engine, prof, precision, iterations)

@@ -139,14 +139,17 @@ def trtexec_version(text: str) -> str | None:
     return f"{major}.{rest // 100}.{rest % 100}"
 
 
-def find_trtexec(path: str | Path | None = None) -> Path:
-    """The trtexec to run: ``path``, else ``$EDGE_TL_TRTEXEC``, else PATH, else JetPack's /usr/src/tensorrt/bin."""
+def find_trtexec(path: str | Path | None = None, *, otherwise: str = "or use --via api") -> Path:
+    """The trtexec to run: ``path``, else ``$EDGE_TL_TRTEXEC``, else PATH, else JetPack's /usr/src/tensorrt/bin.
+    ``otherwise``: the way round it that the calling command has (engine build: ``--via api``; none for
+    ``bench --layer-profile``, which only trtexec can do)."""
     candidates = [path, os.environ.get("EDGE_TL_TRTEXEC"), shutil.which("trtexec"), JETPACK_TRTEXEC]
     for cand in candidates:
         if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
             return Path(cand)
     raise EdgeTLError("trtexec was not found (not on PATH, not in /usr/src/tensorrt/bin)",
-                      "install TensorRT's samples (sudo apt install tensorrt) or use --via api")
+                      " ".join(("install TensorRT's samples (sudo apt install tensorrt), or give its path with "
+                                "--trtexec", otherwise)).strip())
 
 
 def _dims(shape: Sequence[int]) -> str:

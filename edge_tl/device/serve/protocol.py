@@ -326,8 +326,10 @@ def parse_outputs(raw_outputs: Any, sig: Signature, binary_default: bool) -> lis
         raise ProtocolError(400, "'outputs' must be a list")
     outputs = []
     for raw in raw_outputs:
-        if not isinstance(raw, dict) or raw.get("name") not in known:
-            name = raw.get("name") if isinstance(raw, dict) else raw
+        name = raw.get("name") if isinstance(raw, dict) else raw
+        if isinstance(raw, dict) and not isinstance(name, str):  # a list or an object as the name was a 500
+            raise ProtocolError(400, "the 'name' of each requested output must be a string")
+        if not isinstance(raw, dict) or name not in known:
             raise ProtocolError(400, f"unexpected inference output '{name}' for model '{sig.model}'")
         p = _params(raw, f"output '{raw['name']}'")
         k = p.get("classification", 0)
@@ -345,6 +347,8 @@ def parse_infer_request(body: bytes, header_length: str | None, sig: Signature) 
     params = _params(req, "the request")
     outputs = parse_outputs(req.get("outputs"), sig, bool(params.get("binary_data_output", False)))
     req_id = req.get("id")
+    if isinstance(req_id, (list, dict)):  # the protocol's "id" is a string (a number is taken as its text)
+        raise ProtocolError(400, "'id' of the request must be a string")
     return InferRequest(inputs, outputs, str(req_id) if req_id is not None else None, batch, params)
 
 
