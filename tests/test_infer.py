@@ -190,3 +190,65 @@ def test_out_that_is_one_of_the_inputs_is_refused(tmp_path, tiny_bundle_src, cap
                     "--out", str(folder / "a.png")])
     assert code == 2 and "is one of the images to classify" in capsys.readouterr().err
     assert (folder / "a.png").read_bytes() == before
+
+
+# -- issue 24 item 4: sources that read like something else ------------------------------------------------------
+def test_an_existing_file_named_like_a_camera_or_a_pipeline_is_that_file(tmp_path, monkeypatch, bundle):
+    monkeypatch.chdir(tmp_path)
+    for name in ("7", "wow!.png"):
+        rand_image(3).save(tmp_path / name, format="PNG")
+        spec = parse_source(name)
+        assert spec.kind == "images" and spec.files == (Path(name),)
+        buf = io.StringIO()
+        summary = run_infer(name, bundle=bundle.root, backend="ort-cpu", k=1, out=buf)
+        assert (summary.classified, summary.errors) == (1, 0) and json.loads(buf.getvalue())["source"] == name
+    assert parse_source("8").kind == "camera"  # no such file: still a camera index
+
+
+def test_a_video_without_frames_is_an_error(tmp_path, tiny_bundle_src, bundle, capsys):
+    empty = write_video(tmp_path / "empty.avi", frames=0)  # a real container, header only
+    buf = io.StringIO()
+    summary = run_infer(str(empty), bundle=bundle.root, backend="ort-cpu", k=1, out=buf)
+    assert (summary.classified, summary.errors) == (0, 1)
+    rec = json.loads(buf.getvalue())
+    assert "no frames" in rec["error"] or "cannot open" in rec["error"]
+    code = run_cli(["infer", str(empty), "--bundle", str(tiny_bundle_src), "--backend", "ort-cpu"])
+    assert code != 0
+
+
+def test_an_http_url_serving_a_still_image_is_classified_once(tmp_path, bundle, reference):
+    """Before, OpenCV read the picture as a live stream that ended and infer reopened it with back-off until its
+    reconnect attempts ran out. A real HTTP server serves the PNG (and a page that is not an image)."""
+    import http.server
+    import threading
+
+    png = io.BytesIO()
+    img = rand_image(5)
+    img.save(png, "PNG")
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            body, kind = (png.getvalue(), "image/png") if self.path == "/snap.png" else (b"<html/>", "text/html")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/snap.png"
+        buf = io.StringIO()
+        summary = run_infer(url, bundle=bundle.root, backend="ort-cpu", k=1, out=buf)
+        recs = [json.loads(line) for line in buf.getvalue().splitlines()]
+        assert (summary.classified, summary.errors) == (1, 0) and len(recs) == 1 and hits == ["/snap.png"]
+        logits = reference(bundle.preprocessor(img)[None])[0]
+        assert recs[0]["source"] == url and recs[0]["top_k"][0]["index"] == int(np.argmax(logits))
+    finally:
+        srv.shutdown()

@@ -6,7 +6,11 @@
 * a video file (``.mp4``, ``.avi`` ...): OpenCV, read to the end;
 * a V4L2 camera (``/dev/video0`` or an index such as ``0``), an RTSP/RTMP/HTTP stream, or a GStreamer
   pipeline ending in ``appsink`` (CSI cameras on Jetson: ``nvarguscamerasrc ! ... ! appsink``): OpenCV, read
-  until stopped; a lost stream is reopened with exponential back-off (``max_reconnects`` attempts in a row).
+  until stopped; a lost stream is reopened with exponential back-off (``max_reconnects`` attempts in a row);
+* an http(s) URL that answers with one image (``Content-Type: image/*``): that picture, classified once.
+
+An existing file or folder is always read as one, even when its name looks like a camera index (``7``) or a
+pipeline (``wow!.png``); a video that opens but has no frame is an error, not an empty success.
 
 A file that cannot be decoded, or an empty frame, becomes an Item with ``error`` set; the caller records it
 and goes on. OpenCV (``cv2``) is imported only when a video source is opened.
@@ -68,6 +72,17 @@ def parse_source(spec: str) -> SourceSpec:
     text = spec.strip()
     if not text:
         raise EdgeTLError("SOURCE is empty", "give an image, folder, glob, video file, camera or stream URL")
+    path = Path(text)
+    # an existing file or folder is what it is, even when its name reads like a camera index (7) or a pipeline
+    # (wow!.png); camera 7 is then /dev/video7
+    if path.is_dir() and not text.startswith("/dev/"):
+        files, unreadable = _list_folder(path)
+        if not files and not unreadable:
+            raise EdgeTLError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})",
+                              "point at a folder of images")
+        return SourceSpec("images", text, tuple(files), tuple(unreadable))
+    if path.is_file():
+        return SourceSpec("video" if path.suffix.lower() in VIDEO_EXTS else "images", text, (path,))
     if "!" in text:
         return SourceSpec("gstreamer", text)
     if text.lower().startswith(STREAM_SCHEMES):
@@ -78,15 +93,6 @@ def parse_source(spec: str) -> SourceSpec:
         if not Path(text).exists():
             raise EdgeTLError(f"camera {text} does not exist", "list cameras with `ls /dev/video*` (v4l2-ctl)")
         return SourceSpec("camera", text)
-    path = Path(text)
-    if path.is_dir():
-        files, unreadable = _list_folder(path)
-        if not files and not unreadable:
-            raise EdgeTLError(f"folder {path} holds no images ({', '.join(sorted(IMAGE_EXTS))})",
-                              "point at a folder of images")
-        return SourceSpec("images", text, tuple(files), tuple(unreadable))
-    if path.is_file():
-        return SourceSpec("video" if path.suffix.lower() in VIDEO_EXTS else "images", text, (path,))
     if any(c in text for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not files:
@@ -114,10 +120,6 @@ def _list_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 def iter_images(files: tuple[Path, ...], unreadable: tuple[tuple[str, str], ...] = ()) -> Iterator[Item]:
     """Decode each file with Pillow; an undecodable one (or a video OpenCV can't open, or a folder that
     could not be listed) gives an error Item, and the others go on."""
-    from PIL import Image
-
-    from edge_tl.core.preprocess import image_size_problem, to_rgb
-
     for where, why in unreadable:
         yield Item(where, None, time.time(), error=why)
     for path in files:
@@ -127,18 +129,27 @@ def iter_images(files: tuple[Path, ...], unreadable: tuple[tuple[str, str], ...]
             except EdgeTLError as exc:
                 yield Item(str(path), None, time.time(), error=exc.one_line())
             continue
-        try:
-            with Image.open(path) as img:
-                problem = image_size_problem(img.width, img.height)  # from the header, before decoding
-                if problem:
-                    yield Item(str(path), None, time.time(), error=problem)
-                    continue
-                img.load()
-                rgb = to_rgb(img)
-                rgb = rgb.copy() if rgb is img else rgb
-            yield Item(str(path), None, time.time(), rgb)
-        except Exception as exc:  # PIL raises many types for bad files; the record carries the reason
-            yield Item(str(path), None, time.time(), error=f"cannot decode image: {type(exc).__name__}: {exc}")
+        yield decode_image(path, str(path))
+
+
+def decode_image(fp: Any, name: str) -> Item:
+    """One image (a path or a binary file object) decoded with Pillow into an Item, or an error Item: a size
+    the model can't take is refused from the header, before decoding."""
+    from PIL import Image
+
+    from edge_tl.core.preprocess import image_size_problem, to_rgb
+
+    try:
+        with Image.open(fp) as img:
+            problem = image_size_problem(img.width, img.height)  # from the header, before decoding
+            if problem:
+                return Item(name, None, time.time(), error=problem)
+            img.load()
+            rgb = to_rgb(img)
+            rgb = rgb.copy() if rgb is img else rgb
+        return Item(name, None, time.time(), rgb)
+    except Exception as exc:  # PIL raises many types for bad files; the record carries the reason
+        return Item(name, None, time.time(), error=f"cannot decode image: {type(exc).__name__}: {exc}")
 
 
 class VideoSource:
@@ -193,6 +204,8 @@ class VideoSource:
                 if cap is not None:
                     cap.release()
             if not self.live:
+                if index == 0:  # opened, but not one frame: an empty or broken file is not a clean run
+                    yield Item(name, None, time.time(), error="the video has no frames (empty or unreadable)")
                 return
             failures += 1
             if failures > self.max_reconnects:
@@ -213,6 +226,35 @@ def _video_or_error(items: Iterator[Item], name: str) -> Iterator[Item]:
         yield Item(name, None, time.time(), error=exc.one_line())
 
 
+#: the largest still image read from an http(s) URL (a picture, not a download)
+MAX_STILL_BYTES = 64 << 20
+
+
+def _http_still(url: str, timeout: float = 10.0) -> Item | None:
+    """An Item for an http(s) URL that answers with one image (Content-Type image/*), else None: a stream
+    (MJPEG's multipart/x-mixed-replace, HLS, ...) or a server that can't be reached now, both left to OpenCV and
+    its reconnects. Without this, OpenCV read the one picture as a "live stream" that ended, and infer reopened
+    it with back-off until its reconnect attempts ran out."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    if not url.lower().startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "image/*, */*"}),
+                                    timeout=timeout) as resp:
+            kind = (resp.headers.get_content_type() or "").lower()
+            if not kind.startswith("image/"):
+                return None
+            body = resp.read(MAX_STILL_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    if len(body) > MAX_STILL_BYTES:
+        return Item(url, None, time.time(), error=f"the image at the URL is over {MAX_STILL_BYTES >> 20} MiB")
+    return decode_image(io.BytesIO(body), url)
+
+
 def _gstreamer_api() -> int:
     info = cv2.getBuildInformation()
     line = next((ln for ln in info.splitlines() if "GStreamer:" in ln), "")
@@ -220,6 +262,24 @@ def _gstreamer_api() -> int:
         raise EdgeTLError("this OpenCV was built without GStreamer, so it cannot open a GStreamer pipeline",
                           "on Jetson use JetPack's OpenCV (python3-opencv), not the opencv-python wheel")
     return cv2.CAP_GSTREAMER
+
+
+def _captured(src: SourceSpec, keep: Callable[[int], bool], max_reconnects: int, backoff: float) -> Iterator[Item]:
+    """Frames of a video file, camera, stream or pipeline through OpenCV (an http(s) URL serving one picture:
+    that picture, once)."""
+    api = None
+    if src.kind == "gstreamer":
+        api = _gstreamer_api()
+    elif src.kind == "camera":
+        api = cv2.CAP_V4L2 if isinstance(src.target, str) else cv2.CAP_ANY
+    elif src.kind == "stream":
+        still = _http_still(str(src.target))
+        if still is not None:
+            return iter([still])
+        api = cv2.CAP_FFMPEG
+    items = VideoSource(src.target, live=src.live, api=api, max_reconnects=max_reconnects,
+                        backoff=backoff).frames(keep)
+    return _video_or_error(items, str(src.target)) if src.kind == "video" else items
 
 
 def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None = None,
@@ -248,17 +308,7 @@ def open_source(spec: str | SourceSpec, *, every: int = 1, max_fps: float | None
         items: Iterator[Item] = (it for n, it in enumerate(iter_images(src.files, src.unreadable))
                                  if n % every == 0)
     else:
-        api = None
-        if src.kind == "gstreamer":
-            api = _gstreamer_api()
-        elif src.kind == "camera":
-            api = cv2.CAP_V4L2 if isinstance(src.target, str) else cv2.CAP_ANY
-        elif src.kind == "stream":
-            api = cv2.CAP_FFMPEG
-        items = VideoSource(src.target, live=src.live, api=api, max_reconnects=max_reconnects,
-                            backoff=backoff).frames(keep)
-        if src.kind == "video":
-            items = _video_or_error(items, str(src.target))
+        items = _captured(src, keep, max_reconnects, backoff)
     for item in items:
         if interval and not src.live:
             wait = last[0] + interval - time.monotonic()
