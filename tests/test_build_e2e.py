@@ -310,6 +310,12 @@ def test_bad_spec_key_and_foreign_out_folder(tmp_path):
         proc = edge_tl("build", "--out", str(out), *extra, timeout=120)
         assert proc.returncode == 2 and "already exists and is not an edge-tl run folder" in proc.stderr
         assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    data = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+    proc = edge_tl("build", "--data", str(data), "--out", str(data / "run"), timeout=120)  # issue 24
+    assert proc.returncode == 2 and "is inside the data folder" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and sorted(p.name for p in data.iterdir()) == ["a", "b"]
 
 
 @pytest.mark.slow

@@ -136,3 +136,32 @@ def test_demo_shots_parse():
     assert demo.parse_shots("all") is None and demo.parse_shots("5") == 5 and demo.parse_shots(10) == 10
     with pytest.raises(EdgeTLError):
         demo.parse_shots("many")
+
+
+def test_look_alike_and_invisible_class_names_are_refused(tmp_path):
+    """Issue 24: bidi controls and zero-width characters make one name show as another."""
+    from edge_tl.core.bundle import lookalike_classes, unsafe_class_name
+
+    for name in ("cat\u200b", "\u202edog", "a\u2066b", "\ufeffcat", "x\u200d"):
+        assert "invisible character" in unsafe_class_name(name), name
+    for name in ("cat", "chat noir", "\u0645\u06cc\u200c\u0634\u0648\u062f", "\U0001f469\u200d\U0001f52c"):
+        assert unsafe_class_name(name) is None, name  # a Persian ZWNJ and an emoji ZWJ sequence are words
+    assert lookalike_classes(["Cat", "dog", "cat"]) == ("Cat", "cat")
+    assert lookalike_classes(["\ufb01sh", "fish"]) == ("\ufb01sh", "fish")  # the 'fi' ligature
+    assert lookalike_classes(["cat", "dog"]) is None
+    root = make_folder(tmp_path / "bidi", {"cat": 5, "\u202etac": 5})
+    with pytest.raises(EdgeTLError, match="can't be a class name: it holds the invisible character U\\+202E"):
+        scan(root)
+    root = make_folder(tmp_path / "twins", {"Cat": 5, "cat": 5, "dog": 5})
+    with pytest.raises(EdgeTLError, match="class folders 'Cat' and 'cat' .* look alike"):
+        scan(root)
+
+
+def test_the_same_image_in_two_splits_is_warned_by_name(tmp_path):
+    root = tmp_path / "ds"
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        make_folder(root / split, {"a": n, "b": n}, seed={"train": 0, "val": 1, "test": 2}[split])
+    (root / "test" / "a" / "000.png").write_bytes((root / "train" / "a" / "000.png").read_bytes())
+    with pytest.warns(DataWarning, match=r"1 image\(s\) are in more than one split .*train/a/000.png = test/a/000.png"):
+        s = scan(root)
+    assert any("more than one split" in w for w in s.summary.warnings)

@@ -227,9 +227,30 @@ def unsafe_class_name(name: str) -> str | None:
 
     if not name.strip():
         return "it is empty"
-    for ch in name:
-        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+    for i, ch in enumerate(name):
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Zl", "Zp"):
             return f"it holds the control character {ch!r}"
+        # invisible format characters: zero-width spaces, bidi overrides/isolates (a name that shows as another,
+        # CVE-2021-42574's trick), BOMs. Zero-width (non-)joiners stay where a script needs them: between letters
+        if cat == "Cf" and not (ch in "\u200c\u200d" and 0 < i < len(name) - 1
+                                and unicodedata.category(name[i - 1])[0] in "LMS"
+                                and unicodedata.category(name[i + 1])[0] in "LMS"):
+            return f"it holds the invisible character U+{ord(ch):04X} ({unicodedata.name(ch, 'format character')})"
+    return None
+
+
+def lookalike_classes(names: list[str]) -> tuple[str, str] | None:
+    """Two class names that read the same (equal after Unicode NFKC normalisation and case folding: 'Cat' and
+    'cat', 'ﬁsh' and 'fish', a full-width 'Ａ' and 'A'), or None."""
+    import unicodedata
+
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFKC", name).casefold().strip()
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
     return None
 
 

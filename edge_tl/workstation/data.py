@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tl.core.bundle import DataSummary, unsafe_class_name
+from edge_tl.core.bundle import DataSummary, lookalike_classes, unsafe_class_name
 from edge_tl.core.errors import EdgeTLError
+from edge_tl.core.fsutil import sha256_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -165,6 +166,10 @@ def _check_classes(root: Path, classes: list[str], per_split: dict[str, dict[str
         if why:
             raise EdgeTLError(f"class folder {name!r} in {root} can't be a class name: {why}",
                               "rename the folder (letters, digits, spaces, - and _ are safe)")
+    twins = lookalike_classes(classes)
+    if twins:
+        raise EdgeTLError(f"class folders {twins[0]!r} and {twins[1]!r} in {root} look alike (the same name after "
+                          "Unicode normalisation and case folding)", "merge them, or rename one")
     if len(classes) < 2:
         raise EdgeTLError(f"data folder {root} has only one class ('{classes[0]}')", "a classifier needs >= 2 classes")
     if skipped and strict:
@@ -194,6 +199,27 @@ def _notes(counts: dict[str, dict[str, int]], skipped: list[dict[str, str]], imb
     return notes
 
 
+def _leaks(root: Path, items: dict[str, list[tuple[str, int]]], shown: int = 3) -> list[str]:
+    """A warning naming the images that sit in more than one split with the same bytes (a copy in train/ and
+    test/ is scored on what the model trained on). Only files whose size matches a file of another split are
+    hashed, so a clean folder costs one stat per file."""
+    by_size: dict[int, list[tuple[str, str]]] = {}
+    for split in SPLITS:
+        for rel, _ in items[split]:
+            by_size.setdefault((root / rel).stat().st_size, []).append((split, rel))
+    by_hash: dict[str, list[tuple[str, str]]] = {}
+    for group in by_size.values():
+        if len({split for split, _ in group}) > 1:
+            for split, rel in group:
+                by_hash.setdefault(sha256_file(root / rel), []).append((split, rel))
+    pairs = [" = ".join(rel for _, rel in group) for group in by_hash.values() if len({s for s, _ in group}) > 1]
+    if not pairs:
+        return []
+    more = f" and {len(pairs) - shown} more" if len(pairs) > shown else ""
+    return [f"{len(pairs)} image(s) are in more than one split with the same bytes ({'; '.join(pairs[:shown])}"
+            f"{more}): validation/test accuracy counts images the model may have trained on; remove the copies"]
+
+
 def _fingerprints(root: Path, items: dict[str, list[tuple[str, int]]], classes: list[str],
                   skipped: list[dict[str, str]]) -> tuple[str, str]:
     """(sha256 of the file list: what the data is, sha256 with sizes and mtimes: whether a stage must re-run)."""
@@ -221,7 +247,7 @@ def scan(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float =
         if not items[split]:
             raise EdgeTLError(f"the {split} split of {root} is empty", f"add images to {split}/ or remove that folder")
     counts = {s: {c: len(per_split.get(s, {}).get(c, [])) for c in classes} for s in SPLITS}
-    notes = _notes(counts, skipped, imbalance_ratio)
+    notes = _notes(counts, skipped, imbalance_ratio) + _leaks(root, items)
     for note in notes:
         warnings.warn(note, DataWarning, stacklevel=2)
     file_list_sha256, fingerprint = _fingerprints(root, items, classes, skipped)

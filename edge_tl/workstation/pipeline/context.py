@@ -40,6 +40,10 @@ def resolve_data(spec: BuildSpec, run_dir: Path) -> tuple[Path, str]:
     if not root.is_dir():
         raise EdgeTLError(f"data folder {root} does not exist" if not root.exists() else f"{root} is not a folder",
                           "pass --data with an ImageFolder root (one sub-folder per class)")
+    out = run_dir.resolve()
+    if out == root.resolve() or root.resolve() in out.parents:  # its stages/ and bundle/ would become classes
+        raise EdgeTLError(f"--out {run_dir} is inside the data folder {root}",
+                          "choose an --out outside --data (the run's files would be read as images next time)")
     return root.resolve(), str(root.resolve())
 
 
