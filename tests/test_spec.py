@@ -151,3 +151,15 @@ def test_recovery_batchnorm_follows_the_input_size_unless_set():
     assert not recovery_bn_frozen(spec({"train": {"freeze_bn": False}, "model": {"input_size": 32}}))
     assert recovery_bn_frozen(spec({"model": {"input_size": 224}, "prune": {"recovery_bn": "frozen"}}))
     assert not recovery_bn_frozen(spec({"model": {"input_size": 32}, "prune": {"recovery_bn": "train"}}))
+
+
+@pytest.mark.parametrize(("toml", "needle"), [
+    ("[model]\nstd = [0.5, 0.0, 0.5]\n", "model.std: each std must be a finite number > 0"),
+    ("[model]\nmean = [0.5, nan, 0.5]\n", "model.mean.1: Input should be a finite number"),
+    ("seed = 9223372036854775808\n", "seed: Input should be less than or equal to 4294967295"),
+    ("[train]\nbatch_size = 1\n", "train.batch_size: Input should be greater than or equal to 2"),
+])
+def test_values_that_validated_then_crashed_are_refused_up_front(tmp_path, toml, needle):
+    """Issue 24: std 0 divided by zero, a seed above 2^63 overflowed in torch, a batch of 1 failed in BatchNorm."""
+    with pytest.raises(EdgeTLError, match=needle):
+        load_spec(write(tmp_path, toml))

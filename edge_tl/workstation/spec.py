@@ -77,8 +77,16 @@ class ModelSpec(_Section):
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="normalisation mean (unset: the "
                                              "backbone's own, 0.5 for EfficientNet-Lite, else ImageNet's)")
-    std: tuple[float, float, float] = Field(IMAGENET_STD, description="normalisation std (unset: the backbone's own)")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="normalisation std, each > 0 (unset: the "
+                                            "backbone's own)")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout before the new classifier")
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(x > 0 for x in v):  # NaN and inf are refused by the model config (allow_inf_nan=False)
+            raise ValueError(f"each std must be a finite number > 0 (got {list(v)}): the input is divided by it")
+        return v
 
     @field_validator("backbone")
     @classmethod
@@ -119,7 +127,9 @@ class TrainSpec(_Section):
     lr_head: float = Field(1e-2, gt=0, description="AdamW learning rate of the new head")
     lr_backbone: float = Field(1e-4, gt=0, description="AdamW learning rate of the backbone (finetune)")
     weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=1, le=4096)
+    batch_size: int = Field(32, ge=2, le=4096, description="images per step; 2 or more: BatchNorm trains (scratch, "
+                            "QAT, recoveries above 64 px), and one image gives it no batch statistics (it "
+                            "fails on a 1x1 feature map)")
     patience: int = Field(8, ge=1, description="early stopping: epochs without a better val accuracy")
     freeze_bn: bool = Field(True, description="keep BatchNorm statistics frozen (right for small datasets)")
     augment: Literal["auto", "none", "light", "crop-flip-color", "trivialaugment", "randaugment"] = Field(
@@ -302,7 +312,8 @@ class BuildSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field("model", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="bundle name")
-    seed: int = Field(0, ge=0, description="seeds splits, init, data order; same seed, same result")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds splits, init, data order; same seed, same result "
+                      "(0 to 2^32 - 1, NumPy's seed range)")
     target: str = Field(DEFAULT_TARGET, description=f"device software: {', '.join(TARGETS)}")
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
