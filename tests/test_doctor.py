@@ -13,7 +13,7 @@ from bundle_factory import rewrite_manifest
 
 from edge_tl.cli import main
 from edge_tl.core.bundle import Bundle
-from edge_tl.core.errors import CheckFailed
+from edge_tl.core.errors import CheckFailed, EdgeTLError
 from edge_tl.device.doctor import evaluate, gather_facts, load_facts, raise_on_blockers, report_json
 from edge_tl.device.engine.spec import DeviceInfo
 from edge_tl.device.facts import parse_nvpmodel
@@ -118,6 +118,17 @@ def test_cli_json_then_facts_roundtrip(tmp_path, fake_path, tiny_bundle, capsys)
     assert exc.value.code == 3
     captured = capsys.readouterr()
     assert "edge-tl doctor" in captured.out and "opset: 19 > 17" in captured.err
+
+
+def test_facts_that_are_not_a_facts_file_are_one_line(tmp_path):
+    """Issue 24: a JSON list was an internal error, /dev/zero read until memory ran out."""
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for path, needle in ((listed, "holds a JSON list, not an object"), (Path("/dev/zero"), "not a regular file"),
+                         (tmp_path, "not a regular file")):
+        with pytest.raises(EdgeTLError, match=needle) as exc:
+            load_facts(path)
+        assert "edge-tl doctor --json" in exc.value.fix
 
 
 def test_cli_doctor_on_this_machine(tmp_path, fake_path, capsys):

@@ -251,13 +251,24 @@ def report_json(facts: Facts, rows: list[Row]) -> dict[str, Any]:
             "checks": [r.model_dump() for r in rows], "blockers": sum(r.status == "blocker" for r in rows)}
 
 
+#: a recorded facts file is a few KiB; anything far larger is not one (and /dev/zero never ends)
+MAX_FACTS_BYTES = 4 << 20
+
+
 def load_facts(path: str | Path) -> Facts:
+    fix = "give a file written by `edge-tl doctor --json`"
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text())
+        if not path.is_file():  # a folder, a device (/dev/zero), a pipe: read_text would not end or not work
+            raise EdgeTLError(f"recorded facts {path} is not a regular file", fix)
+        if path.stat().st_size > MAX_FACTS_BYTES:
+            raise EdgeTLError(f"recorded facts {path} is {path.stat().st_size >> 20} MiB, not a facts file", fix)
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise EdgeTLError(f"recorded facts {path} holds a JSON {type(data).__name__}, not an object", fix)
         return Facts.model_validate(data.get("facts", data))
     except (OSError, ValueError) as exc:
-        raise EdgeTLError(f"could not read recorded facts {path} ({exc})",
-                          "give a file written by `edge-tl doctor --json`") from exc
+        raise EdgeTLError(f"could not read recorded facts {path} ({exc})", fix) from exc
 
 
 def raise_on_blockers(rows: list[Row]) -> None:
