@@ -230,10 +230,19 @@ def t_preprocess_nan(b: Path) -> None:
     _write_manifest(b, m)
 
 
+def t_symlinked_folder(b: Path) -> None:
+    """A folder inside the bundle that is a link to elsewhere: what it holds is outside the hashes (issue 24)."""
+    elsewhere = b.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    (elsewhere / "notes.txt").write_text("not part of any bundle")
+    (b / "golden" / "more").symlink_to(elsewhere, target_is_directory=True)
+
+
 TAMPERED = [t_model_byte_flipped, t_model_swapped_for_3_classes, t_int8_swapped, t_labels_rewritten,
             t_golden_outputs_edited, t_preprocess_edited, t_artifact_missing, t_extra_file, t_golden_path_escapes,
             t_artifact_path_escapes, t_absolute_artifact_path, t_artifact_hash_edited_to_match, t_input_shape_edited,
-            t_classes_edited, t_class_with_newline, t_manifest_not_json, t_manifest_max_batch_zero, t_preprocess_nan]
+            t_classes_edited, t_class_with_newline, t_manifest_not_json, t_manifest_max_batch_zero, t_preprocess_nan,
+            t_symlinked_folder]
 
 
 # -- broken archives -----------------------------------------------------------------------------------------

@@ -258,6 +258,19 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+def _symlinks(root: Path) -> list[str]:
+    """Every symbolic link under ``root`` (to a file or a folder, dangling or not), not followed: what a link
+    points to is outside what the manifest's hashes cover."""
+    import os
+
+    found = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(top, name)):
+                found.append(Path(os.path.relpath(os.path.join(top, name), root)).as_posix())
+    return sorted(found)
+
+
 def _artifact_table(root: Path, *, hashes: bool = True) -> dict[str, Artifact | None]:
     table: dict[str, Artifact | None] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -610,6 +623,8 @@ class Bundle:
             extra = set()
             problems.append(f"the folder is not readable ({exc.strerror or exc})")
         problems += [f"{rel} is not in the manifest" for rel in sorted(extra)]
+        problems += [f"{rel} is a symbolic link (a bundle holds only regular files and folders)"
+                     for rel in _symlinks(self.root)]
         if not self.manifest.artifacts:
             problems.append("the manifest lists no artifacts")
         for required in (FP32_MODEL, PREPROCESS) + ((POSTPROCESS,) if self.manifest.schema_version >= 2 else ()):
