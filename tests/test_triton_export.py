@@ -168,7 +168,13 @@ def test_existing_entry_and_bad_options(tiny_bundle_src, tmp_path):
                          (["--accelerator", "tensorrt", "--kind", "cpu"], "runs on the GPU"),
                          (["--precision", "fp16", "--accelerator", "none"], "fp16 needs the TensorRT accelerator"),
                          (["--preferred-batch", "0,x"], "--preferred-batch '0,x'"),
-                         (["--engine", str(tmp_path / "none.plan")], "does not exist")):
+                         (["--engine", str(tmp_path / "none.plan")], "does not exist"),
+                         # issue 24: absurd sizes were an internal error or a config Triton refuses
+                         (["--max-batch", "99999999999"], "--max-batch 99999999999 is above 4096"),
+                         (["--max-batch", "4", "--preferred-batch", "2,8"], "--preferred-batch 8 is outside 1..4"),
+                         (["--instances", "100000"], "--instances 100000 is above 64"),
+                         (["--version", "99999999999999999999"], "--version 99999999999999999999 is above"),
+                         (["--max-queue-delay-us", "99999999999999"], "is above 60000000")):
         proc = _cli("export", "triton", str(tiny_bundle_src), "--out", str(tmp_path / "r2"), *args)
         assert proc.returncode == 2 and expect in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr

@@ -208,7 +208,31 @@ def model_config(bundle: Bundle, opts: TritonOptions, *, name: str, precision: s
     return config
 
 
+#: upper bounds on the sizes (an int32/int64 field of model_config.proto, or far beyond any Jetson): a larger value
+#: is a typo, and 2^40 as max_batch_size overflowed into an internal error
+LIMITS = {"--max-batch": 4096, "--instances": 64, "--max-queue-delay-us": 60_000_000, "--workspace-mb": 1 << 20,
+          "--version": 2**63 - 1}
+
+
+def _check_sizes(opts: TritonOptions, max_batch: int) -> None:
+    for flag, value in (("--max-batch", max_batch), ("--instances", opts.instances),
+                        ("--max-queue-delay-us", opts.max_queue_delay_us), ("--workspace-mb", opts.workspace_mb),
+                        ("--version", opts.version)):
+        if value is not None and value > LIMITS[flag]:
+            raise EdgeTLError(f"{flag} {value} is above {LIMITS[flag]}", f"give {flag} {LIMITS[flag]} or less")
+    above = [b for b in opts.preferred_batch if not 1 <= b <= max_batch]
+    if above:
+        raise EdgeTLError(f"--preferred-batch {','.join(map(str, above))} is outside 1..{max_batch} (the max batch "
+                          "size): Triton refuses such a configuration", f"give sizes of {max_batch} or less")
+
+
 def _resolve(bundle: Bundle, opts: TritonOptions) -> tuple[str, str, int, dict[str, Any] | None]:
+    name, precision, max_batch, side = _resolve_options(bundle, opts)
+    _check_sizes(opts, max_batch)
+    return name, precision, max_batch, side
+
+
+def _resolve_options(bundle: Bundle, opts: TritonOptions) -> tuple[str, str, int, dict[str, Any] | None]:
     m = bundle.manifest
     name = opts.name or m.name
     if not NAME_RE.match(name):
