@@ -136,19 +136,45 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except _EXITS as exc:
         sys.exit(getattr(exc, "exit_code", 0))
-    except Exception as exc:  # an internal bug: say so, keep the traceback behind --debug
+    except OSError as exc:
+        problem = _storage_problem(exc)
+        if problem is None:
+            _internal_error(exc, debug)
         if debug:
             err_console.print_exception()
-        err_console.print(
-            f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {escape(str(exc))}",
-            soft_wrap=True,
-        )
-        if not debug:
-            err_console.print("re-run with --debug for the traceback, and please report it")
-        sys.exit(70)
+        err_console.print(f"[bold red]error:[/] {escape(problem)}", soft_wrap=True)
+        sys.exit(2)
+    except Exception as exc:  # an internal bug: say so, keep the traceback behind --debug
+        _internal_error(exc, debug)
     if rv == 130 or got.terminated:  # typer turns a KeyboardInterrupt (Ctrl-C, SIGTERM) into exit code 130
         _interrupted(got.terminated)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _internal_error(exc: BaseException, debug: bool) -> None:
+    if debug:
+        err_console.print_exception()
+    err_console.print(
+        f"[bold red]internal error[/] (a bug in edge-tl {__version__}): {type(exc).__name__}: {escape(str(exc))}",
+        soft_wrap=True,
+    )
+    if not debug:
+        err_console.print("re-run with --debug for the traceback, and please report it")
+    sys.exit(70)
+
+
+def _storage_problem(exc: OSError) -> str | None:
+    """One line for a disk that is full, read-only or not ours to write (issue 24): the environment, not a bug."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full{where}: {exc.strerror}; free space there, or write to another folder (--out)"
+    if exc.errno == errno.EROFS:
+        return f"the file system is read-only{where}; write to another folder (--out)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; write to a folder you own (--out), or fix its permissions"
+    return None
 
 
 def _interrupted(terminated: bool) -> None:
