@@ -373,3 +373,20 @@ def test_bad_options_are_one_line(tmp_path, tiny_bundle_src):
         proc = subprocess.run([EDGE_TL, "fleet", *args, "-i", str(inv)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and expect in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_a_host_python_that_prints_something_else_is_named_with_its_fix(fleet, root_ab, tmp_path):
+    """Issue 24: a pyenv shim that printed its own message instead of running the module gave only Ansible's
+    "Module result deserialization failed: No start of json char found"; the row now names the host variable."""
+    shim = tmp_path / "python3"
+    shim.write_text("#!/bin/sh\necho \"pyenv: python3: command not found in this version\"\nexit 0\n")
+    shim.chmod(0o755)
+    roots = _copies(root_ab, tmp_path)
+    inv = fleet.inventory(tmp_path / "hosts.yml", roots, {0: {"ansible_python_interpreter": str(shim)}})
+    report = tmp_path / "status.json"
+    proc = fleet.cli("status", "-i", str(inv), "--report", str(report))
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr + proc.stdout
+    _, rows = _report(report)
+    assert rows["h0"]["outcome"] == "failed", rows["h0"]  # was "ok" with nothing known: a silent failure
+    assert "ansible_python_interpreter" in rows["h0"]["error"] and "\n" not in rows["h0"]["error"]
+    assert rows["h1"]["outcome"] == "ok" and rows["h2"]["outcome"] == "ok"
