@@ -15,8 +15,8 @@ own h11 protocol plus three rules:
   400 and the connection closed (section 6.1: a server "MAY reject a request that contains both ... Regardless,
   the server MUST close the connection after responding to such a request"; h11 lets Transfer-Encoding win and
   keeps the connection, the request-smuggling split), and a chunk header that takes the body past
-  ``max_body_bytes`` (h11 takes up to 20 hex digits, 2^80) is a 400 at
-  once, not a read until the body timeout;
+  ``max_body_bytes`` (h11 takes up to 20 hex digits, 2^80) is answered at once (413, as the app answers a body
+  over the limit), not read until the body timeout;
 * **quiet logs**: repeats of the same log message (accept errors, invalid requests, these limits) are rate-limited
   to a few per interval, with a count of what was suppressed.
 """
@@ -146,6 +146,24 @@ def guarded_h11_protocol(limits: ConnectionLimits) -> type:  # noqa: C901 (one s
             if len(self.connections) > self._limits.max_connections:
                 self._make_room()
 
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a request h11 (or the framing check) refused: a 400, or the 413 of a chunk
+            that takes the body past the limit (the same answer the app gives, JSON and all); both close."""
+            too_big = getattr(self.conn, "edge_tl_too_big", None)
+            if too_big is None:
+                return super().send_400_response(msg)
+            import json
+
+            import h11
+
+            body = json.dumps({"error": f"request body is over the limit of {too_big} bytes "
+                               "(--max-request-bytes)"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=413, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def _busy(self) -> bool:
             return self.cycle is not None and not self.cycle.response_complete
 
@@ -222,6 +240,7 @@ def _framing_checked(conn: Any, max_body: int | None) -> Any:
         if max_body is not None:
             pending = getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
             if isinstance(pending, int) and seen[0] + pending > max_body:
+                conn.edge_tl_too_big = max_body  # answered 413 (send_400_response above), not 400
                 raise h11.RemoteProtocolError(f"a chunk takes the body past the {max_body}-byte request limit")
         return event
 

@@ -47,6 +47,7 @@ def run_server(config: ServeConfig) -> None:
                              timeout_graceful_shutdown=int(config.graceful_timeout_s), server_header=False,
                              log_level="info", **_limits(config))
     server = uvicorn.Server(uconfig)
+    _default_sigterm()
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
@@ -54,6 +55,18 @@ def run_server(config: ServeConfig) -> None:
                           "is the port in use? choose another with --port") from None
     if not server.started:
         raise EdgeTLError(f"the server on {config.host}:{config.port} did not start", "see the log lines above")
+
+
+def _default_sigterm() -> None:
+    """SIGTERM back to the default action for the server: uvicorn handles it (graceful shutdown), then raises it
+    again with the previous handler in place, and the process must end by the signal, which systemd counts as a
+    clean stop; the CLI's SIGTERM-as-Ctrl-C handler (edge_tl.core.interrupt) would make it exit 143, which systemd
+    counts as a failure on every `systemctl stop`."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class ThreadedServer:
