@@ -61,11 +61,14 @@ class CapturePolicy:
             raise EdgeTLError("capture caps must be >= 0", "e.g. 30 pictures a minute, 512 MiB")
 
 
-def reason_for(probs: np.ndarray, policy: CapturePolicy, draw: float) -> str | None:
-    """Why a picture with these class probabilities is kept (None: not kept). ``draw`` in [0, 1)."""
+def reason_for(probs: np.ndarray, policy: CapturePolicy, draw: float, unknown: bool = False) -> str | None:
+    """Why a picture with these class probabilities is kept (None: not kept). ``draw`` in [0, 1); ``unknown``:
+    the bundle's OOD rule called it unknown (edge_tl.core.postprocess), the first reason to keep it."""
     p = np.sort(np.asarray(probs, dtype=np.float64).reshape(-1))[::-1]
     if p.size == 0:
         return None
+    if unknown:
+        return "unknown"
     if p[0] < policy.max_score:
         return "low-score"
     if p.size > 1 and p[0] - p[1] < policy.min_margin:
@@ -103,15 +106,17 @@ class Capturer:
                 "skipped_by_rate_cap": self.skipped_rate, "bytes": self.bytes, "stopped": self.stopped}
 
     def consider(self, probs: np.ndarray, *, source: str, data: bytes | Callable[[], bytes | None] | None = None,
-                 image: Any = None, frame: int | None = None) -> str | None:
+                 image: Any = None, frame: int | None = None, ood: dict[str, Any] | None = None) -> str | None:
         """Keep this picture if the policy says so (and the caps allow); returns the reason it was kept, else
         None. ``data``: the original encoded bytes (or a function that reads them, called only for a kept
-        picture); without them ``image`` (PIL, or a BGR array from OpenCV) is saved as PNG.
+        picture); without them ``image`` (PIL, or a BGR array from OpenCV) is saved as PNG. ``ood``: the bundle's
+        ``ood_score``/``unknown`` for this picture (recorded in the sidecar; unknown pictures are kept first).
         Never raises for an I/O problem: capture stops, inference goes on."""
         with self._lock:
             if self.stopped:
                 return None
-            reason = reason_for(probs, self.policy, float(self._rng.random()))
+            ood = ood or {}
+            reason = reason_for(probs, self.policy, float(self._rng.random()), bool(ood.get("unknown")))
             if reason is None:
                 return None
             now = time.monotonic()
@@ -137,7 +142,7 @@ class Capturer:
                        "bundle_id": self.bundle_id, "source": source, "frame": frame,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
                        "top_k": [{"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
-                                  "score": round(float(p[i]), 6)} for i in order]}
+                                  "score": round(float(p[i]), 6)} for i in order], **ood}
             try:
                 self._write(name + ext, blob)
                 meta = (json.dumps(sidecar, indent=1) + "\n").encode()

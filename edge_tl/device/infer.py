@@ -7,7 +7,9 @@ Each record (one line of JSON)::
      "model_version": "<bundle_id>"}
 
 ``score`` is the bundle's calibrated probability, ``softmax(logits / temperature)`` with the temperature of its
-``postprocess.json`` (1 for bundles built before calibration; edge_tl.core.postprocess). ``frame`` is the frame
+``postprocess.json`` (1 for bundles built before calibration; edge_tl.core.postprocess). A bundle with an
+out-of-distribution rule adds ``ood_score`` and ``unknown`` (true: the picture looks like none of the classes; its
+top-k is still given). ``frame`` is the frame
 index for videos and streams; ``latency_ms`` covers preprocessing and inference,
 ``infer_ms`` the runner alone. A picture that cannot be read gives ``{"source", "frame", "timestamp",
 "error", "model_version"}`` instead, and processing goes on. Preprocessing is the bundle's own
@@ -124,14 +126,17 @@ def records(classifier: Classifier, items: Iterator[Item], k: int = 5,
                 start = time.perf_counter()
                 x = classifier.preprocess(item.image)[None]
                 t_inf = time.perf_counter()
-                probs = classifier.scores(classifier.logits(x))[0]
+                logits = classifier.logits(x)
+                probs = classifier.scores(logits)[0]
                 end = time.perf_counter()
                 rec["top_k"] = top_k(probs, classifier.bundle.labels, k)
+                ood = classifier.bundle.postprocess.ood_fields(logits[0])  # ood_score, unknown (with a rule)
+                rec.update(ood)
                 rec["latency_ms"] = round((end - start) * 1e3, 3)
                 rec["infer_ms"] = round((end - t_inf) * 1e3, 3)
                 if capture is not None:
                     why = capture.consider(probs, source=item.source, data=_file_bytes(item), image=item.image,
-                                           frame=item.frame)
+                                           frame=item.frame, ood=ood)
                     if why:
                         rec["captured"] = why
             except EdgeTLError as exc:  # e.g. an image too small for the crop: that picture only

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.core.postprocess import softmax
+from edge_tl.core.postprocess import OODRule, ood_scores, softmax
 
 ECE_BINS = 15
 #: the temperature is searched on a log scale in exp(-5) .. exp(5), i.e. 0.0067 .. 148
@@ -161,6 +161,20 @@ def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.nd
             "val_nll_before": nll(val_logits, val_labels), "val_nll_after": nll(val_logits, val_labels, t),
             **ece_bootstrap(test_logits, test_labels, t, bins), "reliability_before": rb, "reliability_after": ra,
             **why}
+
+
+def fit_ood_rule(val_logits: np.ndarray, score: str, keep: float, temperature: float = 1.0) -> OODRule:
+    """The OOD threshold that keeps ``keep`` of the validation images: the score of the ``floor((1 - keep) * n)``-th
+    lowest one (all of them at keep = 1). Few validation images make it coarse: 21 images at 0.95 put it at the
+    lowest score."""
+    scores = np.sort(ood_scores(val_logits, score, temperature))
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no validation logits to fit the OOD threshold on")
+    k = min(int(np.floor((1.0 - keep) * n)), n - 1)
+    kept = float(np.mean(scores >= scores[k]))
+    return OODRule(score=score, threshold=round(float(scores[k]), 6), in_distribution_kept=round(kept, 4),
+                   fitted_on=f"{n} validation images, the shipped INT8 model (Q/DQ in float), {100 * keep:g}% kept")
 
 
 def summary_line(cal: dict[str, Any]) -> str:

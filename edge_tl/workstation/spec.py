@@ -289,6 +289,12 @@ class ExportSpec(_Section):
                                                         "val, then train images): stored as uint8 crops with "
                                                         "FP32 and INT8 reference outputs")
     max_batch: int = Field(32, ge=1, description="largest batch the device engine profile must accept")
+    ood_score: Literal["energy", "max_logit", "msp", "none"] = Field(
+        "energy", description="the out-of-distribution score infer and serve answer 'unknown' with "
+        "(edge_tl.core.postprocess; none: every picture gets a class). energy: best AUROC on images of no class "
+        "in benchmarks/RESULTS.md (ood section)")
+    ood_keep: float = Field(0.95, gt=0.5, le=1.0, description="share of the validation images the OOD threshold "
+                            "keeps (the rest of what looks like them, and anything less like them, is 'unknown')")
 
 
 class ReportSpec(_Section):

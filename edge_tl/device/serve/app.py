@@ -389,16 +389,19 @@ class ServeHandlers:
             logits = (await model.infer({model.input_name: x}))[model.output_name]
             probs = model.bundle.postprocess.scores(logits)[0]  # calibrated
             preds = top_k(probs, model.labels, k)
+            ood = model.bundle.postprocess.ood_fields(logits[0])  # ood_score, unknown (with a rule)
+            self.metrics.answers.labels(str(ood["unknown"]).lower() if ood else "none").inc()
             if self.capture_pool is not None:
-                self.capture_pool.submit(self._capture, model, probs, body, request.client)
+                self.capture_pool.submit(self._capture, model, probs, body, request.client, ood)
             result = {"model_name": self.manager.name_of(model), "model_version": model.version,
-                      "predictions": preds, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
+                      "predictions": preds, **ood,
+                      "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
         finally:
             self.manager.release(model)
         return _json(result, headers={"X-Model-Version": model.version})
 
 
-    def _capture(self, model: LoadedModel, probs, body: bytes, client) -> None:
+    def _capture(self, model: LoadedModel, probs, body: bytes, client, ood: dict | None = None) -> None:
         """--capture, on its own thread: keep the picture if the model is unsure (edge_tl.device.capture)."""
         from edge_tl.device.capture import CapturePolicy, Capturer
 
@@ -407,7 +410,7 @@ class ServeHandlers:
             if cap is None:
                 cap = self._capturers[model.version] = Capturer(
                     self.config.capture, self.config.capture_policy or CapturePolicy(), model.version, model.labels)
-            why = cap.consider(probs, source=f"serve:{client.host if client else '?'}", data=body)
+            why = cap.consider(probs, source=f"serve:{client.host if client else '?'}", data=body, ood=ood)
         except Exception as exc:  # noqa: BLE001 - capture never takes inference down
             log.warning("capture failed: %s", exc)
             return

@@ -36,6 +36,9 @@ class Metrics:
         self.reloads = prom.Counter("edge_tl_model_reloads", "Hot reloads of the active model", ["result"], registry=r)
         self.captured = prom.Counter("edge_tl_captured", "Pictures kept by --capture (edge_tl.device.capture)",
                                      ["reason"], registry=r)
+        self.answers = prom.Counter("edge_tl_classify_answers", "/classify answers, by whether the bundle's OOD rule "
+                                    "called the picture unknown (none: the bundle has no rule)", ["unknown"],
+                                    registry=r)
 
     def set_model(self, name: str, version: str, backend: str, precision: str) -> None:
         self.model_info.clear()

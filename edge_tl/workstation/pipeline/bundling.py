@@ -136,13 +136,21 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
     return out
 
 
-def postprocess_config(shipped_metrics: dict[str, Any]) -> PostprocessConfig:
+def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None = None, ood_score: str = "none",
+                       ood_keep: float = 0.95) -> PostprocessConfig:
     """The bundle's postprocess.json: the temperature the ``qat`` stage fitted for the shipped INT8 model
-    (edge_tl.workstation.calibrate)."""
+    (edge_tl.workstation.calibrate) and the OOD rule fitted on the same validation logits (``val_logits``, saved
+    by that stage; export.ood_score = none or no logits: no rule)."""
+    from edge_tl.workstation.calibrate import fit_ood_rule
+
     cal = shipped_metrics.get("calibration")
     if not cal:
         return PostprocessConfig()
-    return PostprocessConfig(temperature=round(float(cal["temperature"]), 6), fitted_on=cal["fitted_on"])
+    t = round(float(cal["temperature"]), 6)
+    rule = None
+    if ood_score != "none" and val_logits is not None and val_logits.is_file():
+        rule = fit_ood_rule(np.load(val_logits), ood_score, ood_keep, t)
+    return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule)
 
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
@@ -174,7 +182,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         shutil.copyfile(ctx.folder("qat") / "model.int8.onnx", staging / INT8_MODEL)
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
-        postprocess_config(shipped).save(staging / POSTPROCESS)
+        postprocess_config(shipped, ctx.folder("qat") / "val_logits.npy", s.export.ood_score,
+                           s.export.ood_keep).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         preproc = Preprocessor(pre)
         index, crops = [], []

@@ -436,6 +436,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     from edge_tl.workstation.calibrate import report_section as calibration_section
 
     lines += calibration_section(st.get("qat", q).get("calibration"), result.run_dir / "plots")
+    lines += _ood_section(result.bundle_dir / "postprocess.json")
     from edge_tl.workstation.explain import report_section as explain_section
 
     lines += explain_section(ctx, result.run_dir / "plots")
@@ -444,3 +445,20 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
               f"![confusion matrix]({plots['confusion']})", ""]
     atomic_write_text(result.report, "\n".join(lines))
     return result.report
+
+
+def _ood_section(path: Path) -> list[str]:
+    """What the bundle answers "unknown" (its OOD rule, edge_tl.core.postprocess), or a line saying it never does."""
+    from edge_tl.core.postprocess import PostprocessConfig
+
+    if not path.is_file():
+        return []
+    rule = PostprocessConfig.load(path).ood
+    if rule is None:
+        return ["", "## Unknown answers", "", "None: export.ood_score is none, so every picture gets a class."]
+    return ["", "## Unknown answers", "",
+            f"`infer` and `/classify` answer **unknown** (with the top-k still given) when the `{rule.score}` score of "
+            f"the logits is below **{rule.threshold:g}**: fitted on {rule.fitted_on} "
+            f"({100 * rule.in_distribution_kept:.1f}% of them score at or above it). A softmax near 1 says nothing "
+            "about a picture of no class; how well each score separates such pictures is measured in "
+            "benchmarks/RESULTS.md (ood section)."]
