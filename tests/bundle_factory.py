@@ -107,13 +107,13 @@ def qdq_float_outputs(model: Path, inputs: np.ndarray) -> np.ndarray:
 def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
                      broken_int8: bool = False, tarball: bool = True, temperature: float | None = None,
                      schema: int = 4, stages: dict[str, StageMetrics] | None = None, sign_key=None,
-                     ood=None) -> Path:
+                     ood=None, drift=None) -> Path:
     """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` ships an INT8 model with
     other weights (the INT8 reference stays the genuine model's), so a parity gate on it must fail while every hash
     still matches. ``temperature``: a calibrated temperature in postprocess.json (None: write_bundle's default,
     temperature 1, not fitted). ``schema`` 2 writes the old golden set (float inputs, no INT8 reference).
     ``stages``: the manifest's stage metrics (e.g. a failed chance check). ``sign_key``: an Ed25519 private key
-    that signs it (edge_tl.core.signing). ``ood``: an OODRule for postprocess.json (edge_tl.core.postprocess)."""
+    that signs it (edge_tl.core.signing). ``ood``: an OODRule for postprocess.json (edge_tl.core.postprocess), ``drift`` a DriftReference."""
     import onnxruntime as ort
 
     pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -130,8 +130,9 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
             staging.joinpath(INT8_MODEL).write_bytes(genuine.read_bytes())
         (staging / LABELS).write_text("\n".join(CLASSES) + "\n")
         pre_cfg.save(staging / PREPROCESS)
-        if temperature is not None or ood is not None:
-            PostprocessConfig(temperature=temperature or 1.0, fitted_on="tests", ood=ood).save(staging / POSTPROCESS)
+        if temperature is not None or ood is not None or drift is not None:
+            PostprocessConfig(temperature=temperature or 1.0, fitted_on="tests", ood=ood,
+                              drift=drift).save(staging / POSTPROCESS)
         images = make_images(golden, seed=seed)
         index = []
         for i, img in enumerate(images):

@@ -30,9 +30,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge_tl.core.drift import DriftReference
 from edge_tl.core.errors import EdgeTLError
 
-POSTPROCESS_SCHEMA_VERSION = 2  # 2: the OOD rule (``ood``), absent in 1
+POSTPROCESS_SCHEMA_VERSION = 2  # 2: the OOD rule (``ood``) and the drift reference (``drift``), absent in 1
 OOD_SCORES = ("energy", "max_logit", "msp")
 
 
@@ -72,6 +73,8 @@ class PostprocessConfig(BaseModel):
                                   "(temperature 1, plain softmax)")
     ood: OODRule | None = Field(None, description="the out-of-distribution rule; null: none (every input gets a "
                                 "class, as before schema 2)")
+    drift: DriftReference | None = Field(None, description="the validation reference serve's drift check compares "
+                                         "with (edge_tl.core.drift); null: none")
 
     @property
     def calibrated(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_tl.core.drift import DriftReference, decile_edges, psi
 from edge_tl.core.postprocess import OODRule, ood_scores, softmax
 
 ECE_BINS = 15
@@ -175,6 +176,36 @@ def fit_ood_rule(val_logits: np.ndarray, score: str, keep: float, temperature: f
     kept = float(np.mean(scores >= scores[k]))
     return OODRule(score=score, threshold=round(float(scores[k]), 6), in_distribution_kept=round(kept, 4),
                    fitted_on=f"{n} validation images, the shipped INT8 model (Q/DQ in float), {100 * keep:g}% kept")
+
+
+#: the drift threshold: this quantile of the PSI of undrifted windows (bootstrap); serve compares a sliding window
+#: at every request, so a stream of thousands of requests makes thousands of correlated comparisons
+DRIFT_QUANTILE = 0.999
+DRIFT_BOOT = 2000
+
+
+def fit_drift_reference(signals: dict[str, np.ndarray], window: int, seed: int = 0) -> DriftReference:
+    """The validation reference of serve's drift check (edge_tl.core.drift): each signal's decile edges, and the
+    PSI threshold no undrifted window should cross. An undrifted window is simulated by a bootstrap that redraws
+    both the reference (its edges come from a few hundred images at most, and are noisy too) and a window of
+    ``window`` values from the validation values; the threshold is DRIFT_QUANTILE of the largest PSI over the
+    signals (a flag is raised when any signal crosses it)."""
+    rng = np.random.default_rng(seed)
+    vals = {k: np.asarray(v, dtype=np.float64) for k, v in signals.items()}
+    n = min(len(v) for v in vals.values())
+    if n < 20:
+        raise ValueError(f"{n} validation images are too few for a drift reference (20 or more)")
+    worst = np.zeros(DRIFT_BOOT)
+    for b in range(DRIFT_BOOT):
+        for v in vals.values():
+            edges = decile_edges(rng.choice(v, len(v)))
+            worst[b] = max(worst[b], psi(edges, rng.choice(v, window)))
+    threshold = float(np.quantile(worst, DRIFT_QUANTILE))
+    return DriftReference(window=window, threshold=round(threshold, 6),
+                          edges={k: decile_edges(v) for k, v in vals.items()},
+                          fitted_on=f"{n} validation images (the shipped INT8 model's calibrated top-1 score and the "
+                                    f"mean of the preprocessed input); threshold: the {DRIFT_QUANTILE:g} quantile of "
+                                    f"{DRIFT_BOOT} bootstrap windows of {window}")
 
 
 def summary_line(cal: dict[str, Any]) -> str:

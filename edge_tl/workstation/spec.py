@@ -293,8 +293,18 @@ class ExportSpec(_Section):
         "energy", description="the out-of-distribution score infer and serve answer 'unknown' with "
         "(edge_tl.core.postprocess; none: every picture gets a class). energy: best AUROC on images of no class "
         "in benchmarks/RESULTS.md (ood section)")
+    drift_window: int = Field(200, ge=0, le=100_000, description="requests per window of serve's drift check "
+                              "(edge_tl.core.drift; 0: no drift reference in the bundle)")
     ood_keep: float = Field(0.95, gt=0.5, le=1.0, description="share of the validation images the OOD threshold "
                             "keeps (the rest of what looks like them, and anything less like them, is 'unknown')")
+
+
+    @field_validator("drift_window")
+    @classmethod
+    def _drift_window(cls, v: int) -> int:
+        if 0 < v < 20:
+            raise ValueError(f"{v} is too small a window to compare distributions (0 for none, or 20 or more)")
+        return v
 
 
 class ReportSpec(_Section):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl import __version__
+from edge_tl.core.drift import input_means
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.importer import require
 from edge_tl.core.layout import DeviceLayout
@@ -325,6 +326,8 @@ class ServeHandlers:
     async def prometheus(self, request):
         from starlette.responses import Response
 
+        model = self.manager.current
+        self.metrics.set_drift(model.drift.status() if model is not None and model.drift is not None else None)
         data, content_type = self.metrics.render()
         return Response(data, media_type=content_type)
 
@@ -361,6 +364,10 @@ class ServeHandlers:
                                                  request.headers.get(HEADER_LENGTH), model.signature(name))
                 del body
                 outputs = await model.infer(req.inputs)
+                if model.drift is not None and model.input_name in req.inputs and model.output_name in outputs:
+                    conf = model.bundle.postprocess.scores(outputs[model.output_name]).max(axis=1)
+                    for c, m in zip(conf, input_means(req.inputs[model.input_name]), strict=False):
+                        model.drift.observe(confidence=float(c), input_mean=float(m))
                 content, header_length = await loop.run_in_executor(
                     self.parse_pool, encode_infer_response, name, model.version, req, outputs, model.labels)
             finally:
@@ -390,6 +397,8 @@ class ServeHandlers:
             probs = model.bundle.postprocess.scores(logits)[0]  # calibrated
             preds = top_k(probs, model.labels, k)
             ood = model.bundle.postprocess.ood_fields(logits[0])  # ood_score, unknown (with a rule)
+            if model.drift is not None:
+                model.drift.observe(confidence=float(probs.max()), input_mean=float(input_means(x)[0]))
             self.metrics.answers.labels(str(ood["unknown"]).lower() if ood else "none").inc()
             if self.capture_pool is not None:
                 self.capture_pool.submit(self._capture, model, probs, body, request.client, ood)

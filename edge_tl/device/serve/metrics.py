@@ -36,6 +36,11 @@ class Metrics:
         self.reloads = prom.Counter("edge_tl_model_reloads", "Hot reloads of the active model", ["result"], registry=r)
         self.captured = prom.Counter("edge_tl_captured", "Pictures kept by --capture (edge_tl.device.capture)",
                                      ["reason"], registry=r)
+        self.drift_psi = prom.Gauge("edge_tl_drift_psi", "Population stability index of the last window of requests "
+                                    "against the build's validation reference (edge_tl.core.drift); NaN until the "
+                                    "window is full", ["signal"], registry=r)
+        self.drift = prom.Gauge("edge_tl_drift", "1 when the signal's PSI is above the bundle's drift threshold",
+                                ["signal"], registry=r)
         self.answers = prom.Counter("edge_tl_classify_answers", "/classify answers, by whether the bundle's OOD rule "
                                     "called the picture unknown (none: the bundle has no rule)", ["unknown"],
                                     registry=r)
@@ -43,6 +48,14 @@ class Metrics:
     def set_model(self, name: str, version: str, backend: str, precision: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name, version, backend, precision).set(1)
+
+    def set_drift(self, status: dict | None) -> None:
+        """The served model's drift status (DriftMonitor.status()), or None: no reference in its bundle."""
+        self.drift_psi.clear()
+        self.drift.clear()
+        for signal, st in (status or {}).items():
+            self.drift_psi.labels(signal).set(float("nan") if st["psi"] is None else st["psi"])
+            self.drift.labels(signal).set(1 if st["drifted"] else 0)
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

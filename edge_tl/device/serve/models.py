@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_tl.core.bundle import Bundle
+from edge_tl.core.drift import DriftMonitor
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.layout import DeviceLayout
 from edge_tl.core.signing import enforce as enforce_signature
@@ -55,6 +56,8 @@ class LoadedModel:
         self.outputs = (TensorSig(m.output.name, _DATATYPE.get(m.output.dtype, m.output.dtype),
                                   _dims(m.output.shape)),)
         self.max_batch = m.max_batch
+        ref = bundle.postprocess.drift
+        self.drift = DriftMonitor(ref) if ref is not None else None  # edge_tl.core.drift
         self.executor = ThreadPoolExecutor(config.workers, thread_name_prefix=f"infer-{self.version[:8]}")
         if config.batching:
             self.dispatcher: Dispatcher = DynamicBatcher(self._run, self.executor, metrics, max_batch=config.max_batch,

@@ -137,20 +137,29 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
 
 
 def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None = None, ood_score: str = "none",
-                       ood_keep: float = 0.95) -> PostprocessConfig:
+                       ood_keep: float = 0.95, val_inputs: np.ndarray | None = None,
+                       drift_window: int = 0) -> PostprocessConfig:
     """The bundle's postprocess.json: the temperature the ``qat`` stage fitted for the shipped INT8 model
-    (edge_tl.workstation.calibrate) and the OOD rule fitted on the same validation logits (``val_logits``, saved
-    by that stage; export.ood_score = none or no logits: no rule)."""
-    from edge_tl.workstation.calibrate import fit_ood_rule
+    (edge_tl.workstation.calibrate), the OOD rule fitted on the same validation logits (``val_logits``, saved
+    by that stage; export.ood_score = none or no logits: no rule) and the drift reference of those logits'
+    scores and of the validation inputs (``val_inputs``, preprocessed; drift_window 0 or under 20 images: none)."""
+    from edge_tl.core.drift import input_means
+    from edge_tl.workstation.calibrate import fit_drift_reference, fit_ood_rule
 
     cal = shipped_metrics.get("calibration")
     if not cal:
         return PostprocessConfig()
     t = round(float(cal["temperature"]), 6)
-    rule = None
-    if ood_score != "none" and val_logits is not None and val_logits.is_file():
-        rule = fit_ood_rule(np.load(val_logits), ood_score, ood_keep, t)
-    return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule)
+    rule = drift = None
+    if val_logits is not None and val_logits.is_file():
+        logits = np.load(val_logits)
+        if ood_score != "none":
+            rule = fit_ood_rule(logits, ood_score, ood_keep, t)
+        if drift_window and val_inputs is not None and len(val_inputs) == len(logits) >= 20:
+            confidence = PostprocessConfig(temperature=t).scores(logits).max(axis=1)
+            drift = fit_drift_reference({"confidence": confidence, "input_mean": input_means(val_inputs)},
+                                        drift_window)
+    return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule, drift=drift)
 
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
@@ -182,8 +191,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         shutil.copyfile(ctx.folder("qat") / "model.int8.onnx", staging / INT8_MODEL)
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
-        postprocess_config(shipped, ctx.folder("qat") / "val_logits.npy", s.export.ood_score,
-                           s.export.ood_keep).save(staging / POSTPROCESS)
+        postprocess_config(shipped, ctx.folder("qat") / "val_logits.npy", s.export.ood_score, s.export.ood_keep,
+                           ctx.arrays("val")[0], s.export.drift_window).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         preproc = Preprocessor(pre)
         index, crops = [], []

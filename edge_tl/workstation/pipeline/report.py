@@ -453,12 +453,18 @@ def _ood_section(path: Path) -> list[str]:
 
     if not path.is_file():
         return []
-    rule = PostprocessConfig.load(path).ood
+    post = PostprocessConfig.load(path)
+    rule, drift = post.ood, post.drift
+    lines = [] if drift is None else [
+        "", f"Drift: `serve` compares the last {drift.window} requests' calibrated top-1 scores and input means "
+        f"with this build's validation deciles by their population stability index, and sets `edge_tl_drift` "
+        f"on /metrics above PSI **{drift.threshold:g}** ({drift.fitted_on})."]
     if rule is None:
-        return ["", "## Unknown answers", "", "None: export.ood_score is none, so every picture gets a class."]
-    return ["", "## Unknown answers", "",
+        return ["", "## Unknown answers and drift", "",
+                "Unknown: none (export.ood_score is none), so every picture gets a class.", *lines]
+    return ["", "## Unknown answers and drift", "",
             f"`infer` and `/classify` answer **unknown** (with the top-k still given) when the `{rule.score}` score of "
             f"the logits is below **{rule.threshold:g}**: fitted on {rule.fitted_on} "
             f"({100 * rule.in_distribution_kept:.1f}% of them score at or above it). A softmax near 1 says nothing "
             "about a picture of no class; how well each score separates such pictures is measured in "
-            "benchmarks/RESULTS.md (ood section)."]
+            "benchmarks/RESULTS.md (ood section).", *lines]

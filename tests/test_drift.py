@@ -1,0 +1,79 @@
+"""Drift on the device (issue 25 item 3): the PSI as defined, a threshold fitted by bootstrap that an undrifted
+stream does not cross, a shifted stream that crosses it within one window, and the served model's drift on
+/metrics (a real server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bundle_factory import make_images, make_tiny_bundle
+
+from edge_tl.core.drift import DriftMonitor, DriftReference, bin_shares, decile_edges, psi
+from edge_tl.workstation.calibrate import fit_drift_reference
+
+
+def test_psi_is_the_textbook_formula():
+    edges = decile_edges(np.arange(1000))
+    assert np.allclose(bin_shares(edges, np.arange(1000)), 0.1)
+    assert psi(edges, np.arange(1000)) == pytest.approx(0.0, abs=1e-12)
+    values = np.concatenate([np.full(50, 10.0), np.full(50, 990.0)])  # half in the first bin, half in the last
+    p = np.array([0.5] + [0.5 / 100] * 8 + [0.5])  # empty bins: half a count of 100
+    assert psi(edges, values) == pytest.approx(float(np.sum((p - 0.1) * np.log(p / 0.1))))
+
+
+def _stream(rng, n, shift=0.0):
+    return {"confidence": np.clip(rng.beta(8, 2, n) - shift, 0, 1), "input_mean": rng.normal(shift * 4, 1, n)}
+
+
+def test_an_undrifted_stream_stays_quiet_and_a_shifted_one_is_flagged_within_a_window():
+    """The issue's target, on synthetic signals: no flag over 2,000 undrifted requests, a flag within the first
+    200 drifted ones (a colour cast moves the input mean, a new camera lowers the confidence)."""
+    rng = np.random.default_rng(0)
+    ref = fit_drift_reference(_stream(rng, 100), window=200)
+    assert ref.window == 200 and set(ref.edges) == {"confidence", "input_mean"} and ref.threshold > 0
+    quiet = DriftMonitor(ref)
+    stream = _stream(rng, 2000)
+    for i in range(2000):
+        quiet.observe(confidence=stream["confidence"][i], input_mean=stream["input_mean"][i])
+        if i >= 199:
+            assert not any(s["drifted"] for s in quiet.status().values()), (i, quiet.status())
+    moved = DriftMonitor(ref)
+    drifted = _stream(rng, 200, shift=0.15)
+    flagged = None
+    for i in range(200):
+        moved.observe(confidence=drifted["confidence"][i], input_mean=drifted["input_mean"][i])
+        if flagged is None and any(s["drifted"] for s in moved.status().values()):
+            flagged = i + 1
+    assert flagged == 200  # the first full window already says so
+
+
+def test_the_reference_refuses_too_few_images():
+    with pytest.raises(ValueError, match="too few"):
+        fit_drift_reference(_stream(np.random.default_rng(0), 10), window=50)
+
+
+def test_serve_reports_drift_on_metrics(tmp_path):
+    import io
+
+    import httpx
+
+    from edge_tl.device.serve.config import ServeConfig
+    from edge_tl.device.serve.server import ThreadedServer
+
+    ref = DriftReference(window=20, threshold=0.5, edges={"confidence": decile_edges(np.linspace(0.3, 0.9, 50)),
+                                                          "input_mean": decile_edges(np.linspace(-1, 1, 50))},
+                         fitted_on="tests")
+    path = make_tiny_bundle(tmp_path / "tiny", tarball=False, drift=ref)
+    cfg = ServeConfig(bundle=path, port=0, backend="ort-cpu", precision="fp32")
+    with ThreadedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=10) as client:
+        before = client.get("/metrics").text
+        assert 'edge_tl_drift_psi{signal="confidence"} NaN' in before  # the window is not full yet
+        for img in make_images(20, seed=3):
+            png = io.BytesIO()
+            img.save(png, "PNG")
+            assert client.post("/v2/models/tiny/classify", content=png.getvalue()).status_code == 200
+        after = client.get("/metrics").text
+    lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in after.splitlines() if ln.startswith("edge_tl_drift")}
+    for signal in ("confidence", "input_mean"):
+        value = lines[f'edge_tl_drift_psi{{signal="{signal}"}}']
+        assert np.isfinite(value) and lines[f'edge_tl_drift{{signal="{signal}"}}'] == float(value > 0.5)
