@@ -113,7 +113,8 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
     still matches. ``temperature``: a calibrated temperature in postprocess.json (None: write_bundle's default,
     temperature 1, not fitted). ``schema`` 2 writes the old golden set (float inputs, no INT8 reference).
     ``stages``: the manifest's stage metrics (e.g. a failed chance check). ``sign_key``: an Ed25519 private key
-    that signs it (edge_tl.core.signing). ``ood``: an OODRule for postprocess.json (edge_tl.core.postprocess), ``drift`` a DriftReference."""
+    that signs it (edge_tl.core.signing). ``ood``: an OODRule for postprocess.json (edge_tl.core.postprocess),
+    ``drift`` a DriftReference (edge_tl.core.drift)."""
     import onnxruntime as ort
 
     pre_cfg = PreprocessConfig(input_size=(size, size), resize=size + 2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

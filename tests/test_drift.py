@@ -22,7 +22,8 @@ def test_psi_is_the_textbook_formula():
 
 
 def _stream(rng, n, shift=0.0):
-    return {"confidence": np.clip(rng.beta(8, 2, n) - shift, 0, 1), "input_mean": rng.normal(shift * 4, 1, n)}
+    return {"confidence": np.clip(rng.beta(8, 2, n) - shift, 0, 1), "input_red": rng.normal(shift * 4, 1, n),
+            "input_green": rng.normal(0, 1, n), "input_blue": rng.normal(-shift * 4, 1, n)}
 
 
 def test_an_undrifted_stream_stays_quiet_and_a_shifted_one_is_flagged_within_a_window():
@@ -30,18 +31,19 @@ def test_an_undrifted_stream_stays_quiet_and_a_shifted_one_is_flagged_within_a_w
     200 drifted ones (a colour cast moves the input mean, a new camera lowers the confidence)."""
     rng = np.random.default_rng(0)
     ref = fit_drift_reference(_stream(rng, 100), window=200)
-    assert ref.window == 200 and set(ref.edges) == {"confidence", "input_mean"} and ref.threshold > 0
+    assert ref.window == 200 and set(ref.edges) == {"confidence", "input_red", "input_green", "input_blue"}
+    assert ref.threshold > 0
     quiet = DriftMonitor(ref)
     stream = _stream(rng, 2000)
     for i in range(2000):
-        quiet.observe(confidence=stream["confidence"][i], input_mean=stream["input_mean"][i])
+        quiet.observe(**{k: v[i] for k, v in stream.items()})
         if i >= 199:
             assert not any(s["drifted"] for s in quiet.status().values()), (i, quiet.status())
     moved = DriftMonitor(ref)
     drifted = _stream(rng, 200, shift=0.15)
     flagged = None
     for i in range(200):
-        moved.observe(confidence=drifted["confidence"][i], input_mean=drifted["input_mean"][i])
+        moved.observe(**{k: v[i] for k, v in drifted.items()})
         if flagged is None and any(s["drifted"] for s in moved.status().values()):
             flagged = i + 1
     assert flagged == 200  # the first full window already says so
@@ -60,9 +62,9 @@ def test_serve_reports_drift_on_metrics(tmp_path):
     from edge_tl.device.serve.config import ServeConfig
     from edge_tl.device.serve.server import ThreadedServer
 
-    ref = DriftReference(window=20, threshold=0.5, edges={"confidence": decile_edges(np.linspace(0.3, 0.9, 50)),
-                                                          "input_mean": decile_edges(np.linspace(-1, 1, 50))},
-                         fitted_on="tests")
+    edges = {"confidence": decile_edges(np.linspace(0.3, 0.9, 50)),
+             **{c: decile_edges(np.linspace(-1, 1, 50)) for c in ("input_red", "input_green", "input_blue")}}
+    ref = DriftReference(window=20, threshold=0.5, edges=edges, fitted_on="tests")
     path = make_tiny_bundle(tmp_path / "tiny", tarball=False, drift=ref)
     cfg = ServeConfig(bundle=path, port=0, backend="ort-cpu", precision="fp32")
     with ThreadedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=10) as client:
@@ -74,6 +76,6 @@ def test_serve_reports_drift_on_metrics(tmp_path):
             assert client.post("/v2/models/tiny/classify", content=png.getvalue()).status_code == 200
         after = client.get("/metrics").text
     lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in after.splitlines() if ln.startswith("edge_tl_drift")}
-    for signal in ("confidence", "input_mean"):
+    for signal in ("confidence", "input_red", "input_green", "input_blue"):
         value = lines[f'edge_tl_drift_psi{{signal="{signal}"}}']
         assert np.isfinite(value) and lines[f'edge_tl_drift{{signal="{signal}"}}'] == float(value > 0.5)

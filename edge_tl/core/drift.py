@@ -1,11 +1,12 @@
 """Drift on the device: is what the model sees now still what it was built on?
 
-The build records, in ``postprocess.json`` (``drift``, :class:`DriftReference`), the distribution of two cheap
-signals on the validation split: the shipped model's calibrated top-1 score (``confidence``) and the mean of the
-preprocessed input (``input_mean``: light, exposure, a colour cast). Each is kept as the edges of its deciles, so
-the reference holds 10 equally likely bins. ``edge-tl serve`` keeps the last ``window`` requests of each signal
-(:class:`DriftMonitor`) and compares their histogram over those bins with the reference's (10% each) by the
-population stability index,
+The build records, in ``postprocess.json`` (``drift``, :class:`DriftReference`), the distribution of cheap
+signals on the validation split: the shipped model's calibrated top-1 score (``confidence``) and the mean of each
+channel of the preprocessed input (``input_red``, ``input_green``, ``input_blue``: light, exposure, a colour cast,
+which the mean over all channels can miss: a warm cast raises red as much as it lowers blue). Each is kept as
+the edges of its deciles, so the reference holds 10 equally likely bins. ``edge-tl serve`` keeps the last
+``window`` requests of each signal (:class:`DriftMonitor`) and compares their histogram over those bins with the
+reference's (10% each) by the population stability index,
 
     PSI = sum_i (p_i - q_i) * ln(p_i / q_i)      (p: the window's share in bin i, q = 0.1; empty bins get 0.5/n)
 
@@ -22,7 +23,8 @@ from collections import deque
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-SIGNALS = ("confidence", "input_mean")
+SIGNALS = ("confidence", "input_red", "input_green", "input_blue")
+CHANNELS = SIGNALS[1:]
 BINS = 10
 
 
@@ -54,9 +56,10 @@ def decile_edges(values: np.ndarray) -> list[float]:
     return [float(v) for v in np.quantile(np.asarray(values, dtype=np.float64), np.arange(1, BINS) / BINS)]
 
 
-def input_means(x: np.ndarray) -> np.ndarray:
-    """The ``input_mean`` signal of a preprocessed batch (N, C, H, W): one number per picture."""
-    return np.asarray(x, dtype=np.float64).reshape(len(x), -1).mean(axis=1)
+def input_signals(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The input signals of a preprocessed batch (N, 3, H, W): each channel's mean, one number per picture."""
+    means = np.asarray(x, dtype=np.float64).reshape(len(x), x.shape[1], -1).mean(axis=2)
+    return {name: means[:, i] for i, name in enumerate(CHANNELS[:means.shape[1]])}
 
 
 class DriftMonitor:

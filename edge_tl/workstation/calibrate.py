@@ -203,9 +203,9 @@ def fit_drift_reference(signals: dict[str, np.ndarray], window: int, seed: int =
     threshold = float(np.quantile(worst, DRIFT_QUANTILE))
     return DriftReference(window=window, threshold=round(threshold, 6),
                           edges={k: decile_edges(v) for k, v in vals.items()},
-                          fitted_on=f"{n} validation images (the shipped INT8 model's calibrated top-1 score and the "
-                                    f"mean of the preprocessed input); threshold: the {DRIFT_QUANTILE:g} quantile of "
-                                    f"{DRIFT_BOOT} bootstrap windows of {window}")
+                          fitted_on=f"{n} validation images (the shipped INT8 model's calibrated top-1 score and "
+                                    f"the per-channel means of the preprocessed input); threshold: the "
+                                    f"{DRIFT_QUANTILE:g} quantile of {DRIFT_BOOT} bootstrap windows of {window}")
 
 
 def summary_line(cal: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_tl import __version__
-from edge_tl.core.drift import input_means
+from edge_tl.core.drift import input_signals
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.importer import require
 from edge_tl.core.layout import DeviceLayout
@@ -366,8 +366,9 @@ class ServeHandlers:
                 outputs = await model.infer(req.inputs)
                 if model.drift is not None and model.input_name in req.inputs and model.output_name in outputs:
                     conf = model.bundle.postprocess.scores(outputs[model.output_name]).max(axis=1)
-                    for c, m in zip(conf, input_means(req.inputs[model.input_name]), strict=False):
-                        model.drift.observe(confidence=float(c), input_mean=float(m))
+                    signals = input_signals(req.inputs[model.input_name])
+                    for i, c in enumerate(conf):
+                        model.drift.observe(confidence=float(c), **{k: float(v[i]) for k, v in signals.items()})
                 content, header_length = await loop.run_in_executor(
                     self.parse_pool, encode_infer_response, name, model.version, req, outputs, model.labels)
             finally:
@@ -398,7 +399,8 @@ class ServeHandlers:
             preds = top_k(probs, model.labels, k)
             ood = model.bundle.postprocess.ood_fields(logits[0])  # ood_score, unknown (with a rule)
             if model.drift is not None:
-                model.drift.observe(confidence=float(probs.max()), input_mean=float(input_means(x)[0]))
+                model.drift.observe(confidence=float(probs.max()),
+                                    **{k: float(v[0]) for k, v in input_signals(x).items()})
             self.metrics.answers.labels(str(ood["unknown"]).lower() if ood else "none").inc()
             if self.capture_pool is not None:
                 self.capture_pool.submit(self._capture, model, probs, body, request.client, ood)

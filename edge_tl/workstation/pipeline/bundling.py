@@ -143,7 +143,7 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
     (edge_tl.workstation.calibrate), the OOD rule fitted on the same validation logits (``val_logits``, saved
     by that stage; export.ood_score = none or no logits: no rule) and the drift reference of those logits'
     scores and of the validation inputs (``val_inputs``, preprocessed; drift_window 0 or under 20 images: none)."""
-    from edge_tl.core.drift import input_means
+    from edge_tl.core.drift import input_signals
     from edge_tl.workstation.calibrate import fit_drift_reference, fit_ood_rule
 
     cal = shipped_metrics.get("calibration")
@@ -157,8 +157,7 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
             rule = fit_ood_rule(logits, ood_score, ood_keep, t)
         if drift_window and val_inputs is not None and len(val_inputs) == len(logits) >= 20:
             confidence = PostprocessConfig(temperature=t).scores(logits).max(axis=1)
-            drift = fit_drift_reference({"confidence": confidence, "input_mean": input_means(val_inputs)},
-                                        drift_window)
+            drift = fit_drift_reference({"confidence": confidence, **input_signals(val_inputs)}, drift_window)
     return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule, drift=drift)
 
 

@@ -1,0 +1,129 @@
+"""Issue 25 item 3 target: serve's drift check (edge_tl.core.drift) on real streams. Writes the ``drift`` section
+of benchmarks/RESULTS.md.
+
+For each shipped bundle (a demo build, the real-photo benchmark's runs), with the bundle's own drift reference
+(fitted on validation by the build) and the shipped INT8 model (Q/DQ in float):
+
+- an undrifted stream: 2,000 requests drawn at random (seeded) from the test split, which no choice looked at;
+- a drifted stream: the test pictures through a simulated new camera: a warm colour cast (red x1.25, blue x0.75),
+  a Gaussian blur (radius 1.5% of the shorter side) and a 12 degree rotation, 200 requests.
+
+It reports whether any full window of the undrifted stream was flagged (the target: none in 2,000), the request at
+which the drifted stream was first flagged (the target: within the first 200), the PSI of each signal at that
+point, and the model's top-1 on the test pictures and on their drifted copies (the drop D a continual build must
+win back).
+
+    python benchmarks/bench_drift.py [--photos /tmp/edge-tl-bench-photos] [--demo RUN ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from _results import machine_line, write_section  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from edge_tl.core.bundle import Bundle  # noqa: E402
+from edge_tl.core.drift import DriftMonitor, input_signals  # noqa: E402
+from edge_tl.workstation.data import DataSplit  # noqa: E402
+from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
+from edge_tl.workstation.stats import paired, wilson  # noqa: E402
+
+UNDRIFTED, DRIFTED = 2000, 200
+
+
+def new_camera(img: Image.Image) -> Image.Image:
+    """The simulated drift: colour cast, blur, rotation."""
+    r, g, b = img.convert("RGB").split()
+    img = Image.merge("RGB", (r.point(lambda v: min(255, int(v * 1.25))), g, b.point(lambda v: int(v * 0.75))))
+    img = img.filter(ImageFilter.GaussianBlur(radius=max(0.5, 0.015 * min(img.size))))
+    return img.rotate(12, resample=Image.BILINEAR)
+
+
+def _test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
+    keys = json.loads((run / "run.json").read_text())["stage_keys"]
+    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
+    images = []
+    for p in split.paths("test"):
+        with Image.open(p) as img:
+            images.append(img.convert("RGB"))
+    return images, np.asarray(split.labels("test"))
+
+
+def _signals(bundle: Bundle, images: list[Image.Image]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    x = np.stack([bundle.preprocessor(img) for img in images]).astype(np.float32)
+    logits = onnx_logits(bundle.model_path("int8"), x, qdq="float")
+    return {"confidence": bundle.postprocess.scores(logits).max(axis=1), **input_signals(x)}, logits.argmax(1)
+
+
+def _first_flag(ref, signals: dict[str, np.ndarray], order: np.ndarray) -> tuple[int | None, dict]:
+    mon = DriftMonitor(ref)
+    for i, j in enumerate(order):
+        mon.observe(**{k: float(v[j]) for k, v in signals.items()})
+        st = mon.status()
+        if any(s["drifted"] for s in st.values()):
+            return i + 1, st
+    return None, mon.status()
+
+
+def evaluate(run: Path, seed: int = 0) -> dict:
+    bundle = Bundle.open(run / "bundle")
+    ref = bundle.postprocess.drift
+    if ref is None:
+        raise SystemExit(f"{run}: the bundle has no drift reference (rebuild it with this edge-tl)")
+    images, y = _test_split(run)
+    sig, pred = _signals(bundle, images)
+    dsig, dpred = _signals(bundle, [new_camera(img) for img in images])
+    rng = np.random.default_rng(seed)
+    quiet_at, quiet = _first_flag(ref, sig, rng.integers(0, len(images), UNDRIFTED))
+    flag_at, flagged = _first_flag(ref, dsig, rng.integers(0, len(images), DRIFTED))
+    clean, drifted = pred == y, dpred == y
+    return {"window": ref.window, "threshold": ref.threshold, "test": len(y), "quiet_flag_at": quiet_at,
+            "quiet_psi": {k: v["psi"] for k, v in quiet.items()}, "flag_at": flag_at,
+            "flag_psi": {k: v["psi"] for k, v in flagged.items()},
+            "top1": (float(clean.mean()), *wilson(int(clean.sum()), len(y))),
+            "top1_drifted": (float(drifted.mean()), *wilson(int(drifted.sum()), len(y))),
+            "drop": paired(clean, drifted).as_dict()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--photos", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
+    ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/exp/demo-s0")])
+    a = ap.parse_args()
+    runs = [*a.demo, *sorted(r for r in a.photos.glob("s*-imagenet") if (r / "bundle" / "manifest.json").is_file())]
+    rows = []
+    for run in runs:
+        bundle = Bundle.open(run / "bundle")
+        if bundle.postprocess.drift is None:
+            print(f"{run}: no drift reference in its bundle (built before it existed): skipped")
+            continue
+        r = evaluate(run)
+        psi_q = ", ".join(f"{k} {v:.3f}" for k, v in r["quiet_psi"].items() if v is not None)
+        psi_d = ", ".join(f"{k} {v:.3f}" for k, v in r["flag_psi"].items() if v is not None)
+        d = r["drop"]
+        rows.append(f"| {run.name} | {r['test']} | {r['window']} / {r['threshold']:.3f} | "
+                    f"{'none' if r['quiet_flag_at'] is None else 'at ' + str(r['quiet_flag_at'])} ({psi_q}) | "
+                    f"{'not flagged' if r['flag_at'] is None else 'request ' + str(r['flag_at'])} ({psi_d}) | "
+                    f"{100 * r['top1'][0]:.1f}% -> {100 * r['top1_drifted'][0]:.1f}% "
+                    f"(D = {d['diff_points']:+.1f} [{d['ci_points'][0]:+.1f}, {d['ci_points'][1]:+.1f}]) |")
+    lines = ["## Drift on the device: undrifted and drifted streams (issue 25 item 3)", "", machine_line(), "",
+             __doc__.split("\n\n")[1].replace("\n", " "), "",
+             "| bundle | test pictures | window / PSI threshold | flag in 2,000 undrifted (last PSI) | "
+             "first flag, drifted (PSI then) | top-1 test -> drifted (drop, paired 95% interval) |",
+             "|---|---|---|---|---|---|", *rows, "",
+             "A window is only compared once full, so request 200 is the earliest a 200-request window can flag. "
+             "The photo runs' test splits hold 21 pictures, so their undrifted streams repeat each about 95 times."]
+    write_section("drift", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
