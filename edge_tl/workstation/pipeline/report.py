@@ -274,18 +274,24 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
     for ax, xlabel, value in ((axes[0], "MACs (millions)", lambda k, m: m["macs"] / 1e6),
                               (axes[1], "CPU latency, batch 1 (ms; eager for PyTorch, ONNX Runtime for ONNX)",
                                lambda k, m: result.latency_ms.get(k))):
-        for key, label in ROWS:
+        for n, (key, label) in enumerate(ROWS):
             m, x = result.stages[key], value(key, result.stages[key])
             if x is None:
                 continue
             lo, hi = (result.stats or {}).get("top1_ci95", {}).get(key, (m["top1"], m["top1"]))
-            ax.errorbar(x, 100 * m["top1"], yerr=[[100 * (m["top1"] - lo)], [100 * (hi - m["top1"])]], fmt="o",
-                        capsize=3)
-            ax.annotate(label.split(" (")[0], (x, 100 * m["top1"]), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
+            # one colour and marker per stage, named in the legend: stages at the same MACs (export, INT8) and
+            # close accuracies printed their labels over each other (issue 23)
+            ax.errorbar(x, 100 * m["top1"], yerr=[[100 * (m["top1"] - lo)], [100 * (hi - m["top1"])]],
+                        fmt="osD^vP*X"[n % 8], capsize=3, label=label.split(" (")[0], alpha=0.85)
         ax.set(xlabel=xlabel)
+    axes[0].legend(fontsize=8, loc="lower right")
     axes[0].set(ylabel="top-1 on test (%, 95% interval)", title="Accuracy against MACs per stage")
     axes[1].set(title="Accuracy against measured latency per stage", xscale="log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    axes[1].xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes[1].xaxis.set_major_formatter(ScalarFormatter())  # plain numbers; the minor labels (3x10^-1 ...) overlapped
+    axes[1].xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(plots / "accuracy_vs_macs.png", dpi=100)
     plt.close(fig)
@@ -293,14 +299,16 @@ def _plots(ctx: Context, result: BuildResult, plots: Path) -> dict[str, str]:
 
     cm = result.stages.get("qat", result.stages["quantize"])["confusion"]
     classes = ctx.classes
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(classes), 1 + 0.5 * len(classes)))
+    side = max(4.0, 1.2 + 0.5 * len(classes))  # wide enough for the title (it was clipped at 5 classes)
+    fig, ax = plt.subplots(figsize=(side, max(3.5, 1 + 0.5 * len(classes))))
     ax.imshow(cm, cmap="Blues")
     for i, row in enumerate(cm):
         for j, v in enumerate(row):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 8 else 0)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="shipped INT8 model (Q/DQ in float), test split")
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title("shipped INT8 model (Q/DQ in float),\ntest split", fontsize=9)
     fig.tight_layout()
     fig.savefig(plots / "confusion_int8.png", dpi=100)
     plt.close(fig)
