@@ -28,6 +28,7 @@ from _results import machine_line, write_section  # noqa: E402
 from photos import prepare  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from edge_tl.core.errors import EdgeTLError  # noqa: E402
 from edge_tl.workstation.pipeline.run import run_build  # noqa: E402
 from edge_tl.workstation.spec import load_spec  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
@@ -52,7 +53,10 @@ def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console)
         overrides.update({"prune.enabled": False, "quantize.mode": "ptq", "report.explain": False})
     spec = load_spec(RECIPE, overrides, {})
     t0 = time.perf_counter()
-    res = run_build(spec, run_dir, overwrite=True, console=console)
+    try:
+        res = run_build(spec, run_dir, overwrite=True, console=console)
+    except EdgeTLError as exc:  # the build refused to ship (e.g. a recovery at chance): that is the result
+        return _refused(run_dir, seed, weights, exc.one_line(), time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rec = {"seed": seed, "weights": weights, "wall_s": wall, "test_images": res.stats.get("test_images"),
@@ -64,6 +68,12 @@ def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console)
         rec["stages"][k] = {f: st.get(f) for f in ("top1", "val_top1", "macs_removed", "selected", "importance",
                                                     "recovery_attempts", "recipe") if f in st}
     return rec
+
+
+def _refused(run_dir: Path, seed: int, weights: str, error: str, wall: float | None = None) -> dict:
+    """The record of a build that stopped with an error: its fine-tune (finished and cached) is still scored."""
+    return {"seed": seed, "weights": weights, "wall_s": wall, "refused": error,
+            "right": {"finetune": _right(run_dir, "finetune").tolist()}, "stages": {}}
 
 
 def _pooled(recs: list[dict], stage: str) -> str:
@@ -97,6 +107,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
     ap.add_argument("--scratch-seeds", default="0,1,2", help="seeds of the from-scratch baseline ('' for none): "
                     "its gap is tens of points, three splits show it with their intervals")
+    ap.add_argument("--retry-failed", action="store_true", help="build again a seed whose build stopped with an "
+                    "error (default: report the error as that seed's result)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work
@@ -110,12 +122,17 @@ def main() -> None:
     for seed, weights in runs:
         name = f"s{seed}-{weights}"
         path = work / f"{name}.json"
+        state = json.loads((work / name / "run.json").read_text()) if (work / name / "run.json").is_file() else {}
+        if not path.is_file() and state.get("status") == "failed" and not args.retry_failed:
+            path.write_text(json.dumps(_refused(work / name, seed, weights, state.get("error", "failed"))))
         if not path.is_file():
             console.print(f"[bold]seed {seed}, weights {weights}[/]")
             rec = _build(data, work / name, seed, weights, console)
             path.write_text(json.dumps(rec))
         done[name] = json.loads(path.read_text())
-    tl = [done[f"s{s}-imagenet"] for s in seeds]
+    everyone = [done[f"s{s}-imagenet"] for s in seeds]
+    tl = [r for r in everyone if "refused" not in r]  # the seeds that shipped a bundle
+    refused = [r for r in everyone if "refused" in r]
     sc = [done[f"s{s}-none"] for s in seeds if f"s{s}-none" in done]
     classes = ", ".join(f"{k} {v}" for k, v in counts.items())
     lines = ["## Real photos: ImageNet EfficientNet-Lite0 on the GCompris photos (issue 23)", "",
@@ -129,7 +146,8 @@ def main() -> None:
              f"Seeds {', '.join(map(str, seeds))}; intervals are Wilson 95% (accuracies) and paired bootstrap 95% "
              "(differences on the same images).", "",
              "| model | pooled test top-1 | per seed (95% interval) |", "|---|---|---|",
-             f"| Lite0 ImageNet, fine-tuned FP32 | {_pooled(tl, 'finetune')} | {_per_seed(tl, 'finetune')} |"]
+             f"| Lite0 ImageNet, fine-tuned FP32 | {_pooled(everyone, 'finetune')} | "
+             f"{_per_seed(everyone, 'finetune')} |"]
     if sc:
         lines.append(f"| Lite0 from scratch (same recipe, weights none) | {_pooled(sc, 'finetune')} | "
                      f"{_per_seed(sc, 'finetune')} |")
@@ -137,7 +155,9 @@ def main() -> None:
               f"| shipped INT8 (Q/DQ in float) | {_pooled(tl, 'qat')} | {_per_seed(tl, 'qat')} |", ""]
     cost_p, cells_p = _paired(tl, "finetune", "prune")
     cost_q, cells_q = _paired(tl, "finetune", "qat")
-    lines += [f"- Pruning cost (fine-tuned - pruned, pooled): {cost_p}; per seed: {cells_p}.",
+    lines += [f"- Seed {r['seed']}: the build stopped and shipped nothing: {r['refused']}" for r in refused]
+    lines += [f"- Pruning cost (fine-tuned - pruned, pooled over the seeds that shipped): {cost_p}; per seed: "
+              f"{cells_p}.",
               f"- INT8 cost (fine-tuned - shipped INT8, pooled): {cost_q}; per seed: {cells_q}."]
     if sc:
         same = [done[f"s{r['seed']}-imagenet"] for r in sc if f"s{r['seed']}-imagenet" in done]
@@ -149,7 +169,7 @@ def main() -> None:
                      f"{pooled.ci_points[1]:+.1f}] (McNemar p = {pooled.mcnemar_p:.2g}).")
     macs = [r["stages"]["prune"].get("macs_removed") for r in tl]
     sel = [r["stages"]["qat"].get("selected") for r in tl]
-    walls = [r["wall_s"] for r in tl]
+    walls = [r["wall_s"] for r in tl if r.get("wall_s")]
     speed = [r["latency_ms"]["finetune"] / r["latency_ms"]["qat"] for r in tl if r.get("latency_ms")]
     lines += [f"- MACs removed: {', '.join(f'{100 * m:.1f}%' for m in macs if m is not None)}; shipped INT8 model: "
               f"{', '.join(map(str, sel))}.",
