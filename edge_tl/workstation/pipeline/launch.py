@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(args.work / "result.json", json.dumps(data, default=float))
         else:
             follow_build(args.work)
+        # every rank leaves together: a rank that tore its process group down while rank 0 still measured
+        # latency died in gloo's threads ("terminate called without an active exception", SIGABRT; pytorch
+        # PR 179291 describes the teardown race); rank 0 failing instead stops this wait (torchrun stops all)
+        distributed.barrier()
         distributed.teardown()
         return 0
     except EdgeTLError as exc:
@@ -269,5 +273,17 @@ def _report(work: Path, rank: int, problem: str, fix: str | None, exit_code: int
          "peer_lost": peer_lost}))
 
 
+def _exit(code: int) -> None:
+    """Leave without the interpreter's finalization, where gloo's worker threads can still hold tensors whose
+    release needs the GIL being torn down (SIGABRT, pytorch PR 179291): everything this rank writes is written
+    atomically before, so only the streams need flushing."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
