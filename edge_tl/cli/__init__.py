@@ -54,6 +54,7 @@ COMMAND_MODULES = (
     "edge_tl.cli.export",
     "edge_tl.cli.keys",
     "edge_tl.cli.collect",
+    "edge_tl.cli.label",
 )
 
 app = typer.Typer(
