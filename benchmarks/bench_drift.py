@@ -28,23 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
 from edge_tl.core.drift import DriftMonitor, input_signals  # noqa: E402
 from edge_tl.workstation.data import DataSplit  # noqa: E402
+from edge_tl.workstation.demo import new_camera  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 
 UNDRIFTED, DRIFTED = 2000, 200
-
-
-def new_camera(img: Image.Image) -> Image.Image:
-    """The simulated drift: colour cast, blur, rotation."""
-    r, g, b = img.convert("RGB").split()
-    img = Image.merge("RGB", (r.point(lambda v: min(255, int(v * 1.25))), g, b.point(lambda v: int(v * 0.75))))
-    img = img.filter(ImageFilter.GaussianBlur(radius=max(0.5, 0.015 * min(img.size))))
-    return img.rotate(12, resample=Image.BILINEAR)
 
 
 def _test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:

@@ -414,3 +414,118 @@ def test_a_recovery_at_chance_is_retried_then_stops_the_build_at_64_px(tmp_path)
     assert "after 2 attempt(s)" in said  # the first, then the changed recipe (BatchNorm trained)
     assert "Traceback" not in said and not (run / "bundle").exists()
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+# -- continual build: the field teaches the next model (issue 25 item 6) ----------------------------------------
+def _holdout_accuracy(bundle: Bundle, field: Path, files: list[dict]) -> float:
+    """Top-1 of a bundle's shipped INT8 model (Q/DQ in float) on the held-out field pictures, computed here."""
+    from PIL import Image
+
+    from edge_tl.workstation.pipeline.stages import onnx_predictions
+
+    held = [f for f in files if f["use"] == "holdout"]
+    pics = []
+    for f in held:
+        with Image.open(field / f["file"]) as img:
+            pics.append(img.convert("RGB"))
+    y = np.asarray([bundle.manifest.classes.index(f["label"]) for f in held])
+    return float((onnx_predictions(bundle.file("model.int8.onnx"), bundle.preprocessor.batch(pics)) == y).mean())
+
+
+@pytest.mark.slow
+def test_continual_build_learns_the_new_camera_and_records_its_lineage(built, tmp_path):
+    import hashlib
+
+    from edge_tl.workstation import demo
+
+    run, _ = built
+    parent = Bundle.open(run / "bundle").manifest
+    parent_state = (run / "run.json").read_text()
+    field = demo.field_task(tmp_path / "field", 24)  # digits the parent never saw, through a "new camera"
+    child = tmp_path / "child"
+    proc = edge_tl("build", "--from", str(run / "bundle"), "--add", str(field), "--out", str(child), "--no-explain")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = Bundle.open(child / "bundle")
+    c = b.manifest.build["continual"]
+    assert c["parent"]["bundle_id"] == parent.bundle_id and c["parent"]["start"] == "finetune" and c["ships"]
+    assert b.manifest.classes == parent.classes and c["rehearsal"] == "replay"
+    # every field picture is recorded with its sha256 and its use; 30% of each class held out (7 of 24)
+    files = c["field"]["files"]
+    assert len(files) == 120
+    assert all(hashlib.sha256((field / f["file"]).read_bytes()).hexdigest() == f["sha256"] for f in files)
+    assert sorted(f["label"] for f in files if f["use"] == "holdout") == sorted(parent.classes * 7)
+    # the verdict's numbers are the two models' answers: recomputed here from the two bundles
+    a = c["adaptation"]
+    assert a["images"] == 35
+    assert a["child_top1"] == pytest.approx(_holdout_accuracy(b, field, files))
+    assert a["parent_top1"] == pytest.approx(_holdout_accuracy(Bundle.open(run / "bundle"), field, files))
+    assert a["diff_ci_points"][0] > 0  # the gain is real: what shipping required
+    # forgetting is measured on the parent's own test split (the child's test split is that one)
+    f = c["forgetting"]
+    assert f["images"] == sum(parent.data.counts["test"].values())
+    assert f["points"] <= f["limit_points"] == 1.0
+    assert b.manifest.data.counts["test"] == parent.data.counts["test"]
+    assert b.manifest.data.counts["train"] == {k: v + 17 for k, v in parent.data.counts["train"].items()}  # replay
+    assert "## Continual build" in (child / "report.md").read_text()
+    assert json.loads((child / "continual.json").read_text())["ships"] is True
+    assert (run / "run.json").read_text() == parent_state  # the parent is only read
+
+
+@pytest.mark.slow
+def test_continual_build_without_a_real_gain_writes_no_bundle(built, tmp_path):
+    """Field labels drawn at random: no model can gain on them; the build stops before a bundle (exit 3)."""
+    import shutil
+
+    from edge_tl.workstation import demo
+
+    run, _ = built
+    src = demo.field_task(tmp_path / "src", 14)
+    rng = np.random.default_rng(0)
+    classes = Bundle.open(run / "bundle").manifest.classes
+    field = tmp_path / "random-labels"
+    for i, pic in enumerate(sorted(src.glob("*/*.png"))):
+        dest = field / classes[(i % 5 + int(rng.integers(1, 5))) % 5]  # never the picture's own class
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pic, dest / pic.name)
+    child = tmp_path / "child"
+    proc = edge_tl("build", "--from", str(run), "--add", str(field), "--out", str(child), "--no-explain",
+                   "--epochs", "1", "--warmup-epochs", "0", "--no-prune")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = " ".join(proc.stderr.split())
+    assert "the continual build did not earn a rollout: the field gain" in err and "no bundle written" in err
+    assert not (child / "bundle").exists() and not (child / "bundle.tar.gz").exists()
+    verdict = json.loads((child / "continual.json").read_text())
+    assert verdict["ships"] is False and not verdict["adaptation"]["passed"]
+    assert json.loads((child / "run.json").read_text())["status"] == "failed"
+
+
+def test_continual_build_refuses_bad_field_data_in_one_line(built, tmp_path):
+    run, _ = built
+    from PIL import Image
+
+    def pics(folder: Path, n: int) -> Path:
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(folder / f"{i}.png")
+        return folder
+
+    unknown = tmp_path / "unknown"
+    pics(unknown / "5", 20)
+    pics(unknown / "cat", 5)
+    few = tmp_path / "few"
+    pics(few / "5", 6)
+    pics(few / "6", 6)
+    for args, message in [
+        (["--from", str(run), "--add", str(unknown)], "class folder 'cat' is not a class of the parent"),
+        (["--from", str(run), "--add", str(few)],
+         "12 field pictures leave 4 held out (continual.field_holdout = 0.3), fewer than the 10"),
+        (["--add", str(few)], "--add needs --from"),
+        (["--from", str(tmp_path), "--add", str(few)], "is neither a build's run folder nor the bundle inside one"),
+    ]:
+        out = tmp_path / f"child-{len(message)}"
+        proc = edge_tl("build", *args, "--out", str(out))
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in " ".join(proc.stderr.split()), proc.stderr
+        assert not out.exists()  # refused before the run folder was made

@@ -33,6 +33,8 @@ FLAGS = {
     "explain": ("report.explain", "--explain/--no-explain"),
     "continue_with": ("train.continue_with", "--continue-with"),
     "target": ("target", "--target"), "seed": ("seed", "--seed"), "name": ("name", "--name"),
+    "from_run": ("continual.parent", "--from"), "add": ("continual.add", "--add"),
+    "rehearsal": ("continual.rehearsal", "--rehearsal"),
 }
 
 
@@ -67,6 +69,11 @@ class QuantMode(str, Enum):
     ptq = "ptq"
     qat = "qat"
     auto = "auto"
+
+
+class Rehearsal(str, Enum):
+    replay = "replay"
+    none = "none"
 
 
 class Device(str, Enum):
@@ -153,6 +160,14 @@ def build(
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 key that signs the bundle (default: "
                                   "$EDGE_TL_SIGNING_KEY, else ~/.config/edge-tl/signing/edge-tl.key when it exists; "
                                   "edge-tl keys generate). Without one the bundle is unsigned.", show_default=False),
+    from_run: Path | None = typer.Option(None, "--from", help="Continual build: the parent build's run folder "
+                                         "(or its bundle/). Its spec, classes and fine-tuned weights are the start; "
+                                         "the child ships only when it beats the parent on held-out field "
+                                         "pictures without forgetting (docs/continual.md).", show_default=False),
+    add: Path | None = typer.Option(None, "--add", help="Continual build: labelled field pictures, one folder per "
+                                    "class (e.g. what edge-tl label wrote).", show_default=False),
+    rehearsal: Rehearsal | None = typer.Option(None, help="Continual build: replay (the parent's training images "
+                                               "train along, the default) or none.", show_default=False),
     require_targets: bool = typer.Option(False, "--require-targets", help="Exit 3 when a quality target in the "
                                          "report is missed (after the bundle and report are written; 'not "
                                          "distinguishable' does not fail). For CI pipelines."),
@@ -179,6 +194,9 @@ def build(
         if value is not None:
             overrides[dotted] = str(value) if isinstance(value, Path) else value
             flags[dotted] = flag
+    if from_run is not None and spec is None:  # a continual build starts from the parent's own spec
+        continual = importer.require_workstation("edge_tl.workstation.continual", "edge-tl build --from")
+        spec = continual.parent_run(from_run) / "spec.resolved.toml"
     build_spec = load_spec(spec, overrides, flags)
     run_dir = out or Path("runs") / build_spec.name
     console = Console(stderr=True, highlight=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,6 +85,46 @@ def _materialize(dest: Path, split_items: dict[str, list[tuple[int, int]]], imag
         _write_pngs(tmp, split_items, images)
         counts = {s: len(v) for s, v in split_items.items()}
         (tmp / "demo.json").write_text(json.dumps({**about, "counts": counts}, indent=2) + "\n")
+    return dest
+
+
+def new_camera(img: Any) -> Any:
+    """The simulated drift of a new camera: a warm colour cast, blur, a 12 degree rotation (PIL image in, out)."""
+    from PIL import Image, ImageFilter
+
+    r, g, b = img.convert("RGB").split()
+    img = Image.merge("RGB", (r.point(lambda v: min(255, int(v * 1.25))), g, b.point(lambda v: int(v * 0.75))))
+    img = img.filter(ImageFilter.GaussianBlur(radius=max(0.5, 0.015 * min(img.size))))
+    return img.rotate(12, resample=Image.BILINEAR)
+
+
+def field_task(root: str | Path, per_class: int, *, skip: int = DEFAULT_SHOTS, seed: int = DEMO_SEED,
+               size: int = 32) -> Path:
+    """Write (once) and return ``root/digits-5-9-field-...``: what a device with a new camera would see and a person
+    label, as class folders: for each target digit, ``per_class`` pictures the demo's build never used (after its
+    val/test images and its first ``skip`` training images), upscaled to ``size`` px and drifted
+    (:func:`new_camera`)."""
+    from PIL import Image
+
+    images, targets = _digits()
+    everything = _split_target(targets, None, seed)["train"]  # val/test excluded; the shots are the pool's start
+    picked: list[tuple[int, int]] = []
+    for digit in TARGET_DIGITS:
+        pool = [i for i, d in everything if d == digit][skip:]
+        if len(pool) < per_class:
+            raise EdgeTLError(f"the demo has {len(pool)} unused pictures of {digit}, fewer than {per_class}",
+                              f"ask for {len(pool)} or fewer per class")
+        picked += [(i, digit) for i in pool[:per_class]]
+    dest = Path(root) / f"digits-5-9-field{per_class}-skip{skip}-s{seed}-{size}px-v{_VERSION}"
+    if (dest / "demo.json").is_file():
+        return dest
+    with atomic_dir(dest, overwrite=True) as tmp:
+        for idx, digit in picked:
+            (tmp / str(digit)).mkdir(exist_ok=True)
+            pic = Image.fromarray(images[idx], mode="L").resize((size, size), Image.BILINEAR)
+            new_camera(pic).save(tmp / str(digit) / f"{idx:04d}.png")
+        (tmp / "demo.json").write_text(json.dumps({"task": "field", "per_class": per_class, "skip": skip,
+                                                   "seed": seed, "size": size, "drift": "new_camera"}) + "\n")
     return dest
 
 

@@ -324,6 +324,23 @@ class ReportSpec(_Section):
                                 "wrong one per class, round-robin over the classes)")
 
 
+class ContinualSpec(_Section):
+    """A continual build (``edge-tl build --from RUN --add DIR``, edge_tl.workstation.continual): the parent's
+    fine-tuned model trained on the field's labelled pictures, then pruned and quantized as usual."""
+
+    parent: str | None = Field(None, description="the parent build's run folder (or its bundle/ inside it): its "
+                               "spec, data split, fine-tuned weights and shipped bundle")
+    add: str | None = Field(None, description="labelled field pictures, one folder per class (the parent's "
+                            "class names; e.g. what edge-tl label wrote)")
+    rehearsal: Literal["replay", "none"] = Field(
+        "replay", description="replay: the parent's training images train along with the field's (against "
+        "forgetting); none: the field's pictures alone")
+    field_holdout: float = Field(0.3, gt=0, lt=1, description="share of each class's field pictures held out "
+                                 "(stratified, seeded) to measure the adaptation; the rest trains")
+    max_forgetting_points: float = Field(1.0, ge=0, le=100, description="most points of top-1 the child may lose "
+                                         "against the parent on the parent's test split (point estimate)")
+
+
 class BuildSpec(BaseModel):
     """A whole build. ``edge-tl build`` with no spec and no ``--data`` uses :meth:`demo`."""
 
@@ -340,6 +357,7 @@ class BuildSpec(BaseModel):
     quantize: QuantizeSpec = QuantizeSpec()
     export: ExportSpec = ExportSpec()
     report: ReportSpec = ReportSpec()
+    continual: ContinualSpec = ContinualSpec()
 
     @field_validator("target")
     @classmethod
@@ -419,6 +437,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise EdgeTLError(f"{path.name}: not valid TOML ({exc})", "fix the syntax (see models/recipes/)") from exc
 
 
+#: the spec's paths: relative ones in a spec file are relative to it, on the command line to the working folder
+PATH_KEYS = (("data", "root"), ("model", "weights"), ("continual", "parent"), ("continual", "add"))
+
+
 def load_spec(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
               flags: dict[str, str] | None = None) -> BuildSpec:
     """Read ``path`` (or start from the demo when neither a spec nor ``data.root`` is given, else from the
@@ -433,7 +455,7 @@ def load_spec(path: str | Path | None = None, overrides: dict[str, Any] | None =
         data = read_toml(path)
         source = path.name
         base = path.resolve().parent
-        for section, key in (("data", "root"), ("model", "weights")):
+        for section, key in PATH_KEYS:
             value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute() and _is_path(key, value):
                 data[section][key] = str((base / value).resolve())
@@ -446,7 +468,7 @@ def load_spec(path: str | Path | None = None, overrides: dict[str, Any] | None =
     else:
         data, source = json.loads(json.dumps(DEMO_SETTINGS)), "demo spec"
     for dotted, value in overrides.items():
-        if dotted in ("data.root", "model.weights") and isinstance(value, str) and _is_path(dotted, value):
+        if dotted in {f"{a}.{b}" for a, b in PATH_KEYS} and isinstance(value, str) and _is_path(dotted, value):
             value = str(Path(value).expanduser().resolve())
         set_dotted(data, dotted, value)
     try:

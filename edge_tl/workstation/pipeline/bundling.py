@@ -169,6 +169,8 @@ def _transfer_choices(ctx: Context) -> dict[str, Any]:
         out["backbone_ranking"] = ctx.ranking
     if ctx.transfer is not None:  # the negative-transfer guard and which model was pruned (pipeline.guard)
         out["transfer"] = ctx.transfer
+    if ctx.continual_result is not None:  # lineage: the parent bundle, the field data's hashes, the verdict
+        out["continual"] = ctx.continual_result
     return out
 
 

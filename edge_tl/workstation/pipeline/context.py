@@ -88,6 +88,8 @@ class Context:
     parity_gate: dict[str, Any] | None = None  # the build's own parity gate on the sealed bundle (bundling.self_gate)
     sign_key: Any = None  # the Ed25519 key that signs the bundle (edge_tl.core.signing), None: unsigned
     signature: dict[str, Any] | None = None  # what signed it: {"key_id": ...} or {"unsigned": why}
+    continual: Any = None  # edge-tl build --from RUN --add DIR: the plan (edge_tl.workstation.continual.Plan)
+    continual_result: dict[str, Any] | None = None  # its verdict against the parent (continual.judge)
 
     @property
     def pre(self) -> PreprocessConfig:

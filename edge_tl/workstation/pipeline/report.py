@@ -445,6 +445,10 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
 
     lines += calibration_section(st.get("qat", q).get("calibration"), result.run_dir / "plots")
     lines += _ood_section(result.bundle_dir / "postprocess.json")
+    if ctx.continual_result is not None:
+        from edge_tl.workstation.continual import report_lines
+
+        lines += report_lines(ctx.continual_result)
     from edge_tl.workstation.explain import report_section as explain_section
 
     lines += explain_section(ctx, result.run_dir / "plots")

@@ -99,11 +99,20 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     forced = _check_force(force)
     key, signature = resolve_sign_key(sign_key)
     folder = RunFolder(out)
+    plan = None
+    if spec.continual.parent:  # edge-tl build --from RUN --add DIR: parent and field checked before anything
+        from edge_tl.workstation import continual
+
+        plan = continual.plan(spec)
+        spec = continual.child_spec(spec, plan, folder.path)
+    elif spec.continual.add:
+        raise EdgeTLError("--add needs --from: the build whose model the field pictures teach",
+                          "pass --from RUN (the parent build's run folder)")
     weights, weights_label = resolve_weights(spec)
     from edge_tl.workstation.qat import check_available
 
     check_available(spec.quantize.mode)  # QAT asked without ModelOpt: refused before the run folder is touched
-    if not spec.is_demo:
+    if not spec.is_demo and plan is None:
         resolve_data(spec, folder.path)  # a missing data folder fails before the run folder is touched
     how = folder.claim(overwrite)
     run_dir = folder.path
@@ -114,8 +123,10 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
         # (claim refused any folder that run.json does not mark as an edge-tl run: its files are not ours)
         stale = remove_outputs(run_dir)
         folder.mark("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), removed_stale=stale or None)
+        if plan is not None:
+            continual.materialize(plan, run_dir)
         return _run_stages(spec, folder, ctx_args=(forced, console, weights, weights_label, key, signature),
-                           start=start)
+                           start=start, plan=plan)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (edge_tl.core.interrupt.Terminated)
         folder.mark("interrupted", error=f"{exc or 'interrupted (Ctrl-C)'}; run the same command to resume",
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -194,13 +205,23 @@ def _say_chance(ctx: Context, stage: str, m: dict[str, Any]) -> None:
         ctx.console.print(f"[bold red]WARNING:[/] {escape(warning)}")
 
 
-def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: float) -> BuildResult:
+def _judge_continual(ctx: Context) -> None:
+    """A continual build's child against its parent: stops the build here, before a bundle, when it lost."""
+    if ctx.continual is not None:
+        from edge_tl.workstation.continual import judge
+
+        ctx.continual_result = judge(ctx, ctx.continual)
+
+
+def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: float,
+                plan: Any = None) -> BuildResult:
     forced, console, weights, weights_label, key, signature = ctx_args
     run_dir = folder.path
     data_root, data_label = resolve_data(spec, run_dir)
     spec, ranking = _auto_backbone(spec, run_dir, data_root, data_label, console)
     ctx = Context(spec, run_dir, StageCache(run_dir, forced), console, data_root, data_label, weights, weights_label)
     ctx.ranking = ranking
+    ctx.continual = plan
     ctx.sign_key, ctx.signature = key, signature
     ctx.processes = training_processes()
     keys = ctx.compute_keys()
@@ -249,6 +270,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
     console.print("[bold]→[/] measuring CPU latency (batch 1, "
                   f"{spec.report.latency_threads} thread(s), same run for every stage)")
     latency = measure_latency(ctx)
+    _judge_continual(ctx)
     comparison = None
     if "scratch" in metrics:
         comparison = {"transfer_top1": metrics["finetune"]["top1"], "scratch_top1": metrics["scratch"]["top1"],
@@ -270,6 +292,7 @@ def _run_stages(spec: BuildSpec, folder: RunFolder, *, ctx_args: tuple, start: f
                                                            "comparison": comparison, "stats": stats,
                                                            "transfer": ctx.transfer,
                                                            "parity_gate": ctx.parity_gate,
+                                                           "continual": ctx.continual_result,
                                                            "signature": ctx.signature,
                                                            "targets": [{"target": w, "measured": m, "verdict": v}
                                                                        for w, m, v in result.targets]},
