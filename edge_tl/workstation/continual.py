@@ -19,7 +19,6 @@ and writes no bundle. The manifest records the parent bundle and every field pic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,8 +30,8 @@ import numpy as np
 
 from edge_tl.core.bundle import INT8_MODEL, Bundle
 from edge_tl.core.errors import EdgeTLError
-from edge_tl.core.fsutil import atomic_write_text
-from edge_tl.workstation.data import DataSplit, _check_image, _class_dirs
+from edge_tl.core.fsutil import atomic_write_text, sha256_file
+from edge_tl.workstation.data import DataSplit, _scan_class_folders
 from edge_tl.workstation.spec import BuildSpec, load_spec
 
 #: fewest held-out field pictures a gain is judged on: below it no paired test can tell a gain from luck
@@ -108,14 +107,6 @@ def load_parent(path: str | Path) -> Parent:
     return Parent(run, bundle, spec, split, start, stage)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def plan(spec: BuildSpec) -> Plan:
     """Check the parent and the field pictures (nothing written); the field split into train and held-out."""
     c = spec.continual
@@ -129,33 +120,27 @@ def plan(spec: BuildSpec) -> Plan:
         raise EdgeTLError(f"--add {c.add} is not a folder", "pass a folder with one sub-folder of pictures per class")
     if root == parent.run or parent.run in root.parents:
         raise EdgeTLError(f"--add {c.add} is inside the parent's run folder", "pass the labelled pictures' folder")
-    folders = _class_dirs(root)
-    unknown = [d.name for d in folders if d.name not in classes]
+    skipped: list[dict[str, str]] = []
+    per_class = _scan_class_folders(root, root, skipped)  # class -> decodable pictures (relative), as the data stage
+    unknown = [name for name in per_class if name not in classes]
     if unknown:
         raise EdgeTLError(f"--add {c.add}: class folder {unknown[0]!r} is not a class of the parent "
                           f"({', '.join(classes)})", "a continual build keeps the parent's classes: move those "
                           "pictures into a class folder of the parent, or add a class with a new build "
                           "(edge-tl build --data ...)")
     rng = np.random.default_rng(spec.seed)
-    train, holdout, skipped = [], [], []
-    for d in folders:
-        files = []
-        for p in sorted(x for x in d.rglob("*") if x.is_file() and not x.name.startswith(".")):
-            why = _check_image(p)
-            if why is None:
-                files.append(p)
-            else:
-                skipped.append({"file": p.relative_to(root).as_posix(), "reason": why})
-        if not files:
+    train, holdout = [], []
+    for name, rels in per_class.items():
+        if not rels:
             continue
-        if len(files) < 2:
-            raise EdgeTLError(f"--add {c.add}: class {d.name!r} has 1 field picture; part of each class is held out "
+        if len(rels) < 2:
+            raise EdgeTLError(f"--add {c.add}: class {name!r} has 1 field picture; part of each class is held out "
                               "to measure the gain", "add at least one more picture of it, or remove the folder")
-        label = classes.index(d.name)
+        files = [root / rel for rel in rels]
         order = rng.permutation(len(files))
         n_hold = min(len(files) - 1, max(1, round(len(files) * c.field_holdout)))
         for rank, i in enumerate(order):
-            (holdout if rank < n_hold else train).append((files[i], label, sha256(files[i])))
+            (holdout if rank < n_hold else train).append((files[i], classes.index(name), sha256_file(files[i])))
     if not train and not holdout:
         raise EdgeTLError(f"--add {c.add} holds no readable pictures in class folders",
                           f"add pictures in sub-folders named like the parent's classes ({', '.join(classes)})")
@@ -226,14 +211,14 @@ def _flat(rel: str) -> str:
     return rel.replace("/", "__")
 
 
-def _evaluate(child_model: Path, child_pre, parent: Parent, paths: list[Path], y: np.ndarray,
+def _evaluate(child_model: Path, xc: np.ndarray, child_pre, parent: Parent, paths: list[Path], y: np.ndarray,
               seed: int) -> dict[str, Any]:
+    """``xc``: the pictures ``paths`` through the child's preprocessing (the parent's, unless the spec changed it)."""
     from edge_tl.workstation.pipeline.stages import onnx_predictions
     from edge_tl.workstation.stats import paired, wilson
     from edge_tl.workstation.train.datasets import eval_arrays
 
     parent_pre = parent.bundle.preprocess
-    xc, _ = eval_arrays(paths, y, child_pre)
     xp = xc if parent_pre == child_pre else eval_arrays(paths, y, parent_pre)[0]
     child = onnx_predictions(child_model, xc) == y  # Q/DQ in float: the same numbers on every CPU
     par = onnx_predictions(parent.bundle.file(INT8_MODEL), xp) == y
@@ -258,9 +243,13 @@ def judge(ctx: Any, p: Plan) -> dict[str, Any]:
                           "keep the parent's class folders (a continual build cannot add or rename classes)")
     child_model = ctx.folder("qat") / "model.int8.onnx"
     ctx.console.print("[bold]→[/] continual: the child's INT8 model against the parent's (paired, same images)")
-    forget = _evaluate(child_model, ctx.pre, p.parent, split.paths("test"), split.labels("test"), s.seed)
-    adapt = _evaluate(child_model, ctx.pre, p.parent, [f for f, _, _ in p.holdout],
-                      np.asarray([lbl for _, lbl, _ in p.holdout], dtype=np.int64), s.seed)
+    x_test, y_test = ctx.arrays("test")  # already preprocessed for the stages' own test numbers
+    forget = _evaluate(child_model, x_test, ctx.pre, p.parent, split.paths("test"), y_test, s.seed)
+    from edge_tl.workstation.train.datasets import eval_arrays
+
+    held = [f for f, _, _ in p.holdout]
+    x_held, y_held = eval_arrays(held, np.asarray([lbl for _, lbl, _ in p.holdout], dtype=np.int64), ctx.pre)
+    adapt = _evaluate(child_model, x_held, ctx.pre, p.parent, held, y_held, s.seed)
     forgetting = -forget["diff_points"]
     limit = s.continual.max_forgetting_points
     gain_real = adapt["diff_ci_points"][0] > 0
