@@ -177,3 +177,20 @@ def test_a_balanced_sampler_is_shared_out_over_the_ranks():
         assert {len(s) for s in shards} == {-(-len(whole) // n)}
         padded = whole + whole[:n * len(shards[0]) - len(whole)]
         assert [i for step in zip(*shards, strict=True) for i in step] == padded
+
+
+def test_a_killed_rank_is_blamed_not_rank_0_stopped_in_the_same_second(tmp_path):
+    """torchrun can see rank 0 already gone when it polls (its SIGTERM turned into exit 130 by the worker) with the
+    same one-second timestamp as the rank that was killed: the killed one is the cause (a CI run blamed rank 0)."""
+    from types import SimpleNamespace
+
+    from edge_tl.workstation.pipeline import launch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    failures = {0: SimpleNamespace(exitcode=130, timestamp=1000), 1: SimpleNamespace(exitcode=-9, timestamp=1000)}
+    err = launch._failure(SimpleNamespace(failures=failures), tmp_path / "work", run, 2)
+    assert err.problem == "training process rank 1 of 2 stopped with signal 9 (SIGKILL)"
+    failures = {0: SimpleNamespace(exitcode=130, timestamp=1000), 1: SimpleNamespace(exitcode=-15, timestamp=999)}
+    err = launch._failure(SimpleNamespace(failures=failures), tmp_path / "work", run, 2)
+    assert err.problem == "training process rank 1 of 2 stopped with signal 15 (SIGTERM)"  # nothing died: the first

@@ -126,10 +126,15 @@ def _failure(exc: Any, work: Path, run_dir: Path, nproc: int) -> EdgeTLError:
     def order(e: dict) -> tuple:
         return (e.get("peer_lost", False), e["exit_code"] == 70, e["time"])
 
+    # stopped by torchrun: its SIGTERM, or that SIGTERM as the worker turns it into an exit (main: 130)
+    stopped_codes = {-signal.SIGTERM, 130, 128 + signal.SIGTERM}
+
+    def stopped(r: int) -> bool:
+        return failures[r].exitcode in stopped_codes
+
     reported = sorted(reports.values(), key=order)
-    silent = sorted((r for r in failures if r not in reports),
-                    key=lambda r: (failures[r].exitcode == -signal.SIGTERM, failures[r].timestamp, r))
-    died = [r for r in silent if failures[r].exitcode != -signal.SIGTERM]
+    silent = sorted((r for r in failures if r not in reports), key=lambda r: (stopped(r), failures[r].timestamp, r))
+    died = [r for r in silent if not stopped(r)]
     user = [e for e in reported if not e.get("peer_lost") and e["exit_code"] != 70]
     errors = user or ([] if died else reported)
     first = died[0] if died else (silent[0] if silent else min(failures, default=0))
