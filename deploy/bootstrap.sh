@@ -3,7 +3,7 @@
 # log in as (it calls sudo for the system parts). See docs/device-setup.md.
 #
 #   ./bootstrap.sh [--from WHEEL_OR_SOURCE_DIR] [--prefix /opt/edge-tl] [--with-service] [--ort-index URL]
-#                  [--python python3.10] [--dry-run] [--nv-tegra-release FILE]
+#                  [--python python3.10] [--trust-key edge-tl.pub] [--dry-run] [--nv-tegra-release FILE]
 #
 # What it installs:
 #   - TensorRT's Python bindings from the JetPack apt packages (python3-libnvinfer; trtexec from libnvinfer-bin).
@@ -16,6 +16,9 @@
 #     non-interactive SSH sessions (edge-tl deploy) find it on PATH.
 #   - with --with-service: the edge-tl-serve systemd unit (deploy/systemd/), its system user, and a sudoers rule
 #     that lets the deploy user run exactly `systemctl restart edge-tl-serve` without a password.
+#   - with --trust-key PUB: the workstation's public signing key (~/.config/edge-tl/signing/edge-tl.pub, made by
+#     its first `edge-tl build`) in /etc/edge-tl/trusted-keys (root's): the device installs and serves only bundles
+#     a trusted key signed, and refuses every bundle until one is trusted (docs/signing.md).
 #
 # JetPack 5 (L4T R35, Ubuntu 20.04) ships Python 3.8; edge-tl needs Python >= 3.10. Install one beside the
 # system Python (e.g. sudo add-apt-repository ppa:deadsnakes/ppa && sudo apt install python3.10 python3.10-venv
@@ -31,6 +34,7 @@ WITH_SERVICE=0
 ORT_INDEX=""
 PYTHON=""
 PKGS_PY=()
+TRUST_KEY=""
 DRY_RUN=0
 RELEASE_FILE="/etc/nv_tegra_release"
 DEPLOY_USER="${SUDO_USER:-$(id -un)}"
@@ -43,6 +47,7 @@ while [ $# -gt 0 ]; do
     --with-service) WITH_SERVICE=1; shift ;;
     --ort-index) ORT_INDEX="$2"; shift 2 ;;
     --python) PYTHON="$2"; shift 2 ;;
+    --trust-key) TRUST_KEY="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --nv-tegra-release) RELEASE_FILE="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
@@ -56,6 +61,14 @@ run() {  # print, then run (unless --dry-run)
   if [ "$DRY_RUN" -eq 0 ]; then "$@"; fi
 }
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if [ -n "$TRUST_KEY" ]; then  # checked before anything is installed
+  if [ ! -f "$TRUST_KEY" ] || ! grep -q '^edge-tl-ed25519 ' "$TRUST_KEY"; then
+    echo "bootstrap.sh: --trust-key $TRUST_KEY is not an edge-tl public key (copy the .pub beside your signing key," \
+         "~/.config/edge-tl/signing/edge-tl.pub, to this device)" >&2
+    exit 2
+  fi
+  TRUST_KEY="$(cd "$(dirname "$TRUST_KEY")" && pwd)/$(basename "$TRUST_KEY")"
+fi
 
 # -- which JetPack -----------------------------------------------------------------------------------------
 if [ ! -r "$RELEASE_FILE" ]; then
@@ -142,7 +155,8 @@ if [ "$WITH_SERVICE" -eq 1 ]; then
   fi
   run $SUDO install -d -o "$DEPLOY_USER" -g edge-tl -m 2775 "$PREFIX/versions"
   run $SUDO install -m 0644 "$UNIT" /etc/systemd/system/edge-tl-serve.service
-  run $SUDO install -d -m 0750 -g edge-tl /etc/edge-tl
+  # 0755: the deploy user reads the trusted keys below it; the token file's own mode (0640) keeps it secret
+  run $SUDO install -d -m 0755 -g edge-tl /etc/edge-tl
   RULE="$DEPLOY_USER ALL=(root) NOPASSWD: /usr/bin/systemctl restart edge-tl-serve, /bin/systemctl restart edge-tl-serve"
   printf '+ write /etc/sudoers.d/edge-tl-deploy: %s\n' "$RULE"
   if [ "$DRY_RUN" -eq 0 ]; then
@@ -154,6 +168,15 @@ if [ "$WITH_SERVICE" -eq 1 ]; then
   run $SUDO systemctl daemon-reload
   run $SUDO systemctl enable edge-tl-serve
   echo "The service starts once a model is deployed: edge-tl deploy BUNDLE --to $DEPLOY_USER@<this device>"
+fi
+
+if [ -n "$TRUST_KEY" ]; then
+  say "trusted signing key $TRUST_KEY (/etc/edge-tl/trusted-keys, root's)"
+  run $SUDO install -d -m 0755 /etc/edge-tl/trusted-keys
+  run $SUDO "$PREFIX/venv/bin/edge-tl" keys trust "$TRUST_KEY" --dir /etc/edge-tl/trusted-keys
+else
+  echo "No signing key trusted yet: every bundle is refused until one is (--trust-key edge-tl.pub, or"
+  echo "sudo edge-tl keys trust edge-tl.pub; docs/signing.md)."
 fi
 
 say "done. Check the device:"

@@ -106,14 +106,16 @@ def qdq_float_outputs(model: Path, inputs: np.ndarray) -> np.ndarray:
 
 def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: int = 16, golden: int = 6,
                      broken_int8: bool = False, tarball: bool = True, temperature: float | None = None,
-                     schema: int = 4, stages: dict[str, StageMetrics] | None = None, sign_key=None,
+                     schema: int = 4, stages: dict[str, StageMetrics] | None = None, sign_key="session",
                      ood=None, drift=None) -> Path:
     """Write a complete bundle to ``out_dir`` (which must not exist). ``broken_int8`` ships an INT8 model with
     other weights (the INT8 reference stays the genuine model's), so a parity gate on it must fail while every hash
     still matches. ``temperature``: a calibrated temperature in postprocess.json (None: write_bundle's default,
     temperature 1, not fitted). ``schema`` 2 writes the old golden set (float inputs, no INT8 reference).
     ``stages``: the manifest's stage metrics (e.g. a failed chance check). ``sign_key``: an Ed25519 private key
-    that signs it (edge_tl.core.signing). ``ood``: an OODRule for postprocess.json (edge_tl.core.postprocess),
+    that signs it (edge_tl.core.signing); "session" (default): the tests' session key, which the tests' devices
+    trust (tests/conftest.py); None: unsigned (schema < 4 bundles are never signed). ``ood``: an OODRule for
+    postprocess.json (edge_tl.core.postprocess),
     ``drift`` a DriftReference (edge_tl.core.drift)."""
     import onnxruntime as ort
 
@@ -169,7 +171,26 @@ def make_tiny_bundle(out_dir: Path, *, name: str = "tiny", seed: int = 0, size: 
                               "quantize": StageMetrics(top1=0.25)},
             golden=info,
         )
+        if isinstance(sign_key, str):
+            sign_key = session_key() if schema >= 4 else None
         return write_bundle(staging, manifest, Path(out_dir), tarball=tarball, sign_key=sign_key)
+
+
+def session_key():
+    """The tests' signing key (tests/conftest.py made it; $EDGE_TL_SIGNING_KEY)."""
+    from edge_tl.core.signing import default_key_path, load_private_key
+
+    return load_private_key(default_key_path())
+
+
+def _resign(bundle_dir: Path) -> None:
+    """A signed bundle edited by a test is signed again with the session key (a new, genuine manifest); an
+    unsigned one stays unsigned."""
+    from edge_tl.core.signing import SIGNATURE, manifest_digest, sign_folder
+
+    if (Path(bundle_dir) / SIGNATURE).is_file():
+        data = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+        sign_folder(Path(bundle_dir), manifest_digest(data), session_key())
 
 
 def reseal(bundle_dir: Path) -> Path:
@@ -178,6 +199,7 @@ def reseal(bundle_dir: Path) -> Path:
     from edge_tl.core.bundle import Bundle, seal_manifest
 
     seal_manifest(Path(bundle_dir), Bundle.open(bundle_dir, verify=False).manifest)
+    _resign(bundle_dir)
     return Path(bundle_dir)
 
 
@@ -190,4 +212,5 @@ def rewrite_manifest(bundle_dir: Path, data: dict) -> Path:
     if data.get("schema_version", 0) >= 4:
         data["bundle_id"] = manifest_digest(data)[:16]
     (Path(bundle_dir) / MANIFEST).write_text(json.dumps(data, indent=2))
+    _resign(bundle_dir)
     return Path(bundle_dir)

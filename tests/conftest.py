@@ -15,6 +15,27 @@ FIXTURES = TESTS / "data"
 
 from bundle_factory import make_tiny_bundle  # noqa: E402
 
+# Signing (edge_tl.core.signing): one session key, trusted by this session's "devices" (every test process and,
+# through tests/sshd_helper.py, every sshd session). Builds sign with it instead of making a key in ~/.config, and a
+# test that needs an unsigned bundle or a keyless device says so. Set before any test imports edge_tl's CLI.
+_KEYS = tempfile.mkdtemp(prefix="edge-tl-test-keys-")
+atexit.register(shutil.rmtree, _KEYS, True)
+os.environ["EDGE_TL_SIGNING_KEY"] = os.path.join(_KEYS, "session.key")
+os.environ["EDGE_TL_TRUSTED_KEYS"] = os.path.join(_KEYS, "trusted")
+os.environ.pop("EDGE_TL_SIGNING_PASSPHRASE", None)
+
+
+def _session_key() -> None:
+    from edge_tl.core.signing import generate_key
+
+    _, pub, kid = generate_key(os.environ["EDGE_TL_SIGNING_KEY"], "edge-tl tests")
+    trusted = Path(os.environ["EDGE_TL_TRUSTED_KEYS"])
+    trusted.mkdir()
+    shutil.copy(pub, trusted / f"{kid}.pub")
+
+
+_session_key()
+
 # .tar.gz bundles are unpacked into a cache (edge_tl.core.bundle.bundle_cache_dir): keep the tests' out of ~/.cache
 if "EDGE_TL_BUNDLE_CACHE" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="edge-tl-test-bundle-cache-")

@@ -77,9 +77,11 @@ def keygen(path: Path) -> Path:
 
 def _forwarded_env(extra: dict[str, str] | None = None) -> str:
     """``SetEnv PYTHONPATH=...`` where the tests run with one (a source tree beside the installed package): the
-    device half in an SSH session then runs the same code as the test. ``extra``: more variables for the device
+    device half in an SSH session then runs the same code as the test; and the session's trust store
+    (tests/conftest.py), so the device trusts the key the tests sign with. ``extra``: more variables for the device
     side (e.g. EDGE_TL_TRUSTED_KEYS, the device's trust store)."""
-    env = {k: v for k, v in {"PYTHONPATH": os.environ.get("PYTHONPATH"), **(extra or {})}.items()
+    base = {k: os.environ.get(k) for k in ("PYTHONPATH", "EDGE_TL_TRUSTED_KEYS")}  # the session's trust store
+    env = {k: v for k, v in {**base, **(extra or {})}.items()
            if v and '"' not in v and "\n" not in v}
     return ("SetEnv " + " ".join(f'{k}="{v}"' for k, v in env.items()) + "\n") if env else ""
 

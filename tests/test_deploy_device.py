@@ -175,7 +175,7 @@ def test_tensorrt_path_builds_the_engine_then_gates_on_it(tmp_path, tiny_bundle_
     assert check == ["engine", "check", str(vdir / "bundle"), "--backend", "tensorrt", "--precision", "int8",
                      "--json", str(vdir / "parity.json"), "--cache-dir", str(vdir / "engine"), "--no-build"]
     assert res["engine"]["key_digest"] == "0123456789abcdef"
-    assert [n for n in res["notes"] if "signature NOT checked" not in n] == []  # no trusted keys on this "device"
+    assert res["notes"] == []  # signed with the tests' key, which this "device" trusts (conftest)
     st = device.status(root)
     assert st["versions"][0]["engine_key"] == "0123456789abcdef"
     assert st["versions"][0]["gate_backend"] == "tensorrt"
@@ -270,6 +270,26 @@ def test_bootstrap_dry_run_by_jetpack(tmp_path, release, expect, refuse):
         assert text in proc.stdout
     for text in refuse:
         assert text not in proc.stdout
+
+
+def test_bootstrap_trusts_the_workstation_key(tmp_path):
+    """--trust-key: the key goes to root's trust folder through edge-tl keys trust; a file that is no edge-tl key is
+    refused before anything is installed; without it the script says that every bundle will be refused."""
+    from edge_tl.core.signing import generate_key
+
+    rel = tmp_path / "nv_tegra_release"
+    rel.write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64\n")
+    _, pub, _ = generate_key(tmp_path / "ws.key")
+    run = [str(BOOTSTRAP), "--dry-run", "--nv-tegra-release", str(rel)]
+    proc = subprocess.run(["bash", *run, "--trust-key", str(pub)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"keys trust {pub} --dir /etc/edge-tl/trusted-keys" in proc.stdout
+    proc = subprocess.run(["bash", *run], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "every bundle is refused until one is" in proc.stdout
+    (tmp_path / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3Nz me@host\n")
+    proc = subprocess.run(["bash", *run, "--trust-key", str(tmp_path / "id_ed25519.pub")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "is not an edge-tl public key" in proc.stderr and proc.stdout == ""
 
 
 def test_bootstrap_refuses_other_releases(tmp_path):

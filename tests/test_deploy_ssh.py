@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle_factory import make_tiny_bundle
+from bundle_factory import make_tiny_bundle, session_key
 from sshd_helper import SshdServer, SshdUnavailable, start_sshd
 from sshd_helper import free_port as _free_port
 
@@ -120,7 +120,7 @@ def bundles(tmp_path_factory, tiny_bundle_src) -> dict[str, Path]:
     (staging / MANIFEST).unlink()
     (staging / "extra").mkdir()
     (staging / "extra" / "noise.bin").write_bytes(np.random.default_rng(0).bytes(1_500_000))
-    out["big"] = write_bundle(staging, manifest, d / "big")
+    out["big"] = write_bundle(staging, manifest, d / "big", sign_key=session_key())
     return out
 
 
@@ -207,6 +207,35 @@ def test_deploy_status_second_rollback_and_keep(sshd, bundles, tmp_path):
     assert res["previous"] == a and res["pruned"] == [b]
     assert _versions(root) == {a, c} and state.read_stack(DeviceLayout(root)) == [a, c]
     _assert_clean(root)
+
+
+def test_first_deploy_to_a_keyless_device_trusts_the_key_on_request(sshd, bundles, tmp_path):
+    """Issue 24: a device that trusts no key refuses every bundle (it cannot tell a genuine one from a re-hashed
+    forgery); `deploy push --trust-key PUB` pins the workstation's key on that first deploy, and only there."""
+    from edge_tl.core.signing import generate_key
+
+    trust = tmp_path / "device-trust"  # this "device" trusts no key yet
+    dev = Sshd(**vars(start_sshd(tmp_path / "sshd", client_key=sshd.key, env={"EDGE_TL_TRUSTED_KEYS": str(trust)})))
+    try:
+        root = tmp_path / "dev"
+        r = dev.cli("push", str(bundles["a"]), "--no-restart", root=root)
+        assert r.returncode == 3 and "trusts no key" in r.stderr and "--trust-key" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and not (root / "active").exists()
+        pub = Path(os.environ["EDGE_TL_SIGNING_KEY"]).with_suffix(".pub")  # the tests' build key (conftest)
+        r = dev.cli("push", str(bundles["a"]), "--no-restart", "--trust-key", str(pub), root=root)
+        assert r.returncode == 0 and " trusted on " in r.stderr, r.stderr
+        a = _id(bundles["a"])
+        assert os.readlink(root / "active") == f"versions/{a}"
+        assert state.read_record(DeviceLayout(root), a)["signature"]["state"] == "verified"
+        assert [p.read_text() for p in trust.glob("*.pub")] == [pub.read_text()]
+        # a deploy login cannot add a second key beside the one the device trusts: that is its admin's act
+        _, other, _ = generate_key(tmp_path / "other.key")
+        r = dev.cli("push", str(bundles["b"]), "--no-restart", "--trust-key", str(other), root=root)
+        assert r.returncode == 3 and "already trusts" in r.stderr and "sudo edge-tl keys trust" in r.stderr, r.stderr
+        assert len(list(trust.glob("*.pub"))) == 1 and DeviceLayout(root).active_version() == a
+    finally:
+        dev.proc.terminate()
+        dev.proc.wait(timeout=10)
 
 
 def test_connection_killed_mid_transfer_then_resumed(sshd, bundles, root_with_a):

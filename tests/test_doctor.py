@@ -67,7 +67,25 @@ def test_orin_nano_jp6_facts_and_rows(tmp_path, fake_path, tiny_bundle_src):
     assert rows["opset"].status == "ok" and rows["opset"].value == "17 <= 20 (TensorRT 10.3.0)"
     assert rows["bundle"].status == "ok" and rows["backend"].value.startswith("auto -> ")
     assert rows["precision"].value == "int8 (fast FP16: True, fast INT8: True)"
+    assert rows["signing keys"].status == "ok" and rows["signature"].value.startswith("signed by trusted key")
     raise_on_blockers(list(rows.values()))  # nothing blocks
+
+
+def test_a_machine_that_trusts_no_key_is_told_why_every_bundle_is_refused(tmp_path, fake_path, tiny_bundle_src,
+                                                                          monkeypatch):
+    """Issue 24: without a trusted key deploy and serve refuse every bundle; doctor says so and how to fix it. A
+    file in the trust folder that is no key is a blocker row, not a crash."""
+    root = fake_root(tmp_path, NANO_RELEASE, "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super",
+                     "12.6.68")
+    monkeypatch.setenv("EDGE_TL_TRUSTED_KEYS", str(tmp_path / "trust"))
+    rows = {r.item: r for r in evaluate(gather_facts(root, device=NANO_TRT), Bundle.open(tiny_bundle_src))}
+    assert rows["signing keys"].status == "warn" and "none trusted" in rows["signing keys"].value
+    assert "keys trust" in rows["signing keys"].fix and "--trust-key" in rows["signing keys"].fix
+    assert rows["signature"].status == "blocker" and "trusts no key" in rows["signature"].value
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "laptop.pub").write_text("ssh-ed25519 AAAA me@laptop\n")
+    rows = {r.item: r for r in evaluate(gather_facts(root, device=NANO_TRT))}
+    assert rows["signing keys"].status == "blocker" and "laptop.pub" in rows["signing keys"].value
 
 
 def test_agx_orin_jp5_blocks_a_newer_opset(tmp_path, fake_path, tiny_bundle, monkeypatch):

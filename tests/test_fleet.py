@@ -304,6 +304,38 @@ def test_unreachable_missing_edge_tl_and_unknown_host_key_are_per_host_failures(
     assert [_snapshot(r) for r in roots] == before
 
 
+@pytest.mark.slow
+def test_first_rollout_trusts_the_key_only_where_no_key_is_trusted(fleet, bundles, tmp_path):
+    """Issue 24: `fleet deploy --trust-key PUB` on a fresh fleet: h0 trusts no key (it refuses every bundle without
+    the option) and pins PUB; h1 already trusts another key and refuses to add this one (its admin's act), so it
+    fails, keeping what it had; h2 trusts PUB already and just deploys."""
+    from edge_tl.core.signing import generate_key
+
+    a = _id(bundles["a"])
+    pub = Path(os.environ["EDGE_TL_SIGNING_KEY"]).with_suffix(".pub")  # the tests' build key (conftest)
+    _, other, other_id = generate_key(tmp_path / "other.key")
+    (tmp_path / "t1").mkdir()
+    shutil.copy(other, tmp_path / "t1" / f"{other_id}.pub")
+    trust = {0: tmp_path / "t0", 1: tmp_path / "t1"}
+    roots = [tmp_path / f"dev{i}" for i in range(3)]
+    inv = fleet.inventory(tmp_path / "hosts.yml", roots,
+                          {i: {"edge_tl_environment": {"EDGE_TL_TRUSTED_KEYS": str(d)}} for i, d in trust.items()})
+    report = tmp_path / "report.json"
+    args = ("deploy", str(bundles["a"]), "-i", str(inv), "--no-restart", "--serial", "3", "--max-fail", "100",
+            "--report", str(report))
+    proc = fleet.cli(*args, "--limit", "h0")
+    assert proc.returncode == 3 and "trusts no key" in _report(report)[1]["h0"]["error"], proc.stdout
+    assert _active(roots[0]) is None
+    proc = fleet.cli(*args, "--trust-key", str(pub))
+    assert proc.returncode == 3, proc.stderr + proc.stdout
+    _, rows = _report(report)
+    assert rows["h0"]["outcome"] == "deployed" and _active(roots[0]) == a
+    assert [p.read_text() for p in trust[0].glob("*.pub")] == [pub.read_text()]
+    assert rows["h1"]["outcome"] == "failed" and "already trusts" in rows["h1"]["error"], rows["h1"]
+    assert _active(roots[1]) is None and [p.name for p in trust[1].iterdir()] == [f"{other_id}.pub"]
+    assert rows["h2"]["outcome"] == "deployed" and _active(roots[2]) == a
+
+
 def test_accept_new_host_key(fleet, tmp_path):
     inv = fleet.inventory(tmp_path / "hosts.yml", [tmp_path / f"r{i}" for i in range(3)])
     known = tmp_path / "known_hosts"

@@ -256,6 +256,12 @@ def a_truncated_end(src: Path, dest: Path) -> None:
     dest.write_bytes(data[:-40])
 
 
+def a_truncated_trailer(src: Path, dest: Path) -> None:
+    """Only gzip's 8-byte trailer (CRC-32, length) cut: every tar member is whole, the stream is not."""
+    data = src.with_name("tiny.tar.gz").read_bytes()
+    dest.write_bytes(data[:-8])
+
+
 def a_empty(src: Path, dest: Path) -> None:
     dest.write_bytes(b"")
 
@@ -322,8 +328,8 @@ def a_escaping_golden_inside(src: Path, dest: Path) -> None:
     shutil.rmtree(work)
 
 
-ARCHIVES = [a_truncated, a_truncated_end, a_empty, a_random_bytes, a_file_then_folder, a_duplicate_entry, a_dotdot,
-            a_absolute, a_symlink, a_two_tops, a_tampered_inside, a_escaping_golden_inside]
+ARCHIVES = [a_truncated, a_truncated_end, a_truncated_trailer, a_empty, a_random_bytes, a_file_then_folder,
+            a_duplicate_entry, a_dotdot, a_absolute, a_symlink, a_two_tops, a_tampered_inside, a_escaping_golden_inside]
 
 
 # -- every command that opens a bundle -----------------------------------------------------------------------

@@ -158,8 +158,9 @@ def build(
                               "DistributedDataParallel, one per GPU (NCCL) or per CPU core (gloo); the global batch "
                               "stays --batch-size (docs/distributed.md). 1: one plain process."),
     sign_key: Path = typer.Option(None, "--sign-key", help="Ed25519 key that signs the bundle (default: "
-                                  "$EDGE_TL_SIGNING_KEY, else ~/.config/edge-tl/signing/edge-tl.key when it exists; "
-                                  "edge-tl keys generate). Without one the bundle is unsigned.", show_default=False),
+                                  "$EDGE_TL_SIGNING_KEY, else ~/.config/edge-tl/signing/edge-tl.key, made by the first "
+                                  "build; devices install only bundles a key they trust signed: docs/signing.md).",
+                                  show_default=False),
     from_run: Path | None = typer.Option(None, "--from", help="Continual build: the parent build's run folder "
                                          "(or its bundle/). Its spec, classes and fine-tuned weights are the start; "
                                          "the child ships only when it beats the parent on held-out field "

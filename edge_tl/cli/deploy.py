@@ -64,8 +64,8 @@ def _device(to: str, identity: Path | None, root: str, remote: str, known: Path 
 
 ALLOW_FAILED = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose training failed (the build "
                             "found its model no better than guessing); refused without it.")
-ALLOW_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned or signed by a key "
-                              "the device does not trust (recorded); refused without it where keys are trusted. A "
+ALLOW_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned, signed by a key "
+                              "the device does not trust, or on a device that trusts no key yet (recorded). A "
                               "signature that does not verify is always refused.")
 
 
@@ -84,15 +84,23 @@ def push_cmd(
     lock_timeout: float = LOCK, no_restart: bool = NO_RESTART, restart_cmd: str = RESTART, health_url: str = HEALTH,
     health_timeout: float = HEALTH_T, as_json: bool = JSON, allow_failed_training: bool = ALLOW_FAILED,
     allow_unsigned: bool = ALLOW_UNSIGNED,
+    trust_key: Path = typer.Option(None, "--trust-key", help="First deploy: make the device trust this public key "
+                                   "(e.g. ~/.config/edge-tl/signing/edge-tl.pub, made by your first build) before "
+                                   "installing; only where it trusts no key yet and the login may write its trust "
+                                   "folder (else: sudo edge-tl keys trust on the device)."),
 ) -> None:
     """Upload, verify, build the engine, gate, then switch atomically; the running model stays on any failure."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    from edge_tl.workstation.ship.client import push
+    from edge_tl.workstation.ship.client import push, read_public_key
 
+    key_line = read_public_key(trust_key) if trust_key is not None else None
     device = _device(to, identity, root, remote_edge_tl, known_hosts, accept_new_host_key)
     with device.session, Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                                   TransferSpeedColumn(), console=err, transient=True) as progress:
+        if key_line is not None:
+            res = device.trust(key_line)
+            err.print(escape(f"key {res['key_id']} {res['status'].replace('-', ' ')} on {to} ({res['path']})"))
         task = progress.add_task(f"upload to {escape(device.session.target.host)}", total=None)
         result = push(device, bundle, precision=_v(precision), backend=_v(backend), build_via=_v(build_via),
                       keep=keep, lock_timeout=lock_timeout, transfer=_v(transfer),
@@ -206,6 +214,14 @@ def device_install(
                   build_via=_v(build_via), keep=keep, lock_timeout=lock_timeout, origin=origin,
                   allow_failed_training=allow_failed_training, allow_unsigned=allow_unsigned,
                   svc=_svc(no_restart, restart_cmd, health_url, health_timeout)))
+
+
+@device_app.command("trust")
+def device_trust(root: Path = DROOT, key: str = typer.Option(..., "--key", help="The .pub line to trust.")) -> None:
+    """Trust a signing key where this device trusts none yet (deploy push --trust-key; JSON)."""
+    from edge_tl.core.signing import trust_key
+
+    _emit(trust_key(key, "--trust-key", first_only=True))
 
 
 @device_app.command("status")

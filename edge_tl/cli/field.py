@@ -151,8 +151,9 @@ def serve_cmd(
     max_inflight_bytes: int = typer.Option(None, "--max-inflight-bytes",
                                            help="Request bytes held at once across requests; others wait "
                                                 "(default: --max-request-bytes)."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Load a bundle that is unsigned or signed "
-                                        "by an untrusted key where this machine trusts keys (edge-tl keys list)."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Load a bundle that is unsigned, signed by a "
+                                        "key this machine does not trust, or on a machine that trusts no key yet "
+                                        "(edge-tl keys list); warned and counted."),
     capture: Path = CAPTURE, capture_below: float = CAPTURE_BELOW, capture_random: float = CAPTURE_RANDOM,
     capture_per_minute: int = CAPTURE_PER_MINUTE, capture_max_mb: int = CAPTURE_MAX_MB,
 ) -> None:

@@ -106,14 +106,19 @@ def deploy_cmd(
     as_json: bool = JSON,
     allow_failed_training: bool = typer.Option(False, "--allow-failed-training", help="Deploy a bundle whose "
                                                "training failed (no better than guessing); refused without it."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned or "
-                                        "signed by a key the hosts do not trust (each host records it)."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Install a bundle that is unsigned, "
+                                        "signed by a key the hosts do not trust, or on hosts that trust no key yet "
+                                        "(each host records it)."),
+    trust_key: Path = typer.Option(None, "--trust-key", help="First deploy: hosts that trust no key yet trust this "
+                                   "public key (e.g. ~/.config/edge-tl/signing/edge-tl.pub) before installing; a "
+                                   "host that trusts another key refuses it."),
 ) -> None:
     """Verify the bundle here, then on each host: upload, verify, build the engine, gate, switch, check health."""
     from edge_tl.core.bundle import refuse_failed_training
     from edge_tl.core.errors import EdgeTLError
-    from edge_tl.workstation.ship.client import prepare
+    from edge_tl.workstation.ship.client import prepare, read_public_key
 
+    key_line = read_public_key(trust_key) if trust_key is not None else None
     if precision is not None and precision not in ("int8", "fp16", "fp32"):
         raise EdgeTLError(f"--precision {precision} is not one of int8, fp16, fp32", "choose one of them")
     with prepare(bundle) as prep:  # verified against its manifest here first, packed when a folder
@@ -133,6 +138,8 @@ def deploy_cmd(
             extravars["edge_tl_allow_failed_training"] = True
         if allow_unsigned:
             extravars["edge_tl_allow_unsigned"] = True
+        if key_line is not None:
+            extravars["edge_tl_trust_key"] = key_line.strip()
         _run("deploy", inventory, limit, serial, max_fail, known_hosts, accept_new_host_key, forks, ansible_dir,
              report, as_json, extravars, bundle={"path": str(bundle), "bundle_id": m.bundle_id, "name": m.name,
                                                  "sha256": prep.sha256})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -37,22 +36,18 @@ def trust_cmd(
 ) -> None:
     """Add a public key to this machine's trusted keys (run it on the device, as root for /etc)."""
     from edge_tl.core.errors import EdgeTLError
-    from edge_tl.core.signing import load_public_key, trust_dirs
+    from edge_tl.core.signing import trust_key
 
-    kid, _ = load_public_key(pub)
-    target_dir = folder or trust_dirs()[0]
-    target = target_dir / f"{kid}.pub"
-    if target.exists():
-        out.print(escape(f"key {kid} is already trusted ({target})"))
-        return
     try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(pub, target)
-        target.chmod(0o644)
-    except OSError as exc:
-        raise EdgeTLError(f"cannot write {target} ({exc.strerror or exc})",
-                          "run it as root (sudo) for /etc, or pass --dir") from exc
-    out.print(escape(f"trusted key {kid} ({target}); remove that file to stop trusting it"))
+        text = pub.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeTLError(f"cannot read {pub} ({getattr(exc, 'strerror', None) or exc})",
+                          "give the .pub file that edge-tl keys generate wrote") from exc
+    res = trust_key(text, str(pub), folder)
+    if res["status"] == "already-trusted":
+        out.print(escape(f"key {res['key_id']} is already trusted ({res['path']})"))
+        return
+    out.print(escape(f"trusted key {res['key_id']} ({res['path']}); remove that file to stop trusting it"))
 
 
 @keys_app.command("list")
@@ -65,7 +60,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) 
     if as_json:
         print(json.dumps({"dirs": [str(d) for d in dirs], "keys": ids}, indent=2))
         return
-    shown = ", ".join(ids) or "none (signatures are not checked here until one is trusted)"
+    shown = ", ".join(ids) or "none (every bundle is refused here until one is trusted, or --allow-unsigned)"
     out.print(escape(f"trusted keys from {':'.join(map(str, dirs))}: {shown}"))
 
 

@@ -293,6 +293,13 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
                             raise EdgeTLError(f"{archive} unpacks to more than the {limit / 2**20:.0f} MiB a "
                                               "bundle may take", fix)
                         out.write(chunk)
+            # read the stream to its end: gzip checks its CRC and length only there, so an archive cut in its
+            # trailer (every member whole) is refused too; what follows the tar's end counts against the limit
+            while chunk := tar.fileobj.read(1 << 20):  # type: ignore[union-attr]
+                written += len(chunk)
+                if written > limit:
+                    raise EdgeTLError(f"{archive} unpacks to more than the {limit / 2**20:.0f} MiB a bundle may "
+                                      "take", fix)
             return root
     except EdgeTLError:
         raise

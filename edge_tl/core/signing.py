@@ -17,14 +17,19 @@ Files::
     signature.json in the bundle: algorithm, key id, the signed digest, the base64 signature
 
 Trusted keys on a device: every ``*.pub`` in the folders of ``$EDGE_TL_TRUSTED_KEYS`` (``:``-separated), else
-``/etc/edge-tl/trusted-keys`` (root-owned: who can write the deploy root cannot add a key). Rotation: trust the
-new key beside the old, sign new builds with the new one, then remove the old ``.pub``. See docs/signing.md.
+``/etc/edge-tl/trusted-keys`` (root-owned: who can write the deploy root cannot add a key). A device installs and
+serves only bundles a trusted key signed; one that trusts no key yet refuses every bundle (it cannot tell a genuine
+one from a re-hashed forgery) until its first key is trusted: ``edge-tl keys trust``, ``bootstrap.sh --trust-key``
+or, where the login may write the trust folder, ``edge-tl deploy push --trust-key`` (trust on first deploy only).
+Rotation: trust the new key beside the old, sign new builds with the new one, then remove the old ``.pub``. See
+docs/signing.md.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -130,18 +135,33 @@ def load_private_key(path: str | Path) -> Any:
 
 def load_public_key(path: str | Path) -> tuple[str, Any]:
     """(key id, key) from a ``.pub`` line; EdgeTLError naming the file when it is not one."""
-    ed = _crypto()
     path = Path(path)
     try:
-        parts = path.read_text(encoding="utf-8").split()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeTLError(f"{path} is not an edge-tl public key ({exc})",
+                          "use the .pub file that edge-tl keys generate wrote") from exc
+    kid, key, _ = parse_public_line(text, str(path))
+    return kid, key
+
+
+def parse_public_line(text: str, where: str) -> tuple[str, Any, str]:
+    """(key id, key, the normalised line) of one ``.pub`` line; EdgeTLError naming ``where`` when it is not one."""
+    ed = _crypto()
+    try:
+        parts = text.split()
         if len(parts) < 2 or parts[0] != PUBLIC_PREFIX:
             raise ValueError(f"not an {PUBLIC_PREFIX} line")
         raw = base64.b64decode(parts[1], validate=True)
         key = ed.Ed25519PublicKey.from_public_bytes(raw)
-    except (OSError, UnicodeDecodeError, ValueError, binascii.Error) as exc:
-        raise EdgeTLError(f"{path} is not an edge-tl public key ({exc})",
+    except (ValueError, binascii.Error) as exc:
+        raise EdgeTLError(f"{where} is not an edge-tl public key ({exc})",
                           "use the .pub file that edge-tl keys generate wrote") from exc
-    return key_id(raw), key
+    comment = " ".join(parts[2:])
+    if not comment.isprintable():
+        raise EdgeTLError(f"{where} is not an edge-tl public key (its comment holds control characters)",
+                          "use the .pub file that edge-tl keys generate wrote")
+    return key_id(raw), key, f"{PUBLIC_PREFIX} {parts[1]} {comment}".rstrip() + "\n"
 
 
 def trust_dirs() -> list[Path]:
@@ -160,6 +180,36 @@ def trusted_keys(dirs: list[Path] | None = None) -> dict[str, Any]:
                 kid, key = load_public_key(pub)
                 keys[kid] = key
     return keys
+
+
+def trust_key(line: str, where: str, folder: Path | None = None, *, first_only: bool = False) -> dict[str, Any]:
+    """Add the public key ``line`` (a ``.pub`` file's text, read from ``where``) to this machine's trusted keys, as
+    ``<folder or the first trust folder>/<key id>.pub``. ``first_only``: only where no key is trusted yet (trust
+    on first deploy: a deploy login may pin the first key, never add one beside keys its admin chose).
+    Returns {"key_id", "path", "status": trusted | already-trusted}."""
+    kid, _key, normal = parse_public_line(line, where)
+    keys = trusted_keys()
+    target_dir = folder or trust_dirs()[0]
+    target = target_dir / f"{kid}.pub"
+    if kid in keys or target.is_file():
+        return {"key_id": kid, "path": str(target), "status": "already-trusted"}
+    if first_only and keys:
+        raise CheckFailed(f"this device already trusts key(s) {', '.join(sorted(keys))}, not {kid}; --trust-key pins "
+                          "a key only on a device that trusts none yet (its first deploy)",
+                          f"have the device's admin add it: sudo edge-tl keys trust {kid}.pub (on the device)")
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(normal, encoding="utf-8")
+        os.chmod(tmp, 0o644)
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise EdgeTLError(f"cannot write {target} ({exc.strerror or exc})",
+                          "trust it as root on the device: sudo edge-tl keys trust KEY.pub (or bootstrap.sh "
+                          f"--trust-key KEY.pub), or point ${TRUST_ENV} at a folder this user owns") from exc
+    return {"key_id": kid, "path": str(target), "status": "trusted"}
 
 
 def sign_folder(root: Path, digest: str, key: Any) -> dict[str, Any]:
@@ -219,19 +269,23 @@ def enforce(status: SignatureStatus, allow_unsigned: bool, where: str) -> str | 
 
     * verified: fine;
     * invalid (a signature that does not verify or belongs to another manifest): always refused;
-    * unsigned / untrusted key, with trusted keys configured: refused unless ``allow_unsigned``;
-    * unchecked (no trusted keys here): allowed, with a warning that says how to configure them.
+    * unsigned, signed by an untrusted key, or unchecked (this machine trusts no key yet, so it cannot tell a
+      genuine bundle from a re-hashed forgery): refused unless ``allow_unsigned`` (then a warning line, recorded).
     """
     if status.state == "verified":
         return None
     if status.state == "invalid":
         raise CheckFailed(f"{where}: the bundle's signature is invalid: {status.detail}",
                           "rebuild and re-sign the bundle; never install a bundle whose signature fails")
-    fix_trust = f"put the signer's .pub in {':'.join(map(str, trust_dirs()))} (edge-tl keys trust KEY.pub)"
+    if allow_unsigned:
+        return f"{where}: signature NOT verified: {status.detail}; accepted anyway (--allow-unsigned)"
+    dirs = ":".join(map(str, trust_dirs()))
     if status.state == "unchecked":
-        return (f"{where}: signature NOT checked: {status.detail} ({fix_trust}); "
-                "unsigned and untrusted bundles are refused once a key is trusted")
-    if not allow_unsigned:
-        raise CheckFailed(f"{where}: {status.detail}",
-                          f"sign it with a trusted key (edge-tl keys sign), {fix_trust}, or pass --allow-unsigned")
-    return f"{where}: {status.detail}; installed anyway (--allow-unsigned)"
+        fix = (f"trust the workstation's key here first (sudo edge-tl keys trust edge-tl.pub into {dirs}, "
+               "bootstrap.sh --trust-key, or --trust-key on deploy push / fleet deploy), or pass --allow-unsigned")
+        if status.key_id is None:
+            fix = "build it with a signing key (edge-tl keys sign), then " + fix
+        raise CheckFailed(f"{where}: {status.detail}; a device that trusts no key accepts no bundle", fix)
+    raise CheckFailed(f"{where}: {status.detail}",
+                      f"sign it with a trusted key (edge-tl keys sign), trust the signer's key ({dirs}: edge-tl keys "
+                      "trust KEY.pub), or pass --allow-unsigned")

@@ -47,6 +47,9 @@ class Facts(BaseModel):
     nvpmodel: str | None = None
     trtexec: str | None = None
     backends: list[str] = Field(default_factory=list)
+    trusted_keys: list[str] | None = Field(None, description="key ids of the trusted signing keys (None: not read)")
+    trust_dirs: list[str] = Field(default_factory=list)
+    trust_error: str | None = Field(None, description="why the trusted keys could not be read")
 
 
 class Row(BaseModel):
@@ -109,6 +112,12 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
         trtexec = str(find_trtexec())
     except EdgeTLError:
         trtexec = None
+    from edge_tl.core.signing import trust_dirs, trusted_keys
+
+    try:
+        keys, trust_error = sorted(trusted_keys()), None
+    except EdgeTLError as exc:  # a file in the trust folder that is no key: every deploy fails on it
+        keys, trust_error = None, exc.one_line()
     facts = DeviceFacts(root)
     l4t = facts.board.l4t()
     mode = facts.nvpmodel.query()
@@ -118,7 +127,23 @@ def gather_facts(root: str | Path = "/", *, device: DeviceInfo | None = None, pr
                  cuda=(device.cuda_version if device and device.cuda_version else None) or facts.versions.cuda(),
                  jetson_model=facts.board.model(), l4t=l4t, jetpack=facts.board.jetpack(l4t),
                  jtop_service=_jtop_state(root), nvpmodel=mode.label if mode else None,
-                 trtexec=trtexec, backends=available_backends())
+                 trtexec=trtexec, backends=available_backends(), trusted_keys=keys,
+                 trust_dirs=[str(d) for d in trust_dirs()], trust_error=trust_error)
+
+
+def trust_row(f: Facts) -> Row | None:
+    """The signing keys this machine trusts: without one, deploy and serve refuse every bundle."""
+    where = ":".join(f.trust_dirs) or "/etc/edge-tl/trusted-keys"
+    if f.trust_error:
+        return Row(item="signing keys", value=f.trust_error, status="blocker",
+                   fix=f"remove or replace the file that is not an edge-tl .pub in {where}")
+    if f.trusted_keys is None:
+        return None  # recorded facts from before the row existed
+    if not f.trusted_keys:
+        return Row(item="signing keys", value=f"none trusted ({where})", status="warn",
+                   fix="deploy and serve refuse every bundle until one is: sudo edge-tl keys trust edge-tl.pub "
+                       "(the workstation's), bootstrap.sh --trust-key, or deploy push --trust-key")
+    return Row(item="signing keys", value=f"{len(f.trusted_keys)} trusted ({', '.join(f.trusted_keys)}) in {where}")
 
 
 #: What runs on JetPack 5 (L4T R35): TensorRT 8.5's Python bindings exist only for the system Python 3.8
@@ -192,9 +217,7 @@ def machine_rows(f: Facts) -> list[Row]:
         Row(item="backends", value=", ".join(f.backends) or "none", status="ok" if f.backends else "blocker",
             fix=None if f.backends else "pip install 'edge-tl[cpu]' (ONNX Runtime) or install TensorRT"),
     ]
-    jp5 = jetpack5_row(f)
-    if jp5 is not None:
-        rows.append(jp5)
+    rows += [r for r in (trust_row(f), jetpack5_row(f)) if r is not None]
     return rows
 
 
@@ -205,6 +228,16 @@ def bundle_rows(f: Facts, bundle) -> list[Row]:
         rows.append(Row(item="bundle", value=f"{bundle.manifest.name} ({bundle.manifest.bundle_id}) verified"))
     except CheckFailed as exc:
         rows.append(Row(item="bundle", value=exc.problem, status="blocker", fix=exc.fix))
+    if f.trusted_keys is not None:  # what deploy and serve would say of its signature on this machine
+        from edge_tl.core.signing import enforce
+
+        try:
+            status = bundle.signature()
+            enforce(status, False, "bundle")
+            rows.append(Row(item="signature", value=status.detail))
+        except (CheckFailed, EdgeTLError) as exc:
+            rows.append(Row(item="signature", value=exc.problem.removeprefix("bundle: "), status="blocker",
+                            fix=exc.fix))
     problems = bundle.manifest.training_problems()
     rows.append(Row(item="training", value="; ".join(problems) if problems else "better than guessing (build check)",
                     status="blocker" if problems else "ok",

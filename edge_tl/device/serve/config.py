@@ -32,7 +32,7 @@ class ServeConfig:
     poll_s: float = 1.0  # how often --root's `active` link is checked
     graceful_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     verify: bool = True  # check the bundle's hashes before serving it
-    allow_unsigned: bool = False  # load a bundle unsigned / signed by an untrusted key where this machine trusts keys
+    allow_unsigned: bool = False  # load a bundle unsigned / signed by an untrusted key / on a machine trusting none
     capture: Path | None = None  # keep /classify's unsure pictures here (edge_tl.device.capture)
     capture_policy: Any = None  # edge_tl.device.capture.CapturePolicy (None: its defaults)
     access_log: bool = False

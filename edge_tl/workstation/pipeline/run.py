@@ -76,28 +76,39 @@ def _auto_backbone(spec: BuildSpec, run_dir: Path, data_root: Path, data_label: 
 
 
 def resolve_sign_key(path: str | Path | None) -> tuple[Any, dict[str, Any]]:
-    """The key that signs the bundle: ``path`` (must load), else $EDGE_TL_SIGNING_KEY / the default key when it
-    exists, else none (unsigned, said so). Loaded before any stage runs, so a wrong passphrase fails at once."""
-    from edge_tl.core.signing import _raw_public, default_key_path, key_id, load_private_key
+    """The key that signs the bundle: ``path`` (must load), else $EDGE_TL_SIGNING_KEY / the default key; where that
+    does not exist yet, the first build makes it (0600, like ``edge-tl keys generate``; said, and recorded as
+    ``generated``): devices accept only signed bundles. Loaded before any stage runs, so a wrong passphrase fails
+    at once; a key that cannot be made (read-only home) leaves the bundle unsigned, said so."""
+    import getpass
+    import socket
 
+    from edge_tl.core.signing import _raw_public, default_key_path, generate_key, key_id, load_private_key
+
+    generated = None
     if path is None:
-        default = default_key_path()
-        if not default.is_file():
-            return None, {"unsigned": f"no signing key ({default} does not exist; edge-tl keys generate makes one)"}
-        path = default
+        path = default_key_path()
+        if not path.is_file():
+            try:
+                _, pub, _ = generate_key(path, f"{getpass.getuser()}@{socket.gethostname()}")
+            except (OSError, EdgeTLError) as exc:
+                why = exc.problem if isinstance(exc, EdgeTLError) else (exc.strerror or str(exc))
+                return None, {"unsigned": f"no signing key ({path} could not be made: {why}; edge-tl keys generate "
+                                          "--out PATH, then --sign-key PATH)"}
+            generated = str(pub)
     key = load_private_key(path)
-    return key, {"key_id": key_id(_raw_public(key.public_key())), "key": str(path)}
+    return key, {"key_id": key_id(_raw_public(key.public_key())), "key": str(path)} | (
+        {"generated": generated} if generated else {})
 
 
 def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, force: list[str] | None = None,
               console: Console | None = None, sign_key: str | Path | None = None) -> BuildResult:
     """Run (or resume) a build into the run folder ``out``; return where everything is and the numbers.
-    ``sign_key``: the signing key's path (default: $EDGE_TL_SIGNING_KEY or ~/.config/edge-tl/signing/edge-tl.key
-    when it exists; without one the bundle is unsigned, and the build says so)."""
+    ``sign_key``: the signing key's path (default: $EDGE_TL_SIGNING_KEY or ~/.config/edge-tl/signing/edge-tl.key,
+    made by the first build that needs it)."""
     start = time.perf_counter()
     console = console or Console(stderr=True)
     forced = _check_force(force)
-    key, signature = resolve_sign_key(sign_key)
     folder = RunFolder(out)
     plan = None
     if spec.continual.parent:  # edge-tl build --from RUN --add DIR: parent and field checked before anything
@@ -114,6 +125,11 @@ def run_build(spec: BuildSpec, out: str | Path, *, overwrite: bool = False, forc
     check_available(spec.quantize.mode)  # QAT asked without ModelOpt: refused before the run folder is touched
     if not spec.is_demo and plan is None:
         resolve_data(spec, folder.path)  # a missing data folder fails before the run folder is touched
+    key, signature = resolve_sign_key(sign_key)  # after the input checks: a refused build makes no key
+    if signature.get("generated"):
+        console.print(f"[bold yellow]made your signing key[/] {signature['key_id']}: {escape(signature['key'])} "
+                      "(keep it secret, back it up). Devices install only bundles a key they trust signed: trust "
+                      f"{escape(signature['generated'])} on each (docs/signing.md)")
     how = folder.claim(overwrite)
     run_dir = folder.path
     if how == "resume":

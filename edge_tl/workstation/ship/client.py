@@ -159,10 +159,26 @@ class RemoteDevice:
     def status(self) -> dict[str, Any]:
         return self.call("status")
 
+    def trust(self, key_line: str) -> dict[str, Any]:
+        """Pin the first signing key this device trusts (refused there where it trusts one already)."""
+        return self.call("trust", "--key", key_line.strip())
+
     def rollback(self, *, version: str | None = None, lock_timeout: float = 600.0,
                  svc: ServiceOptions | None = None) -> dict[str, Any]:
         args = ["--lock-timeout", f"{lock_timeout:g}", *(svc or ServiceOptions()).to_args()]
         return self.call("rollback", *args, *(["--version", version] if version else []))
+
+
+def read_public_key(path: Path) -> str:
+    """The ``.pub`` line at ``path``, checked here before anything is sent."""
+    from edge_tl.core.signing import parse_public_line
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeTLError(f"cannot read --trust-key {path} ({getattr(exc, 'strerror', None) or exc})",
+                          "give the .pub beside your signing key (~/.config/edge-tl/signing/edge-tl.pub)") from exc
+    return parse_public_line(text, f"--trust-key {path}")[2]
 
 
 def push(device: RemoteDevice, bundle: Path, *, precision: str | None = None, backend: str = "auto",
