@@ -244,7 +244,7 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
 @pytest.mark.parametrize("case, expected", [
     ("inside", "error: --out {dir}/labelled is inside {dir}; write the labelled copies outside"),
     ("foreign", "error: --out {tmp}/other is not empty and was not made by edge-tl label (it has no labels.log.jsonl)"),
-    ("no-classes", "error: no classes to label with; give --bundle B (its classes) or --classes a,b,c"),
+    ("no-classes", "error: no classes to label with; give --bundle B (its classes), --run RUN or --classes a,b,c"),
     ("bad-class", "error: the class 'a/b' can't be a folder of LABELLED"),
     ("twice", "error: a class is named twice (a, b, a)"),
     ("empty", "error: {tmp}/empty holds no images (.jpg, .jpeg, .png"),

@@ -20,6 +20,9 @@ def label_cmd(
                                        "a class for the pictures without a sidecar's scores."),
     classes: str | None = typer.Option(None, "--classes", help="The classes, comma-separated (instead of the "
                                        "bundle's, e.g. to add a new one)."),
+    run: Path | None = typer.Option(None, "--run", help="A finished build's run folder: its bundle (as --bundle) "
+                                    "and a Grad-CAM overlay of the suggested class beside each picture (the pruned "
+                                    "model, on the workstation's torch).", show_default=False),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Runtime of the bundle's model."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (the page has no login: keep it "
                              "local)."),
@@ -36,10 +39,18 @@ def label_cmd(
 
     err = Console(stderr=True, highlight=False)
     check_folders(folder, out)  # before a bundle is opened
-    if classes is None and bundle is None:
-        raise EdgeTLError("no classes to label with", "give --bundle B (its classes) or --classes a,b,c")
+    if classes is None and bundle is None and run is None:
+        raise EdgeTLError("no classes to label with", "give --bundle B (its classes), --run RUN or --classes a,b,c")
     names = parse_classes(classes) if classes is not None else None
-    suggest, bundle_id, classifier = None, None, None
+    suggest, bundle_id, classifier, explain = None, None, None, None
+    if run is not None:
+        from edge_tl.core import importer
+
+        explain, b = importer.require_workstation("edge_tl.workstation.explain", "edge-tl label --run").run_explainer(
+            run)
+        if bundle is not None and Path(bundle).resolve() != b.root.resolve():
+            raise EdgeTLError(f"--bundle {bundle} is not the bundle of --run {run}", "give one of them")
+        bundle = b.root
     if bundle is not None:
         from edge_tl.core.bundle import Bundle
         from edge_tl.device.infer import Classifier
@@ -50,7 +61,7 @@ def label_cmd(
         classifier = Classifier.load(b, _v(backend))
         suggest = lambda image: classifier.classify([image], k=5)[0]  # noqa: E731
     try:
-        session = LabelSession(folder, out, names or [], suggest=suggest, bundle_id=bundle_id)
+        session = LabelSession(folder, out, names or [], suggest=suggest, bundle_id=bundle_id, explain=explain)
         for line in session.problems:
             err.print(f"[yellow]{escape(line)}[/]", soft_wrap=True)
         total, left = len(session.order), len(session.pending)

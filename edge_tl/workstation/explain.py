@@ -21,6 +21,7 @@ class's test images (1: the same map), with the mean IoU of their top-20% region
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -240,3 +241,38 @@ def report_section(ctx: Any, plots: Path) -> list[str]:
     if e.figure:
         lines += ["", f"![Grad-CAM overlays](plots/{e.figure})"]
     return lines
+
+
+def run_explainer(run: str | Path) -> tuple[Any, Any]:
+    """Grad-CAM for the label page (edge_tl.workstation.label.Explain) from a finished build's run folder
+    (``edge-tl label --run RUN``): the pruned model the bundle ships (before INT8; the fine-tuned one for a build
+    without pruning), this module's Grad-CAM, its map laid back over the whole picture (the model saw the centre
+    crop of the resized picture). Returns (explain, the run's bundle, verified)."""
+    from PIL import Image
+
+    from edge_tl.core.preprocess import _resized_size
+    from edge_tl.workstation.continual import load_parent
+    from edge_tl.workstation.train.backbones import load_state
+
+    parent = load_parent(run)  # a finished run whose bundle verifies
+    keys = json.loads((parent.run / "run.json").read_text())["stage_keys"]
+    pruned = parent.run / "stages" / f"prune-{keys.get('prune')}" / "model.pt"
+    path = pruned if keys.get("prune") and pruned.is_file() else parent.start
+    bundle = parent.bundle
+    model = load_state(parent.spec.model.backbone, len(bundle.labels), path, parent.spec.model.dropout).eval()
+    cfg = bundle.preprocessor.config
+    layer = target_layer(model, tuple(cfg.input_size))
+
+    def explain(image: Any, index: int) -> np.ndarray:
+        x = np.asarray(bundle.preprocessor(image), dtype=np.float32)[None]
+        cam = grad_cam(model, layer, x, np.asarray([index]))[0]
+        w, h = image.size
+        rw, rh = _resized_size(w, h, cfg.resize)
+        ch, cw = cfg.input_size
+        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+        frame = np.zeros((rh, rw), dtype=np.float32)  # outside the crop the model saw nothing
+        frame[top:top + ch, left:left + cw] = cam
+        back = Image.fromarray(frame, mode="F").resize((w, h), Image.Resampling.BILINEAR)
+        return np.clip(np.asarray(back, dtype=np.float32), 0, 1)
+
+    return explain, bundle
