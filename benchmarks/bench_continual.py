@@ -1,0 +1,207 @@
+"""Issue 25 targets: the field teaches the next model. On the demo (digits 5-9, seeds 0-4):
+
+1. the parent: ``edge-tl build`` (the bundled demo recipe, Grad-CAM off) with ``--seed S``;
+2. a simulated new camera (:func:`edge_tl.workstation.demo.new_camera`: a warm colour cast, a blur of 1.5% of the
+   shorter side, a 12 degree rotation) on the parent's own test split (upscaled to the 32 px the field pictures
+   have): the parent's drop D = clean - drifted top-1 (its shipped INT8 model, Q/DQ in float);
+3. children ``edge-tl build --from PARENT --add FIELD --rehearsal replay|none``, FIELD = N new-camera pictures per
+   class that the demo never used (:func:`edge_tl.workstation.demo.field_task`), N = 5, 10, 20 with replay and 10
+   without; the build holds 30% of each field class out for its own gate, so a field class of n pictures trains on
+   n - round(0.3 n) = N of them;
+4. every child that ships is scored on the parent's drifted test split (pictures neither build saw: the recovery
+   of D) and on the clean one (forgetting), paired with the parent on the same pictures. A child the gate refused
+   ships nothing: the device keeps the parent (recovery 0, forgetting 0), counted as such and said.
+
+Writes the ``continual`` section of benchmarks/RESULTS.md.
+
+    python benchmarks/bench_continual.py                 # seeds 0-4, about 25 min on 2 cores
+    python benchmarks/bench_continual.py --seeds 0       # one seed (--work keeps finished builds: a rerun resumes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from _results import machine_line, write_section  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from edge_tl.core.bundle import Bundle  # noqa: E402
+from edge_tl.workstation.data import DataSplit  # noqa: E402
+from edge_tl.workstation.demo import field_task, new_camera  # noqa: E402
+from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
+from edge_tl.workstation.stats import paired  # noqa: E402
+
+EDGE_TL = str(Path(sys.executable).with_name("edge-tl"))
+ARMS = (("replay", 5), ("replay", 10), ("replay", 20), ("none", 10))
+HOLDOUT = 0.3  # continual.field_holdout's default
+
+
+def _field_size(n_train: int) -> int:
+    """Pictures per field class so that the build trains on ``n_train`` of them (continual.plan's rounding)."""
+    n = n_train
+    while n - min(n - 1, max(1, round(n * HOLDOUT))) < n_train:
+        n += 1
+    return n
+
+
+def _build(run: Path, *args: str) -> tuple[int, float, str]:
+    state = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    if state.get("status") in ("done", "failed") and (run / "bench.json").is_file():
+        rec = json.loads((run / "bench.json").read_text())
+        return rec["rc"], rec["seconds"], rec["error"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([EDGE_TL, "build", "--out", str(run), "--overwrite", "--no-explain", *args],
+                          capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    error = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.lower().startswith("error")), "")
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"edge-tl build {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    (run / "bench.json").write_text(json.dumps({"rc": proc.returncode, "seconds": secs, "error": error}))
+    return proc.returncode, secs, error
+
+
+def _test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
+    keys = json.loads((run / "run.json").read_text())["stage_keys"]
+    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
+    images = []
+    for p in split.paths("test"):
+        with Image.open(p) as img:
+            images.append(img.convert("RGB"))
+    return images, np.asarray(split.labels("test"))
+
+
+def _right(bundle: Bundle, images: list[Image.Image], y: np.ndarray, model: Path | None = None) -> np.ndarray:
+    """Right answers of ``model`` (default: the bundle's INT8 model; Q/DQ in float) with the bundle's
+    preprocessing."""
+    x = np.stack([bundle.preprocessor(img) for img in images]).astype(np.float32)
+    return onnx_logits(model or bundle.model_path("int8"), x, qdq="float").argmax(1) == y
+
+
+def _gated_model(child: Path) -> Path:
+    """The INT8 model the continual gate judged (edge_tl.workstation.continual.judge), shipped or not."""
+    keys = json.loads((child / "run.json").read_text())["stage_keys"]
+    return child / "stages" / f"qat-{keys['qat']}" / "model.int8.onnx"
+
+
+def _ci(p) -> str:
+    return f"{p.diff_points:+.1f} [{p.ci_points[0]:+.1f}, {p.ci_points[1]:+.1f}]"
+
+
+def run_seed(work: Path, seed: int) -> dict:
+    parent = work / f"s{seed}-parent"
+    rc, secs, err = _build(parent, "--seed", str(seed))
+    if rc != 0:
+        raise SystemExit(f"the parent build of seed {seed} did not ship: {err}")
+    images, y = _test_split(parent)
+    drifted = [new_camera(img.resize((32, 32), Image.BILINEAR)) for img in images]
+    pb = Bundle.open(parent / "bundle")
+    rec = {"seed": seed, "parent_seconds": secs, "parent": {"clean": _right(pb, images, y).tolist(),
+                                                            "drifted": _right(pb, drifted, y).tolist()}, "arms": {}}
+    for rehearsal, n in ARMS:
+        field = field_task(work / "field", _field_size(n), seed=seed)
+        child = work / f"s{seed}-{rehearsal}-{n}"
+        rc, secs, err = _build(child, "--from", str(parent), "--add", str(field), "--rehearsal", rehearsal)
+        arm: dict = {"seconds": secs, "shipped": rc == 0, "error": err}
+        model = _gated_model(child)  # the child's model, judged by the gate whether it shipped or not
+        arm["model"] = {"clean": _right(pb, images, y, model).tolist(),
+                        "drifted": _right(pb, drifted, y, model).tolist()}
+        if rc == 0:
+            cb = Bundle.open(child / "bundle")
+            arm |= {"clean": _right(cb, images, y).tolist(), "drifted": _right(cb, drifted, y).tolist()}
+        else:  # refused: the devices keep the parent
+            arm |= {"clean": rec["parent"]["clean"], "drifted": rec["parent"]["drifted"]}
+        gate = json.loads((child / "continual.json").read_text()) if (child / "continual.json").is_file() else {}
+        arm["gate"] = {k: gate.get(k) for k in ("field_train", "field_holdout", "ships", "why_not") if k in gate}
+        rec["arms"][f"{rehearsal}-{n}"] = arm
+        print(f"seed {seed} {rehearsal}-{n}: {'shipped' if rc == 0 else 'refused: ' + err} ({secs:.0f} s)",
+              file=sys.stderr, flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/edge-tl-bench-continual"))
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for seed in seeds:
+        path = args.work / f"s{seed}.json"
+        if not path.is_file():
+            path.write_text(json.dumps(run_seed(args.work, seed)))
+        recs.append(json.loads(path.read_text()))
+
+    def cat(key: str, arm: str | None = None, model: bool = False) -> np.ndarray:
+        def part(r: dict) -> dict:
+            if arm is None:
+                return r["parent"]
+            return r["arms"][arm]["model"] if model else r["arms"][arm]
+
+        return np.concatenate([np.asarray(part(r)[key]) for r in recs])
+
+    p_clean, p_drift = cat("clean"), cat("drifted")
+    drop = paired(p_clean, p_drift)
+    per_seed_d = "; ".join(f"s{r['seed']} {_ci(paired(*(np.asarray(r['parent'][k]) for k in ('clean', 'drifted'))))}"
+                           for r in recs)
+    rows = []
+    for rehearsal, n in ARMS:
+        arm = f"{rehearsal}-{n}"
+        shipped = sum(r["arms"][arm]["shipped"] for r in recs)
+        secs = np.mean([r["arms"][arm]["seconds"] for r in recs])
+        for what, model in (("child model", True), ("as deployed", False)):
+            gain = paired(cat("drifted", arm, model), p_drift)
+            forget = paired(p_clean, cat("clean", arm, model))
+            share = gain.diff_points / drop.diff_points if drop.diff_points > 0 else float("nan")
+            lo, hi = (gain.ci_points[0] / drop.diff_points, gain.ci_points[1] / drop.diff_points) \
+                if drop.diff_points > 0 else (float("nan"),) * 2
+
+            def seed_gain(r: dict, model: bool = model, arm: str = arm) -> np.ndarray:
+                return np.asarray((r["arms"][arm]["model"] if model else r["arms"][arm])["drifted"])
+
+            worst = min(recs, key=lambda r: np.mean(seed_gain(r)) - np.mean(r["parent"]["drifted"]))
+            w = paired(seed_gain(worst), np.asarray(worst["parent"]["drifted"]))
+            rows.append(f"| {rehearsal} | {n} | {what} | {shipped}/{len(recs)} | "
+                        f"{100 * cat('drifted', arm, model).mean():.1f}% | {_ci(gain)} | {100 * share:.0f}% "
+                        f"[{100 * lo:.0f}, {100 * hi:.0f}] | s{worst['seed']} {_ci(w)} | {_ci(forget)} | "
+                        f"{100 * cat('clean', arm, model).mean():.1f}% | {secs:.0f} |")
+    refused = [f"s{r['seed']} {arm}: {a['error'] or 'refused'}" for r in recs for arm, a in r["arms"].items()
+               if not a["shipped"]]
+    lines = ["## Continual build: a new camera, a few labelled field pictures, the next model (issue 25)", "",
+             machine_line(), "",
+             "The bundled demo (digits 5-9, 10 training images per class, MobileNetV2 at 32 px from the digits 0-4 "
+             f"source), seeds {', '.join(map(str, seeds))}. Drift: `demo.new_camera` (warm colour cast, blur 1.5% "
+             "of the shorter side, 12 degree rotation) on the parent's own test split (400 pictures per seed, "
+             "upscaled to 32 px like the field pictures), which neither build trained or chose on. Children: "
+             "`edge-tl build --from PARENT --add FIELD --rehearsal replay|none`, FIELD = new-camera pictures the "
+             "demo never used, N per class trained on (30% more held out by the build for its own gate). Every "
+             "accuracy is the shipped INT8 model, Q/DQ in float; differences are paired on the same pictures "
+             "(bootstrap 95%), pooled over the seeds. A refused child ships nothing, so it counts as the parent.", "",
+             f"- Parent on clean test pictures: {100 * p_clean.mean():.1f}%; on the drifted copies: "
+             f"{100 * p_drift.mean():.1f}%. Drop D = {_ci(drop)} points (pooled); per seed: {per_seed_d}.", "",
+             "| rehearsal | field pictures per class (trained) | model | shipped | drifted top-1 | gain on drifted "
+             "(points) | share of D recovered | worst seed's gain | forgetting on clean (parent - child) | clean "
+             "top-1 | seconds per child |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+             "*child model*: the INT8 model the continual gate judged, whether it shipped or not (what training "
+             "achieved); *as deployed*: what the devices run after the gate (the parent where it refused).", "",
+             "Targets (issue 25): with 10 pictures per class and rehearsal, >= 70% of D recovered and <= 1 point "
+             "forgotten (pooled).",
+             *(["- Refused by the continual gate (the devices keep the parent): " + "; ".join(refused) + "."]
+               if refused else []),
+             f"- Parent builds: {np.mean([r['parent_seconds'] for r in recs]):.0f} s on average."]
+    write_section("continual", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
