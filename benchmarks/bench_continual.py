@@ -174,7 +174,12 @@ def main() -> None:
                         f"{100 * cat('drifted', arm, model).mean():.1f}% | {_ci(gain)} | {100 * share:.0f}% "
                         f"[{100 * lo:.0f}, {100 * hi:.0f}] | s{worst['seed']} {_ci(w)} | {_ci(forget)} | "
                         f"{100 * cat('clean', arm, model).mean():.1f}% | {secs:.0f} |")
-    refused = [f"s{r['seed']} {arm}: {a['error'] or 'refused'}" for r in recs for arm, a in r["arms"].items()
+    def why(err: str) -> str:  # the gate's reasons, short (continual.json in each child's run folder has them all)
+        parts = [w for w, key in (("no field gain beyond noise", "is not above 0"), ("forgetting", "forgets"))
+                 if key in err]
+        return " + ".join(parts) or (err or "refused")
+
+    refused = [f"s{r['seed']} {arm} ({why(a['error'])})" for r in recs for arm, a in r["arms"].items()
                if not a["shipped"]]
     lines = ["## Continual build: a new camera, a few labelled field pictures, the next model (issue 25)", "",
              machine_line(), "",
