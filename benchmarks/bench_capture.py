@@ -2,7 +2,7 @@
 one with ``--capture DIR`` (the defaults: keep a picture whose top-1 score is below 0.6 or whose top-2 margin is
 under 0.1, 1% of the others at random, at most 30 a minute), one without; 32 keep-alive clients POST pictures to
 /classify, the two servers taking turns (``--round`` seconds each, the idle one waits), so a shared machine's drift
-hits both alike. The pictures: the bundle's golden images and their new-camera copies
+hits both alike. The pictures: the bundle's golden pictures (its crops) and their new-camera copies
 (:func:`edge_tl.workstation.demo.new_camera`), so some are unsure and are kept. Target: capture adds <= 5% to the
 p50 latency. Writes the ``capture`` section of benchmarks/RESULTS.md.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -30,17 +29,18 @@ from _results import machine_line, write_section  # noqa: E402
 from bench_serve import Server, _pct  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from edge_tl.core.bundle import GOLDEN_INDEX, Bundle  # noqa: E402
+from edge_tl.core.bundle import Bundle  # noqa: E402
 from edge_tl.workstation.demo import new_camera  # noqa: E402
 
 CLIENTS = 32
 
 
 def pictures(bundle: Bundle) -> list[bytes]:
+    import numpy as np
+
     out = []
-    for item in json.loads((bundle.root / GOLDEN_INDEX).read_text()):
-        with Image.open(bundle.root / item["file"]) as img:
-            rgb = img.convert("RGB")
+    for crop in np.load(bundle.root / bundle.manifest.golden.inputs):  # the golden pictures as the model saw them
+        rgb = Image.fromarray(np.asarray(crop, dtype=np.uint8)).convert("RGB")
         for pic in (rgb, new_camera(rgb)):
             buf = io.BytesIO()
             pic.save(buf, format="PNG")
@@ -139,7 +139,8 @@ def main() -> None:
              machine_line(), "",
              f"Bundle {name} ({bundle.manifest.backbone}, {bundle.manifest.input.shape[-1]} px), ONNX Runtime CPU. "
              f"{CLIENTS} keep-alive clients POST PNG pictures to /classify ({len(bodies)} pictures: the golden "
-             "images and their new-camera copies, cycled); the server with `--capture` (default policy) and the "
+             "pictures as the model saw them and their new-camera copies, cycled); the server with `--capture` "
+             "(default policy) and the "
              f"one without take turns, {args.rounds} rounds of {args.round:g} s each, after a 3 s warm-up.", "",
              "| server | requests | errors | client p50 (ms) | client p99 (ms) | server p50 (ms) |",
              "|---|---|---|---|---|---|", *rows, "",
