@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from bench_drift import test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
-from edge_tl.workstation.data import DataSplit  # noqa: E402
 from edge_tl.workstation.demo import field_task, new_camera  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
 from edge_tl.workstation.stats import paired  # noqa: E402
@@ -69,16 +69,6 @@ def _build(run: Path, *args: str) -> tuple[int, float, str]:
     return proc.returncode, secs, error
 
 
-def _test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
-    images = []
-    for p in split.paths("test"):
-        with Image.open(p) as img:
-            images.append(img.convert("RGB"))
-    return images, np.asarray(split.labels("test"))
-
-
 def _right(bundle: Bundle, images: list[Image.Image], y: np.ndarray, model: Path | None = None) -> np.ndarray:
     """Right answers of ``model`` (default: the bundle's INT8 model; Q/DQ in float) with the bundle's
     preprocessing."""
@@ -101,7 +91,7 @@ def run_seed(work: Path, seed: int) -> dict:
     rc, secs, err = _build(parent, "--seed", str(seed))
     if rc != 0:
         raise SystemExit(f"the parent build of seed {seed} did not ship: {err}")
-    images, y = _test_split(parent)
+    images, y = test_split(parent)
     drifted = [new_camera(img.resize((32, 32), Image.BILINEAR)) for img in images]
     pb = Bundle.open(parent / "bundle")
     rec = {"seed": seed, "parent_seconds": secs, "parent": {"clean": _right(pb, images, y).tolist(),

@@ -40,7 +40,8 @@ from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 UNDRIFTED, DRIFTED = 2000, 200
 
 
-def _test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
+def test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
+    """The test pictures (RGB) and labels of a finished build's run folder (also bench_continual.py's)."""
     keys = json.loads((run / "run.json").read_text())["stage_keys"]
     split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
     images = []
@@ -71,7 +72,7 @@ def evaluate(run: Path, seed: int = 0) -> dict:
     ref = bundle.postprocess.drift
     if ref is None:
         raise SystemExit(f"{run}: the bundle has no drift reference (rebuild it with this edge-tl)")
-    images, y = _test_split(run)
+    images, y = test_split(run)
     sig, pred = _signals(bundle, images)
     dsig, dpred = _signals(bundle, [new_camera(img) for img in images])
     rng = np.random.default_rng(seed)

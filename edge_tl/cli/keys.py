@@ -35,15 +35,9 @@ def trust_cmd(
                                 "else /etc/edge-tl/trusted-keys)."),
 ) -> None:
     """Add a public key to this machine's trusted keys (run it on the device, as root for /etc)."""
-    from edge_tl.core.errors import EdgeTLError
-    from edge_tl.core.signing import trust_key
+    from edge_tl.core.signing import read_public_file, trust_key
 
-    try:
-        text = pub.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeTLError(f"cannot read {pub} ({getattr(exc, 'strerror', None) or exc})",
-                          "give the .pub file that edge-tl keys generate wrote") from exc
-    res = trust_key(text, str(pub), folder)
+    res = trust_key(read_public_file(pub)[2], str(pub), folder)
     if res["status"] == "already-trusted":
         out.print(escape(f"key {res['key_id']} is already trusted ({res['path']})"))
         return

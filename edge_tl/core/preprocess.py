@@ -184,18 +184,24 @@ class Preprocessor:
             raise EdgeTLError(problem, "crop the image to the region of interest (at most "
                               f"{MAX_ASPECT_RATIO}:1) before classifying it")
         image = to_rgb(image)
-        new_w, new_h = _resized_size(w, h, cfg.resize)
+        (new_w, new_h), (left, top) = self.geometry(w, h)
         if (new_w, new_h) != (w, h):
             image = image.resize((new_w, new_h), self._filter)
+        ch, cw = cfg.input_size
+        return image.crop((left, top, left + cw, top + ch))
+
+    def geometry(self, w: int, h: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Where a ``w`` x ``h`` picture goes in steps 2-3: its resized size and the crop's (left, top) corner in it
+        (the crop is ``input_size``). Also maps a map over the crop back onto the picture (Grad-CAM)."""
+        cfg = self.config
+        new_w, new_h = _resized_size(w, h, cfg.resize)
         ch, cw = cfg.input_size
         if new_w < cw or new_h < ch:
             raise EdgeTLError(
                 f"resize {cfg.resize} gives {new_w}x{new_h}, smaller than the crop {cw}x{ch}",
                 "set resize >= the input size in the build spec",
             )
-        top = int(round((new_h - ch) / 2.0))
-        left = int(round((new_w - cw) / 2.0))
-        return image.crop((left, top, left + cw, top + ch))
+        return (new_w, new_h), (int(round((new_w - cw) / 2.0)), int(round((new_h - ch) / 2.0)))
 
     def normalize(self, rgb_hwc_uint8: np.ndarray) -> np.ndarray:
         """Steps 4-5 on an RGB HxWx3 uint8 array; returns CxHxW float32."""

@@ -135,14 +135,21 @@ def load_private_key(path: str | Path) -> Any:
 
 def load_public_key(path: str | Path) -> tuple[str, Any]:
     """(key id, key) from a ``.pub`` line; EdgeTLError naming the file when it is not one."""
+    kid, key, _ = read_public_file(path)
+    return kid, key
+
+
+def read_public_file(path: str | Path, where: str | None = None) -> tuple[str, Any, str]:
+    """(key id, key, the normalised line) of the ``.pub`` file ``path``; EdgeTLError naming ``where`` (default: the
+    path) when it cannot be read or is not one."""
     path = Path(path)
+    where = where or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeTLError(f"{path} is not an edge-tl public key ({exc})",
+        raise EdgeTLError(f"{where} is not an edge-tl public key ({getattr(exc, 'strerror', None) or exc})",
                           "use the .pub file that edge-tl keys generate wrote") from exc
-    kid, key, _ = parse_public_line(text, str(path))
-    return kid, key
+    return parse_public_line(text, where)
 
 
 def parse_public_line(text: str, where: str) -> tuple[str, Any, str]:

@@ -250,7 +250,6 @@ def run_explainer(run: str | Path) -> tuple[Any, Any]:
     crop of the resized picture). Returns (explain, the run's bundle, verified)."""
     from PIL import Image
 
-    from edge_tl.core.preprocess import _resized_size
     from edge_tl.workstation.continual import load_parent
     from edge_tl.workstation.train.backbones import load_state
 
@@ -267,9 +266,8 @@ def run_explainer(run: str | Path) -> tuple[Any, Any]:
         x = np.asarray(bundle.preprocessor(image), dtype=np.float32)[None]
         cam = grad_cam(model, layer, x, np.asarray([index]))[0]
         w, h = image.size
-        rw, rh = _resized_size(w, h, cfg.resize)
+        (rw, rh), (left, top) = bundle.preprocessor.geometry(w, h)
         ch, cw = cfg.input_size
-        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
         frame = np.zeros((rh, rw), dtype=np.float32)  # outside the crop the model saw nothing
         frame[top:top + ch, left:left + cw] = cam
         back = Image.fromarray(frame, mode="F").resize((w, h), Image.Resampling.BILINEAR)

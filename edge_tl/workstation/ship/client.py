@@ -171,14 +171,9 @@ class RemoteDevice:
 
 def read_public_key(path: Path) -> str:
     """The ``.pub`` line at ``path``, checked here before anything is sent."""
-    from edge_tl.core.signing import parse_public_line
+    from edge_tl.core.signing import read_public_file
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeTLError(f"cannot read --trust-key {path} ({getattr(exc, 'strerror', None) or exc})",
-                          "give the .pub beside your signing key (~/.config/edge-tl/signing/edge-tl.pub)") from exc
-    return parse_public_line(text, f"--trust-key {path}")[2]
+    return read_public_file(path, f"--trust-key {path}")[2]
 
 
 def push(device: RemoteDevice, bundle: Path, *, precision: str | None = None, backend: str = "auto",
