@@ -70,6 +70,24 @@ def test_kept_pictures_are_whole_with_their_sidecar_and_caps_hold(tmp_path):
         assert img.getpixel((0, 0)) == (255, 0, 0) and meta["frame"] == 7
 
 
+def test_decide_holds_a_place_under_the_cap_and_a_failed_keep_gives_it_back(tmp_path):
+    """serve decides on the request's path and writes on its capture thread (decide, then keep): a picture decided
+    on counts against the per-minute cap at once, and one that cannot be written gives its place back."""
+    cap = Capturer(tmp_path / "cap", CapturePolicy(max_per_minute=2, random_rate=0.0), "d" * 16, ["a", "b"])
+    unsure = np.array([0.5, 0.5])
+    first, second = cap.decide(unsure), cap.decide(unsure)
+    assert (first, second) == ("low-score", "low-score")
+    assert cap.decide(unsure) is None and cap.skipped_rate == 1  # two places taken before anything was written
+    assert cap.keep(first, unsure, source="x", data=b"not a picture") is None  # cannot be read: not written
+    assert not list((tmp_path / "cap").iterdir()) and cap.stopped is None  # nothing half-written, capture goes on
+    third = cap.decide(unsure)  # the failed picture's place is free again
+    assert third == "low-score" and cap.decide(unsure) is None
+    assert cap.keep(second, unsure, source="y", data=_png(1)) == "low-score"
+    assert cap.keep(third, unsure, source="z", data=_png(2)) == "low-score"
+    assert cap.kept == {"low-score": 2} and len(list((tmp_path / "cap").glob("*.json"))) == 2
+    assert cap.decide(np.array([0.99, 0.01])) is None  # a sure answer is not kept
+
+
 def test_a_full_disk_stops_capture_not_inference(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()

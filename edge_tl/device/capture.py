@@ -105,18 +105,14 @@ class Capturer:
         return {"folder": str(self.folder), "policy": asdict(self.policy), "kept": dict(self.kept),
                 "skipped_by_rate_cap": self.skipped_rate, "bytes": self.bytes, "stopped": self.stopped}
 
-    def consider(self, probs: np.ndarray, *, source: str, data: bytes | Callable[[], bytes | None] | None = None,
-                 image: Any = None, frame: int | None = None, ood: dict[str, Any] | None = None) -> str | None:
-        """Keep this picture if the policy says so (and the caps allow); returns the reason it was kept, else
-        None. ``data``: the original encoded bytes (or a function that reads them, called only for a kept
-        picture); without them ``image`` (PIL, or a BGR array from OpenCV) is saved as PNG. ``ood``: the bundle's
-        ``ood_score``/``unknown`` for this picture (recorded in the sidecar; unknown pictures are kept first).
-        Never raises for an I/O problem: capture stops, inference goes on."""
+    def decide(self, probs: np.ndarray, ood: dict[str, Any] | None = None) -> str | None:
+        """The cheap half, for the request's path: why this picture would be kept (None: not kept, or capture has
+        stopped, or the per-minute cap is reached). A picture decided on takes its place under the per-minute cap
+        at once; :meth:`keep` writes it (or gives the place back if it cannot). No I/O."""
         with self._lock:
             if self.stopped:
                 return None
-            ood = ood or {}
-            reason = reason_for(probs, self.policy, float(self._rng.random()), bool(ood.get("unknown")))
+            reason = reason_for(probs, self.policy, float(self._rng.random()), bool((ood or {}).get("unknown")))
             if reason is None:
                 return None
             now = time.monotonic()
@@ -124,37 +120,76 @@ class Capturer:
             if len(self._minute) >= self.policy.max_per_minute:
                 self.skipped_rate += 1
                 return None
-            try:
-                raw = data() if callable(data) else data
-                blob, ext = (raw, _ext_of(raw)) if raw is not None else (_png(image), ".png")
-            except Exception as exc:  # noqa: BLE001 - an image that can't be encoded is not worth stopping for
-                log.warning("capture: cannot encode %s (%s)", source, exc)
-                return None
+            self._minute.append(now)
+            return reason
+
+    def consider(self, probs: np.ndarray, *, source: str, data: bytes | Callable[[], bytes | None] | None = None,
+                 image: Any = None, frame: int | None = None, ood: dict[str, Any] | None = None) -> str | None:
+        """Keep this picture if the policy says so (and the caps allow); returns the reason it was kept, else
+        None. ``data``: the original encoded bytes (or a function that reads them, called only for a kept
+        picture); without them ``image`` (PIL, or a BGR array from OpenCV) is saved as PNG. ``ood``: the bundle's
+        ``ood_score``/``unknown`` for this picture (recorded in the sidecar; unknown pictures are kept first).
+        Never raises for an I/O problem: capture stops, inference goes on. (:meth:`decide` then :meth:`keep`;
+        serve calls them apart, so that only the pictures kept leave the request's thread.)"""
+        reason = self.decide(probs, ood)
+        if reason is None:
+            return None
+        return self.keep(reason, probs, source=source, data=data, image=image, frame=frame, ood=ood)
+
+    def keep(self, reason: str, probs: np.ndarray, *, source: str,
+             data: bytes | Callable[[], bytes | None] | None = None, image: Any = None, frame: int | None = None,
+             ood: dict[str, Any] | None = None) -> str | None:
+        """Write a picture :meth:`decide` kept (the slow half: encode, hash, two atomic writes with fsync). Returns
+        the reason, or None where it was not written (then its place under the per-minute cap is given back). The
+        lock is not held while encoding or writing: serve's request path (:meth:`decide`) never waits on a disk."""
+        with self._lock:
+            if self.stopped:
+                return self._give_back()
+        try:
+            raw = data() if callable(data) else data
+            blob, ext = (raw, _ext_of(raw)) if raw is not None else (_png(image), ".png")
+        except Exception as exc:  # noqa: BLE001 - an image that can't be encoded is not worth stopping for
+            log.warning("capture: cannot encode %s (%s)", source, exc)
+            with self._lock:
+                return self._give_back()
+        with self._lock:
+            if self.stopped:
+                return self._give_back()
             if self.bytes + len(blob) > self.policy.max_bytes:
                 self._stop(f"the capture folder reached its quota ({self.policy.max_bytes} bytes)")
-                return None
-            digest = hashlib.sha256(blob).hexdigest()
-            stamp = time.time()
-            name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(stamp))}-{digest[:12]}"
-            p = np.asarray(probs, dtype=np.float64).reshape(-1)
-            order = np.argsort(-p, kind="stable")[:5]
-            sidecar = {"image": name + ext, "sha256": digest, "bytes": len(blob), "reason": reason,
-                       "bundle_id": self.bundle_id, "source": source, "frame": frame,
-                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
-                       "top_k": [{"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
-                                  "score": round(float(p[i]), 6)} for i in order], **ood}
-            try:
-                self._write(name + ext, blob)
-                meta = (json.dumps(sidecar, indent=1) + "\n").encode()
-                self._write(name + SIDECAR_SUFFIX, meta)  # last: the commit mark
-            except OSError as exc:
-                (self.folder / (name + ext)).unlink(missing_ok=True)
+                return self._give_back()
+            self.bytes += len(blob)  # its share of the quota, taken before it is written
+        digest = hashlib.sha256(blob).hexdigest()
+        stamp = time.time()
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(stamp))}-{digest[:12]}"
+        p = np.asarray(probs, dtype=np.float64).reshape(-1)
+        order = np.argsort(-p, kind="stable")[:5]
+        sidecar = {"image": name + ext, "sha256": digest, "bytes": len(blob), "reason": reason,
+                   "bundle_id": self.bundle_id, "source": source, "frame": frame,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp)),
+                   "top_k": [{"label": self.labels[i] if i < len(self.labels) else str(i), "index": int(i),
+                              "score": round(float(p[i]), 6)} for i in order], **(ood or {})}
+        meta = (json.dumps(sidecar, indent=1) + "\n").encode()
+        try:
+            self._write(name + ext, blob)
+            self._write(name + SIDECAR_SUFFIX, meta)  # last: the commit mark
+        except OSError as exc:
+            (self.folder / (name + ext)).unlink(missing_ok=True)
+            with self._lock:
+                self.bytes -= len(blob)
                 self._stop(f"writing to {self.folder} failed ({exc.strerror or exc})")
-                return None
-            self.bytes += len(blob) + len(meta)
-            self._minute.append(now)
+                return self._give_back()
+        with self._lock:
+            self.bytes += len(meta)
             self.kept[reason] = self.kept.get(reason, 0) + 1
-            return reason
+        return reason
+
+    def _give_back(self) -> None:
+        """A picture decided on but not written: its place under the per-minute cap is free again (any of the
+        places: they differ only by when they leave the window). Call with the lock held."""
+        if self._minute:
+            self._minute.pop()
+        return None
 
     def _write(self, name: str, blob: bytes) -> None:
         tmp = self.folder / f"{TMP_PREFIX}{name}"

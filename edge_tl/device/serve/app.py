@@ -403,7 +403,7 @@ class ServeHandlers:
                                     **{k: float(v[0]) for k, v in input_signals(x).items()})
             self.metrics.answers.labels(str(ood["unknown"]).lower() if ood else "none").inc()
             if self.capture_pool is not None:
-                self.capture_pool.submit(self._capture, model, probs, body, request.client, ood)
+                self._capture(model, probs, body, request.client, ood)
             result = {"model_name": self.manager.name_of(model), "model_version": model.version,
                       "predictions": preds, **ood,
                       "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
@@ -412,8 +412,25 @@ class ServeHandlers:
         return _json(result, headers={"X-Model-Version": model.version})
 
 
-    def _capture(self, model: LoadedModel, probs, body: bytes, client, ood: dict | None = None) -> None:
-        """--capture, on its own thread: keep the picture if the model is unsure (edge_tl.device.capture)."""
+    def _capture(self, model: LoadedModel, probs, body: bytes, client, ood: dict | None) -> None:
+        """--capture: decide here, on the request's path (two score comparisons and a draw, edge_tl.device.capture),
+        and hand only a picture kept to the writer thread: a handoff per request cost a third of serve's p50 on
+        2 cores (benchmarks/bench_capture.py). The first request of a model version makes its Capturer (which
+        reads the folder) on the writer thread."""
+        source = f"serve:{client.host if client else '?'}"
+        cap = self._capturers.get(model.version)
+        if cap is None:
+            self.capture_pool.submit(self._first_capture, model, probs, body, source, ood)
+            return
+        try:
+            why = cap.decide(probs, ood)
+        except Exception as exc:  # noqa: BLE001 - capture never takes inference down
+            log.warning("capture failed: %s", exc)
+            return
+        if why:
+            self.capture_pool.submit(self._keep, cap, why, probs, body, source, ood)
+
+    def _first_capture(self, model: LoadedModel, probs, body: bytes, source: str, ood: dict | None) -> None:
         from edge_tl.device.capture import CapturePolicy, Capturer
 
         try:
@@ -421,12 +438,21 @@ class ServeHandlers:
             if cap is None:
                 cap = self._capturers[model.version] = Capturer(
                     self.config.capture, self.config.capture_policy or CapturePolicy(), model.version, model.labels)
-            why = cap.consider(probs, source=f"serve:{client.host if client else '?'}", data=body, ood=ood)
+            why = cap.decide(probs, ood)
         except Exception as exc:  # noqa: BLE001 - capture never takes inference down
             log.warning("capture failed: %s", exc)
             return
         if why:
-            self.metrics.captured.labels(why).inc()
+            self._keep(cap, why, probs, body, source, ood)
+
+    def _keep(self, cap, why: str, probs, body: bytes, source: str, ood: dict | None) -> None:
+        try:
+            kept = cap.keep(why, probs, source=source, data=body, ood=ood)
+        except Exception as exc:  # noqa: BLE001 - capture never takes inference down
+            log.warning("capture failed: %s", exc)
+            return
+        if kept:
+            self.metrics.captured.labels(kept).inc()
 
 
 def create_app(config: ServeConfig, metrics: Metrics | None = None):
