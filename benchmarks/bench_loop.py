@@ -6,7 +6,7 @@ The "device" is this machine behind a real OpenSSH server on a loopback port (te
 trust folder holding the workstation's public key. Set-up, not timed: the parent bundle is deployed to the device
 root. Then, timed:
 
-1. **capture**: ``edge-tl serve ROOT/active --capture ROOT/capture`` and a client POSTs the new camera's pictures
+1. **capture**: ``edge-tl serve --root ROOT --capture ROOT/capture`` and a client POSTs the new camera's pictures
    (:func:`edge_tl.workstation.demo.field_task`: digits the parent never saw, colour cast + blur + rotation), one at
    a time. So that the field set has the size the continual gate needs (``--per-class``, 40 by default, as the
    continual test), serve keeps every picture (``--capture-below 1.0``, ``--capture-per-minute 100000``); with the
@@ -21,7 +21,7 @@ root. Then, timed:
 5. **deploy**: ``edge-tl deploy push child/bundle --to ...`` (verify, send, build/check the engine on the device --
    ONNX Runtime here -- and switch; the parent stays for rollback).
 
-    python benchmarks/bench_loop.py [--run runs/demo] [--per-class 40]
+    python benchmarks/bench_loop.py [--run runs/demo] [--per-class 40 60]
 
 Needs OpenSSH's sshd and ssh-keygen, and a signing key whose .pub the script can read ($EDGE_TL_SIGNING_KEY or the
 default key: the one the parent was built with is not needed; the child is signed with it).
@@ -51,6 +51,7 @@ from bench_serve import Server  # noqa: E402
 from sshd_helper import start_sshd  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
+from edge_tl.core.errors import EdgeTLError  # noqa: E402
 from edge_tl.workstation import demo  # noqa: E402
 
 EDGE_TL = [sys.executable, "-c", "from edge_tl.cli import main; main()"]
@@ -73,12 +74,13 @@ def signing_pub() -> Path:
     return pub
 
 
-def capture(bundle_dir: Path, cap: Path, field: Path) -> dict[str, str]:
+def capture(root: Path, cap: Path, field: Path) -> dict[str, str]:
     """Serve with --capture and POST every field picture; returns the truth by sha256."""
     import httpx
 
     truth: dict[str, str] = {}
-    server = Server(bundle_dir, ["--capture", str(cap), "--capture-below", "1.0", "--capture-per-minute", "100000"])
+    server = Server(None, ["--root", str(root), "--capture", str(cap), "--capture-below", "1.0",
+                           "--capture-per-minute", "100000"])
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=60) as client:
             for pic in sorted(field.glob("*/*.png")):
@@ -132,13 +134,29 @@ def label_by_script(field: Path, out: Path, bundle_dir: Path, truth: dict[str, s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=ROOT / "runs/demo", help="the parent build's run folder")
-    ap.add_argument("--per-class", type=int, default=40, help="field pictures a class")
+    ap.add_argument("--per-class", type=int, nargs="+", default=[40, 60],
+                    help="field pictures a class, one whole loop each (at most 64: the rarest class's unused ones)")
     args = ap.parse_args()
     parent = args.run / "bundle"
     if not (parent / "manifest.json").is_file():
         raise SystemExit(f"{args.run} is not a finished build's run folder: run `make demo` first, or pass --run")
-    pub = signing_pub()
     b = Bundle.open(parent)
+    with tempfile.TemporaryDirectory() as td:  # every size is available before anything runs
+        for n in args.per_class:
+            try:
+                demo.field_task(td, n)
+            except EdgeTLError as exc:
+                raise SystemExit(exc.one_line()) from None
+    loops = []
+    for n in args.per_class:
+        loops.append((n, *one_loop(args.run, n)))
+        write(loops, b)  # what is done so far
+
+
+def one_loop(run_dir: Path, per_class: int) -> tuple[list[tuple[str, float, str]], float, float]:
+    """One whole loop with a fresh device root and sshd: (steps, their total, the parent's deploy time)."""
+    parent = run_dir / "bundle"
+    pub = signing_pub()
     with tempfile.TemporaryDirectory(prefix="edge-tl-bench-loop-") as td:
         td = Path(td)
         trust = td / "device-trust"
@@ -150,15 +168,17 @@ def main() -> None:
         deploy = [*ssh, "--root", str(root), "--remote-edge-tl", str(Path(sys.executable).with_name("edge-tl")),
                   "--no-restart"]
         try:
+            t = time.perf_counter()
             r = run("deploy", "push", str(parent), *deploy)  # set-up: the parent runs on the device
             if r.returncode:
                 raise SystemExit(f"deploying the parent failed: {r.stderr[-2000:]}")
-            field = demo.field_task(td / "field-src", args.per_class)
+            parent_deploy = time.perf_counter() - t
+            field = demo.field_task(td / "field-src", per_class)
             steps: list[tuple[str, float, str]] = []
             t0 = time.perf_counter()
 
             t = time.perf_counter()
-            truth = capture(root / "active", root / "capture", field)
+            truth = capture(root, root / "capture", field)
             kept = len(list((root / "capture").glob("*.json")))
             steps.append(("capture", time.perf_counter() - t, f"{len(truth)} pictures POSTed, {kept} kept"))
 
@@ -177,7 +197,7 @@ def main() -> None:
                           f"{counts['accept']} suggestions accepted, {counts['correct']} corrected"))
 
             t = time.perf_counter()
-            r = run("build", "--from", str(args.run), "--add", str(td / "labelled"), "--out", str(td / "child"))
+            r = run("build", "--from", str(run_dir), "--add", str(td / "labelled"), "--out", str(td / "child"))
             verdict = json.loads((td / "child" / "continual.json").read_text())
             gain, forget = verdict.get("adaptation", {}), verdict.get("forgetting", {})
             steps.append(("build + gate", time.perf_counter() - t,
@@ -193,7 +213,7 @@ def main() -> None:
             total = time.perf_counter() - t0
         finally:
             server.stop()
-    write(steps, total, b, args)
+    return steps, total, parent_deploy
 
 
 def _pp(cmp: dict) -> str:
@@ -203,20 +223,27 @@ def _pp(cmp: dict) -> str:
     return f"{d:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}] points" if ci else f"{d:+.1f} points"
 
 
-def write(steps, total: float, b: Bundle, args) -> None:
+def write(loops, b: Bundle) -> None:
     lines = ["## The whole loop on the demo: capture -> collect -> label -> build -> gate -> deploy (issue 25)", "",
              machine_line(), "",
-             f"`benchmarks/bench_loop.py --per-class {args.per_class}`: the parent is the demo bundle "
-             f"{b.manifest.bundle_id[:12]} ({b.manifest.name}), deployed to a device root behind a real sshd on a "
-             "loopback port; the field pictures are the new camera's (`demo.field_task`: colour cast + blur + "
-             "rotation), all kept by serve (`--capture-below 1.0`, no per-minute cap, so the field set has the size "
-             "the gate needs at once); the labelling is a script driving `edge-tl label`'s page API with the truth; "
-             "the build is the default continual recipe (replay, Grad-CAM report); deploy is `deploy push` (verify, "
-             "send, engine check on ONNX Runtime, atomic switch).", "",
-             "| step | seconds | what happened |", "|---|---|---|"]
-    lines += [f"| {name} | {sec:.1f} | {what} |" for name, sec, what in steps]
-    verdict = "met" if total <= TARGET_S and len(steps) == 5 else "MISSED"
-    lines += [f"| **whole loop** | **{total:.1f}** | target <= {TARGET_S:.0f} s: {verdict} |", ""]
+             f"`benchmarks/bench_loop.py --per-class {' '.join(str(n) for n, *_ in loops)}`: the parent is the demo "
+             f"bundle {b.manifest.bundle_id[:12]} ({b.manifest.name}), deployed to a device root behind a real sshd "
+             "on a loopback port (set-up, not timed); the field pictures are the new camera's (`demo.field_task`: "
+             "colour cast + blur + rotation), all kept by serve (`--capture-below 1.0`, no per-minute cap, so the "
+             "field set has the size the gate needs at once); the labelling is a script driving `edge-tl label`'s "
+             "page API with the truth; the build is the default continual recipe (replay, Grad-CAM report); deploy "
+             "is `deploy push` (verify, send, engine check on ONNX Runtime, atomic switch, the parent kept).", ""]
+    for per_class, steps, total, parent_deploy in loops:
+        lines += [f"**{per_class} field pictures a class:**", "", "| step | seconds | what happened |", "|---|---|---|"]
+        lines += [f"| {name} | {sec:.1f} | {what} |" for name, sec, what in steps]
+        shipped = len(steps) == 5
+        if not shipped:  # the gate refused: no child to deploy; the same push of a bundle of this model, timed
+            lines.append(f"| (deploy: the parent's push in the set-up, the same work for a bundle of this model) | "
+                         f"{parent_deploy:.1f} | not part of this loop: the gate wrote no child bundle |")
+        whole = total + (0.0 if shipped else parent_deploy)
+        verdict = "met" if whole <= TARGET_S else "MISSED"
+        lines += [f"| **whole loop** | **{whole:.1f}** | target <= {TARGET_S:.0f} s: {verdict}"
+                  + ("" if shipped else " (the parent's deploy time standing in for the child's)") + " |", ""]
     print("\n".join(lines))
     write_section("loop", "\n".join(lines))
 

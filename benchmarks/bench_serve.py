@@ -193,12 +193,14 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, bundle: Path, extra: list[str]):
+    def __init__(self, bundle: Path | None, extra: list[str]):
+        """``bundle`` None: ``extra`` names what to serve (e.g. ``--root ROOT``)."""
         import httpx
 
         self.port = free_port()
-        cmd = [sys.executable, "-c", "from edge_tl.cli import main; main()", "serve", str(bundle), "--port",
-               str(self.port), "--backend", "ort-cpu", *extra]
+        cmd = [sys.executable, "-c", "from edge_tl.cli import main; main()", "serve",
+               *([str(bundle)] if bundle is not None else []), "--port", str(self.port), "--backend", "ort-cpu",
+               *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
