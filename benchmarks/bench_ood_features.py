@@ -49,14 +49,10 @@ def features(run: Path):
     """(fn(images) -> (features, logits), the split) of the run's pruned model."""
     import torch
 
-    from edge_tl.workstation.continual import load_parent
-    from edge_tl.workstation.train.backbones import load_state
+    from edge_tl.workstation.explain import run_model
 
-    parent = load_parent(run)
+    model, parent = run_model(run)
     keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    pruned = run / "stages" / f"prune-{keys.get('prune')}" / "model.pt"
-    path = pruned if keys.get("prune") and pruned.is_file() else parent.start
-    model = load_state(parent.spec.model.backbone, len(parent.bundle.labels), path, parent.spec.model.dropout).eval()
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     grabbed: list[torch.Tensor] = []
     head.register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].detach()))
@@ -180,13 +176,13 @@ def main() -> None:
             lines.append(f"| photos, ImageNet Lite0 frozen + linear head ({res['train']} train, {res['test']} test) "
                          f"| {name} | {row['n']} | "
                          + " | ".join(f"{row[s][0]:.3f} [{row[s][1]:.3f}, {row[s][2]:.3f}]" for s in SCORES) + " |")
-        from scipy.stats import binomtest
+        from edge_tl.workstation.stats import wilson
 
         mean = {sc: np.mean([row[sc][0] for row in res["sets"].values()]) for sc in SCORES}
         right, n = sum(res["right"]), res["test"] * len(res["right"])
-        ci = binomtest(right, n).proportion_ci(method="wilson")
+        low, high = wilson(right, n)
         lines += ["", f"The photos' linear head (frozen ImageNet Lite0, FP32, not pruned) scored {right}/{n} = "
-                  f"{100 * right / n:.1f}% [95% Wilson {100 * ci.low:.1f}, {100 * ci.high:.1f}] top-1 pooled over "
+                  f"{100 * right / n:.1f}% [95% Wilson {100 * low:.1f}, {100 * high:.1f}] top-1 pooled over "
                   f"seeds {', '.join(str(s) for s in range(len(res['right'])))} (per seed "
                   + ", ".join(f"{100 * r / res['test']:.1f}%" for r in res["right"])
                   + "); mean AUROC over the seeds and both no-class sets: "

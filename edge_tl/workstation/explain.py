@@ -243,13 +243,10 @@ def report_section(ctx: Any, plots: Path) -> list[str]:
     return lines
 
 
-def run_explainer(run: str | Path) -> tuple[Any, Any]:
-    """Grad-CAM for the label page (edge_tl.workstation.label.Explain) from a finished build's run folder
-    (``edge-tl label --run RUN``): the pruned model the bundle ships (before INT8; the fine-tuned one for a build
-    without pruning), this module's Grad-CAM, its map laid back over the whole picture (the model saw the centre
-    crop of the resized picture). Returns (explain, the run's bundle, verified)."""
-    from PIL import Image
-
+def run_model(run: str | Path) -> tuple[Any, Any]:
+    """The PyTorch model a finished build's bundle ships, before INT8 (the pruned one; the fine-tuned one for a build
+    without pruning), in eval mode, with the run's parent record (``edge_tl.workstation.continual.load_parent``:
+    its bundle verified)."""
     from edge_tl.workstation.continual import load_parent
     from edge_tl.workstation.train.backbones import load_state
 
@@ -257,8 +254,19 @@ def run_explainer(run: str | Path) -> tuple[Any, Any]:
     keys = json.loads((parent.run / "run.json").read_text())["stage_keys"]
     pruned = parent.run / "stages" / f"prune-{keys.get('prune')}" / "model.pt"
     path = pruned if keys.get("prune") and pruned.is_file() else parent.start
+    model = load_state(parent.spec.model.backbone, len(parent.bundle.labels), path, parent.spec.model.dropout)
+    return model.eval(), parent
+
+
+def run_explainer(run: str | Path) -> tuple[Any, Any]:
+    """Grad-CAM for the label page (edge_tl.workstation.label.Explain) from a finished build's run folder
+    (``edge-tl label --run RUN``): the pruned model the bundle ships (before INT8; the fine-tuned one for a build
+    without pruning), this module's Grad-CAM, its map laid back over the whole picture (the model saw the centre
+    crop of the resized picture). Returns (explain, the run's bundle, verified)."""
+    from PIL import Image
+
+    model, parent = run_model(run)
     bundle = parent.bundle
-    model = load_state(parent.spec.model.backbone, len(bundle.labels), path, parent.spec.model.dropout).eval()
     cfg = bundle.preprocessor.config
     layer = target_layer(model, tuple(cfg.input_size))
 
