@@ -283,6 +283,37 @@ def test_latency_target_recovers_both_rankings_and_keeps_the_better(built, tmp_p
     assert f"kept **{auto['chosen']}**" in report
 
 
+def test_frozen_features_build_fits_the_head_and_distils_features(tmp_path):
+    """The photo recipe's path on the demo data: train.mode = feature-extract fits the head by L-BFGS (one step, on
+    the training images and 4 augmented copies); pruning takes only the blocks' expanded channels, ranked by their
+    contribution on training images; the recovery distils the unpruned model's features (prune.recovery_distill
+    = auto) and the head is fitted again. The manifest and the report say so, and the bundle verifies."""
+    import torch
+
+    from edge_tl.workstation.spec import load_spec, to_toml
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text(to_toml(load_spec(None, {"train.mode": "feature-extract", "prune.channels": "hidden",
+                                             "prune.importance": "contribution", "prune.recovery_retries": 0})))
+    run = tmp_path / "run"
+    proc = edge_tl("build", str(spec), "--out", str(run), *SMALL, "--recovery-epochs", "3", "--golden-count", "4",
+                   "--calib-count", "32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((run / "bundle" / "manifest.json").read_text())
+    ft, pr = manifest["stages"]["finetune"], manifest["stages"]["prune"]
+    head = ft["head"]
+    assert head["solver"] == "lbfgs" and head["asked"] == "auto" and ft["epochs_run"] == 1
+    assert head["fit"]["views"] == 4 and head["fit"]["images"] > 0 and head["fit"]["images"] % 5 == 0  # 1 + 4 views
+    assert pr["recovery_distill"] == {"on": "features", "asked": "auto"} and pr["importance"] == "contribution"
+    assert pr["macs_removed"] >= 0.5
+    state = torch.load(next(run.glob("stages/prune-*")) / "model.pt", weights_only=True)
+    assert state["classifier.1.weight"].shape == (5, 1280)  # the features the head reads kept their width
+    report = (run / "report.md").read_text()
+    assert "the new head fitted once to its optimum" in report and "hidden channels only" in report
+    assert "distilled from the unpruned model's features" in report
+    Bundle.open(run / "bundle").verify()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/images"], "data folder /nonexistent/images does not exist"),
     (["--backbone", "resnet9"], "--backbone: model.backbone: unknown backbone 'resnet9'"),

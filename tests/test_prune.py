@@ -126,3 +126,47 @@ def test_find_classifier():
     assert find_classifier(make("mobilenet_v3_large")) == "classifier.3"
     with pytest.raises(EdgeTLError, match="no Linear or Conv2d"):
         find_classifier(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_hidden_channels_only_keeps_the_residual_stream_and_the_features(name):
+    """prune.channels = "hidden": every block's output (the residual stream), the stem and what the classifier
+    sees keep their widths; the MACs target is still met, from the blocks' expanded channels alone."""
+    from edge_tl.workstation.prune import stream_layers
+
+    model = make(name).eval()
+    keep = stream_layers(model)
+    before = {n: out_features(m) for n, m in model.named_modules() if n in keep}
+    result = prune_to_macs(model, torch.zeros(1, 3, *SIZE), 0.4, ignored_layers=keep)
+    after = dict(result.model.named_modules())
+    assert {n: out_features(after[n]) for n in keep} == before
+    assert result.macs_removed >= 0.4
+    width = {n: c_out for n, _, c_out, _ in channel_report(model)}
+    narrower = {n for n, _, c_out, _ in channel_report(result.model) if c_out < width[n]}
+    assert narrower and not narrower & set(keep)  # the expanded channels went, no kept layer's output did
+    assert keep[0] == "features.0.0" and len(keep) > 10
+    with pytest.raises(EdgeTLError, match="no inverted-residual blocks"):
+        stream_layers(make("squeezenet1_1"))
+
+
+def test_contribution_importance_prunes_the_channels_the_data_never_excites():
+    """Channels whose activations are zero on the images are the ones removed, although their weights are the
+    largest (L1 keeps them); the activations recorded for the ranking are not left on the models."""
+    from edge_tl.workstation.prune import ACTIVATION_ATTR, _prune_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias[:8] = -1e3  # channels 0-7 are dead on any image (ReLU of a very negative number)
+        model[0].weight[:8] *= 10  # ... and have the largest weights
+    x, y = torch.rand(8, 3, *SIZE), torch.tensor([0, 1, 2, 3] * 2)
+    args = (x[:1], 0.5, ["6"], 1)
+    by_data = _prune_copy(model, *args, "contribution", False, (x, y))
+    by_weight = _prune_copy(model, *args, "l1", False, None)
+    assert by_data[0].out_channels == by_weight[0].out_channels == 8
+    assert bool((by_data[0].bias > -1).all())  # every dead channel went
+    assert bool((by_weight[0].bias < -1).all())  # magnitude kept exactly the dead ones
+    assert not any(hasattr(m, ACTIVATION_ATTR) for net in (model, by_data) for m in net.modules())
+    result = prune_to_macs(model, x[:1], 0.3, importance="contribution", taylor_batch=(x, y), round_to=1)
+    assert result.macs_removed >= 0.3 and not any(hasattr(m, ACTIVATION_ATTR) for m in model.modules())

@@ -54,6 +54,7 @@ class Importance(str, Enum):
     auto = "auto"
     lamp = "lamp"
     taylor = "taylor"
+    contribution = "contribution"
     l1 = "l1"
     l2 = "l2"
     fpgm = "fpgm"
@@ -127,7 +128,9 @@ def build(
     prune_importance: Importance | None = typer.Option(None, help="How channels are ranked (auto, the default: "
                                                        "taylor and lamp both tried, the better on the "
                                                        "decision set kept; taylor: first-order loss change on "
-                                                       "training images; lamp: layer-adaptive magnitude; "
+                                                       "training images; contribution: activation on "
+                                                       "training images x outgoing weights; lamp: "
+                                                       "layer-adaptive magnitude; "
                                                        "l1/l2: weight magnitude).",
                                                        show_default=False),
     distill_weight: float | None = typer.Option(None, help="Recovery: share of distillation from the unpruned "

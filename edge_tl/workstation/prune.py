@@ -25,7 +25,9 @@ from edge_tl.workstation.modelstats import eval_mode
 
 log = logging.getLogger(__name__)
 
-IMPORTANCES = ("l1", "l2", "fpgm", "lamp", "taylor", "random")
+IMPORTANCES = ("l1", "l2", "fpgm", "lamp", "taylor", "contribution", "random")
+#: importances ranked on data: they need ``taylor_batch`` = (images, labels)
+DATA_IMPORTANCES = ("taylor", "contribution")
 
 
 @dataclass
@@ -77,11 +79,101 @@ def _importance(name: str):
         "fpgm": lambda: tp.importance.FPGMImportance(),
         "lamp": lambda: tp.importance.LAMPImportance(p=2),
         "taylor": lambda: tp.importance.GroupTaylorImportance(),
+        "contribution": _contribution_importance,
         "random": lambda: tp.importance.RandomImportance(),
     }
     if name not in imp:
         raise EdgeTLError(f"unknown pruning importance '{name}'", f"choose one of: {', '.join(IMPORTANCES)}")
     return imp[name]()
+
+
+#: the blocks whose last convolution writes the residual stream (torchvision's MobileNetV2/V3, timm's EfficientNet)
+BLOCK_TYPES = ("InvertedResidual", "DepthwiseSeparableConv")
+
+
+def stream_layers(model: nn.Module) -> list[str]:
+    """The layers that keep their output width when only the hidden channels are pruned (``prune.channels =
+    "hidden"``): the stem (the first convolution), the last convolution and any Linear layer before the
+    classifier (the features the classifier sees), and each inverted-residual block's projection (its last
+    convolution, whose outputs are the residual stream every later block reads). What is left to prune are the
+    blocks' expanded channels (expansion, depthwise, squeeze-excite), which no other block sees."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    classifier = find_classifier(model)
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in BLOCK_TYPES]
+    if not blocks:
+        raise EdgeTLError(f"{type(model).__name__} has no inverted-residual blocks whose hidden channels could be "
+                          "pruned alone", "use prune.channels = 'all' with this backbone")
+    keep = [convs[0], next(n for n in reversed(convs) if n != classifier)]
+    # MobileNetV3's hidden Linear layer between the pooled features and the classifier
+    keep += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != classifier]
+    for name, block in blocks:
+        inner = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
+        keep.append(inner[-1])
+    return list(dict.fromkeys(keep))
+
+
+def _contribution_importance():
+    """A channel's mean |activation| on the task's own images times the L2 norm of the weights that read it: how
+    far the next layer's output moves without it, to first order. Torch-Pruning's ActivationImportance scores the
+    activation alone; a channel that is large but read with tiny weights matters little, hence the product. Ranked
+    on the data, not on the weights alone: a pretrained ImageNet channel that these images never excite goes
+    first. The activations are recorded by :func:`_record_activations` before the pruner steps."""
+    import torch_pruning as tp
+    from torch_pruning.pruner import function
+
+    class ContributionImportance(tp.importance.GroupMagnitudeImportance):
+        @torch.no_grad()
+        def __call__(self, group):
+            group_imp, group_idxs = [], []
+            for i, (dep, idxs) in enumerate(group):
+                layer, fn = dep.target.module, dep.handler
+                if fn not in (function.prune_conv_in_channels, function.prune_linear_in_channels):
+                    continue
+                act = getattr(layer, ACTIVATION_ATTR, None)
+                if act is None or (isinstance(layer, nn.Conv2d) and layer.groups != 1):  # depthwise: its own channel
+                    continue
+                reads = layer.weight.data.transpose(0, 1).flatten(1).norm(dim=1)
+                group_imp.append((act * reads)[list(idxs)])  # in the order of root_idxs
+                group_idxs.append(group[i].root_idxs)
+            if not group_imp:
+                return None
+            return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+    return ContributionImportance()
+
+
+#: where :func:`_record_activations` leaves each layer's mean |input| per channel
+ACTIVATION_ATTR = "_edge_tl_activation"
+
+
+@torch.no_grad()
+def _record_activations(model: nn.Module, x: torch.Tensor, batch: int = 32) -> None:
+    """Mean |input| per channel of every Conv2d and Linear layer over the images ``x`` (eval mode)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sums: dict[int, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        a = inp[0].abs()
+        a = a.mean((0, 2, 3)) if a.dim() == 4 else a.reshape(-1, a.shape[-1]).mean(0)
+        sums[id(mod)] = sums.get(id(mod), 0) + a * len(inp[0])
+
+    hooks = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with eval_mode(model):
+            for i in range(0, len(x), batch):
+                model(x[i:i + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in layers:
+        if id(m) in sums:
+            setattr(m, ACTIVATION_ATTR, sums[id(m)] / len(x))
+
+
+def _forget_activations(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, ACTIVATION_ATTR):
+            delattr(m, ACTIVATION_ATTR)
 
 
 def _ignored_names(model: nn.Module, ignored_layers: Sequence[str | nn.Module] | None) -> list[str]:
@@ -120,8 +212,11 @@ def _prune_copy(model: nn.Module, example: torch.Tensor, ratio: float, ignored: 
         x, y = taylor_batch
         m.zero_grad()
         nn.functional.cross_entropy(m(x), y).backward()
+    if importance == "contribution" and not any(hasattr(k, ACTIVATION_ATTR) for k in m.modules()):
+        _record_activations(m, taylor_batch[0])
     pruner.step()
     m.zero_grad(set_to_none=True)
+    _forget_activations(m)
     return m
 
 
@@ -135,7 +230,8 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_macs_rat
     ``target_macs_ratio`` is the FRACTION OF MACs REMOVED (0.5: the result has <= half the MACs).
     ``example_input``: one batch shaped like the real input (only its shape and device matter).
     ``importance``: how channels are ranked (``l1``/``l2`` magnitude, ``fpgm``, ``lamp``, ``random``, or
-    ``taylor``, which needs ``taylor_batch`` = (images, labels) for one gradient pass).
+    ``taylor``, which needs ``taylor_batch`` = (images, labels) for one gradient pass, or ``contribution``, which
+    needs its images for one forward pass: :func:`_contribution_importance`).
     ``model`` itself is left untouched; the pruned copy is ``result.model`` (in ``model``'s training mode).
     """
     import torch_pruning as tp
@@ -145,8 +241,8 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_macs_rat
                           "give a number between 0 and 1 (0.5 removes half the MACs)")
     if round_to is not None and int(round_to) < 1:
         raise EdgeTLError(f"round_to={round_to} must be a positive channel multiple", "use 8 for TensorRT")
-    if importance == "taylor" and taylor_batch is None:
-        raise EdgeTLError("Taylor importance needs a batch of labelled images",
+    if importance in DATA_IMPORTANCES and taylor_batch is None:
+        raise EdgeTLError(f"{importance} importance needs a batch of labelled images",
                           "pass taylor_batch=(images, labels) or use importance='l1'")
     _importance(importance)  # validate the name before any work
     ignored = _ignored_names(model, ignored_layers)
@@ -165,7 +261,12 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_macs_rat
             return pruned, macs
 
         trials: list[tuple[float, int]] = []
-        best, best_hi = _search(trial, macs0, goal, max_channel_ratio, tolerance, max_trials)
+        if importance == "contribution":  # recorded once; every trial's copy carries them
+            _record_activations(model, taylor_batch[0])
+        try:
+            best, best_hi = _search(trial, macs0, goal, max_channel_ratio, tolerance, max_trials)
+        finally:
+            _forget_activations(model)
         if best is None:
             reached = 1 - min(m for _, m in trials) / macs0
             raise EdgeTLError(f"pruning cannot remove {target_macs_ratio:.0%} of the MACs: the most removed in "

@@ -121,6 +121,14 @@ class TrainSpec(_Section):
         "finetune", description="finetune: head warm-up, then the whole net with a lower backbone lr; "
         "feature-extract: frozen backbone, only the new head trains; auto: both from the same start under the "
         "same epoch budget (warmup_epochs + epochs), the better one on validation kept, both curves in the report")
+    head: Literal["auto", "lbfgs", "sgd"] = Field(
+        "auto", description="how feature-extract trains the head on the frozen backbone: lbfgs (multinomial "
+        "logistic regression fitted once to its optimum on the frozen features, scikit-learn's L-BFGS; no epochs, "
+        "no learning rate), sgd (epochs of AdamW at lr_head); auto: lbfgs where the head is a Linear layer (every "
+        "backbone but SqueezeNet). On 98 real photos (ImageNet Lite0) the SGD head reached 78.1% and the "
+        "L-BFGS one 90.0% (benchmarks/RESULTS.md, photo-modes and ood-features)")
+    head_views: int = Field(4, ge=0, le=64, description="head = lbfgs: augmented copies of each training image "
+                            "whose features the head is fitted on besides the images themselves")
     epochs: int = Field(30, ge=1, le=10_000, description="most epochs after the warm-up "
                         "(early stopping may end sooner)")
     warmup_epochs: int = Field(5, ge=0, description="finetune: head-only epochs before the backbone unfreezes")
@@ -231,13 +239,20 @@ class PruneSpec(_Section):
                                "test, 6 points under, and not rerun). A negative value reruns unless the "
                                "pruned model beats the unpruned one by that much: -100 always runs every retry "
                                "(best of 1 + recovery_retries)")
-    importance: Literal["auto", "lamp", "taylor", "l1", "l2", "fpgm"] = Field(
+    importance: Literal["auto", "lamp", "taylor", "contribution", "l1", "l2", "fpgm"] = Field(
         "auto", description="how channels are ranked: auto (the default) prunes and recovers with taylor and with "
         "lamp and keeps the better on the decision set (data.val_views); taylor (first-order loss change, one "
-        "gradient pass on up to 64 training images), lamp (layer-adaptive magnitude), l1/l2 (weight magnitude), "
+        "gradient pass on up to 64 training images), contribution (a channel's mean |activation| on up to 64 "
+        "training images times the norm of the weights that read it: ranked on the task's data), lamp "
+        "(layer-adaptive magnitude), l1/l2 (weight magnitude), "
         "fpgm. On the demo neither criterion won every seed: Taylor kept 93.00/94.50/93.00/96.50% where LAMP "
         "kept 88.00/90.75/91.50/94.75% (seeds 0-3) but lost 89.25% against 94.25% on seed 4 "
         "(benchmarks/RESULTS.md (d), 2026-11-30)")
+    channels: Literal["all", "hidden"] = Field(
+        "all", description="which channels may go: all (every prunable layer, the residual stream included) or "
+        "hidden (only the expanded channels inside each inverted-residual block; the stem, every block's output "
+        "(the residual stream) and the features the classifier sees keep their width: "
+        "edge_tl.workstation.prune.stream_layers). MobileNet and EfficientNet-Lite only; a MACs target only")
     global_pruning: bool = Field(False, description="rank channels across layers (each layer loses what it can "
                                  "spare) instead of the same share in every layer. Off by default: on the demo the "
                                  "global LAMP ranking removed 83% of the parameters for 50% of the MACs, leaving "
@@ -247,7 +262,20 @@ class PruneSpec(_Section):
                                  "(prune.target.ranking)")
     distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
                                   "from the unpruned model (0 = labels only)")
+    recovery_distill: Literal["auto", "logits", "features"] = Field(
+        "auto", description="what the recovery distils from the unpruned model: logits (its outputs, blended with "
+        "the labels by distill_weight), features (what its classifier sees, by mean squared error through a "
+        "linear map; the head is then fitted again by L-BFGS on the pruned features, as train.head = 'lbfgs' "
+        "does); auto: features when the model pruned is a frozen backbone with an L-BFGS head (its features are "
+        "all it learnt), else logits")
     distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")
+
+    @model_validator(mode="after")
+    def _hidden_needs_macs(self) -> PruneSpec:
+        if self.channels == "hidden" and self.latency_target is not None:
+            raise ValueError("prune.channels = 'hidden' works with a MACs target (ratio or target.macs); a latency "
+                             "target prunes all channels")
+        return self
 
     @property
     def macs_ratio(self) -> float:

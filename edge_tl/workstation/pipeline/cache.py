@@ -28,7 +28,7 @@ from edge_tl.core.fsutil import atomic_dir, atomic_write_text, file_lock
 # prune 6, qat 2: choices between candidates scored on the decision set (validation + data.val_views copies)
 # prune 7: a latency target prunes with both rankings (prune.target.ranking = "auto"); metrics key auto_choice
 # prune 8: a recovery that fails its check on the decision set is rerun (prune.recovery_retries, retry_below)
-STAGE_VERSIONS = {"data": 1, "finetune": 2, "scratch": 3, "prune": 8, "export": 1, "quantize": 1, "qat": 2}
+STAGE_VERSIONS = {"data": 1, "finetune": 3, "scratch": 3, "prune": 9, "export": 1, "quantize": 1, "qat": 2}
 DEPENDS = {"data": (), "finetune": ("data",), "scratch": ("data",), "prune": ("finetune",), "export": ("prune",),
            "quantize": ("export",), "qat": ("quantize",)}
 RUN_FILE = "run.json"

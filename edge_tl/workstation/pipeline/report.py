@@ -332,6 +332,26 @@ def _auto_choice_line(pr: dict) -> str:
             f"({auto['rule']}).{refused}")
 
 
+def _head_lines(head: dict) -> list[str]:
+    """How the head of a frozen backbone was fitted (train.head = lbfgs), or nothing."""
+    hf = head.get("fit")
+    if not hf:
+        return []
+    return [f"Head: the backbone frozen, the new head fitted once to its optimum (multinomial logistic regression, "
+            f"scikit-learn L-BFGS, C = {hf['C']:g}, {hf['iterations']} iterations) on the features of {hf['images']} "
+            f"images (the training images and {hf['views']} augmented copies of each; train.head = "
+            f"{head['asked']!r}): training top-1 {_pct(hf['train_top1'])}.", ""]
+
+
+def _distill_words(pr: dict) -> str:
+    """How the recovery after pruning was taught (prune.recovery_distill)."""
+    on = (pr.get("recovery_distill") or {}).get("on", "logits")
+    if on == "features":
+        return ("recovery distilled from the unpruned model's features (mean squared error of what the classifiers "
+                "see), the head then fitted again by L-BFGS.")
+    return f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}."
+
+
 def _retry_line(pr: dict) -> str:
     """prune.recovery_retries: a recovery that failed its check and was run again (the kept candidate's)."""
     attempts = pr.get("recovery_attempts")
@@ -372,6 +392,7 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
     from edge_tl.workstation.pipeline.guard import report_lines
 
     lines += report_lines(ctx)
+    lines += _head_lines(st["finetune"].get("head") or {})
     if st["finetune"].get("recipe") == "scratch":
         from edge_tl.workstation.pipeline.stages import scratch_recipe_note
 
@@ -412,8 +433,8 @@ def write_report(ctx: Context, result: BuildResult) -> Path:
                   f"({100 * pr['macs_removed']:.1f}% removed), top-1 {_pct(pr['top1_before_recovery'])} right after "
                   f"pruning, {_pct(pr.get('top1_after_bn_recalibration'))} after re-estimating BatchNorm statistics, "
                   f"{_pct(pr['top1'])} after the recovery fine-tune. Channels ranked by {pr.get('importance', '?')} "
-                  f"({'across layers' if pr.get('global_pruning') else 'per layer'}); recovery distilled from the "
-                  f"unpruned model with weight {pr.get('distill_weight', 0)}."
+                  f"({'across layers' if pr.get('global_pruning') else 'per layer'}"
+                  f"{', hidden channels only' if s.prune.channels == 'hidden' else ''}); " + _distill_words(pr)
                   + (f" Latency target {pr['target_ms']:g} ms ({pr['backend']}): "
                      + ("channels ranked by importance per ms of measured latency"
                         if pr.get("ranking", "per-ms") == "per-ms" else

@@ -162,7 +162,8 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
         recipe = auto["chosen"]
     else:
         recipe = t.mode
-        phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
+        phases = finetune_phases(t.mode, t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn,
+                                 head_solver(ctx), t.head_views)
     if auto is None:
         model = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
         res = fit(model, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), phases,
@@ -173,6 +174,10 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
     metrics = {"val_top1": res.best_val_top1, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
                "train_seconds": round(res.seconds, 2), "device": res.device, "mode": t.mode, "recipe": recipe,
                "phases": [p.__dict__ for p in phases]}
+    if recipe == "feature-extract":
+        metrics["head"] = {"solver": head_solver(ctx), "asked": t.head,
+                           **({"fit": res.history[-1]["head_fit"]} if res.history and "head_fit" in res.history[-1]
+                              else {})}
     metrics["balance"] = balance_setup(ctx)
     metrics["augmentation"] = ctx.augmentation()
     if auto is not None:
@@ -182,6 +187,25 @@ def run_finetune(ctx: Context, out: Path) -> dict[str, Any]:
     metrics = _torch_outputs(ctx, model, out, metrics)
     _write(out, "metrics.json", metrics)
     return metrics
+
+
+def head_solver(ctx: Context) -> str:
+    """train.head for this backbone (edge_tl.workstation.train.head.solver)."""
+    from edge_tl.workstation.train.head import solver
+
+    return solver(ctx.spec.model.backbone, ctx.spec.train.head)
+
+
+def recovery_distill(ctx: Context) -> str:
+    """prune.recovery_distill resolved: auto distils features when the model pruned is a frozen backbone whose head
+    was fitted by L-BFGS (the finetune stage's record says so), else logits."""
+    asked = ctx.spec.prune.recovery_distill
+    if asked != "auto":
+        return asked
+    if ctx.parent != "finetune":
+        return "logits"
+    done = json.loads((ctx.folder("finetune") / "metrics.json").read_text())
+    return "features" if (done.get("head") or {}).get("solver") == "lbfgs" else "logits"
 
 
 def save_val_predictions(ctx: Context, model, out: Path) -> None:
@@ -199,7 +223,8 @@ def _fit_auto(ctx: Context, out: Path) -> tuple[Any, Any, list, dict[str, Any]]:
     from edge_tl.workstation.train.modes import candidates, pick, summary
 
     s, t = ctx.spec, ctx.spec.train
-    phases = candidates(t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn)
+    phases = candidates(t.epochs, t.warmup_epochs, t.lr_head, t.lr_backbone, t.freeze_bn, head_solver(ctx),
+                        t.head_views)
     models, results = {}, {}
     for mode, ph in phases.items():
         models[mode] = create_model(s.model.backbone, len(ctx.classes), ctx.weights, s.model.dropout, seed=s.seed)
@@ -320,11 +345,11 @@ def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dic
     one per ranking of ``prune.target.ranking`` (edge_tl.workstation.latency.prune_for_target)."""
     import torch
 
-    from edge_tl.workstation.prune import prune_to_macs
+    from edge_tl.workstation.prune import prune_to_macs, stream_layers
 
     s, p = ctx.spec, ctx.spec.prune
     taylor = None
-    if importance == "taylor":  # one gradient pass on up to 64 training images (a seeded draw) ranks channels
+    if importance in ("taylor", "contribution"):  # up to 64 training images (a seeded draw) rank the channels
         x, y = ctx.arrays("train")
         idx = np.sort(np.random.default_rng(s.seed).permutation(len(x))[:64])
         taylor = (torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
@@ -333,8 +358,10 @@ def _prune(ctx: Context, model, importance: str, out: Path, source) -> tuple[dic
 
         return prune_for_target(model, ctx.size, p.latency_target, out=out, round_to=p.round_to,
                                 importance=importance, taylor_batch=taylor, source=source)
+    keep = stream_layers(model) if p.channels == "hidden" else None
     res = prune_to_macs(model, torch.zeros(1, 3, *ctx.size), target_macs_ratio=p.macs_ratio, round_to=p.round_to,
-                        importance=importance, global_pruning=p.global_pruning, taylor_batch=taylor)
+                        importance=importance, global_pruning=p.global_pruning, taylor_batch=taylor,
+                        ignored_layers=keep)
     return {"macs": res}, {}
 
 
@@ -378,7 +405,11 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
                                "global_pruning": p.global_pruning if ranking is None else ranking == "per-ms",
                                **res.summary()}
     fit_res, decision_top1 = None, None
+    on = recovery_distill(ctx)
+    distill = {"teacher": model if p.distill_weight or on == "features" else None,
+               "distill_weight": p.distill_weight, "distill_temperature": p.distill_temperature, "distill_on": on}
     if p.recovery_epochs:
+        metrics["recovery_distill"] = {"on": on, "asked": p.recovery_distill}
         label = importance if ranking is None else f"{importance}, {ranking}"
         start = copy.deepcopy(pruned) if p.recovery_retries else None  # every attempt starts from here
         floor = reference - p.retry_below / 100
@@ -389,9 +420,9 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
             seed = s.seed + RETRY_SEED_STEP * k
             got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"),
                       recovery_phases(p.recovery_epochs, p.recovery_lr, recovery_bn_frozen(s)),
-                      teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
-                      distill_temperature=p.distill_temperature, keep=p.recovery_keep,
+                      **distill, keep=p.recovery_keep,
                       **{**_fit_kwargs(ctx, f"recovery ({label})" + (f", retry {k}" if k else "")), "seed": seed})
+            _refit_head(ctx, net, distill, seed)
             val_top1, val_loss, _ = evaluate(net.cpu(), *ctx.arrays("val"))  # the weights kept (recovery_keep)
             scored = {"seed": seed, "decision_top1": evaluate(net, *ctx.decision_set())[0], "val_top1": val_top1,
                       "top1": evaluate(net, *ctx.arrays("test"))[0]}
@@ -410,10 +441,9 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
             recipe = "BatchNorm trained" if frozen else f"BatchNorm trained, lr {lr:.2g}"
             changed = [Phase("recovery-bn", p.recovery_epochs, lr, lr, train_bn=True, early_stop=False,
                              bn_momentum=0.1)]
-            got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), changed,
-                      teacher=model if p.distill_weight else None, distill_weight=p.distill_weight,
-                      distill_temperature=p.distill_temperature, keep=p.recovery_keep,
-                      **{**_fit_kwargs(ctx, f"recovery ({label}), {recipe}"), "seed": seed})
+            got = fit(net, s.model.backbone, ctx.train_dataset(), ctx.arrays("val"), changed, **distill,
+                      keep=p.recovery_keep, **{**_fit_kwargs(ctx, f"recovery ({label}), {recipe}"), "seed": seed})
+            _refit_head(ctx, net, distill, seed)
             val_top1, val_loss2, _ = evaluate(net.cpu(), *ctx.arrays("val"))
             scored = {"seed": seed, "recipe": recipe,
                       "decision_top1": evaluate(net, *ctx.decision_set())[0], "val_top1": val_top1,
@@ -444,6 +474,17 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
                  if parent_ok and check and not check["passed"] else None)
     return {"model": pruned, "metrics": metrics, "fit": fit_res, "decision_top1": decision_top1,
             "val_top1": val_top1, "val_loss": val_loss, "test_top1": test_top1, "at_chance": at_chance}
+
+
+def _refit_head(ctx: Context, net, distill: dict[str, Any], seed: int) -> None:
+    """After a recovery by feature distillation: the head fitted once more on the recovered features, with the
+    augmented copies the finetune stage's head was fitted on (train.head_views)."""
+    if distill["distill_on"] != "features":
+        return
+    from edge_tl.workstation.train.head import fit_head
+
+    fit_head(net, ctx.spec.model.backbone, ctx.train_dataset(), views=ctx.spec.train.head_views, seed=seed,
+             device="cpu")
 
 
 def _finish(ctx: Context, model, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:

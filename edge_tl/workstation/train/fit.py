@@ -32,6 +32,12 @@ class Phase:
     #: statistics are still mostly the initial ones and the net scores chance in eval mode (train top-1 100%,
     #: val 33.3% on 3 classes); 0.1 (PyTorch's default) tracks them within a few dozen steps
     bn_momentum: float | None = None
+    #: how the head trains when the backbone is frozen: "sgd" (``epochs`` epochs of AdamW at ``lr_head``) or
+    #: "lbfgs" (fitted once to its optimum on the frozen features: :mod:`edge_tl.workstation.train.head`; the
+    #: phase counts as one epoch)
+    solver: str = "sgd"
+    #: solver "lbfgs": augmented copies of each training image whose features the head is fitted on as well
+    views: int = 0
 
 
 #: without a terminal (a log file, CI, `| tee`) training prints a plain line at most this often (and at the first and
@@ -132,7 +138,8 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         label_smoothing: float = 0.0, seed: int = 0, device: str = "auto", workers: int = 0,
         label: str = "train", teacher: nn.Module | None = None, distill_weight: float = 0.0,
         distill_temperature: float = 4.0, sampler: torch.utils.data.Sampler | None = None,
-        loss_fn: nn.Module | None = None, keep: str = "best", mixup: float = 0.0) -> FitResult:
+        loss_fn: nn.Module | None = None, keep: str = "best", mixup: float = 0.0,
+        distill_on: str = "logits") -> FitResult:
     """Train ``model`` in place through ``phases``; at the end it holds the best-on-val weights (``keep =
     "best"``) or those of the last epoch (``keep = "last"``: the recovery after pruning, whose cosine schedule
     ends at a learning rate of zero; the best of its epochs on a hundred validation images is partly noise).
@@ -146,6 +153,13 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     itself at a weight drawn from Beta(mixup, mixup), the labels' loss weighted alike. With a teacher this is
     Beyer et al. 2022's "function matching": the teacher labels every blend, so a hundred photos give the
     student far more points of the teacher's function to match than their own few labels.
+
+    ``distill_on = "features"`` (with a ``teacher``: the recovery of a model whose head was fitted on frozen
+    features, :mod:`edge_tl.workstation.train.head`) distils what the classifiers see instead of their
+    outputs (Romero et al. 2015, FitNets): the loss is the mean squared error between the teacher's features and
+    the student's (through a linear map trained alongside where pruning narrowed the student's), no labels; after
+    every epoch the head is fitted again on the student's features of the training images (L-BFGS), so that
+    validation scores the network as it stands. The labels enter through that fit only.
 
     ``sampler`` replaces the shuffled order (class-balanced sampling) and ``loss_fn`` the cross-entropy
     (class-weighted or focal loss): see :mod:`edge_tl.workstation.train.balance`.
@@ -164,13 +178,15 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     model.to(dev)
     loader = dist.loader(train_ds, batch_size, seed=seed, sampler=sampler, workers=workers)
     loss_fn = (loss_fn or nn.CrossEntropyLoss(label_smoothing=label_smoothing)).to(dev)
-    _check_blend(distill_weight, mixup)
-    kd = teacher is not None and distill_weight > 0
+    _check_blend(distill_weight, mixup, distill_on)
+    kd = teacher is not None and (distill_weight > 0 or distill_on == "features")
     mix_rng = np.random.default_rng((seed + 7919 * dist.rank()) % (2**32)) if mixup > 0 else None
+    feat_kd = kd and distill_on == "features"
     if kd:
         teacher = teacher.to(dev).eval()  # its forward runs under no_grad (_distill_loss)
-    best = (-1.0, float("inf"))
-    best_state, best_epoch, epoch, stale, stopped = None, 0, 0, 0, False
+    grab = _FeatureDistiller(model, teacher, backbone, dev) if feat_kd else None
+    best = _Best()
+    epoch, stale, stopped = 0, 0, False
     history: list[dict] = []
     start = time.perf_counter()
     total = sum(p.epochs for p in phases)
@@ -183,8 +199,20 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
         for phase in phases:
             if phase.epochs <= 0:
                 continue
+            if phase.solver == "lbfgs":  # the frozen backbone's head, to its optimum: one step
+                epoch += 1
+                history.append(_head_phase(model, backbone, train_ds, val, phase, seed, dev, epoch,
+                                           label if plain else None))
+                best.offer(model, epoch, history[-1]["val_top1"], history[-1]["val_loss"])
+                bar.update(task, advance=1, status=f"{phase.name} (L-BFGS) val {history[-1]['val_top1']:.3f}")
+                continue
             opt = _optimizer(model, backbone, phase, weight_decay)
             _set_bn_momentum(model, phase)
+            step = _Step(opt, loss_fn, mix_rng, mixup, label, phase.name)
+            if grab is not None:  # the head is fitted after each epoch, never by a gradient (nor synced by DDP)
+                step.features = (grab, grab.attach(model, backbone, opt, phase, dev))
+            elif kd:
+                step.logits = (teacher, distill_weight, distill_temperature)
             net = dist.wrap(model, dev)  # after _optimizer: DDP syncs the parameters this phase trains
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=phase.epochs)
             stale = 0
@@ -192,37 +220,21 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                 t0 = time.perf_counter()
                 _set_train_mode(model, phase)
                 dist.set_epoch(loader, epoch)
-                seen, correct, loss_sum = 0, 0, 0.0
-                for xb, yb in loader:
-                    xb, yb = xb.to(dev), yb.to(dev)
-                    xb, logits, loss = _forward(net, xb, yb, loss_fn, mix_rng, mixup)
-                    if kd:
-                        loss = (1 - distill_weight) * loss + distill_weight * _distill_loss(
-                            logits, teacher, xb, distill_temperature)
-                    if not torch.isfinite(loss):  # diverged: stop now, not after the remaining epochs
-                        raise EdgeTLError(f"{label}: the training loss became {float(loss)} in epoch {epoch + 1} "
-                                          f"({phase.name})", "training diverged: lower the learning rates "
-                                          "(--lr-head, --lr-backbone, or prune.recovery_lr in the spec)")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    seen += len(yb)
-                    correct += int((logits.argmax(1) == yb).sum())
-                    loss_sum += float(loss.detach()) * len(yb)
+                seen, correct, loss_sum = step.epoch(net, loader, dev, epoch)
                 sched.step()
                 epoch += 1
                 dist.sync_buffers(model)
+                if grab is not None:  # the head, fitted again on the features as they now are
+                    from edge_tl.workstation.train.head import fit_head
+
+                    fit_head(model, backbone, train_ds, views=0, seed=seed, device=dev)
                 seen, correct, loss_sum = dist.all_sum(seen, correct, loss_sum, device=dev)
                 val_top1, val_loss = evaluate_shared(model, *val, device=dev)
                 history.append({"epoch": epoch, "phase": phase.name, "train_loss": loss_sum / max(seen, 1),
                                 "train_top1": correct / max(seen, 1), "val_loss": val_loss, "val_top1": val_top1,
                                 "seconds": time.perf_counter() - t0})
-                if (val_top1, -val_loss) > (best[0], -best[1]):
-                    best, best_epoch, stale = (val_top1, val_loss), epoch, 0
-                    best_state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
-                else:
-                    stale += 1
-                status = f"{phase.name} val {val_top1:.3f} (best {best[0]:.3f} @{best_epoch})"
+                stale = 0 if best.offer(model, epoch, val_top1, val_loss) else stale + 1
+                status = f"{phase.name} val {val_top1:.3f} (best {best.score[0]:.3f} @{best.epoch})"
                 bar.update(task, advance=1, status=status)
                 if plain and (time.perf_counter() - said >= PLAIN_EVERY_S or epoch in (1, total)):
                     said = time.perf_counter()
@@ -234,17 +246,132 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
                     break
             if stopped:
                 break
-    if best_state is not None and keep == "best":
-        model.load_state_dict(best_state)
+    if grab is not None:
+        grab.remove()
+    if best.state is not None and keep == "best":
+        model.load_state_dict(best.state)
     for p in model.parameters():
         p.requires_grad = True
     model.eval()
-    return FitResult(best_val_top1=best[0], best_epoch=best_epoch, epochs_run=epoch, stopped_early=stopped,
+    return FitResult(best_val_top1=best.score[0], best_epoch=best.epoch, epochs_run=epoch, stopped_early=stopped,
                      seconds=time.perf_counter() - start, device=str(dev), history=history,
-                     processes=dist.world_size(), kept=keep, best_state=best_state)
+                     processes=dist.world_size(), kept=keep, best_state=best.state)
 
 
-def _check_blend(distill_weight: float, mixup: float) -> None:
+class _Best:
+    """The best epoch so far on validation (top-1, then the lower loss) and a copy of its weights."""
+
+    def __init__(self) -> None:
+        self.score, self.epoch, self.state = (-1.0, float("inf")), 0, None
+
+    def offer(self, model: nn.Module, epoch: int, val_top1: float, val_loss: float) -> bool:
+        if (val_top1, -val_loss) <= (self.score[0], -self.score[1]):
+            return False
+        self.score, self.epoch = (val_top1, val_loss), epoch
+        self.state = copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return True
+
+
+def _head_phase(model: nn.Module, backbone: str, train_ds, val: tuple[np.ndarray, np.ndarray], phase: Phase,
+                seed: int, dev: torch.device, epoch: int, say: str | None) -> dict:
+    """Phase.solver = "lbfgs": the head fitted once (edge_tl.workstation.train.head); its history entry. ``say``:
+    the label of a plain line to print (no terminal), else None."""
+    from edge_tl.workstation.train.head import fit_head
+
+    t0 = time.perf_counter()
+    got = fit_head(model, backbone, train_ds, views=phase.views, seed=seed, device=dev)
+    val_top1, val_loss = evaluate_shared(model, *val, device=dev)
+    if say is not None:
+        print(f"  {say}: head fitted by L-BFGS on {got.images} feature vectors in {got.seconds:.1f} s, val "
+              f"{val_top1:.3f}", file=sys.stderr, flush=True)
+    return {"epoch": epoch, "phase": phase.name, "train_loss": None, "train_top1": got.train_top1,
+            "val_loss": val_loss, "val_top1": val_top1, "seconds": time.perf_counter() - t0,
+            "head_fit": got.as_dict()}
+
+
+class _Step:
+    """One epoch of gradient steps: the labels' loss (mixup optional), or distillation of the teacher's logits
+    blended with it (``logits``), or of its features alone (``features``)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, loss_fn: nn.Module, mix_rng, mixup: float, label: str,
+                 phase: str) -> None:
+        self.opt, self.loss_fn, self.mix_rng, self.mixup = opt, loss_fn, mix_rng, mixup
+        self.label, self.phase = label, phase
+        self.logits: tuple | None = None  # (teacher, weight, temperature)
+        self.features: tuple | None = None  # (_FeatureDistiller, its map as trained: DDP-wrapped or not)
+
+    def epoch(self, net: nn.Module, loader, dev: torch.device, epoch: int) -> tuple[int, int, float]:
+        seen, correct, loss_sum = 0, 0, 0.0
+        for xb, yb in loader:
+            xb, yb = xb.to(dev), yb.to(dev)
+            xb, logits, loss = _forward(net, xb, yb, self.loss_fn, self.mix_rng, self.mixup)
+            if self.features is not None:
+                loss = self.features[0].loss(self.features[1], xb)
+            elif self.logits is not None:
+                teacher, weight, temperature = self.logits
+                loss = (1 - weight) * loss + weight * _distill_loss(logits, teacher, xb, temperature)
+            if not torch.isfinite(loss):  # diverged: stop now, not after the remaining epochs
+                raise EdgeTLError(f"{self.label}: the training loss became {float(loss)} in epoch {epoch + 1} "
+                                  f"({self.phase})", "training diverged: lower the learning rates "
+                                  "(--lr-head, --lr-backbone, or prune.recovery_lr in the spec)")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            seen += len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += float(loss.detach()) * len(yb)
+        return seen, correct, loss_sum
+
+
+class _FeatureDistiller:
+    """What the student's and the teacher's classifiers see (forward hooks on their heads), and the linear map
+    from the student's width to the teacher's (FitNets' regressor), trained with the student and dropped after."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, backbone: str, dev: torch.device):
+        from edge_tl.workstation.train.backbones import head_name
+
+        self.seen: dict[str, torch.Tensor] = {}
+        self.hooks = [m.get_submodule(head_name(backbone)).register_forward_hook(self._keep(who))
+                      for who, m in (("student", model), ("teacher", teacher))]
+        self.teacher = teacher
+        width = {who: m.get_submodule(head_name(backbone)).in_features for who, m in
+                 (("student", model), ("teacher", teacher))}
+        # equal widths (prune.channels = "hidden" keeps them): compared as they are, with no map to learn first
+        self.proj = (nn.Identity() if width["student"] == width["teacher"]
+                     else nn.Linear(width["student"], width["teacher"]).to(dev))
+
+    def attach(self, model: nn.Module, backbone: str, opt: torch.optim.Optimizer, phase: Phase,
+               dev: torch.device) -> nn.Module:
+        """For one phase: the head out of the gradient steps, the map's weights into ``opt``; returns the map as
+        the steps call it (in DistributedDataParallel under torchrun)."""
+        for name, prm in model.named_parameters():
+            prm.requires_grad = prm.requires_grad and not is_head_param(backbone, name)
+        if not list(self.proj.parameters()):
+            return self.proj
+        opt.add_param_group({"params": list(self.proj.parameters()),
+                             "lr": phase.lr_backbone if phase.lr_backbone is not None else phase.lr_head})
+        return dist.wrap(self.proj, dev)
+
+    def _keep(self, who: str):
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            self.seen[who] = inp[0].flatten(1)
+        return hook
+
+    def loss(self, proj: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        """After the student's forward on ``xb``: MSE between its mapped features and the teacher's."""
+        student = self.seen["student"]
+        with torch.no_grad():
+            self.teacher(xb)
+        return nn.functional.mse_loss(proj(student), self.seen["teacher"])
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _check_blend(distill_weight: float, mixup: float, distill_on: str = "logits") -> None:
+    if distill_on not in ("logits", "features"):
+        raise EdgeTLError(f"unknown distillation target {distill_on!r}", "use 'logits' or 'features'")
     if not 0.0 <= distill_weight <= 1.0:
         raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
     if mixup < 0:
@@ -301,9 +428,12 @@ def recalibrate_bn(model: nn.Module, dataset: torch.utils.data.Dataset, passes: 
 
 
 def finetune_phases(mode: str, epochs: int, warmup_epochs: int, lr_head: float, lr_backbone: float,
-                    freeze_bn: bool) -> list[Phase]:
-    """The phases of the two transfer-learning modes."""
+                    freeze_bn: bool, head: str = "sgd", head_views: int = 4) -> list[Phase]:
+    """The phases of the two transfer-learning modes. ``head = "lbfgs"``: feature extraction fits its head once,
+    to the optimum, on the frozen features of the training images and ``head_views`` augmented copies of each."""
     if mode == "feature-extract":
+        if head == "lbfgs":
+            return [Phase("head", 1, lr_head, None, early_stop=False, solver="lbfgs", views=head_views)]
         return [Phase("head", epochs, lr_head, None)]
     phases = [Phase("warmup", warmup_epochs, lr_head, None, early_stop=False)] if warmup_epochs else []
     return phases + [Phase("finetune", epochs, lr_head, lr_backbone, train_bn=not freeze_bn)]

@@ -2,9 +2,11 @@
 validation kept.
 
 Both start from the same pretrained weights and the same seed, see the same augmented batches and get the same
-number of epochs (``warmup_epochs + epochs``; early stopping may end either sooner):
+number of epochs (``warmup_epochs + epochs``; early stopping may end either sooner; a head fitted by L-BFGS needs
+one pass, not epochs):
 
-- feature extraction: the backbone frozen (BatchNorm statistics too), only the new head trains at ``lr_head``;
+- feature extraction: the backbone frozen (BatchNorm statistics too), only the new head trains: fitted once to
+  its optimum by L-BFGS (``train.head = "lbfgs"``, the default where the head is Linear), or at ``lr_head``;
 - fine-tuning: ``warmup_epochs`` head-only, then every layer, the backbone at the lower ``lr_backbone``.
 
 :func:`pick` keeps the higher best validation top-1; on a tie the lower validation loss at that epoch; on a tie
@@ -22,10 +24,11 @@ MODES = ("feature-extract", "finetune")
 
 
 def candidates(epochs: int, warmup_epochs: int, lr_head: float, lr_backbone: float,
-               freeze_bn: bool) -> dict[str, list[Phase]]:
-    """The phases of both modes under the same epoch budget."""
+               freeze_bn: bool, head: str = "sgd", head_views: int = 4) -> dict[str, list[Phase]]:
+    """The phases of both modes under the same epoch budget (``head = "lbfgs"``: feature extraction fits its head
+    once, to the optimum, instead: :mod:`edge_tl.workstation.train.head`)."""
     return {"feature-extract": finetune_phases("feature-extract", epochs + warmup_epochs, 0, lr_head, lr_backbone,
-                                               freeze_bn),
+                                               freeze_bn, head, head_views),
             "finetune": finetune_phases("finetune", epochs, warmup_epochs, lr_head, lr_backbone, freeze_bn)}
 
 
