@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch", reason="the workstation extra (torch) is no
 from edge_tl.core.errors import EdgeTLError  # noqa: E402
 from edge_tl.core.preprocess import PreprocessConfig  # noqa: E402
 from edge_tl.workstation.train import build, finetune_phases, fit, recovery_phases  # noqa: E402
-from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays  # noqa: E402
-from edge_tl.workstation.train.head import HEAD_C, features, fit_head, solver, views_of  # noqa: E402
+from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays, with_views  # noqa: E402
+from edge_tl.workstation.train.head import HEAD_C, features, fit_head, solver  # noqa: E402
 
 PRE = PreprocessConfig(input_size=(32, 32), resize=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -55,7 +55,7 @@ def test_the_fitted_head_is_scikit_learns_optimum(tmp_path, classes):
     got = fit_head(model, "mobilenet_v3_small", ds, views=2, seed=0)
     assert got.images == 3 * len(paths) and got.views == 2 and got.features == 1024
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in body.items())
-    x, y = views_of(ds, 2, seed=0)
+    x, y = with_views(ds, 2, seed=0)
     f = features(model, "mobilenet_v3_small", x)
     ref = LogisticRegression(C=HEAD_C, max_iter=3000).fit(f.astype(np.float64), y)
     with torch.no_grad():
@@ -69,10 +69,10 @@ def test_views_are_seeded_and_leave_torchs_generator_alone(tmp_path):
     ds = TrainDataset(paths, labels, PRE, augment="light", hflip=False)
     torch.manual_seed(5)
     state = torch.random.get_rng_state()
-    a, ya = views_of(ds, 2, seed=1)
+    a, ya = with_views(ds, 2, seed=1)
     assert torch.equal(state, torch.random.get_rng_state())
-    b, _ = views_of(ds, 2, seed=1)
-    c, _ = views_of(ds, 2, seed=2)
+    b, _ = with_views(ds, 2, seed=1)
+    c, _ = with_views(ds, 2, seed=2)
     assert a.shape == (3 * len(paths), 3, 32, 32) and list(ya) == list(labels) * 3
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert np.array_equal(a[:len(paths)], ds.as_arrays())  # the images themselves come first, un-augmented

@@ -76,11 +76,21 @@ def decision_views(paths: list[Path], labels: np.ndarray, pre: PreprocessConfig,
     Two candidates that differ on 2 of 100 validation images are otherwise decided by those 2 images; on a few
     slightly moved copies of each, every image scores a share of its copies right instead of 0 or 1. The draw
     is seeded (torch's global generator is left as it was)."""
-    x, y = eval_arrays(paths, labels, pre)
-    if views <= 0 or not len(x):
+    if views <= 0 or not len(paths):
+        return eval_arrays(paths, labels, pre)
+    return with_views(TrainDataset(paths, labels, pre, augment="light", hflip=hflip), views, seed)
+
+
+def with_views(dataset: TrainDataset, views: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels): ``dataset``'s images as the device preprocesses them (:meth:`TrainDataset.as_arrays`, the
+    same arrays as :func:`eval_arrays`), then ``views`` copies of each drawn with its own augmentation, all the
+    images once per view. The draw is seeded; torch's global generator is left as it was. The decision set
+    (:func:`decision_views`) and the head fitted on frozen features (:mod:`edge_tl.workstation.train.head`)."""
+    x = dataset.as_arrays().astype(np.float32)
+    y = np.asarray(dataset.labels, dtype=np.int64)
+    if views <= 0:
         return x, y
-    ds = TrainDataset(paths, labels, pre, augment="light", hflip=hflip)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        extra = np.stack([ds[i][0].numpy() for _ in range(views) for i in range(len(ds))])
-    return np.concatenate([x, extra.astype(np.float32)]), np.concatenate([y, np.tile(y, views)])
+        extra = np.stack([dataset[i][0].numpy() for _ in range(views) for i in range(len(dataset))])
+    return np.concatenate([x, extra.astype(np.float32)]), np.tile(y, views + 1)

@@ -25,6 +25,7 @@ from torch import nn
 
 from edge_tl.core.errors import EdgeTLError
 from edge_tl.workstation.train.backbones import head_name
+from edge_tl.workstation.train.datasets import with_views
 
 #: L2 strength of the head's fit (scikit-learn's C, the inverse of the penalty; its default). On the photos'
 #: frozen Lite0 features seed 0 scored 20/21 at C = 0.1, 1 and 10 alike (one run, 2026-12-06): not tuned further
@@ -84,19 +85,6 @@ def features(model: nn.Module, backbone: str, x: np.ndarray | torch.Tensor, batc
     return torch.cat(grabbed).numpy() if grabbed else np.zeros((0, head.in_features), np.float32)
 
 
-def views_of(dataset: torch.utils.data.Dataset, views: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The un-augmented training images, then ``views`` augmented copies of each (seeded; torch's global
-    generator is left as it was)."""
-    x = dataset.as_arrays().astype(np.float32)
-    y = np.asarray(dataset.labels, dtype=np.int64)
-    if views <= 0:
-        return x, y
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        extra = np.stack([dataset[i][0].numpy() for _ in range(views) for i in range(len(dataset))])
-    return np.concatenate([x, extra.astype(np.float32)]), np.tile(y, views + 1)
-
-
 def fit_head(model: nn.Module, backbone: str, dataset: torch.utils.data.Dataset, *, views: int = 4, seed: int = 0,
              device: torch.device | str = "cpu") -> HeadFit:
     """Fit ``model``'s Linear classifier in place to the optimum of the L2-regularised multinomial logistic loss
@@ -109,7 +97,7 @@ def fit_head(model: nn.Module, backbone: str, dataset: torch.utils.data.Dataset,
         raise EdgeTLError(f"the {backbone} head is not a Linear layer on pooled features",
                           "train its head with epochs (train.head = 'sgd')")
     start = time.perf_counter()
-    x, y = views_of(dataset, views, seed)
+    x, y = with_views(dataset, views, seed)
     f = features(model, backbone, x, device=device)
     classes = int(model.get_submodule(head_name(backbone)).out_features)
     missing = sorted(set(range(classes)) - set(np.unique(y).tolist()))
