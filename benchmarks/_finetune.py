@@ -11,6 +11,7 @@ import numpy as np
 
 from edge_tl.workstation.data import scan
 from edge_tl.workstation.spec import BuildSpec
+from edge_tl.workstation.stats import wilson  # noqa: F401  (the benchmarks' one interval, re-exported)
 from edge_tl.workstation.train import create_model, evaluate, finetune_phases, fit, scratch_phases
 from edge_tl.workstation.train.balance import fit_kwargs, resolve
 from edge_tl.workstation.train.datasets import TrainDataset, eval_arrays
@@ -49,14 +50,6 @@ def finetune(spec: BuildSpec, split, arrays, backbone: str, weights: str, seed: 
               label_smoothing=t.label_smoothing, seed=seed, device="cpu", label=f"{backbone}/{weights}", **extra)
     top1, _, pred = evaluate(model.cpu(), *arrays["test"])
     return {"top1": top1, "pred": pred, "seconds": res.seconds, "val_top1": res.best_val_top1, "setup": setup}
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = correct / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return mid - half, mid + half
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:

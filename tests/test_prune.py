@@ -110,6 +110,7 @@ def test_taylor_importance_uses_a_labelled_batch():
     ({"target_macs_ratio": 1.5}, "fraction of MACs"),
     ({"importance": "magic"}, "unknown pruning importance"),
     ({"importance": "taylor"}, "labelled images"),
+    ({"importance": "contribution"}, "batch of images"),
     ({"ignored_layers": ["no.such.layer"]}, "not a module"),
     ({"round_to": 0}, "round_to"),
     ({"target_macs_ratio": 0.95, "max_channel_ratio": 0.2}, "cannot remove 95%"),

@@ -242,7 +242,8 @@ def prune_to_macs(model: nn.Module, example_input: torch.Tensor, target_macs_rat
     if round_to is not None and int(round_to) < 1:
         raise EdgeTLError(f"round_to={round_to} must be a positive channel multiple", "use 8 for TensorRT")
     if importance in DATA_IMPORTANCES and taylor_batch is None:
-        raise EdgeTLError(f"{importance} importance needs a batch of labelled images",
+        what = "labelled images (one gradient pass)" if importance == "taylor" else "images (one forward pass)"
+        raise EdgeTLError(f"{importance} importance needs a batch of {what}",
                           "pass taylor_batch=(images, labels) or use importance='l1'")
     _importance(importance)  # validate the name before any work
     ignored = _ignored_names(model, ignored_layers)

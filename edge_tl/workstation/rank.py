@@ -37,6 +37,7 @@ from edge_tl.core.errors import EdgeTLError
 from edge_tl.core.host import cpu_name
 from edge_tl.core.preprocess import PreprocessConfig
 from edge_tl.workstation.spec import BACKBONES, BuildSpec
+from edge_tl.workstation.stats import wilson
 
 
 # -- LogME ----------------------------------------------------------------------------------------------------
@@ -98,17 +99,6 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 # -- linear probe ---------------------------------------------------------------------------------------------
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95% interval of a proportion ``correct / n``."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = correct / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 @dataclass
 class ProbeResult:
     accuracy: float  # pooled out-of-fold accuracy
