@@ -47,8 +47,8 @@ def _right(run_dir: Path, stage: str) -> np.ndarray:
     return np.load(_stage_dir(run_dir, stage) / "test_predictions.npy") == y
 
 
-def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console) -> dict:
-    overrides = {"data.root": str(data), "seed": seed, "model.weights": weights}
+def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console, extra: dict | None = None) -> dict:
+    overrides = {"data.root": str(data), "seed": seed, "model.weights": weights, **(extra or {})}
     if weights == "none":  # the baseline: the fine-tune only (its INT8 model is not compared: PTQ, no explanations)
         overrides.update({"prune.enabled": False, "quantize.mode": "ptq", "report.explain": False})
     spec = load_spec(RECIPE, overrides, {})
@@ -101,6 +101,39 @@ def _paired(recs: list[dict], a: str, b: str) -> tuple[str, str]:
             f"(McNemar p = {pooled.mcnemar_p:.2g})", "; ".join(cells))
 
 
+def _decision(run_dir: Path) -> tuple[float, float]:
+    """The pruned model's and the unpruned model's top-1 on the build's decision set (the prune stage's metrics)."""
+    m = json.loads((_stage_dir(run_dir, "prune") / "metrics.json").read_text())
+    return m["decision_top1"], m["unpruned_decision_top1"]
+
+
+def _against(tl: list[dict], work: Path, other: Path, label: str) -> list[str]:
+    """Lines: this arm minus the other arm's finished runs of the same seeds (same splits, same test photos)."""
+    theirs = {r["seed"]: r for r in (json.loads(p.read_text()) for p in sorted(other.glob("s*-imagenet.json")))
+              if "refused" not in r}
+    both = [(r, theirs[r["seed"]]) for r in tl if r["seed"] in theirs]
+    if not both:
+        return [f"- Against {other}: no finished seed in common."]
+    out = []
+    for stage, what in (("prune", "pruned FP32"), ("qat", "shipped INT8")):
+        pr = paired(np.concatenate([a["right"][stage] for a, _ in both]),
+                    np.concatenate([b["right"][stage] for _, b in both]))
+        out.append(f"- Against {label} (same splits, seeds {', '.join(str(a['seed']) for a, _ in both)}), "
+                   f"{what}, this recipe - that: {pr.text()}.")
+    dec = [(a["seed"], _decision(work / f"s{a['seed']}-imagenet"), _decision(other / f"s{a['seed']}-imagenet"))
+           for a, _ in both]
+    out.append("- Pruned FP32 on each build's decision set (its 21 validation photos and 20 augmented copies of "
+               "each; this recipe / that, unpruned): "
+               + "; ".join(f"s{sd} {100 * x[0]:.1f} / {100 * y[0]:.1f} ({100 * x[1]:.1f})" for sd, x, y in dec)
+               + f"; mean {100 * np.mean([x[0] for _, x, _ in dec]):.1f} / "
+               f"{100 * np.mean([y[0] for _, _, y in dec]):.1f}.")
+    ms = [(a["latency_ms"]["qat"], a["stages"]["qat"].get("selected"), b["latency_ms"]["qat"],
+           b["stages"]["qat"].get("selected")) for a, b in both if a.get("latency_ms") and b.get("latency_ms")]
+    out.append("- Shipped INT8 latency, this recipe / that (ms, ORT CPU, 1 thread, separate runs; the INT8 model "
+               "that shipped): " + ", ".join(f"{x:.2f} ({xs}) / {y:.2f} ({ys})" for x, xs, y, ys in ms) + ".")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2,3,4")
@@ -109,8 +142,15 @@ def main() -> None:
                     "its gap is tens of points, three splits show it with their intervals")
     ap.add_argument("--retry-failed", action="store_true", help="build again a seed whose build stopped with an "
                     "error (default: report the error as that seed's result)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an A/B arm: a recipe key "
+                    "changed (JSON value, e.g. prune.global_pruning=false) for every build; prints, writes no "
+                    "section (use its own --work)")
+    ap.add_argument("--against", type=Path, help="the --work folder of the other arm (same seeds): the photos "
+                    "section adds the paired differences against it")
+    ap.add_argument("--against-label", default="the other arm", help="what --against ran, in words")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    extra = {k: json.loads(v) for k, _, v in (x.partition("=") for x in args.set)}
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     counts = prepare(work / "gcompris")
@@ -127,7 +167,7 @@ def main() -> None:
             path.write_text(json.dumps(_refused(work / name, seed, weights, state.get("error", "failed"))))
         if not path.is_file():
             console.print(f"[bold]seed {seed}, weights {weights}[/]")
-            rec = _build(data, work / name, seed, weights, console)
+            rec = _build(data, work / name, seed, weights, console, extra)
             path.write_text(json.dumps(rec))
         done[name] = json.loads(path.read_text())
     everyone = [done[f"s{s}-imagenet"] for s in seeds]
@@ -144,7 +184,8 @@ def main() -> None:
              "Karelj (Wikimedia Commons, public domain). Recipe: models/recipes/photos_lite0.toml (224 px, "
              "resize 256, mean = std = 0.5; the ImageNet features frozen and the head fitted by L-BFGS on the "
              "training photos and 4 augmented copies of each; 40% of the MACs pruned from the blocks' expanded "
-             "channels, ranked by their contribution on the training photos; recovery by feature distillation "
+             "channels, ranked across layers (one global ranking) by their contribution on the training photos; "
+             "recovery by feature distillation "
              "from the unpruned model, 10 epochs, the head then fitted again; INT8 by quantize.mode = auto). "
              f"Seeds {', '.join(map(str, seeds))}; intervals are Wilson 95% (accuracies) and paired bootstrap 95% "
              "(differences on the same images).", "",
@@ -183,6 +224,12 @@ def main() -> None:
               f"(worst {max(walls) / 60:.1f}).",
               f"- Shipped model vs eager Lite0 FP32 (batch 1, ONNX Runtime CPU INT8 kernels vs torch, 1 thread, "
               f"same run): {', '.join(f'{s:.2f}x' for s in speed)}.", ""]
+    if args.against:
+        lines[-1:-1] = _against(tl, work, args.against, args.against_label)
+    if extra:
+        lines.insert(1, f"A/B arm, not the recipe: {', '.join(args.set)}; not written to RESULTS.md.")
+        print("\n".join(lines))
+        return
     write_section("photos", "\n".join(lines))
     print("\n".join(lines))
 

@@ -492,7 +492,8 @@ def test_continual_build_learns_the_new_camera_and_records_its_lineage(built, tm
     assert a["images"] == 60
     assert a["child_top1"] == pytest.approx(_holdout_accuracy(b, field, files))
     assert a["parent_top1"] == pytest.approx(_holdout_accuracy(Bundle.open(run / "bundle"), field, files))
-    assert a["diff_ci_points"][0] > 0  # the gain is real: what shipping required
+    assert a["passed"] and a["gain_score"] == "views"  # the gain is real: what shipping required
+    assert a["diff_ci_points"][0] > 0 or (a["views_diff_ci_points"][0] > 0 and a["diff_points"] >= 0)
     # forgetting is measured on the parent's own test split (the child's test split is that one)
     f = c["forgetting"]
     assert f["images"] == sum(parent.data.counts["test"].values())
@@ -506,7 +507,9 @@ def test_continual_build_learns_the_new_camera_and_records_its_lineage(built, tm
 
 @pytest.mark.slow
 def test_continual_build_without_a_real_gain_writes_no_bundle(built, tmp_path):
-    """Field labels drawn at random: no model can gain on them; the build stops before a bundle (exit 3)."""
+    """Field labels drawn at random, independent of the pictures: no model can predict them better than another,
+    whatever score the gate reads; the build stops before a bundle (exit 3). (Labels that are never the picture's
+    own class would not do: any model worse at the true class gains on them.)"""
     import shutil
 
     from edge_tl.workstation import demo
@@ -516,8 +519,8 @@ def test_continual_build_without_a_real_gain_writes_no_bundle(built, tmp_path):
     rng = np.random.default_rng(0)
     classes = Bundle.open(run / "bundle").manifest.classes
     field = tmp_path / "random-labels"
-    for i, pic in enumerate(sorted(src.glob("*/*.png"))):
-        dest = field / classes[(i % 5 + int(rng.integers(1, 5))) % 5]  # never the picture's own class
+    for pic in sorted(src.glob("*/*.png")):
+        dest = field / classes[int(rng.integers(0, 5))]
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy(pic, dest / pic.name)
     child = tmp_path / "child"

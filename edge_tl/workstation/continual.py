@@ -12,9 +12,11 @@ The parent is a finished build's run folder (its bundle is what the devices run)
    parent's (both Q/DQ in float, the build's evaluation everywhere) answer the parent's test split (forgetting)
    and the held-out field pictures (adaptation), paired on the same images (McNemar, paired bootstrap).
 
-It ships only when the field gain is real (the paired interval's lower end above 0) and the forgetting on the
-parent's test split is within ``continual.max_forgetting_points``; otherwise the build stops with the numbers
-and writes no bundle. The manifest records the parent bundle and every field picture's sha256 and split.
+It ships only when the field gain is real (``continual.gain_score``: the paired interval of top-1 above 0, or,
+with ``"views"``, the default, the paired interval of top-1 on ``data.val_views`` augmented copies of each
+held-out picture above 0 and top-1 not lower; ``"log-loss"`` the same with the log-loss) and the forgetting on
+the parent's test split is within ``continual.max_forgetting_points``; otherwise the build stops with the
+numbers and writes no bundle. The manifest records the parent bundle and every field picture's sha256 and split.
 """
 
 from __future__ import annotations
@@ -211,23 +213,68 @@ def _flat(rel: str) -> str:
     return rel.replace("/", "__")
 
 
-def _evaluate(child_model: Path, xc: np.ndarray, child_pre, parent: Parent, paths: list[Path], y: np.ndarray,
-              seed: int) -> dict[str, Any]:
-    """``xc``: the pictures ``paths`` through the child's preprocessing (the parent's, unless the spec changed it)."""
-    from edge_tl.workstation.pipeline.stages import onnx_predictions
-    from edge_tl.workstation.stats import paired, wilson
-    from edge_tl.workstation.train.datasets import eval_arrays
+def _log_loss(logits: np.ndarray, y: np.ndarray, temperature: float) -> np.ndarray:
+    """Per-picture negative log-likelihood of the true class under ``softmax(logits / temperature)``."""
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
 
-    parent_pre = parent.bundle.preprocess
-    xp = xc if parent_pre == child_pre else eval_arrays(paths, y, parent_pre)[0]
-    child = onnx_predictions(child_model, xc) == y  # Q/DQ in float: the same numbers on every CPU
-    par = onnx_predictions(parent.bundle.file(INT8_MODEL), xp) == y
-    pr = paired(child, par, seed=seed)
+
+def _evaluate(child_model: Path, child_t: float, x: np.ndarray, child_pre, parent: Parent, paths: list[Path],
+              y: np.ndarray, seed: int, views: int = 0, hflip: bool = False) -> dict[str, Any]:
+    """Child against parent on the pictures ``paths`` (labels ``y``): top-1, log-loss (each model's calibrated
+    temperature: ``child_t`` is what the child's bundle will carry, the parent's is in its bundle) and, with
+    ``views``, the share of each picture's ``views`` lightly augmented copies (the decision set's draw) each gets
+    right. ``x``: the pictures through the child's preprocessing (the parent's, unless the spec changed it); with
+    ``views``, followed by the copies."""
+    from edge_tl.workstation.pipeline.stages import onnx_logits
+    from edge_tl.workstation.stats import paired, paired_mean, wilson
+    from edge_tl.workstation.train.datasets import decision_views
+
     n = int(y.size)
-    return {"images": n, "child_top1": float(child.mean()), "child_ci": wilson(int(child.sum()), n),
-            "parent_top1": float(par.mean()), "parent_ci": wilson(int(par.sum()), n),
-            "diff_points": pr.diff_points, "diff_ci_points": list(pr.ci_points), "mcnemar_p": pr.mcnemar_p,
-            "child_only": pr.a_only, "parent_only": pr.b_only}
+    parent_pre = parent.bundle.preprocess
+    xp = x if parent_pre == child_pre else decision_views(paths, y, parent_pre, views, hflip=hflip, seed=seed)[0]
+    lc = onnx_logits(child_model, x)  # Q/DQ in float: the same numbers on every CPU
+    lp = onnx_logits(parent.bundle.file(INT8_MODEL), xp)
+    yy = np.tile(y, len(lc) // n)
+    share_c = (lc.argmax(1) == yy).reshape(-1, n).mean(axis=0)  # row 0: the pictures, then one row per view
+    share_p = (lp.argmax(1) == yy).reshape(-1, n).mean(axis=0)
+    lc, lp = lc[:n], lp[:n]
+    child, par = lc.argmax(1) == y, lp.argmax(1) == y
+    pr = paired(child, par, seed=seed)
+    # log-loss gain = parent's - child's: positive when the child gives the true class more of its score
+    ll = paired_mean(_log_loss(lp, y, parent.bundle.postprocess.temperature), _log_loss(lc, y, child_t), seed=seed)
+    out = {"images": n, "child_top1": float(child.mean()), "child_ci": wilson(int(child.sum()), n),
+           "parent_top1": float(par.mean()), "parent_ci": wilson(int(par.sum()), n),
+           "diff_points": pr.diff_points, "diff_ci_points": list(pr.ci_points), "mcnemar_p": pr.mcnemar_p,
+           "child_only": pr.a_only, "parent_only": pr.b_only,
+           "log_loss_gain": ll.diff, "log_loss_gain_ci": list(ll.ci), "wilcoxon_p": ll.wilcoxon_p}
+    if views:
+        vw = paired_mean(100.0 * share_c, 100.0 * share_p, seed=seed)
+        out |= {"views": views, "views_diff_points": vw.diff, "views_diff_ci_points": list(vw.ci)}
+    return out
+
+
+def field_gain(adapt: dict[str, Any], score: str) -> tuple[bool, str]:
+    """Whether the held-out field pictures prove a gain (``continual.gain_score``), and the evidence in words:
+    the top-1 gain's interval above 0, or, with ``log-loss`` / ``views``, that score's interval above 0 and the
+    top-1 gain not below 0."""
+    lo, hi = adapt["diff_ci_points"]
+    top1 = f"top-1 {adapt['diff_points']:+.1f} points [95% CI {lo:+.1f}, {hi:+.1f}]"
+    if score == "log-loss":
+        slo, shi = adapt["log_loss_gain_ci"]
+        other = f"log-loss gain {adapt['log_loss_gain']:+.3f} nats [95% CI {slo:+.3f}, {shi:+.3f}]"
+    elif score == "views" and "views_diff_ci_points" in adapt:  # data.val_views = 0: no copies, top-1 alone
+        slo, shi = adapt["views_diff_ci_points"]
+        other = (f"top-1 on {adapt['views']} augmented copies of each {adapt['views_diff_points']:+.1f} points "
+                 f"[95% CI {slo:+.1f}, {shi:+.1f}]")
+    else:
+        slo, other = 0.0, ""
+    if lo > 0:
+        return True, top1
+    if other and slo > 0 and adapt["diff_points"] >= 0:
+        return True, f"{other} with {top1}"
+    return False, f"{top1}, {other}" if other else top1
 
 
 def judge(ctx: Any, p: Plan) -> dict[str, Any]:
@@ -244,21 +291,24 @@ def judge(ctx: Any, p: Plan) -> dict[str, Any]:
     child_model = ctx.folder("qat") / "model.int8.onnx"
     ctx.console.print("[bold]→[/] continual: the child's INT8 model against the parent's (paired, same images)")
     x_test, y_test = ctx.arrays("test")  # already preprocessed for the stages' own test numbers
-    forget = _evaluate(child_model, x_test, ctx.pre, p.parent, split.paths("test"), y_test, s.seed)
-    from edge_tl.workstation.train.datasets import eval_arrays
+    from edge_tl.workstation.pipeline.bundling import postprocess_config
+    from edge_tl.workstation.train.datasets import decision_views
 
+    child_t = postprocess_config(ctx.read("qat", "metrics.json")).temperature  # what the child's bundle will carry
+    forget = _evaluate(child_model, child_t, x_test, ctx.pre, p.parent, split.paths("test"), y_test, s.seed)
     held = [f for f, _, _ in p.holdout]
-    x_held, y_held = eval_arrays(held, np.asarray([lbl for _, lbl, _ in p.holdout], dtype=np.int64), ctx.pre)
-    adapt = _evaluate(child_model, x_held, ctx.pre, p.parent, held, y_held, s.seed)
+    y_held = np.asarray([lbl for _, lbl, _ in p.holdout], dtype=np.int64)
+    views, hflip = s.data.val_views, ctx.augmentation()["hflip"]
+    x_held = decision_views(held, y_held, ctx.pre, views, hflip=hflip, seed=s.seed)[0]
+    adapt = _evaluate(child_model, child_t, x_held, ctx.pre, p.parent, held, y_held, s.seed, views, hflip)
     forgetting = -forget["diff_points"]
     limit = s.continual.max_forgetting_points
-    gain_real = adapt["diff_ci_points"][0] > 0
+    gain_real, evidence = field_gain(adapt, s.continual.gain_score)
     forgetting_ok = forgetting <= limit
     why = []
     if not gain_real:
-        lo, hi = adapt["diff_ci_points"]
-        why.append(f"the field gain {adapt['diff_points']:+.1f} points [95% CI {lo:+.1f}, {hi:+.1f}] on "
-                   f"{adapt['images']} held-out field pictures is not above 0")
+        why.append(f"the field gain ({evidence}) on {adapt['images']} held-out field pictures is not above 0"
+                   f" (continual.gain_score = {s.continual.gain_score})")
     if not forgetting_ok:
         lo, hi = forget["diff_ci_points"]
         why.append(f"it forgets {forgetting:.1f} points on the parent's {forget['images']} test images "
@@ -266,7 +316,8 @@ def judge(ctx: Any, p: Plan) -> dict[str, Any]:
                    f"continual.max_forgetting_points = {limit:g})")
     result = {**p.record(), "field_train": len(p.train), "field_holdout": len(p.holdout),
               "forgetting": {**forget, "points": forgetting, "limit_points": limit, "passed": forgetting_ok},
-              "adaptation": {**adapt, "passed": gain_real}, "ships": not why, "why_not": why}
+              "adaptation": {**adapt, "passed": gain_real, "gain_score": s.continual.gain_score,
+                             "evidence": evidence}, "ships": not why, "why_not": why}
     atomic_write_text(ctx.run_dir / "continual.json", json.dumps(result, indent=2, default=float) + "\n")
     ctx.console.print(f"  field (held out, {adapt['images']}): child {adapt['child_top1']:.1%} vs parent "
                       f"{adapt['parent_top1']:.1%}; parent's test ({forget['images']}): child "
@@ -284,17 +335,23 @@ def report_lines(result: dict[str, Any]) -> list[str]:
 
     def row(what: str, r: dict[str, Any]) -> str:
         lo, hi = r["diff_ci_points"]
+        llo, lhi = r.get("log_loss_gain_ci", (float("nan"),) * 2)
         return (f"| {what} | {r['images']} | {100 * r['parent_top1']:.1f}% | {100 * r['child_top1']:.1f}% | "
-                f"{r['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {r['mcnemar_p']:.3g} |")
+                f"{r['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {r['mcnemar_p']:.3g} | "
+                f"{r.get('log_loss_gain', float('nan')):+.3f} [{llo:+.3f}, {lhi:+.3f}] |")
 
     return ["", "## Continual build (the field's pictures)", "",
             f"Parent: bundle {par['name']} `{par['bundle_id']}` (run {par['run']}), started from its "
             f"{par['start']} weights; rehearsal: {result['rehearsal']}; {result['field_train']} field pictures "
             f"trained, {result['field_holdout']} held out. Both models' shipped INT8 files (Q/DQ in float) on the "
-            "same images; difference = child - parent, paired bootstrap 95% CI, exact McNemar p.", "",
-            "| images | n | parent | child | child - parent, points | McNemar p |", "|---|---|---|---|---|---|",
+            "same images; difference = child - parent, paired bootstrap 95% CI, exact McNemar p; log-loss gain = "
+            "parent's - child's mean negative log-likelihood of the true class, each with its calibrated "
+            "temperature (nats, paired bootstrap 95% CI).", "",
+            "| images | n | parent | child | child - parent, points | McNemar p | log-loss gain |",
+            "|---|---|---|---|---|---|---|",
             row("held-out field pictures (adaptation)", a), row("parent's test split (forgetting)", f), "",
-            "Shipped: the field gain's interval is above 0, and "
+            f"Shipped: the field gain is real ({a.get('evidence', 'top-1 interval above 0')}; "
+            f"continual.gain_score = {a.get('gain_score', 'top1')}), and "
             + (f"the child forgets {f['points']:.1f} points of the parent's test top-1, within "
                if f["points"] > 0 else "the child loses nothing on the parent's test split (limit: ")
             + f"continual.max_forgetting_points = {f['limit_points']:g}" + ("." if f["points"] > 0 else ").")]

@@ -4,6 +4,8 @@
 - :func:`paired`: two models scored on the *same* images: the exact McNemar test (a two-sided binomial test on
   the discordant images, ``scipy.stats.binomtest``) and a paired-bootstrap 95 % interval of the difference in
   points (seeded, so the same predictions always give the same interval).
+- :func:`paired_mean`: the same for a per-image score (a log-loss): a paired-bootstrap interval of the mean
+  difference and the Wilcoxon signed-rank test.
 - :func:`verdict`: "met", "missed" or "not distinguishable from the target at this test size", from an
   interval and a limit.
 
@@ -67,6 +69,36 @@ def paired(a_correct: np.ndarray, b_correct: np.ndarray, *, boot: int = 4000, se
     alpha = (1 - level) / 2
     lo, hi = (float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
     return Paired(int(d.size), a_only, b_only, float(100.0 * d.mean()), (lo, hi), p)
+
+
+@dataclass
+class PairedMean:
+    """A per-image score of model A against model B on the same images (difference = mean of A - B)."""
+
+    n: int
+    diff: float
+    ci: tuple[float, float]
+    wilcoxon_p: float  # two-sided Wilcoxon signed-rank test of the per-image differences (1.0 when all are 0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_mean(a: np.ndarray, b: np.ndarray, *, boot: int = 4000, seed: int = 0, level: float = 0.95) -> PairedMean:
+    """Paired-bootstrap interval of mean(A - B) for a per-image score (e.g. a log-loss), and the Wilcoxon
+    signed-rank test of the differences (``scipy.stats.wilcoxon``); the same resampling as :func:`paired`."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape or a.size == 0 or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError(f"paired comparison needs two equal, non-empty sets of finite scores ({a.shape} vs {b.shape})")
+    stats = require("scipy.stats", "paired tests in the build report")
+    d = a - b
+    p = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(boot, d.size))
+    means = d[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = (float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
+    return PairedMean(int(d.size), float(d.mean()), (lo, hi), p)
 
 
 def verdict(low: float, high: float, limit: float, *, at_most: bool) -> str:
