@@ -12,7 +12,14 @@ Steps (:func:`train_qat`):
 
 1. BatchNorm folded into the convolutions first (``torch.nn.utils.fusion.fuse_conv_bn_eval``), as the FP32
    ONNX export folds it: the weights QAT quantizes are the ones TensorRT runs (BatchNorm statistics stay
-   frozen, as in the fine-tune's default ``train.freeze_bn``).
+   frozen, as in the fine-tune's default ``train.freeze_bn``). Only where a Conv2d and its BatchNorm2d sit in
+   one ``nn.Sequential`` (torchvision's MobileNets); timm's EfficientNet-Lite blocks keep their BatchNorm
+   (``folded_batchnorms`` = 0 in the stage metrics) between the quantized convolution and its activation,
+   which TensorRT fuses into the convolution as it stands ("no need to simulate BN-folding in the training
+   network", TensorRT developer guide, Q/DQ fusion). ONNX Runtime's CPU integer kernels take neither form
+   (its fusions need a Q on the convolution's output; this form has Q/DQ on the inputs only, folded or not):
+   a QAT model runs slower there than a PTQ one (photos: 7.3-8.1 ms against 3.2-3.7 ms, 1 thread,
+   benchmarks/RESULTS.md "photos").
 2. ``mtq.quantize(model, INT8_DEFAULT_CFG, forward_loop)``: quantizers inserted, ranges (amax) calibrated
    with max calibration on the PTQ stage's calibration images (the same draw; max = ORT's MinMax symmetric).
 3. A few epochs of fine-tuning with the quantizers active (straight-through estimator; amax fixed), with
