@@ -1,5 +1,6 @@
 """The continual gate's evidence of a field gain (edge_tl.workstation.continual, continual.gain_score): the
-per-picture log-loss under each model's temperature, the paired interval of its mean difference, and the rule."""
+per-picture log-loss under each model's temperature (edge_tl.workstation.calibrate.per_image_nll), the paired
+interval of its mean difference, and the rule."""
 
 from __future__ import annotations
 
@@ -8,19 +9,21 @@ import pytest
 from scipy.special import log_softmax
 from scipy.stats import wilcoxon
 
-from edge_tl.workstation.continual import _log_loss, field_gain
+from edge_tl.workstation.calibrate import nll, per_image_nll
+from edge_tl.workstation.continual import field_gain
 from edge_tl.workstation.stats import paired_mean
 
 
-def test_log_loss_is_the_negative_log_softmax_of_the_true_class_at_the_temperature():
+def test_per_image_nll_is_the_negative_log_softmax_of_the_true_class_at_the_temperature():
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=8.0, size=(50, 5)).astype(np.float32)
     y = rng.integers(0, 5, size=50)
     for t in (0.5, 1.0, 2.7):
         expect = -log_softmax(logits.astype(np.float64) / t, axis=1)[np.arange(50), y]
-        np.testing.assert_allclose(_log_loss(logits, y, t), expect, rtol=1e-12)
+        np.testing.assert_allclose(per_image_nll(logits, y, t), expect, rtol=1e-12)
+        assert nll(logits, y, t) == pytest.approx(expect.mean(), rel=1e-12)
     # large logits do not overflow (the max is subtracted first)
-    assert np.isfinite(_log_loss(np.array([[1e4, -1e4]], dtype=np.float32), np.array([1]), 1.0)).all()
+    assert np.isfinite(per_image_nll(np.array([[1e4, -1e4]], dtype=np.float32), np.array([1]), 1.0)).all()
 
 
 def test_paired_mean_interval_and_wilcoxon():

@@ -39,10 +39,7 @@ CV_FOLDS, CV_RESAMPLES, CV_SEED = 5, 2000, 0
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true class under ``softmax(logits / temperature)`` (float64)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(labels)), np.asarray(labels)].mean())
+    return float(per_image_nll(logits, labels, temperature).mean())
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -58,6 +55,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def per_image_nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Per image, the negative log-likelihood of the true class under ``softmax(logits / temperature)``
+    (float64; the largest logit subtracted first, so large logits do not overflow)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))

@@ -213,13 +213,6 @@ def _flat(rel: str) -> str:
     return rel.replace("/", "__")
 
 
-def _log_loss(logits: np.ndarray, y: np.ndarray, temperature: float) -> np.ndarray:
-    """Per-picture negative log-likelihood of the true class under ``softmax(logits / temperature)``."""
-    z = logits.astype(np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
-
-
 def _evaluate(child_model: Path, child_t: float, x: np.ndarray, child_pre, parent: Parent, paths: list[Path],
               y: np.ndarray, seed: int, views: int = 0, hflip: bool = False) -> dict[str, Any]:
     """Child against parent on the pictures ``paths`` (labels ``y``): top-1, log-loss (each model's calibrated
@@ -227,6 +220,7 @@ def _evaluate(child_model: Path, child_t: float, x: np.ndarray, child_pre, paren
     ``views``, the share of each picture's ``views`` lightly augmented copies (the decision set's draw) each gets
     right. ``x``: the pictures through the child's preprocessing (the parent's, unless the spec changed it); with
     ``views``, followed by the copies."""
+    from edge_tl.workstation.calibrate import per_image_nll
     from edge_tl.workstation.pipeline.stages import onnx_logits
     from edge_tl.workstation.stats import paired, paired_mean, wilson
     from edge_tl.workstation.train.datasets import decision_views
@@ -243,7 +237,8 @@ def _evaluate(child_model: Path, child_t: float, x: np.ndarray, child_pre, paren
     child, par = lc.argmax(1) == y, lp.argmax(1) == y
     pr = paired(child, par, seed=seed)
     # log-loss gain = parent's - child's: positive when the child gives the true class more of its score
-    ll = paired_mean(_log_loss(lp, y, parent.bundle.postprocess.temperature), _log_loss(lc, y, child_t), seed=seed)
+    ll = paired_mean(per_image_nll(lp, y, parent.bundle.postprocess.temperature), per_image_nll(lc, y, child_t),
+                     seed=seed)
     out = {"images": n, "child_top1": float(child.mean()), "child_ci": wilson(int(child.sum()), n),
            "parent_top1": float(par.mean()), "parent_ci": wilson(int(par.sum()), n),
            "diff_points": pr.diff_points, "diff_ci_points": list(pr.ci_points), "mcnemar_p": pr.mcnemar_p,
@@ -334,11 +329,10 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     par, f, a = result["parent"], result["forgetting"], result["adaptation"]
 
     def row(what: str, r: dict[str, Any]) -> str:
-        lo, hi = r["diff_ci_points"]
-        llo, lhi = r.get("log_loss_gain_ci", (float("nan"),) * 2)
+        (lo, hi), (llo, lhi) = r["diff_ci_points"], r["log_loss_gain_ci"]
         return (f"| {what} | {r['images']} | {100 * r['parent_top1']:.1f}% | {100 * r['child_top1']:.1f}% | "
                 f"{r['diff_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {r['mcnemar_p']:.3g} | "
-                f"{r.get('log_loss_gain', float('nan')):+.3f} [{llo:+.3f}, {lhi:+.3f}] |")
+                f"{r['log_loss_gain']:+.3f} [{llo:+.3f}, {lhi:+.3f}] |")
 
     return ["", "## Continual build (the field's pictures)", "",
             f"Parent: bundle {par['name']} `{par['bundle_id']}` (run {par['run']}), started from its "
@@ -350,8 +344,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             "| images | n | parent | child | child - parent, points | McNemar p | log-loss gain |",
             "|---|---|---|---|---|---|---|",
             row("held-out field pictures (adaptation)", a), row("parent's test split (forgetting)", f), "",
-            f"Shipped: the field gain is real ({a.get('evidence', 'top-1 interval above 0')}; "
-            f"continual.gain_score = {a.get('gain_score', 'top1')}), and "
+            f"Shipped: the field gain is real ({a['evidence']}; continual.gain_score = {a['gain_score']}), and "
             + (f"the child forgets {f['points']:.1f} points of the parent's test top-1, within "
                if f["points"] > 0 else "the child loses nothing on the parent's test split (limit: ")
             + f"continual.max_forgetting_points = {f['limit_points']:g}" + ("." if f["points"] > 0 else ").")]

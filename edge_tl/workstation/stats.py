@@ -64,11 +64,16 @@ def paired(a_correct: np.ndarray, b_correct: np.ndarray, *, boot: int = 4000, se
     a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
     p = 1.0 if a_only + b_only == 0 else float(stats.binomtest(a_only, a_only + b_only, 0.5).pvalue)
     d = a.astype(np.int8) - b.astype(np.int8)
+    return Paired(int(d.size), a_only, b_only, float(100.0 * d.mean()), _bootstrap(d, 100.0, boot, seed, level), p)
+
+
+def _bootstrap(d: np.ndarray, scale: float, boot: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile interval of ``scale * mean(d)`` over ``boot`` resamples of the images (seeded)."""
     idx = np.random.default_rng(seed).integers(0, d.size, size=(boot, d.size))
-    means = 100.0 * d[idx].mean(axis=1)
+    means = scale * d[idx].mean(axis=1)
     alpha = (1 - level) / 2
     lo, hi = (float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
-    return Paired(int(d.size), a_only, b_only, float(100.0 * d.mean()), (lo, hi), p)
+    return lo, hi
 
 
 @dataclass
@@ -94,11 +99,7 @@ def paired_mean(a: np.ndarray, b: np.ndarray, *, boot: int = 4000, seed: int = 0
     stats = require("scipy.stats", "paired tests in the build report")
     d = a - b
     p = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(boot, d.size))
-    means = d[idx].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = (float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
-    return PairedMean(int(d.size), float(d.mean()), (lo, hi), p)
+    return PairedMean(int(d.size), float(d.mean()), _bootstrap(d, 1.0, boot, seed, level), p)
 
 
 def verdict(low: float, high: float, limit: float, *, at_most: bool) -> str:
