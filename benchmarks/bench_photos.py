@@ -185,8 +185,8 @@ def main() -> None:
              "resize 256, mean = std = 0.5; the ImageNet features frozen and the head fitted by L-BFGS on the "
              "training photos and 4 augmented copies of each; 40% of the MACs pruned from the blocks' expanded "
              "channels, ranked across layers (one global ranking) by their contribution on the training photos; "
-             "recovery by feature distillation "
-             "from the unpruned model, 10 epochs, the head then fitted again; INT8 by quantize.mode = auto). "
+             "recovery by distillation of the unpruned model's features and every block's output, 10 epochs, "
+             "the head then fitted again; INT8 by quantize.mode = auto, QAT keeping its last epoch). "
              f"Seeds {', '.join(map(str, seeds))}; intervals are Wilson 95% (accuracies) and paired bootstrap 95% "
              "(differences on the same images).", "",
              "| model | pooled test top-1 | per seed (95% interval) |", "|---|---|---|",
@@ -205,7 +205,12 @@ def main() -> None:
               f"- INT8 cost (trained - shipped INT8, pooled): {cost_q}; per seed: {cells_q}.",
               "- The recipe before (2026-12-05, same splits and seeds): fine-tuning at lr 1e-2 / 1e-4, L1 on all "
               "channels, recovery by logit distillation: 80.0% [71.4, 86.5] trained, 67.9% pruned and 76.2% INT8 "
-              "(seeds 0-3; seed 4's recovery ended at chance), build 15.3-27.5 min."]
+              "(seeds 0-3; seed 4's recovery ended at chance), build 15.3-27.5 min.",
+              "- Earlier A/B arms (this machine, same splits, seeds 0-4, `--set` / `--against`): one channel ranking "
+              "across layers against one per layer (2026-12-06): pruned top-1 on the decision sets 80.2% against "
+              "74.6% (higher on every seed), on test +0.95 points [-4.76, +6.67]; QAT's last epoch against its best "
+              "on validation, both with block distillation (2026-12-06): shipped INT8 +2.86 points [+0.00, +6.67] "
+              "(3 photos to 0), PTQ or mixed shipped on 3 seeds instead of 1."]
     if sc:
         same = [done[f"s{r['seed']}-imagenet"] for r in sc if f"s{r['seed']}-imagenet" in done]
         pairs = [(np.asarray(t["right"]["finetune"]), np.asarray(r["right"]["finetune"]))

@@ -121,3 +121,51 @@ def test_feature_distillation_trains_the_pruned_body_and_refits_the_head(tmp_pat
     with pytest.raises(EdgeTLError, match="distillation target"):
         fit(student, "mobilenet_v3_small", ds, eval_arrays(paths, labels, PRE), recovery_phases(1, 1e-3, False),
             teacher=teacher, distill_on="outputs", device="cpu")
+
+
+def test_block_distillation_teaches_every_block_and_needs_their_widths(tmp_path):
+    """prune.recovery_distill = blocks: a hint at every block's output besides the features, each squared error
+    over the teacher's mean square there; zero for the teacher's own copy, lower after the recovery; a student
+    whose blocks lost output width is refused."""
+    import copy
+
+    from edge_tl.workstation.prune import BLOCK_TYPES, prune_to_macs, stream_layers
+    from edge_tl.workstation.train import recalibrate_bn
+    from edge_tl.workstation.train.fit import _FeatureDistiller
+
+    paths, labels = _task(tmp_path)
+    ds = TrainDataset(paths, labels, PRE, augment="light", hflip=False)
+    teacher = build("mobilenet_v3_small", 3, seed=0)
+    # BatchNorm's statistics of these pictures: an untrained net's defaults (mean 0, variance 1) shrink every
+    # block's output towards 0 (1e-21 at the last), where no relative error means anything
+    recalibrate_bn(teacher, ds, batch_size=6, seed=0, device="cpu")
+    teacher.eval()
+    x = torch.from_numpy(eval_arrays(paths, labels, PRE)[0])
+    blocks = [n for n, m in teacher.named_modules() if type(m).__name__ in BLOCK_TYPES]
+    twin = _FeatureDistiller(copy.deepcopy(teacher).eval(), teacher, "mobilenet_v3_small", torch.device("cpu"),
+                             blocks=True)
+    assert twin.names[1:] == blocks and len(blocks) == 11  # MobileNetV3-Small's inverted-residual blocks
+    assert len(twin.hooks) == 2 * (1 + len(blocks))  # the student's and the teacher's
+    twin.remove()
+
+    student = prune_to_macs(teacher, torch.zeros(1, 3, 32, 32), 0.3, importance="l1",
+                            ignored_layers=stream_layers(teacher)).model
+
+    def block_loss(net):
+        grab = _FeatureDistiller(net, teacher, "mobilenet_v3_small", torch.device("cpu"), blocks=True)
+        with torch.no_grad():
+            net.eval()(x)
+            loss = float(grab.loss(grab.proj, x))
+        grab.remove()
+        return loss
+
+    assert block_loss(copy.deepcopy(teacher)) == 0.0
+    before = block_loss(student)
+    assert before > 0
+    # BatchNorm frozen (its running statistics): the loss trained is the loss measured here, in eval mode
+    fit(student, "mobilenet_v3_small", ds, eval_arrays(paths, labels, PRE), recovery_phases(3, 1e-3, True),
+        teacher=teacher, distill_on="blocks", keep="last", device="cpu", batch_size=6)
+    assert block_loss(student) < before
+    narrow = prune_to_macs(teacher, torch.zeros(1, 3, 32, 32), 0.5, importance="l1").model  # every channel
+    with pytest.raises(EdgeTLError, match="block-wise distillation"):
+        _FeatureDistiller(narrow, teacher, "mobilenet_v3_small", torch.device("cpu"), blocks=True)

@@ -74,6 +74,12 @@ def test_qat_on_a_tiny_cnn_exports_the_tensorrt_qdq_form(tmp_path):
         pred = runner.infer({"input": xv})["logits"].argmax(1)
     assert (pred == yv).mean() > 0.8  # chance is 1/3
     assert res.max_abs_diff < 1e-2 and res.epochs_run == 2
+    assert res.summary()["kept"] == "best"
+    # quantize.qat_keep = "last": the last epoch exported, whichever scored best on validation
+    last = train_qat(model, teacher, "squeezenet1_1", x[:32], train, (xv, yv), tmp_path / "last.onnx", (SIZE, SIZE),
+                     epochs=2, lr=1e-3, opset=17, target=None, distill_weight=0.5, batch_size=16, device="cpu",
+                     fit_kwargs={"keep": "last"})
+    assert last.summary()["kept"] == "last" and last.history[-1]["epoch"] == 2
 
 
 def test_auto_runs_qat_only_when_ptq_costs_more_than_the_threshold():

@@ -158,8 +158,10 @@ def test_recovery_batchnorm_follows_the_input_size_unless_set():
     ("[model]\nmean = [0.5, nan, 0.5]\n", "model.mean.1: Input should be a finite number"),
     ("seed = 9223372036854775808\n", "seed: Input should be less than or equal to 4294967295"),
     ("[train]\nbatch_size = 1\n", "train.batch_size: Input should be greater than or equal to 2"),
+    ("[prune]\nrecovery_distill = \"blocks\"\n", "only prune.channels = 'hidden' leaves the same width"),
 ])
 def test_values_that_validated_then_crashed_are_refused_up_front(tmp_path, toml, needle):
-    """Issue 24: std 0 divided by zero, a seed above 2^63 overflowed in torch, a batch of 1 failed in BatchNorm."""
+    """Issue 24: std 0 divided by zero, a seed above 2^63 overflowed in torch, a batch of 1 failed in BatchNorm;
+    block-wise distillation of a net whose blocks lost width would fail at the recovery's first step."""
     with pytest.raises(EdgeTLError, match=needle):
         load_spec(write(tmp_path, toml))

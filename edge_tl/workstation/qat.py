@@ -109,9 +109,11 @@ class QATResult:
     max_abs_diff: float  # ONNX Runtime (Q/DQ in float) against the fake-quantized torch model
     op_types: dict[str, int] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    kept: str = "best"  # the epoch whose weights were exported (quantize.qat_keep)
 
     def summary(self) -> dict[str, Any]:
         return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "best_val_top1": self.best_val_top1,
+                "kept": self.kept,
                 "train_seconds": round(self.seconds, 2), "folded_batchnorms": self.folded_batchnorms,
                 "quantizers": self.quantizers, "max_abs_diff": self.max_abs_diff,
                 "qdq_pairs": self.op_types.get("QuantizeLinear", 0), "implementation": "nvidia-modelopt "
@@ -163,7 +165,7 @@ def train_qat(model, teacher, backbone: str, calib: np.ndarray, train_ds, val: t
     qmodel.cpu().eval()
     ops, diff = export_qat_onnx(qmodel, out_path, input_size, opset=opset, target=target, check_inputs=calib[:32])
     return QATResult(Path(out_path), res.epochs_run, res.best_epoch, res.best_val_top1, res.seconds, folded,
-                     quantizers, diff, ops, res.history)
+                     quantizers, diff, ops, res.history, res.kept)
 
 
 class _quiet:

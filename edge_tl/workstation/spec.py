@@ -262,13 +262,21 @@ class PruneSpec(_Section):
                                  "(prune.target.ranking)")
     distill_weight: float = Field(0.7, ge=0, le=1, description="recovery loss: share of knowledge distillation "
                                   "from the unpruned model (0 = labels only)")
-    recovery_distill: Literal["auto", "logits", "features"] = Field(
+    recovery_distill: Literal["auto", "logits", "features", "blocks"] = Field(
         "auto", description="what the recovery distils from the unpruned model: logits (its outputs, blended with "
         "the labels by distill_weight), features (what its classifier sees, by mean squared error through a "
         "linear map; the head is then fitted again by L-BFGS on the pruned features, as train.head = 'lbfgs' "
-        "does); auto: features when the model pruned is a frozen backbone with an L-BFGS head (its features are "
+        "does), blocks (features and every block's output, the residual stream: needs channels = 'hidden'); "
+        "auto: features when the model pruned is a frozen backbone with an L-BFGS head (its features are "
         "all it learnt), else logits")
     distill_temperature: float = Field(4.0, gt=0, description="softmax temperature of the distillation")
+
+    @model_validator(mode="after")
+    def _blocks_need_hidden(self) -> PruneSpec:
+        if self.recovery_distill == "blocks" and self.channels != "hidden":
+            raise ValueError("prune.recovery_distill = 'blocks' compares every block's output with the unpruned "
+                             "model's, which only prune.channels = 'hidden' leaves the same width")
+        return self
 
     @model_validator(mode="after")
     def _hidden_needs_macs(self) -> PruneSpec:
@@ -301,7 +309,11 @@ class QuantizeSpec(_Section):
     max_cost_points: float = Field(0.5, ge=0, description="INT8 accuracy cost (points, decision set, against "
                                    "the FP32 ONNX model) above which auto runs QAT and mixed precision keeps layers "
                                    "in float")
-    qat_epochs: int = Field(10, ge=1, le=1000, description="QAT fine-tune epochs (the best on validation is kept)")
+    qat_epochs: int = Field(10, ge=1, le=1000, description="QAT fine-tune epochs")
+    qat_keep: Literal["best", "last"] = Field(
+        "best", description="which QAT epoch's weights are kept: best (on validation) or last (the cosine "
+        "schedule's end). QAT is then compared with PTQ on the decision set, whose core is the validation "
+        "images: an epoch chosen on them scores there above what it scores elsewhere")
     qat_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of QAT (all layers)")
     qat_distill_weight: float = Field(0.7, ge=0, le=1, description="QAT loss: share of knowledge distillation from "
                                       "the FP32 fine-tuned model (0 = labels only)")

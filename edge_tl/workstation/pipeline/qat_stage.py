@@ -152,6 +152,7 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         kw = _fit_kwargs(ctx, "qat")
         for k in ("label", "patience", "label_smoothing", "seed", "device", "workers", "batch_size", "weight_decay"):
             kw.pop(k, None)
+        kw["keep"] = q.qat_keep
         res = train_qat(student, teacher if q.qat_distill_weight else None, s.model.backbone, ctx.calibration(),
                         ctx.train_dataset(), (xv, yv), out / "model.qat.onnx", ctx.size, epochs=q.qat_epochs,
                         lr=q.qat_lr, opset=s.opset(), target=s.target, distill_weight=q.qat_distill_weight,

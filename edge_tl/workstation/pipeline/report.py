@@ -349,6 +349,9 @@ def _distill_words(pr: dict) -> str:
     if on == "features":
         return ("recovery distilled from the unpruned model's features (mean squared error of what the classifiers "
                 "see), the head then fitted again by L-BFGS.")
+    if on == "blocks":
+        return ("recovery distilled from the unpruned model's features and every block's output (mean squared error "
+                "of each over the unpruned model's mean square there), the head then fitted again by L-BFGS.")
     return f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}."
 
 

@@ -394,6 +394,7 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
     fix for a net whose weights drift under frozen statistics (issue 23: a from-scratch model at 224 px recovered
     to 20% in six attempts). Still at chance: the result says so (``at_chance``) and the stage leaves it out."""
     from edge_tl.workstation.train import Phase, evaluate, fit, recalibrate_bn, recovery_phases
+    from edge_tl.workstation.train.fit import FEATURE_TARGETS
 
     s, p = ctx.spec, ctx.spec.prune
     pruned = res.model
@@ -406,7 +407,7 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
                                **res.summary()}
     fit_res, decision_top1 = None, None
     on = recovery_distill(ctx)
-    distill = {"teacher": model if p.distill_weight or on == "features" else None,
+    distill = {"teacher": model if p.distill_weight or on in FEATURE_TARGETS else None,
                "distill_weight": p.distill_weight, "distill_temperature": p.distill_temperature, "distill_on": on}
     if p.recovery_epochs:
         metrics["recovery_distill"] = {"on": on, "asked": p.recovery_distill}
@@ -479,9 +480,11 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
 def _refit_head(ctx: Context, net, distill: dict[str, Any], seed: int) -> None:
     """After a recovery by feature distillation: the head fitted once more on the recovered features, with the
     augmented copies the finetune stage's head was fitted on (train.head_views)."""
-    if distill["distill_on"] != "features":
-        return
+    from edge_tl.workstation.train.fit import FEATURE_TARGETS
     from edge_tl.workstation.train.head import fit_head
+
+    if distill["distill_on"] not in FEATURE_TARGETS:
+        return
 
     fit_head(net, ctx.spec.model.backbone, ctx.train_dataset(), views=ctx.spec.train.head_views, seed=seed,
              device="cpu")

@@ -161,6 +161,12 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     every epoch the head is fitted again on the student's features of the training images (L-BFGS), so that
     validation scores the network as it stands. The labels enter through that fit only.
 
+    ``distill_on = "blocks"`` adds a hint at every block's output (the residual stream, whose width pruning only
+    the blocks' hidden channels keeps): the loss is the mean over those outputs and the features of each one's
+    squared error divided by the teacher's mean square there, so that every block is taught where it stands, not
+    only through the last layer (FitNets' hints at many depths; Li et al. 2020, "Few Sample Knowledge
+    Distillation", recover a pruned net block by block from a few images).
+
     ``sampler`` replaces the shuffled order (class-balanced sampling) and ``loss_fn`` the cross-entropy
     (class-weighted or focal loss): see :mod:`edge_tl.workstation.train.balance`.
 
@@ -179,12 +185,12 @@ def fit(model: nn.Module, backbone: str, train_ds: torch.utils.data.Dataset, val
     loader = dist.loader(train_ds, batch_size, seed=seed, sampler=sampler, workers=workers)
     loss_fn = (loss_fn or nn.CrossEntropyLoss(label_smoothing=label_smoothing)).to(dev)
     _check_blend(distill_weight, mixup, distill_on)
-    kd = teacher is not None and (distill_weight > 0 or distill_on == "features")
+    kd = teacher is not None and (distill_weight > 0 or distill_on in FEATURE_TARGETS)
     mix_rng = np.random.default_rng((seed + 7919 * dist.rank()) % (2**32)) if mixup > 0 else None
-    feat_kd = kd and distill_on == "features"
+    feat_kd = kd and distill_on in FEATURE_TARGETS
     if kd:
         teacher = teacher.to(dev).eval()  # its forward runs under no_grad (_distill_loss)
-    grab = _FeatureDistiller(model, teacher, backbone, dev) if feat_kd else None
+    grab = _FeatureDistiller(model, teacher, backbone, dev, blocks=distill_on == "blocks") if feat_kd else None
     best = _Best()
     epoch, stale, stopped = 0, 0, False
     history: list[dict] = []
@@ -323,22 +329,35 @@ class _Step:
         return seen, correct, loss_sum
 
 
+#: distillation targets that teach what the classifier sees (the head is fitted again on it, not trained)
+FEATURE_TARGETS = ("features", "blocks")
+
+
 class _FeatureDistiller:
     """What the student's and the teacher's classifiers see (forward hooks on their heads), and the linear map
-    from the student's width to the teacher's (FitNets' regressor), trained with the student and dropped after."""
+    from the student's width to the teacher's (FitNets' regressor), trained with the student and dropped after.
+    With ``blocks`` also every block's output (edge_tl.workstation.prune.BLOCK_TYPES), which must keep the
+    teacher's shape (prune.channels = "hidden")."""
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, backbone: str, dev: torch.device):
+    def __init__(self, model: nn.Module, teacher: nn.Module, backbone: str, dev: torch.device,
+                 blocks: bool = False):
+        from edge_tl.workstation.prune import BLOCK_TYPES
         from edge_tl.workstation.train.backbones import head_name
 
-        self.seen: dict[str, torch.Tensor] = {}
-        self.hooks = [m.get_submodule(head_name(backbone)).register_forward_hook(self._keep(who))
-                      for who, m in (("student", model), ("teacher", teacher))]
+        self.seen: dict[tuple[str, str], torch.Tensor] = {}
+        head = head_name(backbone)
+        self.names = [head] + ([n for n, m in teacher.named_modules() if type(m).__name__ in BLOCK_TYPES]
+                               if blocks else [])
+        self.hooks = [m.get_submodule(name).register_forward_hook(self._keep(who, name, name == head))
+                      for name in self.names for who, m in (("student", model), ("teacher", teacher))]
         self.teacher = teacher
-        width = {who: m.get_submodule(head_name(backbone)).in_features for who, m in
-                 (("student", model), ("teacher", teacher))}
+        width = {who: m.get_submodule(head).in_features for who, m in (("student", model), ("teacher", teacher))}
         # equal widths (prune.channels = "hidden" keeps them): compared as they are, with no map to learn first
         self.proj = (nn.Identity() if width["student"] == width["teacher"]
                      else nn.Linear(width["student"], width["teacher"]).to(dev))
+        if blocks and not isinstance(self.proj, nn.Identity):
+            raise EdgeTLError("block-wise distillation needs the pruned blocks to keep their output width",
+                              "prune only the hidden channels (prune.channels = 'hidden') or distil 'features'")
 
     def attach(self, model: nn.Module, backbone: str, opt: torch.optim.Optimizer, phase: Phase,
                dev: torch.device) -> nn.Module:
@@ -352,17 +371,25 @@ class _FeatureDistiller:
                              "lr": phase.lr_backbone if phase.lr_backbone is not None else phase.lr_head})
         return dist.wrap(self.proj, dev)
 
-    def _keep(self, who: str):
+    def _keep(self, who: str, name: str, is_head: bool):
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            self.seen[who] = inp[0].flatten(1)
+            self.seen[who, name] = inp[0].flatten(1) if is_head else out
         return hook
 
     def loss(self, proj: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-        """After the student's forward on ``xb``: MSE between its mapped features and the teacher's."""
-        student = self.seen["student"]
+        """After the student's forward on ``xb``: the squared error between its mapped features and the
+        teacher's; with blocks, the mean over every hooked output of that error over the teacher's mean square."""
         with torch.no_grad():
             self.teacher(xb)
-        return nn.functional.mse_loss(proj(student), self.seen["teacher"])
+        head = self.names[0]
+        feats = nn.functional.mse_loss(proj(self.seen["student", head]), self.seen["teacher", head])
+        if len(self.names) == 1:
+            return feats
+        terms = [feats / self.seen["teacher", head].pow(2).mean().clamp_min(1e-8)]
+        for name in self.names[1:]:
+            t = self.seen["teacher", name]
+            terms.append(nn.functional.mse_loss(self.seen["student", name], t) / t.pow(2).mean().clamp_min(1e-8))
+        return torch.stack(terms).mean()
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -370,8 +397,8 @@ class _FeatureDistiller:
 
 
 def _check_blend(distill_weight: float, mixup: float, distill_on: str = "logits") -> None:
-    if distill_on not in ("logits", "features"):
-        raise EdgeTLError(f"unknown distillation target {distill_on!r}", "use 'logits' or 'features'")
+    if distill_on not in ("logits", *FEATURE_TARGETS):
+        raise EdgeTLError(f"unknown distillation target {distill_on!r}", "use 'logits', 'features' or 'blocks'")
     if not 0.0 <= distill_weight <= 1.0:
         raise EdgeTLError(f"distill weight {distill_weight} is outside [0, 1]", "use e.g. 0.7, or 0 to turn it off")
     if mixup < 0:
