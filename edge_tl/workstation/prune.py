@@ -91,6 +91,11 @@ def _importance(name: str):
 BLOCK_TYPES = ("InvertedResidual", "DepthwiseSeparableConv")
 
 
+def blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's inverted-residual blocks (:data:`BLOCK_TYPES`), by name, in order."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in BLOCK_TYPES]
+
+
 def stream_layers(model: nn.Module) -> list[str]:
     """The layers that keep their output width when only the hidden channels are pruned (``prune.channels =
     "hidden"``): the stem (the first convolution), the last convolution and any Linear layer before the
@@ -99,14 +104,14 @@ def stream_layers(model: nn.Module) -> list[str]:
     blocks' expanded channels (expansion, depthwise, squeeze-excite), which no other block sees."""
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     classifier = find_classifier(model)
-    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in BLOCK_TYPES]
-    if not blocks:
+    found = blocks(model)
+    if not found:
         raise EdgeTLError(f"{type(model).__name__} has no inverted-residual blocks whose hidden channels could be "
                           "pruned alone", "use prune.channels = 'all' with this backbone")
     keep = [convs[0], next(n for n in reversed(convs) if n != classifier)]
     # MobileNetV3's hidden Linear layer between the pooled features and the classifier
     keep += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != classifier]
-    for name, block in blocks:
+    for name, block in found:
         inner = [f"{name}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Conv2d)]
         keep.append(inner[-1])
     return list(dict.fromkeys(keep))

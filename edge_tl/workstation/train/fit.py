@@ -336,18 +336,17 @@ FEATURE_TARGETS = ("features", "blocks")
 class _FeatureDistiller:
     """What the student's and the teacher's classifiers see (forward hooks on their heads), and the linear map
     from the student's width to the teacher's (FitNets' regressor), trained with the student and dropped after.
-    With ``blocks`` also every block's output (edge_tl.workstation.prune.BLOCK_TYPES), which must keep the
+    With ``blocks`` also every block's output (edge_tl.workstation.prune.blocks), which must keep the
     teacher's shape (prune.channels = "hidden")."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, backbone: str, dev: torch.device,
                  blocks: bool = False):
-        from edge_tl.workstation.prune import BLOCK_TYPES
+        from edge_tl.workstation.prune import blocks as block_list
         from edge_tl.workstation.train.backbones import head_name
 
         self.seen: dict[tuple[str, str], torch.Tensor] = {}
         head = head_name(backbone)
-        self.names = [head] + ([n for n, m in teacher.named_modules() if type(m).__name__ in BLOCK_TYPES]
-                               if blocks else [])
+        self.names = [head] + ([n for n, _ in block_list(teacher)] if blocks else [])
         self.hooks = [m.get_submodule(name).register_forward_hook(self._keep(who, name, name == head))
                       for name in self.names for who, m in (("student", model), ("teacher", teacher))]
         self.teacher = teacher
