@@ -210,7 +210,11 @@ def main() -> None:
               "across layers against one per layer (2026-12-06): pruned top-1 on the decision sets 80.2% against "
               "74.6% (higher on every seed), on test +0.95 points [-4.76, +6.67]; QAT's last epoch against its best "
               "on validation, both with block distillation (2026-12-06): shipped INT8 +2.86 points [+0.00, +6.67] "
-              "(3 photos to 0), PTQ or mixed shipped on 3 seeds instead of 1."]
+              "(3 photos to 0), PTQ or mixed shipped on 3 seeds instead of 1; mixup in the recovery "
+              "(prune.recovery_mixup = 1.0, the unpruned model matched on blended photos; 2026-12-07): pruned top-1 "
+              "-0.95 points [-4.76, +1.90], decision sets 83.8% against 82.1%, shipped INT8 +0.00 [-3.81, +3.81], "
+              "energy AUROC of the shipped bundles on pictures of no class 0.872 against 0.853 (higher on 8 of 10 "
+              "sets, lower on both of seed 2): within noise, not adopted."]
     if sc:
         same = [done[f"s{r['seed']}-imagenet"] for r in sc if f"s{r['seed']}-imagenet" in done]
         pairs = [(np.asarray(t["right"]["finetune"]), np.asarray(r["right"]["finetune"]))

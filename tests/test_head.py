@@ -169,3 +169,33 @@ def test_block_distillation_teaches_every_block_and_needs_their_widths(tmp_path)
     narrow = prune_to_macs(teacher, torch.zeros(1, 3, 32, 32), 0.5, importance="l1").model  # every channel
     with pytest.raises(EdgeTLError, match="block-wise distillation"):
         _FeatureDistiller(narrow, teacher, "mobilenet_v3_small", torch.device("cpu"), blocks=True)
+
+
+def test_recovery_mixup_matches_the_teacher_on_the_blended_images(tmp_path):
+    """prune.recovery_mixup with a features target (function matching): the teacher is asked about the very batch
+    the student saw, blended; without mixup every picture it is asked about is a training picture as it is."""
+    import copy
+
+    paths, labels = _task(tmp_path)
+    ds = TrainDataset(paths, labels, PRE, augment="none", hflip=False)
+    originals = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1)
+
+    def asked(mixup: float) -> tuple[list, list]:
+        teacher = build("mobilenet_v3_small", 3, seed=0).eval()
+        student = copy.deepcopy(teacher)
+        seen: dict[str, list] = {"student": [], "teacher": []}
+        for who, net in (("student", student), ("teacher", teacher)):
+            net.register_forward_pre_hook(lambda m, inp, who=who: seen[who].append(inp[0].detach().clone()))
+        fit(student, "mobilenet_v3_small", ds, eval_arrays(paths, labels, PRE), recovery_phases(1, 1e-3, True),
+            teacher=teacher, distill_on="features", mixup=mixup, keep="last", device="cpu", batch_size=6, seed=3)
+        return seen["student"], seen["teacher"]
+
+    def is_original(batch: torch.Tensor) -> torch.Tensor:  # per row: equal to one training picture
+        return (torch.cdist(batch.flatten(1), originals) < 1e-4).any(1)
+
+    student, teacher = asked(1.0)
+    assert len(teacher) == 3  # 18 pictures in batches of 6, one epoch
+    assert all(any(torch.equal(t, s) for s in student) for t in teacher)
+    assert not all(bool(is_original(t).all()) for t in teacher)
+    _, plain = asked(0.0)
+    assert len(plain) == 3 and all(bool(is_original(t).all()) for t in plain)

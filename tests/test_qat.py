@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edge_tl.workstation.pipeline.qat_stage import needs_qat, pick
+from edge_tl.workstation.pipeline.qat_stage import needs_qat, pick_int8
 from edge_tl.workstation.quantize import check_tensorrt_qdq, quantize_int8, quantized_node_names
 from tests.bundle_factory import tiny_onnx
 
@@ -88,10 +88,29 @@ def test_auto_runs_qat_only_when_ptq_costs_more_than_the_threshold():
     run, why = needs_qat("auto", 0.75, 0.5)
     assert run and "+0.75 points" in why and "max_cost_points = 0.5" in why
     assert needs_qat("ptq", 30.0, 0.5)[0] is False and needs_qat("qat", -1.0, 0.5)[0] is True
-    # the better model on validation ships; PTQ wins a tie (training gained nothing)
-    assert pick({"ptq": {"decision_top1": 0.9}, "qat": {"decision_top1": 0.9}}) == "ptq"
-    assert pick({"ptq": {"decision_top1": 0.9}, "qat": {"decision_top1": 0.92}}) == "qat"
-    assert pick({"ptq": {"val_top1": 0.93}, "qat": {"val_top1": 0.92}}, key="val_top1") == "ptq"
+
+
+def _scored(right: list[int], images: int = 10, copies: int = 3) -> dict:
+    """A candidate that gets validation images ``right`` (and all their augmented copies) right."""
+    correct = np.isin(np.arange(images * copies) % images, right)
+    return {"decision_correct": correct, "decision_top1": float(correct.mean())}
+
+
+def test_a_trained_int8_model_replaces_ptq_only_beyond_noise():
+    """quantize.mode = "auto": QAT (or mixed precision) ships only when its decision-set gain over PTQ has a
+    one-sided 95% lower bound above 0, copies of one validation image counted once; "qat" asked: the reverse."""
+    ptq = _scored(list(range(8)))
+    one_more = _scored(list(range(9)))  # one image of 10 ahead: mean -0.1, se 0.1, upper bound +0.06
+    assert pick_int8({"ptq": ptq, "qat": one_more}, 10) == "ptq"
+    assert pick_int8({"ptq": ptq, "qat": dict(ptq)}, 10) == "ptq"  # a tie: nothing gained by training
+    weak, strong = _scored(list(range(5))), _scored(list(range(10)))  # five images ahead: upper bound -0.23
+    assert pick_int8({"ptq": weak, "qat": strong}, 10) == "qat"
+    # of two that beat PTQ, the higher ships; one that does not beat it is never picked for scoring higher
+    assert pick_int8({"ptq": weak, "qat": _scored(list(range(9))), "mixed": strong}, 10) == "mixed"
+    assert pick_int8({"ptq": ptq, "qat": _scored([0, 1]), "mixed": one_more}, 10) == "ptq"
+    # asked for QAT: it ships unless PTQ beats it beyond noise
+    assert pick_int8({"ptq": one_more, "qat": ptq}, 10, base="qat") == "qat"
+    assert pick_int8({"ptq": strong, "qat": weak}, 10, base="qat") == "ptq"
 
 
 def test_mixed_precision_keeps_the_smallest_set_that_meets_the_target(tmp_path):

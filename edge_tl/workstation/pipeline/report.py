@@ -344,15 +344,18 @@ def _head_lines(head: dict) -> list[str]:
 
 
 def _distill_words(pr: dict) -> str:
-    """How the recovery after pruning was taught (prune.recovery_distill)."""
-    on = (pr.get("recovery_distill") or {}).get("on", "logits")
+    """How the recovery after pruning was taught (prune.recovery_distill, prune.recovery_mixup)."""
+    rd = pr.get("recovery_distill") or {}
+    on = rd.get("on", "logits")
+    mix = (f" Mixup (prune.recovery_mixup = {rd['mixup']:g}): the batches blended with shuffled copies of "
+           f"themselves, the unpruned model matched on those too." if rd.get("mixup") else "")
     if on == "features":
         return ("recovery distilled from the unpruned model's features (mean squared error of what the classifiers "
-                "see), the head then fitted again by L-BFGS.")
+                "see), the head then fitted again by L-BFGS." + mix)
     if on == "blocks":
         return ("recovery distilled from the unpruned model's features and every block's output (mean squared error "
-                "of each over the unpruned model's mean square there), the head then fitted again by L-BFGS.")
-    return f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}."
+                "of each over the unpruned model's mean square there), the head then fitted again by L-BFGS." + mix)
+    return f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}." + mix
 
 
 def _retry_line(pr: dict) -> str:

@@ -408,9 +408,10 @@ def _recover(ctx: Context, model, importance: str, res, reference: float | None,
     fit_res, decision_top1 = None, None
     on = recovery_distill(ctx)
     distill = {"teacher": model if p.distill_weight or on in FEATURE_TARGETS else None,
-               "distill_weight": p.distill_weight, "distill_temperature": p.distill_temperature, "distill_on": on}
+               "distill_weight": p.distill_weight, "distill_temperature": p.distill_temperature, "distill_on": on,
+               "mixup": p.recovery_mixup}
     if p.recovery_epochs:
-        metrics["recovery_distill"] = {"on": on, "asked": p.recovery_distill}
+        metrics["recovery_distill"] = {"on": on, "asked": p.recovery_distill, "mixup": p.recovery_mixup}
         label = importance if ranking is None else f"{importance}, {ranking}"
         start = copy.deepcopy(pruned) if p.recovery_retries else None  # every attempt starts from here
         floor = reference - p.retry_below / 100
