@@ -312,8 +312,9 @@ class QuantizeSpec(_Section):
         "auto", description="ptq: post-training quantization only; qat: also quantization-aware training (NVIDIA "
         "ModelOpt, from the PTQ calibration); auto: QAT unless PTQ's INT8 cost on the decision set (validation + "
         "data.val_views copies; Q/DQ in float, against the FP32 ONNX model) is within max_cost_points with 95% "
-        "confidence (one-sided upper bound, by validation image). The better of "
-        "PTQ and QAT on the decision set ships")
+        "confidence (one-sided upper bound, by validation image). PTQ ships unless QAT (or mixed precision) "
+        "scores higher on the decision set beyond noise (qat: QAT ships unless PTQ does; "
+        "benchmarks/RESULTS.md \"int8-choice\")")
     max_cost_points: float = Field(0.5, ge=0, description="INT8 accuracy cost (points, decision set, against "
                                    "the FP32 ONNX model) above which auto runs QAT and mixed precision keeps layers "
                                    "in float")
