@@ -111,10 +111,10 @@ def _against(name: str, base: dict[str, Any], other: dict[str, Any], images: int
 def pick_int8(candidates: dict[str, dict[str, Any]], images: int, base: str = "ptq") -> str:
     """The INT8 model to ship: another candidate replaces ``base`` (PTQ; QAT where quantize.mode = "qat" asked
     for it) only when it :func:`beats` it; of several that do, the higher decision-set top-1 (the earlier on a
-    tie). A gain within
-    noise is no reason to ship the model picked on those same pictures: on the photos QAT won the decision set
-    by one picture in 441 (seed 4) or by 2.7 points within noise (seed 3) and lost 4.8 points on test there
-    (benchmarks/RESULTS.md "int8-choice"), and ModelOpt's Q/DQ placement runs slower on ONNX Runtime's CPU."""
+    tie). A gain within noise is no reason to ship the model picked on those same pictures: on the photos QAT
+    won the decision set by one picture in 441 (seed 4) and by 2.7 points within noise (seed 3), then gained 4.8
+    points on test on one and lost 4.8 on the other (benchmarks/RESULTS.md "int8-choice"); ModelOpt's Q/DQ
+    placement also runs slower on ONNX Runtime's CPU."""
     best = base
     for name, c in candidates.items():
         if name != base and beats(candidates[base], c, images) and (
