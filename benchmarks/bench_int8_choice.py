@@ -28,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from edge_tl.workstation.data import DataSplit  # noqa: E402
 from edge_tl.workstation.pipeline.cache import StageCache  # noqa: E402
 from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights  # noqa: E402
-from edge_tl.workstation.pipeline.qat_stage import cost_bound, pick_int8  # noqa: E402
+from edge_tl.workstation.pipeline.qat_stage import gain_over, pick_int8  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_predictions  # noqa: E402
 from edge_tl.workstation.spec import load_spec  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
@@ -56,10 +56,9 @@ def replay(run: Path) -> dict:
     n_val = len(ctx.arrays("val")[1])
     higher = max(cands, key=lambda k: (cands[k]["decision_top1"], -list(cands).index(k)))
     noise = pick_int8(cands, n_val)
-    gains = {k: cost_bound(cands["ptq"]["decision_correct"], c["decision_correct"], n_val)
-             for k, c in cands.items() if k != "ptq"}
-    return {"cands": cands, "higher": higher, "noise": noise, "shipped": m["selected"], "gains": gains,
-            "test_images": len(yt)}
+    gains = {k: gain_over("ptq", cands["ptq"], c, n_val) for k, c in cands.items() if k != "ptq"}
+    return {"task": "digits" if spec.is_demo else "photos", "cands": cands, "higher": higher, "noise": noise,
+            "gains": gains}
 
 
 def main() -> None:
@@ -69,11 +68,11 @@ def main() -> None:
     rows, pooled = [], {}
     for run in a.runs:
         r = replay(run)
-        task = "digits" if load_spec(run / "spec.resolved.toml", {}, {}).is_demo else "photos"
-        c = r["cands"]
+        task, c = r["task"], r["cands"]
         dec = ", ".join(f"{k} {100 * v['decision_top1']:.1f}%" for k, v in c.items())
         test = ", ".join(f"{k} {100 * v['test_correct'].mean():.1f}%" for k, v in c.items())
-        gain = "; ".join(f"{k} - ptq {-g[0]:+.2f} (lower bound {-g[1]:+.2f})" for k, g in r["gains"].items())
+        gain = "; ".join(f"{k} - ptq {g['gain_points']:+.2f} (lower bound {g['gain_lower_points']:+.2f})"
+                         for k, g in r["gains"].items())
         rows.append(f"| {task} {run.name} | {dec} | {gain or '-'} | {test} | {r['higher']} | {r['noise']} |")
         p = pooled.setdefault(task, {"higher": [], "noise": []})
         p["higher"].append(c[r["higher"]]["test_correct"])

@@ -95,17 +95,17 @@ def needs_qat(mode: str, ptq_cost_points: float, threshold: float, where: str = 
     return False, f"quantize.mode = \"auto\": {said}, within quantize.max_cost_points = {threshold:g}: QAT not needed"
 
 
-def beats(base: dict[str, Any], other: dict[str, Any], images: int) -> bool:
-    """Whether ``other`` scores higher than ``base`` on the decision set beyond noise: the one-sided 95% upper
-    bound of base - other (:func:`cost_bound`, copies of one validation image as one unit) below 0."""
-    return cost_bound(base["decision_correct"], other["decision_correct"], images)[1] < 0
-
-
-def _against(name: str, base: dict[str, Any], other: dict[str, Any], images: int) -> dict[str, Any]:
-    """What :func:`pick_int8` read: ``other``'s decision-set gain over ``base`` (``name``) and its one-sided 95%
-    lower bound, in points."""
+def gain_over(name: str, base: dict[str, Any], other: dict[str, Any], images: int) -> dict[str, Any]:
+    """``other``'s decision-set gain over ``base`` (named ``name``) and its one-sided 95% lower bound, in points
+    (:func:`cost_bound` the other way round: copies of one validation image as one unit)."""
     cost, upper = cost_bound(base["decision_correct"], other["decision_correct"], images)
     return {"base": name, "gain_points": -cost, "gain_lower_points": -upper}
+
+
+def beats(base: dict[str, Any], other: dict[str, Any], images: int) -> bool:
+    """Whether ``other`` scores higher than ``base`` on the decision set beyond noise: its gain's lower bound
+    (:func:`gain_over`) above 0."""
+    return gain_over("", base, other, images)["gain_lower_points"] > 0
 
 
 def pick_int8(candidates: dict[str, dict[str, Any]], images: int, base: str = "ptq") -> str:
@@ -182,7 +182,7 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
     base = "qat" if q.mode == "qat" and "qat" in cands else "ptq"
     for name, c in cands.items():
         if name != base:
-            c["against"] = _against(base, cands[base], c, n_val)
+            c["against"] = gain_over(base, cands[base], c, n_val)
     chosen = pick_int8(cands, n_val, base)
     mixed = None
     if q.mode != "ptq" and cands[chosen]["decision_cost_points"] > q.max_cost_points and q.mixed_max_layers > 0:
@@ -195,7 +195,7 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         mixed = {"base": chosen, **mres.summary()}
         if mres.layers:
             cands["mixed"] = candidate(out / "model.mixed.onnx")
-            cands["mixed"]["against"] = _against(chosen, cands[chosen], cands["mixed"], n_val)
+            cands["mixed"]["against"] = gain_over(chosen, cands[chosen], cands["mixed"], n_val)
             if beats(cands[chosen], cands["mixed"], n_val):
                 chosen = "mixed"
             else:
