@@ -35,8 +35,15 @@ device-venv: $(DEVICE_STAMP)
 demo: install
 	$(BIN)/edge-tl build --out runs/demo --overwrite
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; one per CPU core, at most 4), each test file whole in one
+# process (its shared builds made once), every process with one torch/OpenMP thread: the numerics are then the
+# same on every machine whatever its core count, and two builds never fight over the cores (on 2 cores: 6 min,
+# against 12 one file after the other with two threads). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
+
 test: lint device-venv
-	EDGE_TL_DEVICE_VENV=$(DEVICE_VENV) $(BIN)/python -m pytest -q -ra --durations=15
+	OMP_NUM_THREADS=1 EDGE_TL_DEVICE_VENV=$(DEVICE_VENV) $(BIN)/python -m pytest -q -ra --durations=15 \
+	  -n $(TEST_WORKERS) --dist loadfile
 
 # Style (ruff) and architecture (import-linter's contracts in pyproject.toml; see docs/architecture.md).
 lint: install
