@@ -1,5 +1,5 @@
 """Issue 25 item 1, the next step: would a score on the model's features tell pictures of no class apart better
-than the logit scores the bundle ships (energy, RESULTS "ood": AUROC 0.79 on the digits, 0.85 on the photos)?
+than the logit scores the bundle ships (energy, RESULTS "ood": AUROC 0.79 on the digits, 0.87 on the photos)?
 Writes the ``ood-features`` section of benchmarks/RESULTS.md. An experiment, not a product feature (the bundle's
 ONNX model has no feature output): on the demo, the shipped model's FP32 PyTorch form (the pruned model, before
 INT8); on the photos, the ImageNet EfficientNet-Lite0 backbone frozen with a linear head (see evaluate_photos).
@@ -14,7 +14,7 @@ digits 0-4, the source task's test split). Scores, higher = more in distribution
 - Mahalanobis to the nearest class mean with a shared, Ledoit-Wolf-shrunk covariance (Lee et al., NeurIPS 2018;
   shrinkage because a few dozen training pictures cannot fill a covariance of hundreds of dimensions);
 - energy with ReAct (Sun et al., NeurIPS 2021): the features clipped at the 90th percentile of the training
-  pictures' before the classifier (a Clip node the exported graph could carry).
+  pictures' features before the classifier (a Clip node the exported graph could carry).
 
 With ``--photo-runs WORK`` also the real-photo benchmark's finished runs (benchmarks/bench_photos.py): each run's
 pruned model, its training photos, its test split, the no-class photos of benchmarks/bench_ood.py.
