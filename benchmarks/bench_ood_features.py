@@ -176,6 +176,11 @@ def evaluate_photos(root: Path, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dic
     return res
 
 
+def _cells(row: dict) -> str:
+    """A table row's AUROC cells, one per score, each with its interval."""
+    return " | ".join(f"{row[s][0]:.3f} [{row[s][1]:.3f}, {row[s][2]:.3f}]" for s in SCORES)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, nargs="*", default=[Path("runs/demo")])
@@ -193,7 +198,7 @@ def main() -> None:
         res = evaluate(run)
         for name, row in res["sets"].items():
             lines.append(f"| {run.name} ({res['train']} train, {res['test']} test) | {name} | {row['n']} | "
-                         + " | ".join(f"{row[s][0]:.3f} [{row[s][1]:.3f}, {row[s][2]:.3f}]" for s in SCORES) + " |")
+                         f"{_cells(row)} |")
             for sc in SCORES:
                 demo_means[sc].append(row[sc][0])
     if args.run:
@@ -210,8 +215,7 @@ def main() -> None:
             res = evaluate_sets(run, sets)
             for name, row in res["sets"].items():
                 lines.append(f"| photos {run.name}, pruned FP32 ({res['train']} train, {res['test']} test) | {name} | "
-                             f"{row['n']} | " + " | ".join(f"{row[s][0]:.3f} [{row[s][1]:.3f}, {row[s][2]:.3f}]"
-                                                           for s in SCORES) + " |")
+                             f"{row['n']} | {_cells(row)} |")
                 for sc in SCORES:
                     means[sc].append(row[sc][0])
         tail.append("The photo runs' pruned models (the recipe, FP32, before INT8): mean AUROC over the runs and both "
@@ -220,8 +224,7 @@ def main() -> None:
         res = evaluate_photos(args.photos)
         for name, row in res["sets"].items():
             lines.append(f"| photos, ImageNet Lite0 frozen + linear head ({res['train']} train, {res['test']} test) "
-                         f"| {name} | {row['n']} | "
-                         + " | ".join(f"{row[s][0]:.3f} [{row[s][1]:.3f}, {row[s][2]:.3f}]" for s in SCORES) + " |")
+                         f"| {name} | {row['n']} | {_cells(row)} |")
         from edge_tl.workstation.stats import wilson
 
         mean = {sc: np.mean([row[sc][0] for row in res["sets"].values()]) for sc in SCORES}

@@ -195,8 +195,8 @@ def run_qat(ctx: Context, out: Path) -> dict[str, Any]:
         mixed = {"base": chosen, **mres.summary()}
         if mres.layers:
             cands["mixed"] = candidate(out / "model.mixed.onnx")
-            cands["mixed"]["against"] = gain_over(chosen, cands[chosen], cands["mixed"], n_val)
-            if beats(cands[chosen], cands["mixed"], n_val):
+            cands["mixed"]["against"] = gain = gain_over(chosen, cands[chosen], cands["mixed"], n_val)
+            if gain["gain_lower_points"] > 0:  # beats() on the gain just recorded
                 chosen = "mixed"
             else:
                 mixed["note"] = ("keeping those layers in float scored no higher on the decision set beyond noise: "

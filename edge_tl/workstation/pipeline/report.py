@@ -350,12 +350,14 @@ def _distill_words(pr: dict) -> str:
     mix = (f" Mixup (prune.recovery_mixup = {rd['mixup']:g}): the batches blended with shuffled copies of "
            f"themselves, the unpruned model matched on those too." if rd.get("mixup") else "")
     if on == "features":
-        return ("recovery distilled from the unpruned model's features (mean squared error of what the classifiers "
-                "see), the head then fitted again by L-BFGS." + mix)
-    if on == "blocks":
-        return ("recovery distilled from the unpruned model's features and every block's output (mean squared error "
-                "of each over the unpruned model's mean square there), the head then fitted again by L-BFGS." + mix)
-    return f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}." + mix
+        how = ("recovery distilled from the unpruned model's features (mean squared error of what the classifiers "
+               "see), the head then fitted again by L-BFGS.")
+    elif on == "blocks":
+        how = ("recovery distilled from the unpruned model's features and every block's output (mean squared error "
+               "of each over the unpruned model's mean square there), the head then fitted again by L-BFGS.")
+    else:
+        how = f"recovery distilled from the unpruned model with weight {pr.get('distill_weight', 0)}."
+    return how + mix
 
 
 def _retry_line(pr: dict) -> str:
