@@ -28,7 +28,8 @@ from edge_tl.workstation.train.backbones import head_name
 from edge_tl.workstation.train.datasets import with_views
 
 #: L2 strength of the head's fit (scikit-learn's C, the inverse of the penalty; its default). On the photos'
-#: frozen Lite0 features seed 0 scored 20/21 at C = 0.1, 1 and 10 alike (one run, 2026-12-06): not tuned further
+#: frozen Lite0 features, seeds 0-4, C = 0.1 and 10 scored within 2 of 105 test photos of C = 1 at every input
+#: size and number of views (benchmarks/RESULTS.md "input-size"): not tuned
 HEAD_C = 1.0
 #: L-BFGS iterations at most (each is one pass over the cached features: milliseconds)
 HEAD_MAX_ITER = 3000
