@@ -9,7 +9,7 @@ model against the model it was pruned from on the same 400 test pictures (paired
 model, and the build's wall time. A build that stops (e.g. every recovery at chance) is recorded as such: that is
 the result. Writes the ``demo-224`` section of benchmarks/RESULTS.md.
 
-    python benchmarks/bench_demo_224.py --seeds 0 1 2      # about 15 min a seed on 2 cores
+    python benchmarks/bench_demo_224.py --seeds 0 1 2      # about 21 min a seed on 2 cores
 """
 
 from __future__ import annotations

@@ -84,7 +84,6 @@ def main() -> None:
                     "fetched to (shared with bench_photos.py)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     prepare(args.work / "gcompris")
     data = args.work / "gcompris" / "images"
     model = create_model("efficientnet_lite0", 5, "imagenet").eval()
