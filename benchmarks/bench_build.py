@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir, test_right  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from edge_tl.workstation.pipeline.report import stage_table, target_checks, verdict_cell  # noqa: E402
@@ -130,19 +131,12 @@ def _seed_record(res, seed: int, wall: float) -> dict:
             "reference_int8": 100 * ref_top1, "reference_n": ref_n, "hashes": hashes}
 
 
-def _stage_dir(run_dir: Path, name: str) -> Path:
-    """The folder of stage ``name`` that the run's ``run.json`` names (a run folder may hold older keys too)."""
-    return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
-
-
 def _paired_costs(run_dir: Path) -> dict:
     """Issue 13's two costs against the fine-tuned model on the same test images (paired bootstrap 95% interval,
     edge_tl.workstation.stats.paired), from the stage folders the run's ``run.json`` names."""
     from edge_tl.workstation.stats import paired
 
-    split = json.loads((_stage_dir(run_dir, "data") / "split.json").read_text())
-    y = np.asarray([int(label) for _, label in split["items"]["test"]])
-    right = {k: np.load(_stage_dir(run_dir, k) / "test_predictions.npy") == y for k in ("finetune", "prune", "qat")}
+    right = {k: test_right(run_dir, k) for k in ("finetune", "prune", "qat")}
     out = {}
     for cost, later in (("pruning cost", "prune"), ("shipped INT8 cost vs fine-tuned", "qat")):
         pr = paired(right["finetune"], right[later])
@@ -152,7 +146,7 @@ def _paired_costs(run_dir: Path) -> dict:
 
 def _int8_candidates(run_dir: Path) -> dict:
     """The qat stage's INT8 candidates (PTQ, QAT, mixed) with what each rule would have scored them on."""
-    m = json.loads((_stage_dir(run_dir, "qat") / "metrics.json").read_text())
+    m = json.loads((stage_dir(run_dir, "qat") / "metrics.json").read_text())
     return {k: {f: c.get(f) for f in ("decision_top1", "val_top1", "top1")} for k, c in m["candidates"].items()}
 
 

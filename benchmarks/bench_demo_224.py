@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir, test_right  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from edge_tl.core.errors import EdgeTLError  # noqa: E402
@@ -35,30 +36,20 @@ from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 OVERRIDES = {"model.input_size": 224, "model.resize": 256}
 
 
-def _stage_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
-
-
-def _right(run_dir: Path, stage: str) -> np.ndarray:
-    split = json.loads((_stage_dir(run_dir, "data") / "split.json").read_text())
-    y = np.asarray([int(label) for _, label in split["items"]["test"]])
-    return np.load(_stage_dir(run_dir, stage) / "test_predictions.npy") == y
-
-
 def _record(run_dir: Path, seed: int, wall: float) -> dict:
     m = json.loads((run_dir / "metrics.json").read_text())
     src = m["transfer"]["continued_from"]  # the model the prune stage started from: finetune or scratch
     guard = m["transfer"]["negative_transfer"]
-    prune = json.loads((_stage_dir(run_dir, "prune") / "metrics.json").read_text())
+    prune = json.loads((stage_dir(run_dir, "prune") / "metrics.json").read_text())
     cands = (prune.get("auto_choice") or {}).get("candidates") or {prune.get("importance", "-"): prune}
-    right = {k: _right(run_dir, k) for k in (src, "prune", "qat")}
+    right = {k: test_right(run_dir, k) for k in (src, "prune", "qat")}
     return {"seed": seed, "wall_s": wall, "source": src, "guard": guard,
             "chance": prune["chance_check"]["chance"], "val_images": prune["chance_check"]["val_images"],
             "candidates": {k: {"val_top1": c["val_top1"], "attempts": c.get("recovery_attempts", 1)}
                            for k, c in cands.items()},
             "chance_passed": prune["chance_check"]["passed"], "macs_removed": prune["macs_removed"],
             "right": {k: v.astype(int).tolist() for k, v in right.items()},
-            "selected_int8": json.loads((_stage_dir(run_dir, "qat") / "metrics.json").read_text())["selected"]}
+            "selected_int8": json.loads((stage_dir(run_dir, "qat") / "metrics.json").read_text())["selected"]}
 
 
 def _pct(right: np.ndarray) -> str:

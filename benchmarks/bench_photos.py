@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir, test_right  # noqa: E402
 from photos import prepare  # noqa: E402
 from rich.console import Console  # noqa: E402
 
@@ -35,16 +36,6 @@ from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "models" / "recipes" / "photos_lite0.toml"
-
-
-def _stage_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
-
-
-def _right(run_dir: Path, stage: str) -> np.ndarray:
-    split = json.loads((_stage_dir(run_dir, "data") / "split.json").read_text())
-    y = np.asarray([int(label) for _, label in split["items"]["test"]])
-    return np.load(_stage_dir(run_dir, stage) / "test_predictions.npy") == y
 
 
 def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console, extra: dict | None = None) -> dict:
@@ -60,7 +51,7 @@ def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console,
     wall = time.perf_counter() - t0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rec = {"seed": seed, "weights": weights, "wall_s": wall, "test_images": res.stats.get("test_images"),
-           "right": {k: _right(run_dir, k).tolist() for k in ("finetune",) + (("prune", "qat") if weights != "none"
+           "right": {k: test_right(run_dir, k).tolist() for k in ("finetune",) + (("prune", "qat") if weights != "none"
                                                                               else ())},
            "latency_ms": metrics.get("latency_ms"), "stages": {}}
     for k in ("finetune", "prune", "qat"):
@@ -73,7 +64,7 @@ def _build(data: Path, run_dir: Path, seed: int, weights: str, console: Console,
 def _refused(run_dir: Path, seed: int, weights: str, error: str, wall: float | None = None) -> dict:
     """The record of a build that stopped with an error: its fine-tune (finished and cached) is still scored."""
     return {"seed": seed, "weights": weights, "wall_s": wall, "refused": error,
-            "right": {"finetune": _right(run_dir, "finetune").tolist()}, "stages": {}}
+            "right": {"finetune": test_right(run_dir, "finetune").tolist()}, "stages": {}}
 
 
 def _pooled(recs: list[dict], stage: str) -> str:
@@ -103,7 +94,7 @@ def _paired(recs: list[dict], a: str, b: str) -> tuple[str, str]:
 
 def _decision(run_dir: Path) -> tuple[float, float]:
     """The pruned model's and the unpruned model's top-1 on the build's decision set (the prune stage's metrics)."""
-    m = json.loads((_stage_dir(run_dir, "prune") / "metrics.json").read_text())
+    m = json.loads((stage_dir(run_dir, "prune") / "metrics.json").read_text())
     return m["decision_top1"], m["unpruned_decision_top1"]
 
 

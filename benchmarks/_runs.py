@@ -1,0 +1,20 @@
+"""Reading a finished build's run folder (the benchmarks' one way to find a stage's files and its test answers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    """The folder of stage ``name`` that the run's ``run.json`` names (a run folder may hold older keys too)."""
+    return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
+
+
+def test_right(run_dir: Path, stage: str) -> np.ndarray:
+    """Per test image of the run's split, whether stage ``stage``'s model answered it right."""
+    split = json.loads((stage_dir(run_dir, "data") / "split.json").read_text())
+    y = np.asarray([int(label) for _, label in split["items"]["test"]])
+    return np.load(stage_dir(run_dir, stage) / "test_predictions.npy") == y
