@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from edge_tl.workstation.data import DataSplit
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -18,3 +21,13 @@ def test_right(run_dir: Path, stage: str) -> np.ndarray:
     split = json.loads((stage_dir(run_dir, "data") / "split.json").read_text())
     y = np.asarray([int(label) for _, label in split["items"]["test"]])
     return np.load(stage_dir(run_dir, stage) / "test_predictions.npy") == y
+
+
+def test_split(run_dir: Path) -> tuple[list[Image.Image], np.ndarray]:
+    """The run's test pictures (RGB, in the split's order) and their labels."""
+    split = DataSplit.from_json((stage_dir(run_dir, "data") / "split.json").read_text())
+    images = []
+    for p in split.paths("test"):
+        with Image.open(p) as img:
+            images.append(img.convert("RGB"))
+    return images, np.asarray(split.labels("test"))

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from bench_drift import test_split  # noqa: E402
+from _runs import stage_dir, test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
@@ -101,8 +101,7 @@ def _right(bundle: Bundle, images: list[Image.Image], y: np.ndarray, model: Path
 
 def _gated_model(child: Path) -> Path:
     """The INT8 model the continual gate judged (edge_tl.workstation.continual.judge), shipped or not."""
-    keys = json.loads((child / "run.json").read_text())["stage_keys"]
-    return child / "stages" / f"qat-{keys['qat']}" / "model.int8.onnx"
+    return stage_dir(child, "qat") / "model.int8.onnx"
 
 
 def _ci(p) -> str:

@@ -19,7 +19,6 @@ win back).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,27 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
 from edge_tl.core.drift import DriftMonitor, input_signals  # noqa: E402
-from edge_tl.workstation.data import DataSplit  # noqa: E402
 from edge_tl.workstation.demo import new_camera  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 
 UNDRIFTED, DRIFTED = 2000, 200
-
-
-def test_split(run: Path) -> tuple[list[Image.Image], np.ndarray]:
-    """The test pictures (RGB) and labels of a finished build's run folder (also bench_continual.py's)."""
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
-    images = []
-    for p in split.paths("test"):
-        with Image.open(p) as img:
-            images.append(img.convert("RGB"))
-    return images, np.asarray(split.labels("test"))
 
 
 def _signals(bundle: Bundle, images: list[Image.Image]) -> tuple[dict[str, np.ndarray], np.ndarray]:

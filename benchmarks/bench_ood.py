@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -34,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir, test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 from rcc import RccFile  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
 from edge_tl.core.postprocess import OOD_SCORES, ood_scores  # noqa: E402
 from edge_tl.workstation.calibrate import fit_ood_rule  # noqa: E402
-from edge_tl.workstation.data import DataSplit  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
 
 RCC_DIR = "./usr/share/gcompris-qt/rcc/"
@@ -86,16 +85,6 @@ def _logits(bundle: Bundle, images: list) -> np.ndarray:
     return onnx_logits(bundle.model_path("int8"), x, qdq="float")
 
 
-def _test_images(run: Path) -> list[Image.Image]:
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
-    out = []
-    for p in split.paths("test"):
-        with Image.open(p) as img:
-            out.append(img.convert("RGB"))
-    return out
-
-
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     """P(score of an in-distribution picture > that of a no-class one), ties half (Mann-Whitney)."""
     from scipy.stats import mannwhitneyu
@@ -112,9 +101,8 @@ def auroc_ci(inside: np.ndarray, outside: np.ndarray, seed: int = 0) -> tuple[fl
 def evaluate(run: Path, sets: dict[str, list]) -> dict:
     bundle = Bundle.open(run / "bundle")
     t = bundle.postprocess.temperature
-    test = _logits(bundle, _test_images(run))
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    val = np.load(run / "stages" / f"qat-{keys['qat']}" / "val_logits.npy")
+    test = _logits(bundle, test_split(run)[0])
+    val = np.load(stage_dir(run, "qat") / "val_logits.npy")
     rule = fit_ood_rule(val, "energy", 0.95, t)
     out = {"test_images": len(test), "sets": {}}
     for name, images in sets.items():
@@ -134,6 +122,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--photos", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
     ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/exp/demo-s0")])
+    ap.add_argument("--print-only", action="store_true", help="print the table, leave RESULTS.md as it is (an A/B "
+                    "arm of bench_photos.py --set)")
     a = ap.parse_args()
     photo_sets = no_class_photos(a.photos)
     runs = {f"photos {r.name}": (r, photo_sets) for r in sorted(a.photos.glob("s*-imagenet"))
@@ -167,7 +157,8 @@ def main() -> None:
     lines += ["", "Mean AUROC per task over its bundles and no-class sets: " + "; ".join(
         f"{task}: " + ", ".join(f"{s} {np.mean(v):.3f}" for s, v in scores.items()) for task, scores in pooled.items())
         + "."]
-    write_section("ood", "\n".join(lines))
+    if not a.print_only:
+        write_section("ood", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -26,7 +26,6 @@ pruned model, its training photos, its test split, the no-class photos of benchm
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir  # noqa: E402
 from bench_ood import auroc, auroc_ci  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -59,7 +59,6 @@ def features(run: Path):
     from edge_tl.workstation.explain import run_model
 
     model, parent = run_model(run)
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     grabbed: list[torch.Tensor] = []
     head.register_forward_hook(lambda mod, inp, out: grabbed.append(inp[0].detach()))
@@ -75,7 +74,7 @@ def features(run: Path):
                 feats.append(grabbed[-1].flatten(1).numpy())
         return np.concatenate(feats), np.concatenate(logits)
 
-    split = DataSplit.from_json((run / "stages" / f"data-{keys['data']}" / "split.json").read_text())
+    split = DataSplit.from_json((stage_dir(run, "data") / "split.json").read_text())
     return run_images, split, (head.weight.detach().numpy(), head.bias.detach().numpy())
 
 

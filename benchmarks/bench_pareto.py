@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
+from _runs import stage_dir  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from edge_tl.workstation.latency import ort_file_latency_ms  # noqa: E402
@@ -60,8 +61,7 @@ def build(over: dict, run: Path, console: Console):
     unpacked inside the run folder, so its cache key is per folder); the bundle is rewritten, so the caller copies
     the variant's ONNX out (_keep) before the next build."""
     res = run_build(load_spec(None, over), run, console=console, overwrite=True)
-    keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    stage = run / "stages" / f"prune-{keys['prune']}"
+    stage = stage_dir(run, "prune")
     return res, np.load(stage / "test_predictions.npy"), json.loads((stage / "metrics.json").read_text())
 
 
