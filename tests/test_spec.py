@@ -41,6 +41,19 @@ def test_imagenet_recipe_is_valid_and_resolves_paths_relative_to_the_file():
     assert Path(s.data.root) == (RECIPES / "../../data/flowers").resolve()
 
 
+def test_photo_recipe_is_valid_and_says_what_the_photo_benchmark_ran():
+    """models/recipes/photos_lite0.toml (the README's recipe for one's own photos, benchmarks/bench_photos.py's):
+    a typo in it would stop every user's first build."""
+    s = load_spec(RECIPES / "photos_lite0.toml")
+    assert (s.model.backbone, s.model.weights, s.model.input_size, s.model.resize) == ("efficientnet_lite0",
+                                                                                       "imagenet", 224, 256)
+    assert s.model.preprocess().mean == (0.5, 0.5, 0.5) and s.data.kind == "photos"
+    assert s.train.mode == "feature-extract" and s.train.head_views == 4
+    assert (s.prune.ratio, s.prune.channels, s.prune.importance, s.prune.recovery_distill) == (
+        0.4, "hidden", "contribution", "blocks")
+    assert Path(s.data.root) == (RECIPES / "../../data/photos").resolve()
+
+
 def test_unknown_key_names_the_key_and_file(tmp_path):
     with pytest.raises(EdgeTLError) as exc:
         load_spec(write(tmp_path, "[train]\nepochz = 3\n"))
