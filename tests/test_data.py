@@ -51,7 +51,7 @@ def test_split_folders_are_used_as_given(tmp_path):
 
 def test_missing_val_split_is_drawn_from_train(tmp_path):
     make_folder(tmp_path / "ds" / "train", {"a": 10, "b": 10})
-    make_folder(tmp_path / "ds" / "test", {"a": 2, "b": 2})
+    make_folder(tmp_path / "ds" / "test", {"a": 2, "b": 2}, seed=1)  # other pictures than train's (seed 0)
     s = scan(tmp_path / "ds", val_fraction=0.2)
     assert s.summary.counts["val"] == {"a": 2, "b": 2} and s.summary.counts["train"] == {"a": 8, "b": 8}
     assert s.summary.counts["test"] == {"a": 2, "b": 2}
