@@ -16,16 +16,19 @@ def stage_dir(run_dir: Path, name: str) -> Path:
     return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
 
 
+def run_split(run_dir: Path) -> DataSplit:
+    """The train/val/test split the run's data stage drew."""
+    return DataSplit.from_json((stage_dir(run_dir, "data") / "split.json").read_text())
+
+
 def test_right(run_dir: Path, stage: str) -> np.ndarray:
     """Per test image of the run's split, whether stage ``stage``'s model answered it right."""
-    split = json.loads((stage_dir(run_dir, "data") / "split.json").read_text())
-    y = np.asarray([int(label) for _, label in split["items"]["test"]])
-    return np.load(stage_dir(run_dir, stage) / "test_predictions.npy") == y
+    return np.load(stage_dir(run_dir, stage) / "test_predictions.npy") == run_split(run_dir).labels("test")
 
 
 def test_split(run_dir: Path) -> tuple[list[Image.Image], np.ndarray]:
     """The run's test pictures (RGB, in the split's order) and their labels."""
-    split = DataSplit.from_json((stage_dir(run_dir, "data") / "split.json").read_text())
+    split = run_split(run_dir)
     images = []
     for p in split.paths("test"):
         with Image.open(p) as img:

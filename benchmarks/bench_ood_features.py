@@ -34,11 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from _runs import stage_dir  # noqa: E402
+from _runs import run_split  # noqa: E402
 from bench_ood import auroc, auroc_ci  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from edge_tl.workstation.data import DataSplit  # noqa: E402
 
 SCORES = ("energy", "class-mean cosine", "kNN k=1", "kNN k=5", "Mahalanobis (shrunk)", "energy, ReAct p90")
 REACT_PERCENTILE = 90
@@ -74,7 +72,7 @@ def features(run: Path):
                 feats.append(grabbed[-1].flatten(1).numpy())
         return np.concatenate(feats), np.concatenate(logits)
 
-    split = DataSplit.from_json((stage_dir(run, "data") / "split.json").read_text())
+    split = run_split(run)
     return run_images, split, (head.weight.detach().numpy(), head.bias.detach().numpy())
 
 
