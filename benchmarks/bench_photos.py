@@ -219,7 +219,10 @@ def main() -> None:
               "re-estimated (seed 4 only): AUROC 0.727 against 0.765, dropped. A lower recovery rate "
               "(prune.recovery_lr = 3e-4 against 1e-3, 2026-12-07): pruned top-1 +0.00 points [-3.81, +3.81], "
               "shipped INT8 +0.00 [-3.81, +3.81], decision sets 79.6% against 82.1%, energy AUROC 0.855 against "
-              "0.868 (higher on 2 of 10 sets): not adopted."]
+              "0.868 (higher on 2 of 10 sets): not adopted."
+              " 20 recovery epochs against 10 (prune.recovery_epochs = 20, 2026-12-07): pruned top-1 -2.86 points "
+              "[-6.67, +0.00], shipped INT8 -0.95 [-4.76, +2.86], decision sets 81.8% against 82.1%, energy AUROC "
+              "0.872 against 0.868 (higher on 5 of 10 sets), build 4.3-5.6 min against 3.3-5.7: not adopted."]
     if sc:
         same = [done[f"s{r['seed']}-imagenet"] for r in sc if f"s{r['seed']}-imagenet" in done]
         pairs = [(np.asarray(t["right"]["finetune"]), np.asarray(r["right"]["finetune"]))
