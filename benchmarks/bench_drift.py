@@ -14,6 +14,7 @@ point, and the model's top-1 on the test pictures and on their drifted copies (t
 win back).
 
     python benchmarks/bench_drift.py [--photos /tmp/edge-tl-bench-photos] [--demo RUN ...]
+    (--demo: finished demo builds; by default one at /tmp/edge-tl-bench-demo/demo-s0, built there first if missing)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from _runs import test_split  # noqa: E402
+from _runs import demo_run, test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edge_tl.core.bundle import Bundle  # noqa: E402
@@ -78,9 +79,10 @@ def evaluate(run: Path, seed: int = 0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--photos", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
-    ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/exp/demo-s0")])
+    ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/edge-tl-bench-demo/demo-s0")])
     a = ap.parse_args()
-    runs = [*a.demo, *sorted(r for r in a.photos.glob("s*-imagenet") if (r / "bundle" / "manifest.json").is_file())]
+    photo_runs = sorted(r for r in a.photos.glob("s*-imagenet") if (r / "bundle" / "manifest.json").is_file())
+    runs = [*map(demo_run, a.demo), *photo_runs]
     rows = []
     for run in runs:
         bundle = Bundle.open(run / "bundle")

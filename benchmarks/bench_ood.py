@@ -16,6 +16,7 @@ Pictures of no class, none of them seen by any choice:
   digits), and the 140 GCompris photos (far).
 
     python benchmarks/bench_ood.py [--photos /tmp/edge-tl-bench-photos] [--demo RUN ...]
+    (--demo: finished demo builds; by default one at /tmp/edge-tl-bench-demo/demo-s0, built there first if missing)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from _runs import stage_dir, test_split  # noqa: E402
+from _runs import demo_run, stage_dir, test_split  # noqa: E402
 from PIL import Image  # noqa: E402
 from rcc import RccFile  # noqa: E402
 
@@ -121,7 +122,7 @@ def evaluate(run: Path, sets: dict[str, list]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--photos", type=Path, default=Path("/tmp/edge-tl-bench-photos"))
-    ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/exp/demo-s0")])
+    ap.add_argument("--demo", type=Path, nargs="*", default=[Path("/tmp/edge-tl-bench-demo/demo-s0")])
     ap.add_argument("--print-only", action="store_true", help="print the table, leave RESULTS.md as it is (an A/B "
                     "arm of bench_photos.py --set)")
     a = ap.parse_args()
@@ -133,7 +134,7 @@ def main() -> None:
 
         gc = [Image.open(p).convert("RGB") for p in sorted((a.photos / "gcompris" / "images").rglob("*"))
               if p.suffix.lower() in PHOTO_EXT]
-        for run in a.demo:
+        for run in map(demo_run, a.demo):
             src = demo.source_task(run / "source-ood")
             digits = [Image.open(p).convert("RGB") for p in sorted((src / "test").rglob("*.png"))]
             runs[f"digits {run.name}"] = (run, {"digits 0-4 (near)": digits, "GCompris photos (far)": gc})
