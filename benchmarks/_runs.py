@@ -40,14 +40,16 @@ def test_split(run_dir: Path) -> tuple[list[Image.Image], np.ndarray]:
 
 def demo_run(run_dir: Path, seed: int = 0) -> Path:
     """A shipped build of the bundled demo (``edge-tl build --seed S``) at ``run_dir``, built there first when the
-    folder holds none (about 2 minutes on 2 cores): bench_ood and bench_drift score it by default, and a fresh
-    machine (``make bench``) has no demo run yet."""
+    folder does not exist (about 2 minutes on 2 cores): bench_ood and bench_drift score it by default, and a fresh
+    machine (``make bench``) has no demo run yet. A folder that exists is never built over."""
     if (run_dir / "bundle" / "manifest.json").is_file():
         return run_dir
+    if run_dir.exists():
+        raise SystemExit(f"{run_dir} holds no shipped bundle: pass --demo with a finished demo build, or remove the "
+                         "folder to build the demo there")
     print(f"no demo build at {run_dir}: building it (edge-tl build --seed {seed})", file=sys.stderr, flush=True)
-    again = ["--overwrite"] if (run_dir / "run.json").is_file() else []  # only a folder edge-tl made is replaced
     cmd = [sys.executable, "-c", "from edge_tl.cli import main; main()", "build", "--out", str(run_dir), "--seed",
-           str(seed), *again]
+           str(seed)]
     if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"the demo build at {run_dir} did not ship; pass --demo RUN with a finished demo build")
+        raise SystemExit(f"the demo build at {run_dir} did not ship; pass --demo with a finished demo build")
     return run_dir

@@ -14,7 +14,7 @@ point, and the model's top-1 on the test pictures and on their drifted copies (t
 win back).
 
     python benchmarks/bench_drift.py [--photos /tmp/edge-tl-bench-photos] [--demo RUN ...]
-    (--demo: finished demo builds; by default one at /tmp/edge-tl-bench-demo/demo-s0, built there first if missing)
+    (--demo: finished demo builds; by default /tmp/edge-tl-bench-demo/demo-s0, built there if the folder is absent)
 """
 
 from __future__ import annotations

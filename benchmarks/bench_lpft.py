@@ -72,7 +72,7 @@ def _run(data: Path, seed: int, lr: float, epochs: int, ood: dict[str, np.ndarra
     model = create_model(BACKBONE, len(split.classes), "imagenet", spec.model.dropout, seed=seed)
     fit(model, BACKBONE, ds, arrays["val"], [Phase("head", 1, 1e-2, None, early_stop=False, solver="lbfgs",
                                                    views=spec.train.head_views)], seed=seed, device="cpu", label="lp")
-    rec = {"seed": seed, "lp": _score(model, arrays, ood)}
+    rec = {"seed": seed, "threads": torch.get_num_threads(), "lp": _score(model, arrays, ood)}
     t0 = time.perf_counter()
     res = fit(model, BACKBONE, ds, arrays["val"], [Phase("ft", epochs, lr, lr, train_bn=False, early_stop=False)],
               seed=seed, device="cpu", label="ft", keep="last", weight_decay=spec.train.weight_decay,
@@ -144,7 +144,7 @@ def main() -> None:
                 "comes after this stage, in pruning.")
     classes = ", ".join(f"{k} {v}" for k, v in counts.items())
     lines = ["## LP-FT on the photos: the fitted head, then every layer at a small rate (issue 23 item 4)", "",
-             machine_line(torch.get_num_threads()), "",
+             machine_line(max(r["threads"] for v in recs.values() for r in v)), "",
              f"Data: {sum(counts.values())} photos, 5 classes ({classes}), the build's stratified 70/15/15 split per "
              "seed (benchmarks/photos.py; licences in the photos section). ImageNet EfficientNet-Lite0 at 224 px. "
              "Kumar et al. 2022's LP-FT: the recipe's train stage (the ImageNet Lite0 features frozen, the head "

@@ -16,7 +16,7 @@ Pictures of no class, none of them seen by any choice:
   digits), and the 140 GCompris photos (far).
 
     python benchmarks/bench_ood.py [--photos /tmp/edge-tl-bench-photos] [--demo RUN ...]
-    (--demo: finished demo builds; by default one at /tmp/edge-tl-bench-demo/demo-s0, built there first if missing)
+    (--demo: finished demo builds; by default /tmp/edge-tl-bench-demo/demo-s0, built there if the folder is absent)
 """
 
 from __future__ import annotations
