@@ -6,11 +6,11 @@ Fine-tuning from a random head reached 80.0% on these photos (RESULTS "photo-mod
 fitted head is the remedy the paper gives for the features a random head's gradients distort.
 
 Per seed (0-4, the build's own stratified split) and arm (rate, epochs): test top-1 (21 photos; pooled 105, no
-choice looked at them), validation top-1 (21; the choice), and the energy AUROC of the unpruned FP32 model on
+choice looked at them), validation photos right (21; the choice), and the energy AUROC of the unpruned FP32 model on
 pictures of no class (benchmarks/bench_ood.py's two sets against the seed's test photos). The LP row is the
 recipe's train stage itself (its test photos right are those of RESULTS "photos"). Writes the ``lp-ft`` section.
 
-    python benchmarks/bench_lpft.py                         # four arms, seeds 0-4: about 16 min on 2 cores
+    python benchmarks/bench_lpft.py                         # four arms, seeds 0-4: about 25 min on 2 cores
     python benchmarks/bench_lpft.py --arms 1e-4:10 --seeds 0  # one arm, one seed (--work resumes)
 """
 
@@ -32,6 +32,7 @@ from _results import machine_line, write_section  # noqa: E402
 from bench_ood import auroc, no_class_photos  # noqa: E402
 from photos import prepare  # noqa: E402
 
+from edge_tl.core.postprocess import ood_scores  # noqa: E402
 from edge_tl.core.preprocess import Preprocessor  # noqa: E402
 from edge_tl.workstation.spec import load_spec  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
@@ -45,21 +46,17 @@ RECIPE = REPO / "models" / "recipes" / "photos_lite0.toml"
 BACKBONE = "efficientnet_lite0"
 
 
-def _energy(logits: np.ndarray) -> np.ndarray:
-    return np.log(np.exp(logits).sum(1))
-
-
 def _score(model, arrays: dict, ood: dict[str, np.ndarray]) -> dict:
-    """Test photos right, validation top-1 and the energy AUROC on each no-class set."""
+    """Test and validation photos right, and the energy AUROC (the score that ships) on each no-class set."""
     model.eval()
     with torch.no_grad():
         lt = model(torch.from_numpy(arrays["test"][0])).numpy()
         aus = []
         for x in ood.values():
             lo = np.concatenate([model(torch.from_numpy(x[i:i + 32])).numpy() for i in range(0, len(x), 32)])
-            aus.append(auroc(_energy(lt), _energy(lo)))
+            aus.append(auroc(ood_scores(lt, "energy"), ood_scores(lo, "energy")))
     return {"right": (lt.argmax(1) == arrays["test"][1]).tolist(), "auroc": aus,
-            "val": evaluate(model, *arrays["val"])[0]}
+            "val_right": (evaluate(model, *arrays["val"])[2] == arrays["val"][1]).tolist()}
 
 
 def _run(data: Path, seed: int, lr: float, epochs: int, ood: dict[str, np.ndarray]) -> dict:
@@ -90,13 +87,14 @@ def _acc(right: np.ndarray) -> str:
 
 def _row(name: str, recs: list[dict], key: str, base: np.ndarray, secs: str) -> str:
     right = np.concatenate([r[key]["right"] for r in recs])
-    val = sum(round(21 * r[key]["val"]) for r in recs)
+    val = sum(sum(r[key]["val_right"]) for r in recs)
+    val_n = sum(len(r[key]["val_right"]) for r in recs)
     p = paired(right, base)
     diff = "-" if key == "lp" else f"{p.diff_points:+.1f} [{p.ci_points[0]:+.1f}, {p.ci_points[1]:+.1f}]"
     per = "; ".join(f"s{r['seed']} {sum(r[key]['right'])}/{len(r[key]['right'])}" for r in recs)
     au = np.mean([a for r in recs for a in r[key]["auroc"]])
     lo_au = min(a for r in recs for a in r[key]["auroc"])
-    return (f"| {name} | {val}/{21 * len(recs)} | {_acc(right)} | {diff} | {per} | {au:.3f} (worst set "
+    return (f"| {name} | {val}/{val_n} | {_acc(right)} | {diff} | {per} | {au:.3f} (worst set "
             f"{lo_au:.3f}) | {secs} |")
 
 
@@ -132,7 +130,7 @@ def main() -> None:
             raise SystemExit("the LP stage differs between arms: not the same splits or weights")
         secs = f"{np.mean([r['ft_s'] for r in recs[lr, epochs]]):.0f}"
         rows.append(_row(f"LP-FT, lr {lr:g}, {epochs} epochs", recs[lr, epochs], "lpft", base, secs))
-    best = max(arms, key=lambda a: sum(round(21 * r["lpft"]["val"]) for r in recs[a]))  # a tie: the first arm
+    best = max(arms, key=lambda a: sum(sum(r["lpft"]["val_right"]) for r in recs[a]))  # a tie: the first arm
     right = np.concatenate([r["lpft"]["right"] for r in recs[best]])
     ahead = [a for a in arms if paired(np.concatenate([r["lpft"]["right"] for r in recs[a]]), base).ci_points[0] > 0]
     verdict = (f"- Best on validation (the first of a tie): lr {best[0]:g}, {best[1]} epochs; on test {_acc(right)}, "
@@ -143,16 +141,17 @@ def main() -> None:
                 "unpruned model moves by hundredths either way; the shipped bundles' loss (RESULTS \"ood\": 0.868) "
                 "comes after this stage, in pruning.")
     classes = ", ".join(f"{k} {v}" for k, v in counts.items())
+    n_test, n_sets = len(first[0]["lp"]["right"]), len(first[0]["lp"]["auroc"])
     lines = ["## LP-FT on the photos: the fitted head, then every layer at a small rate (issue 23 item 4)", "",
              machine_line(max(r["threads"] for v in recs.values() for r in v)), "",
-             f"Data: {sum(counts.values())} photos, 5 classes ({classes}), the build's stratified 70/15/15 split per "
-             "seed (benchmarks/photos.py; licences in the photos section). ImageNet EfficientNet-Lite0 at 224 px. "
-             "Kumar et al. 2022's LP-FT: the recipe's train stage (the ImageNet Lite0 features frozen, the head "
-             "fitted by L-BFGS on the training photos and 4 augmented copies of each), then every "
-             "layer at one small rate (AdamW, cosine, BatchNorm statistics frozen, the last epoch kept). Unpruned "
-             "FP32; AUROC: energy, the seed's 21 test photos against bench_ood.py's animal photos (24) and pieces "
-             "of paintings (60), the mean over 5 seeds x 2 sets.", "",
-             "| model | val right (pooled) | test top-1 (pooled, n = 105) | test - LP (points, paired 95%) | "
+             f"Data: {sum(counts.values())} photos, {len(counts)} classes ({classes}), the build's stratified "
+             "70/15/15 split per seed (benchmarks/photos.py; licences in the photos section). ImageNet "
+             "EfficientNet-Lite0 at 224 px. Kumar et al. 2022's LP-FT: the recipe's train stage (the ImageNet "
+             "Lite0 features frozen, the head fitted by L-BFGS on the training photos and 4 augmented copies of "
+             "each), then every layer at one small rate (AdamW, cosine, BatchNorm statistics frozen, the last epoch "
+             f"kept). Unpruned FP32; AUROC: energy, the seed's {n_test} test photos against bench_ood.py's animal "
+             f"photos (24) and pieces of paintings (60), the mean over {len(seeds)} seeds x {n_sets} sets.", "",
+             f"| model | val right (pooled) | test top-1 (pooled, n = {len(base)}) | test - LP (points, paired 95%) | "
              "test per seed | energy AUROC, no class | FT seconds per seed |", "|---|---|---|---|---|---|---|",
              *rows, "",
              verdict]
