@@ -6,16 +6,38 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from edge_tl.workstation.data import DataSplit
 
+if TYPE_CHECKING:
+    from edge_tl.workstation.pipeline.context import Context
+
 
 def stage_dir(run_dir: Path, name: str) -> Path:
     """The folder of stage ``name`` that the run's ``run.json`` names (a run folder may hold older keys too)."""
     return run_dir / "stages" / f"{name}-{json.loads((run_dir / 'run.json').read_text())['stage_keys'][name]}"
+
+
+def run_context(run_dir: Path) -> Context:
+    """The build context of a finished run, read-only (its spec, data, split and stage folders), to score its
+    stages' models again on the run's own decision set, test split or calibration images."""
+    from rich.console import Console
+
+    from edge_tl.workstation.pipeline.cache import StageCache
+    from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights
+    from edge_tl.workstation.spec import load_spec
+
+    spec = load_spec(run_dir / "spec.resolved.toml", {}, {})
+    data_root, data_label = resolve_data(spec, run_dir)
+    ctx = Context(spec, run_dir, StageCache(run_dir, writer=False), Console(quiet=True), data_root, data_label,
+                  *resolve_weights(spec))
+    ctx.keys = json.loads((run_dir / "run.json").read_text())["stage_keys"]
+    ctx.split = run_split(run_dir)
+    return ctx
 
 
 def run_split(run_dir: Path) -> DataSplit:

@@ -23,24 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
-from rich.console import Console  # noqa: E402
+from _runs import run_context  # noqa: E402
 
-from edge_tl.workstation.data import DataSplit  # noqa: E402
-from edge_tl.workstation.pipeline.cache import StageCache  # noqa: E402
-from edge_tl.workstation.pipeline.context import Context, resolve_data, resolve_weights  # noqa: E402
 from edge_tl.workstation.pipeline.qat_stage import gain_over, pick_int8  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_predictions  # noqa: E402
-from edge_tl.workstation.spec import load_spec  # noqa: E402
 from edge_tl.workstation.stats import paired, wilson  # noqa: E402
 
 
 def replay(run: Path) -> dict:
-    spec = load_spec(run / "spec.resolved.toml", {}, {})
-    data_root, data_label = resolve_data(spec, run)
-    ctx = Context(spec, run, StageCache(run, writer=False), Console(quiet=True), data_root, data_label,
-                  *resolve_weights(spec))
-    ctx.keys = json.loads((run / "run.json").read_text())["stage_keys"]
-    ctx.split = DataSplit.from_json((ctx.folder("data") / "split.json").read_text())
+    ctx = run_context(run)
+    spec = ctx.spec
     xd, yd = ctx.decision_set()
     yt = ctx.arrays("test")[1]
     qat = ctx.folder("qat")

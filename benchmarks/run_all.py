@@ -20,9 +20,10 @@ SCRIPTS = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_se
            "bench_rank.py", "bench_imbalance.py", "bench_ddp.py", "bench_transfer.py", "bench_augment.py",
            "bench_calibration.py", "bench_serve_limits.py", "bench_pareto.py", "bench_recovery.py", "bench_gate.py",
            "bench_signing.py", "bench_drift.py", "bench_capture.py", "bench_continual.py", "bench_loop.py",
-           # the real photos (apt-get download gcompris-qt-data); bench_ood reads bench_photos' bundles
-           "bench_photos.py", "bench_ood.py", "bench_photo_modes.py", "bench_recovery_bn.py", "bench_recovery_kd.py",
-           "bench_input_size.py", "bench_lpft.py", "bench_demo_224.py")
+           # the real photos (apt-get download gcompris-qt-data); bench_ood and bench_calib_method read bench_photos'
+           # runs
+           "bench_photos.py", "bench_ood.py", "bench_calib_method.py", "bench_photo_modes.py", "bench_recovery_bn.py",
+           "bench_recovery_kd.py", "bench_input_size.py", "bench_lpft.py", "bench_demo_224.py")
 # not here: bench_ood_features.py and bench_int8_choice.py, experiments on finished runs (RUN ...): run them alone
 #: the scripts with a smoke mode (``--quick``); ``run_all.py --quick`` leaves the others out and says so
 QUICK = ("bench_build.py", "bench_backbones.py", "bench_harness.py", "bench_serve.py", "bench_verify.py",

@@ -36,6 +36,15 @@ from edge_tl.core.qdq import FORBIDDEN_OPS, QDQ_OPS, check_float_qdq  # noqa: F4
 
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
+#: Entropy calibration as TensorRT does it (IInt8EntropyCalibrator2; Migacz, "8-bit Inference with TensorRT", GTC
+#: 2017): each activation's histogram in 2048 bins, the INT8 range the 128-bin truncation with the least KL
+#: divergence. ONNX Runtime's quantize_static builds its Entropy calibrator with 128 bins for 128 quantized bins
+#: (onnxruntime/quantization/calibrate.py, create_calibrator) and passes no option that changes them, so its one
+#: candidate is the whole range: MinMax's scales (measured, benchmarks/RESULTS.md "calib-method"). The ranges are
+#: therefore computed here with ORT's calibrator at these bins and handed to quantize_static as rmin/rmax overrides.
+ENTROPY_BINS = 2048
+ENTROPY_QUANTIZED_BINS = 128
+
 
 @dataclass
 class QuantizeResult:
@@ -140,6 +149,10 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
         extra = {"WeightSymmetric": True, "CalibPercentile": percentile,
                  "ActivationSymmetric": for_tensorrt, "AddQDQPairToWeight": for_tensorrt,
                  "QuantizeBias": not for_tensorrt}
+        calibrate_method = METHODS[method]
+        if method == "entropy":  # ranges from a 2048-bin calibrator; quantize_static's own pass is then MinMax's
+            extra["TensorQuantOverrides"] = _entropy_ranges(qz, src, name, batches, Path(td), for_tensorrt)
+            calibrate_method = METHODS["minmax"]
         with atomic_file(int8_path, suffix=".onnx") as tmp_out:  # renamed over int8_path only if every check passes
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
                 qz.quantize_static(
@@ -147,7 +160,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
                     per_channel=per_channel,
                     activation_type=qz.QuantType.QInt8 if for_tensorrt else qz.QuantType.QUInt8,
                     weight_type=qz.QuantType.QInt8, nodes_to_exclude=exclude,
-                    calibrate_method=getattr(qz.CalibrationMethod, METHODS[method]), extra_options=extra)
+                    calibrate_method=getattr(qz.CalibrationMethod, calibrate_method), extra_options=extra)
             model = onnx.load(str(tmp_out))
             onnx.checker.check_model(model)
             ops = check_tensorrt_qdq(model) if for_tensorrt else dict(sorted(Counter(n.op_type for n in
@@ -158,6 +171,26 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calib: np.ndarra
                 raise CheckFailed(f"nodes asked to stay FP32 were quantized: {', '.join(still_fp32)}",
                                   "report this bug")
     return QuantizeResult(int8_path, method, len(calib), per_channel, quantized, exclude, for_tensorrt, ops)
+
+
+def _entropy_ranges(qz, model: Path, input_name: str, batches: list[np.ndarray], work: Path,
+                    symmetric: bool) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Every activation's INT8 range by TensorRT's entropy rule (:data:`ENTROPY_BINS`), as quantize_static's
+    ``TensorQuantOverrides`` (tensor name -> [{"rmin", "rmax"}])."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    calibrator = create_calibrator(
+        model, [], augmented_model_path=str(work / "entropy-augmented.onnx"),
+        calibrate_method=qz.CalibrationMethod.Entropy,
+        extra_options={"symmetric": symmetric, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+    with contextlib.redirect_stdout(io.StringIO()):
+        calibrator.collect_data(_reader(qz, input_name, batches))
+        ranges = calibrator.compute_data()
+    out = {}
+    for tensor, value in ranges.items():
+        lo, hi = getattr(value, "range_value", value)  # TensorData (ORT >= 1.16) or a (min, max) pair
+        out[tensor] = [{"rmin": np.asarray(lo, np.float32), "rmax": np.asarray(hi, np.float32)}]
+    return out
 
 
 def _batches(calib: np.ndarray, size: int, equal: bool) -> list[np.ndarray]:
