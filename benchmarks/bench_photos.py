@@ -222,7 +222,13 @@ def main() -> None:
               "0.868 (higher on 2 of 10 sets): not adopted."
               " 20 recovery epochs against 10 (prune.recovery_epochs = 20, 2026-12-07): pruned top-1 -2.86 points "
               "[-6.67, +0.00], shipped INT8 -0.95 [-4.76, +2.86], decision sets 81.8% against 82.1%, energy AUROC "
-              "0.872 against 0.868 (higher on 5 of 10 sets), build 4.3-5.6 min against 3.3-5.7: not adopted."]
+              "0.872 against 0.868 (higher on 5 of 10 sets), build 4.3-5.6 min against 3.3-5.7: not adopted."
+              " Mixup and 20 recovery epochs together (function matching, Beyer et al. 2022: prune.recovery_mixup = "
+              "1.0 and prune.recovery_epochs = 20, 2026-12-07): pruned top-1 -1.90 points [-5.71, +1.90], shipped "
+              "INT8 +0.00 [-4.76, +4.76], decision sets 84.9% against 82.1% (higher on 4 of 5 seeds), energy AUROC "
+              "0.890 against 0.868 (higher on 6 of 10 sets; seeds 1 and 4, the lowest, 0.862 and 0.817 against 0.775 "
+              "and 0.765), build 4.3-7.3 min against 3.1-5.7: within noise on test, not adopted yet; the next "
+              "candidate, to be confirmed on seeds no choice looked at."]
     if sc:
         same = [done[f"s{r['seed']}-imagenet"] for r in sc if f"s{r['seed']}-imagenet" in done]
         pairs = [(np.asarray(t["right"]["finetune"]), np.asarray(r["right"]["finetune"]))
