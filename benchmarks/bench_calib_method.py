@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from _results import machine_line, write_section  # noqa: E402
 from _runs import demo_run, run_context  # noqa: E402
 
+from edge_tl.workstation.pipeline.qat_stage import per_image_mean  # noqa: E402
 from edge_tl.workstation.pipeline.stages import onnx_logits  # noqa: E402
 from edge_tl.workstation.quantize import quantize_int8  # noqa: E402
 from edge_tl.workstation.stats import paired, paired_mean, wilson  # noqa: E402
@@ -40,22 +41,12 @@ METHODS = (("minmax", "minmax", None), ("entropy", "entropy", None), ("percentil
            ("percentile 99.999", "percentile", 99.999))
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(softmax(p) || softmax(q)) per row, in nats."""
-    p, q = _softmax(p_logits.astype(np.float64)), _softmax(q_logits.astype(np.float64))
-    return (p * (np.log(np.clip(p, 1e-300, None)) - np.log(np.clip(q, 1e-300, None)))).sum(1)
+    from scipy.special import log_softmax
 
-
-def _per_picture(values: np.ndarray, pictures: int) -> np.ndarray:
-    """The mean over each picture's copies (decision-set entry j is picture j % pictures)."""
-    idx = np.arange(len(values)) % pictures
-    return np.bincount(idx, weights=values, minlength=pictures) / np.bincount(idx, minlength=pictures)
+    log_p, log_q = log_softmax(p_logits.astype(np.float64), axis=1), log_softmax(q_logits.astype(np.float64), axis=1)
+    return (np.exp(log_p) * (log_p - log_q)).sum(1)
 
 
 def score_run(run: Path) -> dict:
@@ -68,7 +59,7 @@ def score_run(run: Path) -> dict:
     calib = ctx.calibration()
     ref_d, ref_t = onnx_logits(fp32, xd), onnx_logits(fp32, xt)
     out = {"task": "digits" if ctx.spec.is_demo else "photos", "name": run.name, "calib": len(calib),
-           "fp32_test": ref_t.argmax(1) == yt, "fp32_decision": float((ref_d.argmax(1) == yd).mean()), "methods": {}}
+           "fp32_test": ref_t.argmax(1) == yt, "methods": {}}
     with tempfile.TemporaryDirectory(prefix="edge-tl-calib-") as td:
         for label, method, pct in METHODS:
             t0 = time.perf_counter()
@@ -77,7 +68,7 @@ def score_run(run: Path) -> dict:
                           **({"percentile": pct} if pct else {}))
             secs = time.perf_counter() - t0
             zd, zt = onnx_logits(path, xd, qdq="float"), onnx_logits(path, xt, qdq="float")
-            out["methods"][label] = {"kl": _per_picture(_kl(ref_d, zd), n_val),
+            out["methods"][label] = {"kl": per_image_mean(_kl(ref_d, zd), n_val),
                                      "decision": float((zd.argmax(1) == yd).mean()), "test": zt.argmax(1) == yt,
                                      "agree": zt.argmax(1) == ref_t.argmax(1), "seconds": secs}
             print(f"{run.name} {label}: KL {out['methods'][label]['kl'].mean():.4f}, {secs:.0f} s", file=sys.stderr,

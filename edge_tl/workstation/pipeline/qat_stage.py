@@ -59,6 +59,13 @@ def _quantized_nodes(path: Path) -> int:
     return len(quantized_node_names(onnx.load(str(path))))
 
 
+def per_image_mean(values: np.ndarray, images: int) -> np.ndarray:
+    """The mean of a decision-set score over each validation image's copies (entry ``j`` is image
+    ``j % images``): one value per image, the unit a decision-set comparison is paired on."""
+    image = np.arange(len(values)) % images
+    return np.bincount(image, weights=values, minlength=images) / np.bincount(image, minlength=images)
+
+
 def cost_bound(reference_correct: np.ndarray, correct: np.ndarray, images: int) -> tuple[float, float]:
     """(cost, one-sided 95% upper bound), in points, of a model against a reference on the decision set.
 
@@ -66,9 +73,7 @@ def cost_bound(reference_correct: np.ndarray, correct: np.ndarray, images: int) 
     ``j % images``): copies of one image are not independent, so the per-image cost (the share of its copies the
     reference gets right and the model not, minus the reverse) is the unit, and the bound is its mean + 1.645
     standard errors."""
-    d = reference_correct.astype(np.float64) - correct.astype(np.float64)
-    image = np.arange(len(d)) % images
-    per_image = np.bincount(image, weights=d, minlength=images) / np.bincount(image, minlength=images)
+    per_image = per_image_mean(reference_correct.astype(np.float64) - correct.astype(np.float64), images)
     mean = float(per_image.mean())
     se = float(per_image.std(ddof=1) / np.sqrt(images)) if images > 1 else 0.0
     return 100 * mean, 100 * (mean + 1.645 * se)
