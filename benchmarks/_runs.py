@@ -60,15 +60,30 @@ def test_split(run_dir: Path) -> tuple[list[Image.Image], np.ndarray]:
     return images, np.asarray(split.labels("test"))
 
 
-def demo_run(run_dir: Path, seed: int = 0) -> Path:
-    """A shipped build of the bundled demo (``edge-tl build --seed S``) at ``run_dir``, built there first when the
-    folder does not exist (about 2 minutes on 2 cores): bench_ood and bench_drift score it by default, and a fresh
-    machine (``make bench``) has no demo run yet. A folder that exists is never built over."""
+def demo_run(run_dir: Path) -> Path:
+    """A shipped build of the bundled demo (``edge-tl build --seed N``) at ``run_dir``, a folder named ``demo-sN``:
+    built there first when the folder does not exist (about 2 minutes on 2 cores): bench_ood, bench_drift and
+    bench_calib_method score it, and a fresh machine (``make bench``) has no demo run yet. A folder that exists is
+    never built over, and one whose build ran with another seed than its name says is refused (a table row named
+    demo-s1 must be seed 1's build)."""
+    import re
+
+    from edge_tl.workstation.spec import load_spec
+
+    m = re.fullmatch(r"demo-s(\d+)", run_dir.name)
     if (run_dir / "bundle" / "manifest.json").is_file():
+        seed = load_spec(run_dir / "spec.resolved.toml", {}, {}).seed
+        if m and seed != int(m.group(1)):
+            raise SystemExit(f"{run_dir} was built with seed {seed}, not the {m.group(1)} its name says: remove it "
+                             "to build it again, or pass the folder of that seed's build")
         return run_dir
     if run_dir.exists():
         raise SystemExit(f"{run_dir} holds no shipped bundle: pass --demo with a finished demo build, or remove the "
                          "folder to build the demo there")
+    if not m:
+        raise SystemExit(f"{run_dir}: no demo build there, and only a folder named demo-sN (N the seed) is built: "
+                         "pass --demo with a finished demo build or such a folder")
+    seed = int(m.group(1))
     print(f"no demo build at {run_dir}: building it (edge-tl build --seed {seed})", file=sys.stderr, flush=True)
     cmd = [sys.executable, "-c", "from edge_tl.cli import main; main()", "build", "--out", str(run_dir), "--seed",
            str(seed)]

@@ -120,7 +120,7 @@ def main() -> None:
     missing = [str(p) for p in photo_runs if not (p / "bundle" / "manifest.json").is_file()]
     if missing:
         raise SystemExit(f"no finished photo run at {', '.join(missing)}: run benchmarks/bench_photos.py first")
-    runs = photo_runs + [demo_run(args.demo / f"demo-s{s}", s) for s in seeds]
+    runs = photo_runs + [demo_run(args.demo / f"demo-s{s}") for s in seeds]
     t0 = time.perf_counter()
     scored = [score_run(r) for r in runs]
     rows, beats, worse = [], {}, {}
