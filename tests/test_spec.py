@@ -51,6 +51,7 @@ def test_photo_recipe_is_valid_and_says_what_the_photo_benchmark_ran():
     assert s.train.mode == "feature-extract" and s.train.head_views == 4
     assert (s.prune.ratio, s.prune.channels, s.prune.importance, s.prune.recovery_distill) == (
         0.4, "hidden", "contribution", "blocks")
+    assert (s.prune.recovery_epochs, s.prune.recovery_mixup) == (20, 1.0)  # function matching (RESULTS "photos")
     assert Path(s.data.root) == (RECIPES / "../../data/photos").resolve()
 
 
