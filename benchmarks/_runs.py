@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +67,6 @@ def demo_run(run_dir: Path) -> Path:
     bench_calib_method score it, and a fresh machine (``make bench``) has no demo run yet. A folder that exists is
     never built over, and one whose build ran with another seed than its name says is refused (a table row named
     demo-s1 must be seed 1's build)."""
-    import re
-
     from edge_tl.workstation.spec import load_spec
 
     m = re.fullmatch(r"demo-s(\d+)", run_dir.name)

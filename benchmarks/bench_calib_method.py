@@ -55,7 +55,7 @@ def score_run(run: Path) -> dict:
     fp32 = ctx.folder("export") / "model.onnx"
     xd, yd = ctx.decision_set()
     xt, yt = ctx.arrays("test")
-    n_val = len(ctx.arrays("val")[1])
+    n_val = len(ctx.data_split.labels("val"))  # the decision set repeats these images; counted, not decoded
     calib = ctx.calibration()
     ref_d, ref_t = onnx_logits(fp32, xd), onnx_logits(fp32, xt)
     out = {"task": "digits" if ctx.spec.is_demo else "photos", "name": run.name, "calib": len(calib),
