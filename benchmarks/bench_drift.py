@@ -2,7 +2,8 @@
 of benchmarks/RESULTS.md.
 
 For each shipped bundle (a demo build, the real-photo benchmark's runs), with the bundle's own drift reference
-(fitted on validation by the build) and the shipped INT8 model (Q/DQ in float):
+(fitted by the build: the confidence on validation, the input means on training and validation pictures, a
+threshold per signal) and the shipped INT8 model (Q/DQ in float):
 
 - an undrifted stream: 2,000 requests drawn at random (seeded) from the test split, which no choice looked at;
 - a drifted stream: the test pictures through a simulated new camera: a warm colour cast (red x1.25, blue x0.75),
@@ -68,7 +69,7 @@ def evaluate(run: Path, seed: int = 0) -> dict:
     quiet_at, quiet = _first_flag(ref, sig, rng.integers(0, len(images), UNDRIFTED))
     flag_at, flagged = _first_flag(ref, dsig, rng.integers(0, len(images), DRIFTED))
     clean, drifted = pred == y, dpred == y
-    return {"window": ref.window, "threshold": ref.threshold, "test": len(y), "quiet_flag_at": quiet_at,
+    return {"window": ref.window, "thresholds": ref.thresholds, "test": len(y), "quiet_flag_at": quiet_at,
             "quiet_psi": {k: v["psi"] for k, v in quiet.items()}, "flag_at": flag_at,
             "flag_psi": {k: v["psi"] for k, v in flagged.items()},
             "top1": (float(clean.mean()), *wilson(int(clean.sum()), len(y))),
@@ -93,18 +94,20 @@ def main() -> None:
         psi_q = ", ".join(f"{k} {v:.3f}" for k, v in r["quiet_psi"].items() if v is not None)
         psi_d = ", ".join(f"{k} {v:.3f}" for k, v in r["flag_psi"].items() if v is not None)
         d = r["drop"]
-        rows.append(f"| {run.name} | {r['test']} | {r['window']} / {r['threshold']:.3f} | "
+        thr = ", ".join(f"{k.removeprefix('input_')} {v:.2f}" for k, v in r["thresholds"].items())
+        rows.append(f"| {run.name} | {r['test']} | {r['window']} / {thr} | "
                     f"{'none' if r['quiet_flag_at'] is None else 'at ' + str(r['quiet_flag_at'])} ({psi_q}) | "
                     f"{'not flagged' if r['flag_at'] is None else 'request ' + str(r['flag_at'])} ({psi_d}) | "
                     f"{100 * r['top1'][0]:.1f}% -> {100 * r['top1_drifted'][0]:.1f}% "
                     f"(D = {d['diff_points']:+.1f} [{d['ci_points'][0]:+.1f}, {d['ci_points'][1]:+.1f}]) |")
     lines = ["## Drift on the device: undrifted and drifted streams (issue 25 item 3)", "", machine_line(), "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
-             "| bundle | test pictures | window / PSI threshold | flag in 2,000 undrifted (last PSI) | "
+             "| bundle | test pictures | window / PSI thresholds | flag in 2,000 undrifted (last PSI) | "
              "first flag, drifted (PSI then) | top-1 test -> drifted (drop, paired 95% interval) |",
              "|---|---|---|---|---|---|", *rows, "",
              "A window is only compared once full, so request 200 is the earliest a 200-request window can flag. "
-             "The photo runs' test splits hold 21 pictures, so their undrifted streams repeat each about 95 times."]
+             "The photo runs' test splits hold 21 pictures, so their undrifted streams repeat each about 95 times: the "
+             "thresholds are fitted for a field of as many distinct pictures as the validation split holds."]
     write_section("drift", "\n".join(lines))
     print("\n".join(lines))
 

@@ -1,6 +1,7 @@
-"""Drift on the device (issue 25 item 3): the PSI as defined, a threshold fitted by bootstrap that an undrifted
-stream does not cross, a shifted stream that crosses it within one window, and the served model's drift on
-/metrics (a real server)."""
+"""Drift on the device (issue 25 item 3): the PSI as defined, per-signal thresholds fitted on simulated streams
+that an undrifted stream does not cross (also one that loops through a few pictures), a shifted stream that crosses
+them within one window, schema 2's single threshold still read, and the served model's drift on /metrics (a real
+server)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from bundle_factory import make_images, make_tiny_bundle
 
-from edge_tl.core.drift import DriftMonitor, DriftReference, bin_shares, decile_edges, psi
+from edge_tl.core.drift import DriftMonitor, DriftReference, bin_shares, decile_edges, psi, stream_psis
 from edge_tl.workstation.calibrate import fit_drift_reference
 
 
@@ -30,9 +31,9 @@ def test_an_undrifted_stream_stays_quiet_and_a_shifted_one_is_flagged_within_a_w
     """The issue's target, on synthetic signals: no flag over 2,000 undrifted requests, a flag within the first
     200 drifted ones (a colour cast moves the input mean, a new camera lowers the confidence)."""
     rng = np.random.default_rng(0)
-    ref = fit_drift_reference(_stream(rng, 100), window=200)
+    ref = fit_drift_reference(_stream(rng, 100), window=200, variety=100)
     assert ref.window == 200 and set(ref.edges) == {"confidence", "input_red", "input_green", "input_blue"}
-    assert ref.threshold > 0
+    assert set(ref.thresholds) == set(ref.edges) and min(ref.thresholds.values()) > 0
     quiet = DriftMonitor(ref)
     stream = _stream(rng, 2000)
     for i in range(2000):
@@ -49,9 +50,46 @@ def test_an_undrifted_stream_stays_quiet_and_a_shifted_one_is_flagged_within_a_w
     assert flagged == 200  # the first full window already says so
 
 
+def test_stream_psis_is_what_the_monitor_says_after_each_request():
+    rng = np.random.default_rng(1)
+    edges = decile_edges(rng.normal(size=300))
+    stream = rng.normal(0.3, 1.2, 120)
+    ref = DriftReference(window=50, thresholds={"confidence": 1.0}, edges={"confidence": edges}, fitted_on="tests")
+    mon, said = DriftMonitor(ref), []
+    for v in stream:
+        mon.observe(confidence=v)
+        said.append(mon.status()["confidence"]["psi"])
+    assert said[:49] == [None] * 49
+    assert np.allclose(said[49:], stream_psis(edges, stream, 50), rtol=0, atol=1e-12)
+
+
+def test_a_field_that_loops_through_a_few_pictures_is_not_drift():
+    """A camera's undrifted stream repeats what it sees: 2,000 requests from 40 pictures, none of them in the
+    reference (40 others of the same scene), cross no threshold; the input signals, whose reference also holds
+    200 training pictures, get finer edges and lower thresholds than the confidence (validation only)."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        ref_values = _stream(rng, 240)
+        signals = {k: (v[:40] if k == "confidence" else v) for k, v in ref_values.items()}
+        ref = fit_drift_reference(signals, window=200, variety=40, seed=seed)
+        assert max(ref.thresholds[c] for c in ("input_red", "input_green", "input_blue")) < ref.thresholds["confidence"]
+        field = _stream(rng, 40)
+        order = rng.integers(0, 40, 2000)
+        for name, values in field.items():
+            assert stream_psis(ref.edges[name], values[order], 200).max() <= ref.thresholds[name], (seed, name)
+
+
+def test_schema_2s_single_threshold_is_read_per_signal():
+    edges = {"confidence": decile_edges(np.linspace(0, 1, 50)), "input_red": decile_edges(np.linspace(-1, 1, 50))}
+    ref = DriftReference.model_validate({"window": 20, "threshold": 0.7, "edges": edges, "fitted_on": "schema 2"})
+    assert ref.thresholds == {"confidence": 0.7, "input_red": 0.7}
+    with pytest.raises(ValueError, match="one threshold"):
+        DriftReference(window=20, thresholds={"confidence": 0.7}, edges=edges, fitted_on="a signal without one")
+
+
 def test_the_reference_refuses_too_few_images():
     with pytest.raises(ValueError, match="too few"):
-        fit_drift_reference(_stream(np.random.default_rng(0), 10), window=50)
+        fit_drift_reference(_stream(np.random.default_rng(0), 10), window=50, variety=10)
 
 
 def test_serve_reports_drift_on_metrics(tmp_path):
@@ -64,7 +102,7 @@ def test_serve_reports_drift_on_metrics(tmp_path):
 
     edges = {"confidence": decile_edges(np.linspace(0.3, 0.9, 50)),
              **{c: decile_edges(np.linspace(-1, 1, 50)) for c in ("input_red", "input_green", "input_blue")}}
-    ref = DriftReference(window=20, threshold=0.5, edges=edges, fitted_on="tests")
+    ref = DriftReference(window=20, thresholds=dict.fromkeys(edges, 0.5), edges=edges, fitted_on="tests")
     path = make_tiny_bundle(tmp_path / "tiny", tarball=False, drift=ref)
     cfg = ServeConfig(bundle=path, port=0, backend="ort-cpu", precision="fp32")
     with ThreadedServer(cfg) as srv, httpx.Client(base_url=srv.url, timeout=10) as client:

@@ -10,9 +10,13 @@ reference's (10% each) by the population stability index,
 
     PSI = sum_i (p_i - q_i) * ln(p_i / q_i)      (p: the window's share in bin i, q = 0.1; empty bins get 0.5/n)
 
-and flags drift when the PSI of any signal exceeds the reference's ``threshold``. The threshold is not a rule of
-thumb (0.1 / 0.25): the build draws windows of the same size from the validation signals themselves (bootstrap)
-and takes a high quantile of their PSI, so an undrifted stream rarely crosses it. NumPy and pydantic only.
+and flags drift when the PSI of a signal exceeds that signal's threshold (``thresholds``). The thresholds are not
+a rule of thumb (0.1 / 0.25): the build simulates undrifted streams from the reference values themselves and
+takes a high quantile of the largest PSI any window of a stream reaches (edge_tl.workstation.calibrate), so an
+undrifted stream of thousands of requests rarely crosses one. The input signals' reference holds the training
+pictures too (their channel means are what the camera sends, whatever the model learnt), the confidence's only
+the validation pictures (the model's scores on its own training pictures are too high), so the signals' edges
+are not equally precise and each has its own threshold. NumPy and pydantic only.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 from collections import deque
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SIGNALS = ("confidence", "input_red", "input_green", "input_blue")
 CHANNELS = SIGNALS[1:]
@@ -32,10 +36,27 @@ class DriftReference(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     window: int = Field(ge=20, description="requests per comparison (the rolling window)")
-    threshold: float = Field(gt=0, description="PSI above which a signal has drifted")
-    edges: dict[str, list[float]] = Field(description="per signal, the 9 inner decile edges of the validation "
+    thresholds: dict[str, float] = Field(description="per signal, the PSI above which it has drifted (> 0)")
+    edges: dict[str, list[float]] = Field(description="per signal, the 9 inner decile edges of the reference "
                                           "values (10 equally likely bins)")
     fitted_on: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_threshold(cls, data: object) -> object:
+        """postprocess.json schema 2 kept one ``threshold`` for every signal: read it as that, per signal."""
+        if isinstance(data, dict) and "threshold" in data and "thresholds" not in data:
+            data = dict(data)
+            one = data.pop("threshold")
+            data["thresholds"] = {name: one for name in data.get("edges") or {}}
+        return data
+
+    @model_validator(mode="after")
+    def _every_signal_has_a_threshold(self) -> DriftReference:
+        if set(self.thresholds) != set(self.edges) or not all(t > 0 for t in self.thresholds.values()):
+            raise ValueError(f"drift thresholds {self.thresholds} do not give every signal of the edges "
+                             f"({sorted(self.edges)}) one threshold above 0")
+        return self
 
 
 def bin_shares(edges: list[float] | np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -50,6 +71,24 @@ def psi(edges: list[float] | np.ndarray, values: np.ndarray) -> float:
     p = np.maximum(bin_shares(edges, values), 0.5 / n)  # an empty bin: half a count, so the log is finite
     q = np.full_like(p, 1.0 / len(p))
     return float(np.sum((p - q) * np.log(p / q)))
+
+
+def stream_psis(edges: list[float] | np.ndarray, stream: np.ndarray, window: int) -> np.ndarray:
+    """The PSI of every full ``window`` of a stream of values: what :class:`DriftMonitor` says after each request
+    from the window-th on. Also a batch: edges (B, 9) and streams (B, L) give (B, L - window + 1). One pass: the
+    bin counts of each window are differences of cumulative counts."""
+    e = np.asarray(edges, dtype=np.float64)
+    x = np.asarray(stream, dtype=np.float64)
+    e2, x2 = np.atleast_2d(e), np.atleast_2d(x)
+    idx = (x2[:, :, None] >= e2[:, None, :]).sum(axis=2)  # = searchsorted(edges, x, side="right"), as bin_shares
+    counts = np.zeros((x2.shape[0], x2.shape[1] + 1, e2.shape[1] + 1))
+    rows, cols = np.indices(idx.shape)
+    counts[rows, cols + 1, idx] = 1.0
+    counts = np.cumsum(counts, axis=1)
+    p = np.maximum((counts[:, window:] - counts[:, :-window]) / window, 0.5 / window)  # as psi(): half a count
+    q = 1.0 / p.shape[2]
+    out = np.sum((p - q) * np.log(p / q), axis=2)
+    return out if x.ndim == 2 else out[0]
 
 
 def decile_edges(values: np.ndarray) -> list[float]:
@@ -85,5 +124,6 @@ class DriftMonitor:
             for name, values in self._values.items():
                 full = len(values) == self.ref.window
                 value = psi(self.ref.edges[name], np.asarray(values)) if full else None
-                out[name] = {"psi": value, "drifted": bool(full and value > self.ref.threshold), "n": len(values)}
+                drifted = bool(full and value > self.ref.thresholds[name])
+                out[name] = {"psi": value, "drifted": drifted, "n": len(values)}
             return out

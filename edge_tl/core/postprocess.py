@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge_tl.core.drift import DriftReference
 from edge_tl.core.errors import EdgeTLError
 
-POSTPROCESS_SCHEMA_VERSION = 2  # 2: the OOD rule (``ood``) and the drift reference (``drift``), absent in 1
+POSTPROCESS_SCHEMA_VERSION = 3  # 2: the OOD rule (``ood``) and the drift reference (``drift``), absent in 1;
+#                                 3: the drift reference's threshold per signal (2: one for all, still read)
 OOD_SCORES = ("energy", "max_logit", "msp")
 
 

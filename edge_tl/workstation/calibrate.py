@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_tl.core.drift import DriftReference, decile_edges, psi
+from edge_tl.core.drift import BINS, DriftReference, decile_edges, stream_psis
 from edge_tl.core.postprocess import OODRule, ood_scores, softmax
 
 ECE_BINS = 15
@@ -177,34 +177,50 @@ def fit_ood_rule(val_logits: np.ndarray, score: str, keep: float, temperature: f
                    fitted_on=f"{n} validation images, the shipped INT8 model (Q/DQ in float), {100 * keep:g}% kept")
 
 
-#: the drift threshold: this quantile of the PSI of undrifted windows (bootstrap); serve compares a sliding window
-#: at every request, so a stream of thousands of requests makes thousands of correlated comparisons
-DRIFT_QUANTILE = 0.999
+#: the drift thresholds: an undrifted stream of DRIFT_STREAM requests crosses one (any signal, any window) with
+#: probability DRIFT_FALSE_ALARM, estimated from DRIFT_BOOT simulated streams per signal
+DRIFT_STREAM = 2000
+DRIFT_FALSE_ALARM = 0.01
 DRIFT_BOOT = 2000
 
 
-def fit_drift_reference(signals: dict[str, np.ndarray], window: int, seed: int = 0) -> DriftReference:
-    """The validation reference of serve's drift check (edge_tl.core.drift): each signal's decile edges, and the
-    PSI threshold no undrifted window should cross. An undrifted window is simulated by a bootstrap that redraws
-    both the reference (its edges come from a few hundred images at most, and are noisy too) and a window of
-    ``window`` values from the validation values; the threshold is DRIFT_QUANTILE of the largest PSI over the
-    signals (a flag is raised when any signal crosses it)."""
+def fit_drift_reference(signals: dict[str, np.ndarray], window: int, variety: int, seed: int = 0) -> DriftReference:
+    """The reference of serve's drift check (edge_tl.core.drift): each signal's decile edges, and its PSI
+    threshold. Signals may hold different numbers of reference values (the input means: training and validation
+    pictures; the confidence: validation only).
+
+    An undrifted stream is simulated as serve sees it: a bootstrap redraws the reference (its edges come from a
+    few hundred values at most, and are noisy too), draws a field of ``variety`` distinct pictures from the same
+    values (a camera's stream repeats what it sees: the build assumes no more variety than the validation split
+    has), and streams DRIFT_STREAM requests from that field through a sliding window of ``window``; the largest
+    PSI over the stream is its statistic (serve compares at every request, so thousands of correlated
+    comparisons). Each signal's threshold is the 1 - DRIFT_FALSE_ALARM / k quantile of that statistic (k signals,
+    Bonferroni): an undrifted stream of DRIFT_STREAM requests flags with probability DRIFT_FALSE_ALARM at most."""
     rng = np.random.default_rng(seed)
     vals = {k: np.asarray(v, dtype=np.float64) for k, v in signals.items()}
     n = min(len(v) for v in vals.values())
-    if n < 20:
-        raise ValueError(f"{n} validation images are too few for a drift reference (20 or more)")
-    worst = np.zeros(DRIFT_BOOT)
-    for b in range(DRIFT_BOOT):
-        for v in vals.values():
-            edges = decile_edges(rng.choice(v, len(v)))
-            worst[b] = max(worst[b], psi(edges, rng.choice(v, window)))
-    threshold = float(np.quantile(worst, DRIFT_QUANTILE))
-    return DriftReference(window=window, threshold=round(threshold, 6),
-                          edges={k: decile_edges(v) for k, v in vals.items()},
-                          fitted_on=f"{n} validation images (the shipped INT8 model's calibrated top-1 score and "
-                                    f"the per-channel means of the preprocessed input); threshold: the "
-                                    f"{DRIFT_QUANTILE:g} quantile of {DRIFT_BOOT} bootstrap windows of {window}")
+    if n < 20 or variety < 20:
+        raise ValueError(f"{min(n, variety)} validation images are too few for a drift reference (20 or more)")
+    length = max(DRIFT_STREAM, 2 * window)
+    q = 1.0 - DRIFT_FALSE_ALARM / len(vals)
+    chunk = max(1, 2_000_000 // length)  # streams simulated at once (memory: chunk x length x 10 counts)
+    thresholds = {}
+    for name, v in vals.items():
+        worst = []
+        for start in range(0, DRIFT_BOOT, chunk):
+            b = min(chunk, DRIFT_BOOT - start)
+            edges = np.quantile(v[rng.integers(0, len(v), (b, len(v)))], np.arange(1, BINS) / BINS, axis=1).T
+            fields = v[rng.integers(0, len(v), (b, variety))]
+            streams = np.take_along_axis(fields, rng.integers(0, variety, (b, length)), axis=1)
+            worst.append(stream_psis(edges, streams, window).max(axis=1))
+        thresholds[name] = round(float(np.quantile(np.concatenate(worst), q)), 6)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in vals.items())
+    return DriftReference(window=window, thresholds=thresholds, edges={k: decile_edges(v) for k, v in vals.items()},
+                          fitted_on=f"reference values per signal: {sizes} (the shipped INT8 model's calibrated "
+                                    f"top-1 score on the validation images; the per-channel means of the "
+                                    f"preprocessed training and validation images); thresholds: an undrifted "
+                                    f"stream of {length} requests from {variety} distinct pictures flags with "
+                                    f"probability {DRIFT_FALSE_ALARM:g} ({DRIFT_BOOT} simulated streams a signal)")
 
 
 def summary_line(cal: dict[str, Any]) -> str:

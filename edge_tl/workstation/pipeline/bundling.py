@@ -138,11 +138,12 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
 
 def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None = None, ood_score: str = "none",
                        ood_keep: float = 0.95, val_inputs: np.ndarray | None = None,
-                       drift_window: int = 0) -> PostprocessConfig:
+                       drift_window: int = 0, train_inputs: np.ndarray | None = None) -> PostprocessConfig:
     """The bundle's postprocess.json: the temperature the ``qat`` stage fitted for the shipped INT8 model
     (edge_tl.workstation.calibrate), the OOD rule fitted on the same validation logits (``val_logits``, saved
     by that stage; export.ood_score = none or no logits: no rule) and the drift reference of those logits'
-    scores and of the validation inputs (``val_inputs``, preprocessed; drift_window 0 or under 20 images: none)."""
+    scores and of the inputs (``val_inputs`` and ``train_inputs``, preprocessed; drift_window 0 or under 20
+    validation images: none)."""
     from edge_tl.core.drift import input_signals
     from edge_tl.workstation.calibrate import fit_drift_reference, fit_ood_rule
 
@@ -157,8 +158,26 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
             rule = fit_ood_rule(logits, ood_score, ood_keep, t)
         if drift_window and val_inputs is not None and len(val_inputs) == len(logits) >= 20:
             confidence = PostprocessConfig(temperature=t).scores(logits).max(axis=1)
-            drift = fit_drift_reference({"confidence": confidence, **input_signals(val_inputs)}, drift_window)
+            means = input_signals(val_inputs if train_inputs is None else np.concatenate([train_inputs, val_inputs]))
+            drift = fit_drift_reference({"confidence": confidence, **means}, drift_window, variety=len(logits))
     return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule, drift=drift)
+
+
+#: at most this many training pictures (a seeded sample) join the validation pictures in the drift reference's input
+#: signals
+DRIFT_TRAIN_PICTURES = 1000
+
+
+def drift_train_inputs(ctx: Context) -> np.ndarray | None:
+    """Preprocessed training pictures for the drift reference's input signals (export.drift_window 0: none)."""
+    if not ctx.spec.export.drift_window:
+        return None
+    from edge_tl.workstation.train.datasets import eval_arrays
+
+    split = ctx.data_split
+    paths, labels = split.paths("train"), split.labels("train")
+    keep = np.sort(np.random.default_rng(ctx.spec.seed).permutation(len(paths))[:DRIFT_TRAIN_PICTURES])
+    return eval_arrays([paths[i] for i in keep], np.asarray(labels)[keep], ctx.pre)[0]
 
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
@@ -193,7 +212,8 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         (staging / LABELS).write_text("\n".join(split.classes) + "\n")
         pre.save(staging / PREPROCESS)
         postprocess_config(shipped, ctx.folder("qat") / "val_logits.npy", s.export.ood_score, s.export.ood_keep,
-                           ctx.arrays("val")[0], s.export.drift_window).save(staging / POSTPROCESS)
+                           ctx.arrays("val")[0], s.export.drift_window,
+                           drift_train_inputs(ctx)).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         preproc = Preprocessor(pre)
         index, crops = [], []
