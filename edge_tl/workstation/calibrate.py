@@ -203,7 +203,7 @@ def fit_drift_reference(signals: dict[str, np.ndarray], window: int, variety: in
         raise ValueError(f"{min(n, variety)} validation images are too few for a drift reference (20 or more)")
     length = max(DRIFT_STREAM, 2 * window)
     q = 1.0 - DRIFT_FALSE_ALARM / len(vals)
-    chunk = max(1, 2_000_000 // length)  # streams simulated at once (memory: chunk x length x 10 counts)
+    chunk = max(1, 400_000 // length)  # streams simulated at once (memory: chunk x length x 10 counts, 32 MB)
     thresholds = {}
     for name, v in vals.items():
         worst = []
