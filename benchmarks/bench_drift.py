@@ -2,7 +2,7 @@
 of benchmarks/RESULTS.md.
 
 For each shipped bundle (a demo build, the real-photo benchmark's runs), with the bundle's own drift reference
-(fitted by the build: the confidence on validation, the input means on training and validation pictures, a
+(fitted by the build: the confidence on validation, the input statistics on training and validation pictures, a
 threshold per signal) and the shipped INT8 model (Q/DQ in float):
 
 - an undrifted stream: 2,000 requests drawn at random (seeded) from the test split, which no choice looked at;

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from bundle_factory import make_images, make_tiny_bundle
 
-from edge_tl.core.drift import DriftMonitor, DriftReference, bin_shares, decile_edges, psi, stream_psis
+from edge_tl.core.drift import (
+    DriftMonitor,
+    DriftReference,
+    bin_shares,
+    decile_edges,
+    input_signals,
+    psi,
+    stream_psis,
+)
 from edge_tl.workstation.calibrate import fit_drift_reference
 
 
@@ -85,6 +93,31 @@ def test_schema_2s_single_threshold_is_read_per_signal():
     assert ref.thresholds == {"confidence": 0.7, "input_red": 0.7}
     with pytest.raises(ValueError, match="one threshold"):
         DriftReference(window=20, thresholds={"confidence": 0.7}, edges=edges, fitted_on="a signal without one")
+
+
+def test_the_input_signals_see_a_colour_cast_and_a_blur_and_grey_pictures_leave_warmth_out():
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(2)
+    photos = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(30)]
+
+    def batch(images):
+        return np.stack([np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1 for im in images])
+
+    sig = input_signals(batch(photos))
+    assert set(sig) == {"input_red", "input_green", "input_blue", "input_warmth", "input_sharpness"}
+    warm = input_signals(batch([Image.merge("RGB", (im.getchannel(0).point(lambda v: min(255, int(v * 1.25))),
+                                                    im.getchannel(1), im.getchannel(2).point(lambda v: int(v * 0.75))))
+                                for im in photos]))
+    blurred = input_signals(batch([im.filter(ImageFilter.GaussianBlur(1.5)) for im in photos]))
+    assert np.all(warm["input_warmth"] > sig["input_warmth"])
+    assert np.all(blurred["input_sharpness"] < 0.5 * sig["input_sharpness"])
+    assert np.allclose(blurred["input_red"], sig["input_red"], atol=0.02)  # a blur keeps the channel means
+    grey = input_signals(batch([im.convert("L").convert("RGB") for im in photos]))
+    assert np.all(grey["input_warmth"] == 0)
+    ref = fit_drift_reference({"confidence": rng.beta(8, 2, 30), **grey}, window=50, variety=30)
+    assert "input_warmth" not in ref.edges and "input_sharpness" in ref.thresholds
+    assert "left out, fewer than 10 distinct values: input_warmth" in ref.fitted_on
 
 
 def test_the_reference_refuses_too_few_images():

@@ -186,8 +186,8 @@ DRIFT_BOOT = 2000
 
 def fit_drift_reference(signals: dict[str, np.ndarray], window: int, variety: int, seed: int = 0) -> DriftReference:
     """The reference of serve's drift check (edge_tl.core.drift): each signal's decile edges, and its PSI
-    threshold. Signals may hold different numbers of reference values (the input means: training and validation
-    pictures; the confidence: validation only).
+    threshold. Signals may hold different numbers of reference values (the input statistics: training and
+    validation pictures; the confidence: validation only); one with fewer than BINS distinct values is left out.
 
     An undrifted stream is simulated as serve sees it: a bootstrap redraws the reference (its edges come from a
     few hundred values at most, and are noisy too), draws a field of ``variety`` distinct pictures from the same
@@ -198,6 +198,10 @@ def fit_drift_reference(signals: dict[str, np.ndarray], window: int, variety: in
     Bonferroni): an undrifted stream of DRIFT_STREAM requests flags with probability DRIFT_FALSE_ALARM at most."""
     rng = np.random.default_rng(seed)
     vals = {k: np.asarray(v, dtype=np.float64) for k, v in signals.items()}
+    flat = sorted(k for k, v in vals.items() if len(np.unique(v)) < BINS)  # e.g. warmth on grey pictures: all 0
+    vals = {k: v for k, v in vals.items() if k not in flat}
+    if not vals:
+        raise ValueError(f"every drift signal ({', '.join(flat)}) has fewer than {BINS} distinct values")
     n = min(len(v) for v in vals.values())
     if n < 20 or variety < 20:
         raise ValueError(f"{min(n, variety)} validation images are too few for a drift reference (20 or more)")
@@ -217,10 +221,12 @@ def fit_drift_reference(signals: dict[str, np.ndarray], window: int, variety: in
     sizes = ", ".join(f"{k} {len(v)}" for k, v in vals.items())
     return DriftReference(window=window, thresholds=thresholds, edges={k: decile_edges(v) for k, v in vals.items()},
                           fitted_on=f"reference values per signal: {sizes} (the shipped INT8 model's calibrated "
-                                    f"top-1 score on the validation images; the per-channel means of the "
+                                    f"top-1 score on the validation images; the input statistics of the "
                                     f"preprocessed training and validation images); thresholds: an undrifted "
                                     f"stream of {length} requests from {variety} distinct pictures flags with "
-                                    f"probability {DRIFT_FALSE_ALARM:g} ({DRIFT_BOOT} simulated streams a signal)")
+                                    f"probability {DRIFT_FALSE_ALARM:g} ({DRIFT_BOOT} simulated streams a signal)"
+                                    + (f"; left out, fewer than {BINS} distinct values: {', '.join(flat)}"
+                                       if flat else ""))
 
 
 def summary_line(cal: dict[str, Any]) -> str:

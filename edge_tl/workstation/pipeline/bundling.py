@@ -158,8 +158,8 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
             rule = fit_ood_rule(logits, ood_score, ood_keep, t)
         if drift_window and val_inputs is not None and len(val_inputs) == len(logits) >= 20:
             confidence = PostprocessConfig(temperature=t).scores(logits).max(axis=1)
-            means = input_signals(val_inputs if train_inputs is None else np.concatenate([train_inputs, val_inputs]))
-            drift = fit_drift_reference({"confidence": confidence, **means}, drift_window, variety=len(logits))
+            inputs = input_signals(val_inputs if train_inputs is None else np.concatenate([train_inputs, val_inputs]))
+            drift = fit_drift_reference({"confidence": confidence, **inputs}, drift_window, variety=len(logits))
     return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule, drift=drift)
 
 

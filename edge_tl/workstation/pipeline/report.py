@@ -497,8 +497,9 @@ def _ood_section(path: Path) -> list[str]:
     post = PostprocessConfig.load(path)
     rule, drift = post.ood, post.drift
     lines = [] if drift is None else [
-        "", f"Drift: `serve` compares the last {drift.window} requests' calibrated top-1 scores and per-channel "
-        f"input means with this build's reference deciles by their population stability index, and sets "
+        "", f"Drift: `serve` compares the last {drift.window} requests' calibrated top-1 scores and input "
+        f"statistics (channel means, warmth, sharpness) with this build's reference deciles by their population "
+        f"stability index, and sets "
         f"`edge_tl_drift` on /metrics when a signal's PSI passes its threshold ("
         + ", ".join(f"{k} **{v:g}**" for k, v in drift.thresholds.items()) + f"; {drift.fitted_on})."]
     if rule is None:
