@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from edge_tl.core.bundle import Bundle
+from edge_tl.workstation.data import DataSplit
 
 pytest.importorskip("torch", reason="the workstation extra (torch) is not installed")
 
@@ -143,6 +144,14 @@ def test_build_writes_a_verified_bundle_with_real_numbers(built):
     assert cal["ece_bins"] == 15 and 0 <= cal["ece_after"] <= 1 and 0 <= cal["ece_before"] <= 1
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9  # T = 1 was among the candidates
     assert "## Calibration (shipped INT8 model)" in report and "calibration: temperature" in proc.stderr
+    # drift (issue 25 item 3): the confidence's reference is the validation split, the input statistics' the training
+    # pictures too; a threshold per signal, each in the report
+    split = DataSplit.from_json((run / "stages" / f"data-{state['stage_keys']['data']}" / "split.json").read_text())
+    n_train, n_val = len(split.paths("train")), len(split.paths("val"))
+    drift = b.postprocess.drift
+    assert f"confidence {n_val}, input_red {n_train + n_val}, " in drift.fitted_on
+    assert set(drift.thresholds) == set(drift.edges) >= {"confidence", "input_red", "input_sharpness"}
+    assert all(f"{k} **{v:g}**" in report for k, v in drift.thresholds.items())
     # Grad-CAM (issue 14 item 6; on by default since issue 23 item 4): the figure is in the report, one number per class
     assert "![Grad-CAM overlays](plots/gradcam.png)" in report and "before quantization" in report
     assert (run / "plots" / "gradcam.png").stat().st_size > 1000

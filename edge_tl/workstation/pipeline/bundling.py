@@ -138,12 +138,12 @@ def stage_metrics(ctx: Context, latency: dict[str, float],
 
 def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None = None, ood_score: str = "none",
                        ood_keep: float = 0.95, val_inputs: np.ndarray | None = None,
-                       drift_window: int = 0, train_inputs: np.ndarray | None = None) -> PostprocessConfig:
+                       drift_window: int = 0, train_signals: dict[str, np.ndarray] | None = None) -> PostprocessConfig:
     """The bundle's postprocess.json: the temperature the ``qat`` stage fitted for the shipped INT8 model
     (edge_tl.workstation.calibrate), the OOD rule fitted on the same validation logits (``val_logits``, saved
     by that stage; export.ood_score = none or no logits: no rule) and the drift reference of those logits'
-    scores and of the inputs (``val_inputs`` and ``train_inputs``, preprocessed; drift_window 0 or under 20
-    validation images: none)."""
+    scores and of the inputs (``val_inputs``, preprocessed, and ``train_signals``, the training pictures'
+    input signals; drift_window 0 or under 20 validation images: none)."""
     from edge_tl.core.drift import input_signals
     from edge_tl.workstation.calibrate import fit_drift_reference, fit_ood_rule
 
@@ -158,7 +158,9 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
             rule = fit_ood_rule(logits, ood_score, ood_keep, t)
         if drift_window and val_inputs is not None and len(val_inputs) == len(logits) >= 20:
             confidence = PostprocessConfig(temperature=t).scores(logits).max(axis=1)
-            inputs = input_signals(val_inputs if train_inputs is None else np.concatenate([train_inputs, val_inputs]))
+            inputs = input_signals(val_inputs)
+            if train_signals:
+                inputs = {k: np.concatenate([train_signals[k], v]) for k, v in inputs.items()}
             drift = fit_drift_reference({"confidence": confidence, **inputs}, drift_window, variety=len(logits))
     return PostprocessConfig(temperature=t, fitted_on=cal["fitted_on"], ood=rule, drift=drift)
 
@@ -168,16 +170,20 @@ def postprocess_config(shipped_metrics: dict[str, Any], val_logits: Path | None 
 DRIFT_TRAIN_PICTURES = 1000
 
 
-def drift_train_inputs(ctx: Context) -> np.ndarray | None:
-    """Preprocessed training pictures for the drift reference's input signals (export.drift_window 0: none)."""
-    if not ctx.spec.export.drift_window:
-        return None
+def drift_train_signals(ctx: Context) -> dict[str, np.ndarray] | None:
+    """The input signals (edge_tl.core.drift.input_signals) of up to DRIFT_TRAIN_PICTURES training pictures, read
+    64 at a time (export.drift_window 0, or no training pictures: none)."""
+    from edge_tl.core.drift import input_signals
     from edge_tl.workstation.train.datasets import eval_arrays
 
     split = ctx.data_split
-    paths, labels = split.paths("train"), split.labels("train")
+    paths, labels = split.paths("train"), np.asarray(split.labels("train"))
+    if not ctx.spec.export.drift_window or not len(paths):
+        return None
     keep = np.sort(np.random.default_rng(ctx.spec.seed).permutation(len(paths))[:DRIFT_TRAIN_PICTURES])
-    return eval_arrays([paths[i] for i in keep], np.asarray(labels)[keep], ctx.pre)[0]
+    parts = [input_signals(eval_arrays([paths[i] for i in keep[j:j + 64]], labels[keep[j:j + 64]], ctx.pre)[0])
+             for j in range(0, len(keep), 64)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _transfer_choices(ctx: Context) -> dict[str, Any]:
@@ -213,7 +219,7 @@ def make_bundle(ctx: Context, latency: dict[str, float], comparison: dict[str, A
         pre.save(staging / PREPROCESS)
         postprocess_config(shipped, ctx.folder("qat") / "val_logits.npy", s.export.ood_score, s.export.ood_keep,
                            ctx.arrays("val")[0], s.export.drift_window,
-                           drift_train_inputs(ctx)).save(staging / POSTPROCESS)
+                           drift_train_signals(ctx)).save(staging / POSTPROCESS)
         (staging / "golden" / "images").mkdir(parents=True)
         preproc = Preprocessor(pre)
         index, crops = [], []
