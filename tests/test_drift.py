@@ -150,3 +150,4 @@ def test_serve_reports_drift_on_metrics(tmp_path):
     for signal in ("confidence", "input_red", "input_green", "input_blue"):
         value = lines[f'edge_tl_drift_psi{{signal="{signal}"}}']
         assert np.isfinite(value) and lines[f'edge_tl_drift{{signal="{signal}"}}'] == float(value > 0.5)
+        assert lines[f'edge_tl_drift_threshold{{signal="{signal}"}}'] == 0.5

@@ -129,12 +129,14 @@ class DriftMonitor:
             self.seen += 1
 
     def status(self) -> dict[str, dict[str, float | bool | int]]:
-        """Per signal: its PSI over the current window (None until the window is full) and whether it drifted."""
+        """Per signal: its PSI over the current window (None until the window is full), whether it drifted, the
+        window's fill and the signal's threshold."""
         with self._lock:
             out = {}
             for name, values in self._values.items():
                 full = len(values) == self.ref.window
                 value = psi(self.ref.edges[name], np.asarray(values)) if full else None
-                drifted = bool(full and value > self.ref.thresholds[name])
-                out[name] = {"psi": value, "drifted": drifted, "n": len(values)}
+                threshold = self.ref.thresholds[name]
+                out[name] = {"psi": value, "drifted": bool(full and value > threshold), "n": len(values),
+                             "threshold": threshold}
             return out

@@ -41,6 +41,8 @@ class Metrics:
                                     "window is full", ["signal"], registry=r)
         self.drift = prom.Gauge("edge_tl_drift", "1 when the signal's PSI is above the bundle's drift threshold",
                                 ["signal"], registry=r)
+        self.drift_threshold = prom.Gauge("edge_tl_drift_threshold", "The PSI above which the bundle calls the signal "
+                                          "drifted (fitted by the build, one per signal)", ["signal"], registry=r)
         self.answers = prom.Counter("edge_tl_classify_answers", "/classify answers, by whether the bundle's OOD rule "
                                     "called the picture unknown (none: the bundle has no rule)", ["unknown"],
                                     registry=r)
@@ -53,9 +55,11 @@ class Metrics:
         """The served model's drift status (DriftMonitor.status()), or None: no reference in its bundle."""
         self.drift_psi.clear()
         self.drift.clear()
+        self.drift_threshold.clear()
         for signal, st in (status or {}).items():
             self.drift_psi.labels(signal).set(float("nan") if st["psi"] is None else st["psi"])
             self.drift.labels(signal).set(1 if st["drifted"] else 0)
+            self.drift_threshold.labels(signal).set(st["threshold"])
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST
