@@ -67,12 +67,17 @@ def bin_shares(edges: list[float] | np.ndarray, values: np.ndarray) -> np.ndarra
     return np.bincount(idx, minlength=len(edges) + 1) / max(len(values), 1)
 
 
+def _psi_of_shares(shares: np.ndarray, n: int) -> np.ndarray:
+    """PSI of bin shares (last axis) of ``n`` values against equally likely bins: the one formula psi and
+    stream_psis share."""
+    p = np.maximum(shares, 0.5 / n)  # an empty bin: half a count, so the log is finite
+    q = 1.0 / shares.shape[-1]
+    return np.sum((p - q) * np.log(p / q), axis=-1)
+
+
 def psi(edges: list[float] | np.ndarray, values: np.ndarray) -> float:
     """Population stability index of ``values`` against equally likely reference bins."""
-    n = max(len(values), 1)
-    p = np.maximum(bin_shares(edges, values), 0.5 / n)  # an empty bin: half a count, so the log is finite
-    q = np.full_like(p, 1.0 / len(p))
-    return float(np.sum((p - q) * np.log(p / q)))
+    return float(_psi_of_shares(bin_shares(edges, values), max(len(values), 1)))
 
 
 def stream_psis(edges: list[float] | np.ndarray, stream: np.ndarray, window: int) -> np.ndarray:
@@ -87,9 +92,7 @@ def stream_psis(edges: list[float] | np.ndarray, stream: np.ndarray, window: int
     rows, cols = np.indices(idx.shape)
     counts[rows, cols + 1, idx] = 1.0
     counts = np.cumsum(counts, axis=1)
-    p = np.maximum((counts[:, window:] - counts[:, :-window]) / window, 0.5 / window)  # as psi(): half a count
-    q = 1.0 / p.shape[2]
-    out = np.sum((p - q) * np.log(p / q), axis=2)
+    out = _psi_of_shares((counts[:, window:] - counts[:, :-window]) / window, window)
     return out if x.ndim == 2 else out[0]
 
 
