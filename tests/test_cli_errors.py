@@ -24,6 +24,19 @@ def test_version_and_help():
     assert "Usage" in proc.stdout
 
 
+def test_wide_help_wraps_each_paragraph_to_the_terminal():
+    """At 100 columns and more the help is rich's, which kept the docstring's source line breaks after the first
+    paragraph ('... reused from the' / 'run folder'): every paragraph is one line that the terminal wraps."""
+    import os
+
+    from edge_tl.cli import _reflow
+
+    assert _reflow("First line\n    of the summary.\n\n    A body that\n    goes on.\n\n    - one\n    - two\n") == (
+        "First line of the summary.\n\nA body that goes on.\n\n- one\n- two")
+    out = run("build", "--help", env={**os.environ, "COLUMNS": "160"}).stdout
+    assert "Stages whose inputs and settings did not change are reused from the run folder; an interrupted" in out
+
+
 def test_unknown_command_is_a_usage_error():
     proc = run("frobnicate")
     assert proc.returncode == 2

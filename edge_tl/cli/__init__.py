@@ -83,9 +83,32 @@ def _root(
         os.environ["EDGE_TL_DEBUG"] = "1"
 
 
+def _reflow(doc: str) -> str:
+    """A docstring as help: each paragraph one line, so the terminal wraps it (rich's help keeps the source's line
+    breaks after the first paragraph, Typer 0.29). A paragraph of list items or indented lines stays as written."""
+    import inspect
+
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.splitlines()
+        keep = para.startswith("\b") or any(ln[:1] in " -*" or ln[:2].rstrip(".").isdigit() for ln in lines[1:])
+        out.append(para if keep else " ".join(ln.strip() for ln in lines))
+    return "\n\n".join(out)
+
+
+def _reflow_help(group: typer.Typer) -> None:
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if doc:
+            info.help = _reflow(doc)
+    for sub in group.registered_groups:
+        _reflow_help(sub.typer_instance)
+
+
 def _register_all() -> None:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
+    _reflow_help(app)
 
 
 _register_all()

@@ -20,9 +20,10 @@ def collect_cmd(
     keep_remote: bool = typer.Option(False, "--keep-remote", help="Leave the collected pictures on the devices."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Copy every committed capture (image + sidecar) from each device, check it against its sidecar's sha256,
-    store it once under OUT by content hash with its provenance, then remove from the device only what was
-    verified here."""
+    """Copy the devices' captured pictures here, verified and de-duplicated; remove on a device only what was copied.
+
+    Every committed capture (image + sidecar) is checked against its sidecar's sha256, stored once under OUT by
+    content hash with its provenance, and only then removed from the device."""
     from rich.console import Console
     from rich.markup import escape
 

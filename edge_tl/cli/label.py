@@ -29,8 +29,10 @@ def label_cmd(
     port: int = typer.Option(0, "--port", help="Port to listen on (0: any free one; the address is printed)."),
     no_open: bool = typer.Option(False, "--no-open", help="Do not open a browser."),
 ) -> None:
-    """Serve a page that shows each picture with the model's suggestion: Enter/a accepts it, 1..9 picks a class,
-    s skips, u undoes. Each decided picture is copied to OUT/<class>/ and logged in OUT/labels.log.jsonl."""
+    """Label pictures in a local web page, each shown with the model's suggestion, by keyboard.
+
+    Enter/a accepts the suggestion, 1..9 picks a class, s skips, u undoes. Each decided picture is copied to
+    OUT/<class>/ and logged in OUT/labels.log.jsonl."""
     from rich.console import Console
     from rich.markup import escape
 
