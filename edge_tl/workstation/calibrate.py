@@ -30,9 +30,6 @@ from edge_tl.core.postprocess import OODRule, ood_scores, softmax
 ECE_BINS = 15
 #: the temperature is searched on a log scale in exp(-5) .. exp(5), i.e. 0.0067 .. 148
 LOG_T_BOUNDS = (-5.0, 5.0)
-#: below this validation NLL at T = 1 (nats) every image is right with a wide margin: the NLL keeps falling as T
-#: shrinks, and a "fit" would only make the scores more extreme
-SEPARABLE_NLL = 0.01
 #: cross-validation of the fit: folds, bootstrap resamples of the per-image gains, seed
 CV_FOLDS, CV_RESAMPLES, CV_SEED = 5, 2000, 0
 
@@ -92,10 +89,15 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, d
     noise (:func:`cv_gain`'s interval above 0) and is not at its bound; else 1."""
     fitted = fit_temperature(logits, labels)
     gain = cv_gain(logits, labels) if len(labels) >= 2 else {"folds": 0, "mean": 0.0, "ci95": [0.0, 0.0]}
-    if at_bound(fitted) or nll(logits, labels) < SEPARABLE_NLL:
-        why = (f"the fit stopped at its search bound (T = {fitted:.3g})" if at_bound(fitted) else
-               f"the validation images are separated with room to spare (NLL {nll(logits, labels):.2g} at T = 1: "
-               f"any T < 1 'improves' it)")
+    # Every image right: the NLL falls without end as T shrinks (each image's loss goes to 0), so the minimiser
+    # stops wherever float64 rounds the loss to 0, not at its bound, and every held-out fold "gains" too. On a
+    # photo continual build (16 validation photos, all right, NLL 0.11 at T = 1) that shipped T = 0.016 into the
+    # report: test NLL 0.17 -> 3.86. How sharp the scores should be is set by the errors, and there are none.
+    all_right = bool((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).all())
+    if at_bound(fitted) or all_right:
+        why = (f"every validation image is right (NLL {nll(logits, labels):.2g} at T = 1 keeps falling as T "
+               "shrinks: any T < 1 'improves' it)" if all_right else
+               f"the fit stopped at its search bound (T = {fitted:.3g})")
         why += ": the validation logits give no usable temperature, so T = 1 is kept"
         return 1.0, {"temperature_fitted": fitted, "cv_nll_gain": gain, "kept_t1": True, "decision": why}
     if gain["ci95"][0] <= 0:
